@@ -1,0 +1,79 @@
+"""Which features of a token become codes, with deterministic tie-breaking (lower feature id wins)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from .codes import EMPTY_ID, Codes
+
+
+class SelectionMode(enum.StrEnum):
+    TOPK = "topk"  # the k strongest active features
+    THRESHOLD = "threshold"  # every active feature, capped at max_codes strongest
+    ARGMAX = "argmax"  # the single strongest active feature (O'Neill & Bui's discretisation)
+
+
+@dataclass(frozen=True)
+class CodeSelection:
+    mode: SelectionMode
+    k: int = 0  # TOPK: features per token; THRESHOLD: cap per token
+
+    def __post_init__(self) -> None:
+        if self.mode is not SelectionMode.ARGMAX and self.k <= 0:
+            raise ValueError(f"code selection {self.mode.value} needs a positive k/max_codes, got {self.k}")
+
+    @property
+    def width(self) -> int:
+        return 1 if self.mode is SelectionMode.ARGMAX else self.k
+
+    def describe(self) -> str:
+        """The manifest's `selection` string."""
+        if self.mode is SelectionMode.TOPK:
+            return f"topk:k={self.k}"
+        if self.mode is SelectionMode.THRESHOLD:
+            return f"threshold:max={self.k}"
+        return "argmax"
+
+
+def top_k_lowest_id(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores per row, ordered by score descending and, among equal scores, by lower index.
+
+    torch.topk finds the k-th largest value exactly but leaves the order among ties unspecified; here every
+    score strictly above it is kept and ties at it are filled in index order, so the result is reproducible
+    across devices and backends. NaN scores are treated as -inf.
+    """
+    rows, width = scores.shape
+    k = min(k, width)
+    if rows == 0 or k == 0:
+        return (
+            torch.empty(rows, k, dtype=torch.int64, device=scores.device),
+            torch.empty(rows, k, dtype=scores.dtype, device=scores.device),
+        )
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    still_needed = k - above.sum(dim=1, keepdim=True)
+    tie_rank = torch.cumsum(tied.to(torch.int32), dim=1)
+    chosen = above | (tied & (tie_rank <= still_needed))
+    # nonzero() walks row-major, so each row's chosen indices come out in ascending order.
+    indices = chosen.nonzero()[:, 1].reshape(rows, k)
+    values = scores.gather(1, indices)
+    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    return indices.gather(1, order), values.gather(1, order)
+
+
+def select_codes(activations: torch.Tensor, selection: CodeSelection) -> Codes:
+    """Codes from post-activation values [rows, d_sae]: only features with activation > 0 are codes."""
+    ids, values = top_k_lowest_id(activations, selection.width)
+    inactive = ~(values > 0)
+    ids = ids.to(torch.int32).masked_fill(inactive, EMPTY_ID)
+    values = values.to(torch.float32).masked_fill(inactive, 0.0)
+    if ids.shape[1] < selection.width:  # d_sae smaller than k: pad to the promised width
+        pad = selection.width - ids.shape[1]
+        ids = torch.nn.functional.pad(ids, (0, pad), value=EMPTY_ID)
+        values = torch.nn.functional.pad(values, (0, pad), value=0.0)
+    return Codes(ids=ids, values=values)

@@ -1,0 +1,8 @@
+"""The wire contract `circuitwatch.v1` (proto/circuitwatch.proto) and helpers to pack code arrays.
+
+The generated modules `circuitwatch_pb2` / `circuitwatch_pb2_grpc` are build output of proto/generate.py
+(`make proto`); import them from here or from `circuitwatch.proto.codec`.
+"""
+
+# Minor revision of the v1 contract; see the header of circuitwatch.proto.
+CONTRACT_VERSION = 1

@@ -1,0 +1,110 @@
+"""The wire contract: a batch with mixed prompt/generated slices survives serialisation bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.codec import WireFormatError, pack_slice, unpack_slice
+
+
+def random_slice(rng: np.random.Generator, request_id: str, phase: int, first: int, rows: int, d_sae: int):
+    counts = rng.integers(0, 6, size=rows)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32)
+    return {
+        "request_id": request_id,
+        "slot": int(rng.integers(0, 3)),
+        "first_position": first,
+        "phase": phase,
+        "token_ids": rng.integers(0, 2048, size=rows).astype(np.uint32),
+        "row_offsets": offsets,
+        "feature_ids": rng.integers(0, d_sae, size=int(offsets[-1])).astype(np.uint32),
+        "activations": rng.random(int(offsets[-1])).astype(np.float16) * 8,
+    }
+
+
+def test_manifest_and_mixed_batch_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    slices = [
+        random_slice(rng, "cmpl-a", pb.PHASE_PROMPT, 0, 37, 1024),
+        random_slice(rng, "cmpl-b", pb.PHASE_GENERATED, 120, 1, 1024),
+        random_slice(rng, "cmpl-a", pb.PHASE_GENERATED, 37, 4, 1024),
+        random_slice(rng, "chatcmpl-c-1", pb.PHASE_PROMPT, 256, 0, 1024),  # an empty slice is legal
+    ]
+    manifest = pb.IngestMessage(
+        manifest=pb.Manifest(
+            contract_version=CONTRACT_VERSION,
+            producer="test",
+            model="tiny",
+            instance_id="host:1:0",
+            slots=[
+                pb.SaeSlot(
+                    slot=0,
+                    name="l1",
+                    architecture="topk",
+                    layer=1,
+                    hook_point="resid_post",
+                    d_in=128,
+                    d_sae=1024,
+                    weights_hash="blake2b:00",
+                    selection="topk:k=16",
+                )
+            ],
+        )
+    )
+    batch = pb.IngestMessage(codes=pb.CodeBatch(step=7, slices=[pack_slice(**s) for s in slices]))
+    finish = pb.IngestMessage(
+        finish=pb.RequestFinish(
+            request_id="cmpl-a",
+            num_prompt_tokens=37,
+            num_generated_tokens=5,
+            num_positions=41,
+            gaps=[pb.Gap(slot=0, start=0, end=3, reason=pb.GAP_REASON_PREFIX_CACHE)],
+            trace=pb.TraceContext(traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
+        )
+    )
+    for message in (manifest, batch, finish):
+        assert pb.IngestMessage.FromString(message.SerializeToString()) == message
+
+    decoded = pb.IngestMessage.FromString(batch.SerializeToString()).codes
+    assert decoded.step == 7
+    for original, wire in zip(slices, decoded.slices, strict=True):
+        arrays = unpack_slice(wire, d_sae=1024)
+        assert arrays.request_id == original["request_id"]
+        assert arrays.phase == original["phase"]
+        assert arrays.first_position == original["first_position"]
+        for field in ("token_ids", "row_offsets", "feature_ids"):
+            assert np.array_equal(getattr(arrays, field), original[field]), field
+        assert arrays.activations.tobytes() == original["activations"].tobytes()
+        assert arrays.positions.tolist() == list(
+            range(original["first_position"], original["first_position"] + len(original["token_ids"]))
+        )
+
+
+def test_bytes_are_little_endian_uint32_and_fp16() -> None:
+    wire = pack_slice("r", 0, 5, pb.PHASE_PROMPT, [1], [0, 2], [3, 258], np.array([1.0, -2.0], dtype=np.float32))
+    assert wire.feature_ids == b"\x03\x00\x00\x00\x02\x01\x00\x00"
+    assert wire.activations == b"\x00\x3c\x00\xc0"  # fp16 1.0, -2.0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: setattr(m, "num_rows", 3), "token_ids holds 2 values, expected 3"),
+        (lambda m: setattr(m, "feature_ids", m.feature_ids[:-1]), "feature_ids has 7 bytes"),
+        (lambda m: setattr(m, "row_offsets", np.array([0, 2, 1], "<u4").tobytes()), "never decrease"),
+        (lambda m: setattr(m, "phase", pb.PHASE_UNSPECIFIED), "phase must be PROMPT or GENERATED"),
+        (
+            lambda m: setattr(m, "feature_ids", np.array([1, 4096], "<u4").tobytes()),
+            "feature id 4096 >= d_sae 1024",
+        ),
+    ],
+)
+def test_malformed_slices_name_request_and_field(mutate, message: str) -> None:
+    wire = pack_slice("cmpl-x", 0, 0, pb.PHASE_PROMPT, [1, 2], [0, 1, 2], [5, 6], [0.5, 0.25])
+    mutate(wire)
+    with pytest.raises(WireFormatError, match=message) as info:
+        unpack_slice(wire, d_sae=1024)
+    assert "cmpl-x" in str(info.value)

@@ -1,0 +1,85 @@
+"""Code selection: deterministic ties, inactive rows, small and empty batches, every selection mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitwatch.kernels import EMPTY_ID, CodeSelection, SelectionMode, select_codes, top_k_lowest_id
+
+
+def test_ties_go_to_the_lower_feature_id() -> None:
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0, 0.5], [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]])
+    ids, values = top_k_lowest_id(scores, 2)
+    assert ids.tolist() == [[1, 3], [0, 1]]
+    assert values.tolist() == [[3.0, 3.0], [5.0, 5.0]]
+    ids, _ = top_k_lowest_id(scores, 4)
+    assert ids.tolist() == [[1, 3, 4, 2], [0, 1, 2, 3]]
+
+
+def test_ties_are_stable_under_permuted_storage() -> None:
+    """Same answer whatever order torch.topk happens to return ties in (large rows, many equal values)."""
+    scores = torch.zeros(8, 4096)
+    scores[:, ::7] = 1.0
+    ids, _ = top_k_lowest_id(scores, 16)
+    assert (ids == torch.arange(0, 16 * 7, 7)).all()
+
+
+def test_all_negative_rows_give_no_codes() -> None:
+    codes = select_codes(-torch.rand(3, 50) - 0.1, CodeSelection(SelectionMode.TOPK, 4))
+    assert (codes.ids == EMPTY_ID).all()
+    assert (codes.values == 0).all()
+    assert codes.rows() == [{}, {}, {}]
+
+
+def test_k_larger_than_active_features_pads() -> None:
+    acts = torch.zeros(2, 10)
+    acts[0, [2, 7]] = torch.tensor([0.5, 0.9])
+    codes = select_codes(acts, CodeSelection(SelectionMode.TOPK, 5))
+    assert codes.ids.tolist()[0] == [7, 2, EMPTY_ID, EMPTY_ID, EMPTY_ID]
+    assert codes.rows() == [{7: pytest.approx(0.9), 2: pytest.approx(0.5)}, {}]
+
+
+def test_k_larger_than_d_sae_keeps_width() -> None:
+    codes = select_codes(torch.tensor([[0.1, 0.3, 0.2]]), CodeSelection(SelectionMode.TOPK, 8))
+    assert codes.ids.shape == (1, 8)
+    assert codes.ids.tolist()[0][:3] == [1, 2, 0]
+
+
+def test_empty_batch() -> None:
+    codes = select_codes(torch.zeros(0, 64), CodeSelection(SelectionMode.TOPK, 4))
+    assert codes.ids.shape == (0, 4)
+    offsets, ids, values = codes.to_csr()
+    assert offsets.tolist() == [0]
+    assert len(ids) == len(values) == 0
+
+
+def test_threshold_mode_caps_strongest_first() -> None:
+    acts = torch.tensor([[0.0, 0.4, 0.2, 0.9, 0.4, 0.1]])
+    assert select_codes(acts, CodeSelection(SelectionMode.THRESHOLD, 3)).ids.tolist() == [[3, 1, 4]]
+    assert select_codes(acts, CodeSelection(SelectionMode.THRESHOLD, 64)).rows()[0].keys() == {1, 2, 3, 4, 5}
+
+
+def test_argmax_mode() -> None:
+    acts = torch.tensor([[0.0, 0.7, 0.7, 0.1], [0.0, 0.0, 0.0, 0.0]])
+    codes = select_codes(acts, CodeSelection(SelectionMode.ARGMAX))
+    assert codes.ids.tolist() == [[1], [EMPTY_ID]]
+    assert CodeSelection(SelectionMode.ARGMAX).describe() == "argmax"
+
+
+def test_nan_activations_never_become_codes() -> None:
+    acts = torch.tensor([[float("nan"), 0.2, float("nan"), 0.1]])
+    assert select_codes(acts, CodeSelection(SelectionMode.TOPK, 3)).ids.tolist() == [[1, 3, EMPTY_ID]]
+
+
+def test_csr_drops_padding() -> None:
+    acts = torch.tensor([[0.0, 0.5, 0.0], [0.3, 0.0, 0.6], [0.0, 0.0, 0.0]])
+    offsets, ids, values = select_codes(acts, CodeSelection(SelectionMode.TOPK, 2)).to_csr()
+    assert offsets.tolist() == [0, 1, 3, 3]
+    assert ids.tolist() == [1, 2, 0]
+    assert values.tolist() == pytest.approx([0.5, 0.6, 0.3])
+
+
+def test_selection_needs_positive_k() -> None:
+    with pytest.raises(ValueError, match="topk needs a positive k"):
+        CodeSelection(SelectionMode.TOPK, 0)
