@@ -1,0 +1,34 @@
+"""`circuitwatch` command line: run the sidecar (more subcommands arrive with their components)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="circuitwatch")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sidecar = sub.add_parser("sidecar", help="run the gRPC sidecar (index, circuits, reports)")
+    sidecar.add_argument("--config", type=Path, required=True, help="sidecar YAML configuration")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "sidecar":
+        from circuitwatch.sidecar import ConfigError, load_config
+        from circuitwatch.sidecar.server import serve
+
+        try:
+            config = load_config(args.config)
+            serve(config)
+        except ConfigError as exc:
+            print(f"circuitwatch sidecar: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

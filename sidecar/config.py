@@ -1,0 +1,125 @@
+"""Sidecar configuration: one YAML file, validated at start with the file, field and reason on error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration or circuit file cannot be used; the message names the file, the field and the reason."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Strict):
+    cert_file: Path
+    key_file: Path
+    # Optional CA bundle: when set, clients must present a certificate it signed (mutual TLS).
+    client_ca_file: Path | None = None
+
+
+class IndexConfig(_Strict):
+    # Codes older than this are evicted (the "rolling" window queries run over).
+    window_s: float = Field(600.0, gt=0)
+    # The active segment is sealed (sorted, immutable) at this age or size, whichever comes first.
+    segment_s: float = Field(10.0, gt=0)
+    segment_max_postings: int = Field(2_000_000, gt=0)
+    # Oldest segments are evicted early when the index would exceed this budget.
+    memory_budget_mb: float = Field(4096.0, gt=0)
+
+
+class SidecarConfig(_Strict):
+    # host:port to listen on; loopback by default, never all interfaces unless asked for.
+    listen: str = "127.0.0.1:50061"
+    tls: TlsConfig | None = None
+    # Bearer token required on every RPC except health checks; read from a file so it stays out of configs.
+    auth_token_file: Path | None = None
+    circuits: list[Path] = Field(default_factory=list)
+    evidence_dir: Path = Path("circuitwatch-evidence")
+    # WAL with synchronous=NORMAL survives a process crash; FULL also survives power loss (slower commits).
+    evidence_synchronous: str = "NORMAL"
+    index: IndexConfig = IndexConfig()
+    # Open requests with no traffic for this long are finalised as incomplete (producer gone for good).
+    request_timeout_s: float = Field(600.0, gt=0)
+    # Longest GetReport wait a client may ask for.
+    max_report_wait_ms: int = Field(30_000, ge=0)
+    # Messages above this are rejected with INVALID_ARGUMENT (gRPC's own hard limit sits above it).
+    max_message_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # Evidence positions kept per flag in a report.
+    max_evidence_tokens: int = Field(32, gt=0)
+    workers: int = Field(16, gt=0)
+
+    @field_validator("evidence_synchronous")
+    @classmethod
+    def _synchronous(cls, value: str) -> str:
+        if value.upper() not in ("NORMAL", "FULL"):
+            raise ValueError("must be NORMAL or FULL")
+        return value.upper()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    def auth_token(self) -> str | None:
+        if self.auth_token_file is None:
+            return None
+        token = self.auth_token_file.read_text().strip()
+        if not token:
+            raise ConfigError(f"{self.auth_token_file}: auth token file is empty")
+        return token
+
+
+def load_config(path: Path | str) -> SidecarConfig:
+    """Parse and validate; relative paths inside the file are taken relative to the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        config = SidecarConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {format_validation_error(exc)}") from None
+    base = path.resolve().parent
+
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    updates: dict[str, object] = {
+        "circuits": [resolve(p) or p for p in config.circuits],
+        "evidence_dir": resolve(config.evidence_dir) or config.evidence_dir,
+    }
+    if config.auth_token_file is not None:
+        updates["auth_token_file"] = resolve(config.auth_token_file) or config.auth_token_file
+    if config.tls is not None:
+        tls = config.tls
+        updates["tls"] = tls.model_copy(
+            update={
+                "cert_file": resolve(tls.cert_file) or tls.cert_file,
+                "key_file": resolve(tls.key_file) or tls.key_file,
+                "client_ca_file": resolve(tls.client_ca_file) or tls.client_ca_file,
+            }
+        )
+    return config.model_copy(update=updates)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """'field.path: reason' for every problem, e.g. 'index.window_s: Input should be greater than 0'."""
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,185 @@
+"""Circuit expressions (data, never code) and their evaluation over sets of token keys.
+
+A token key is `(request_seq << 32) | position` as uint64, so one evaluator serves a single request's report
+and a query over the whole index: both just supply the keys where each feature term fires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+KEY_DTYPE = np.uint64
+POSITION_BITS = 32
+
+
+def token_keys(request_seq: int | np.ndarray, positions: np.ndarray) -> np.ndarray:
+    seq = np.asarray(request_seq, dtype=np.uint64)
+    return (seq << np.uint64(POSITION_BITS)) | positions.astype(np.uint64)
+
+
+def key_requests(keys: np.ndarray) -> np.ndarray:
+    return (keys >> np.uint64(POSITION_BITS)).astype(np.int64)
+
+
+def key_positions(keys: np.ndarray) -> np.ndarray:
+    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Term:
+    """A feature firing at a token: activation >= min_activation in the SAE chosen by slot or layer (+ sae)."""
+
+    feature: int
+    slot: int | None = None
+    layer: int | None = None
+    sae: str | None = None
+    min_activation: float = 0.0
+
+    def describe(self) -> str:
+        where = f"slot {self.slot}" if self.slot is not None else f"layer {self.layer}"
+        pin = f" sae {self.sae}" if self.sae else ""
+        return f"{where}{pin} feature {self.feature} >= {self.min_activation:g}"
+
+
+@dataclass(frozen=True)
+class All:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    items: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    item: Expr
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    n: int
+    items: tuple[Expr, ...]
+
+
+Expr = Term | All | AnyOf | Not | AtLeast
+
+
+def terms_of(expr: Expr) -> list[Term]:
+    """Distinct feature terms, in first-seen order."""
+    found: dict[Term, None] = {}
+
+    def walk(node: Expr) -> None:
+        if isinstance(node, Term):
+            found.setdefault(node)
+        elif isinstance(node, Not):
+            walk(node.item)
+        else:
+            for item in node.items:
+                walk(item)
+
+    walk(expr)
+    return list(found)
+
+
+class KeySource(Protocol):
+    """Where an evaluation reads its facts; both sets are sorted, unique and already restricted to scope."""
+
+    def term_keys(self, term: Term) -> np.ndarray: ...
+
+    def universe(self) -> np.ndarray: ...
+
+
+def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
+    """Keys of the tokens where `expr` holds. With window W > 1 a term holds at position p when its feature
+    fired anywhere in [p - W + 1, p], so `all` means co-occurrence inside a W-token window."""
+    universe = source.universe()
+    cache: dict[Term, np.ndarray] = {}
+
+    def leaf(term: Term) -> np.ndarray:
+        if term not in cache:
+            keys = source.term_keys(term)
+            if window > 1 and len(keys):
+                spread = (keys[:, None] + np.arange(window, dtype=KEY_DTYPE)[None, :]).ravel()
+                keys = np.intersect1d(np.unique(spread), universe, assume_unique=True)
+            cache[term] = keys
+        return cache[term]
+
+    def walk(node: Expr) -> np.ndarray:
+        if isinstance(node, Term):
+            return leaf(node)
+        if isinstance(node, Not):
+            return np.setdiff1d(universe, walk(node.item), assume_unique=True)
+        parts = [walk(item) for item in node.items]
+        if isinstance(node, All):
+            result = parts[0]
+            for part in parts[1:]:
+                result = np.intersect1d(result, part, assume_unique=True)
+            return result
+        if isinstance(node, AnyOf):
+            return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+        keys, counts = np.unique(np.concatenate(parts), return_counts=True)
+        return keys[counts >= node.n]
+
+    return walk(expr).astype(KEY_DTYPE, copy=False)
+
+
+# --- wire form -------------------------------------------------------------------------------------------
+
+
+class ExpressionError(ValueError):
+    pass
+
+
+def from_proto(message: pb.Expr, path: str = "expression") -> Expr:
+    kind = message.WhichOneof("node")
+    if kind == "feature":
+        term = message.feature
+        target = term.WhichOneof("target")
+        if target is None:
+            raise ExpressionError(f"{path}.feature: needs slot or layer")
+        if term.min_activation < 0:
+            raise ExpressionError(f"{path}.feature: min_activation must be >= 0")
+        return Term(
+            feature=term.feature,
+            slot=term.slot if target == "slot" else None,
+            layer=term.layer if target == "layer" else None,
+            sae=term.sae or None,
+            min_activation=term.min_activation,
+        )
+    if kind in ("all", "any"):
+        items = getattr(message, kind).items
+        if not items:
+            raise ExpressionError(f"{path}.{kind}: needs at least one item")
+        parsed = tuple(from_proto(item, f"{path}.{kind}[{i}]") for i, item in enumerate(items))
+        return All(parsed) if kind == "all" else AnyOf(parsed)
+    if kind == "not":
+        return Not(from_proto(getattr(message, "not"), f"{path}.not"))
+    if kind == "at_least":
+        node = message.at_least
+        if not node.items or not 1 <= node.n <= len(node.items):
+            raise ExpressionError(f"{path}.at_least: n must be in 1..{len(node.items)} (number of items)")
+        return AtLeast(node.n, tuple(from_proto(item, f"{path}.at_least[{i}]") for i, item in enumerate(node.items)))
+    raise ExpressionError(f"{path}: empty expression")
+
+
+def to_proto(expr: Expr) -> pb.Expr:
+    if isinstance(expr, Term):
+        term = pb.FeatureTerm(feature=expr.feature, min_activation=expr.min_activation, sae=expr.sae or "")
+        if expr.slot is not None:
+            term.slot = expr.slot
+        else:
+            term.layer = expr.layer or 0
+        return pb.Expr(feature=term)
+    if isinstance(expr, All):
+        return pb.Expr(all=pb.ExprList(items=[to_proto(i) for i in expr.items]))
+    if isinstance(expr, AnyOf):
+        return pb.Expr(any=pb.ExprList(items=[to_proto(i) for i in expr.items]))
+    if isinstance(expr, Not):
+        return pb.Expr(**{"not": to_proto(expr.item)})
+    return pb.Expr(at_least=pb.AtLeast(n=expr.n, items=[to_proto(i) for i in expr.items]))

@@ -1,0 +1,320 @@
+"""The rolling inverted index of codes over recent traffic.
+
+Rows (one per token per SAE slot) and postings (one per code) are appended to an active segment and sealed
+into immutable segments sorted by (gslot, feature, row), so a feature's postings are one contiguous slice
+found by binary search. Segments older than the window, or beyond the memory budget, are evicted whole.
+All work is numpy over whole arrays; nothing loops over postings in Python.
+
+A position encoded twice (vLLM recomputes after preemption) supersedes its earlier row: the row's uid goes
+into a roaring bitmap that lookups filter against, so queries see only the latest codes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from pyroaring import BitMap64
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .expressions import KEY_DTYPE
+
+FEATURE_BITS = 28
+ROW_BITS = 24
+MAX_SEGMENT_ROWS = 1 << ROW_BITS
+PHASE_PROMPT = pb.PHASE_PROMPT
+PHASE_GENERATED = pb.PHASE_GENERATED
+
+
+def term_code(gslot: int | np.ndarray, feature: int | np.ndarray) -> np.ndarray:
+    return (np.asarray(gslot, dtype=np.uint64) << np.uint64(FEATURE_BITS)) | np.asarray(feature, dtype=np.uint64)
+
+
+@dataclass
+class Segment:
+    """Sealed, immutable. Row uids are base_uid + row index."""
+
+    base_uid: int
+    t_start: int
+    t_end: int
+    row_keys: np.ndarray  # uint64 token keys
+    row_gslot: np.ndarray  # uint16
+    row_phase: np.ndarray  # uint8
+    row_time: np.ndarray  # int64 ns
+    term_codes: np.ndarray  # uint64 unique (gslot << 28 | feature), sorted
+    term_offsets: np.ndarray  # int64 [terms + 1] into post_rows / post_acts
+    post_rows: np.ndarray  # uint32 row index
+    post_acts: np.ndarray  # float16
+    _posting_terms: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_keys)
+
+    @property
+    def num_postings(self) -> int:
+        return len(self.post_rows)
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.row_keys, self.row_gslot, self.row_phase, self.row_time, self.term_codes)
+        return sum(a.nbytes for a in arrays) + self.term_offsets.nbytes + self.post_rows.nbytes + self.post_acts.nbytes
+
+    def posting_terms(self) -> np.ndarray:
+        """Term index of every posting (lazily; only statistics need it)."""
+        if self._posting_terms is None:
+            self._posting_terms = np.repeat(np.arange(len(self.term_codes)), np.diff(self.term_offsets))
+        return self._posting_terms
+
+
+class _ActiveSegment:
+    def __init__(self, base_uid: int, now: int) -> None:
+        self.base_uid = base_uid
+        self.t_start = now
+        self.t_end = now
+        self.rows: list[tuple[np.ndarray, ...]] = []
+        self.postings: list[tuple[np.ndarray, ...]] = []
+        self.num_rows = 0
+        self.num_postings = 0
+
+    def seal(self) -> Segment:
+        if self.rows:
+            keys, gslot, phase, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
+            rows, codes, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
+        else:
+            keys, gslot, phase, times = (np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.int64))
+            rows, codes, acts = np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.float16)
+        packed = (codes << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
+        order = np.argsort(packed)
+        packed = packed[order]
+        sorted_codes = packed >> np.uint64(ROW_BITS)
+        starts = np.flatnonzero(np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1]))) if len(packed) else []
+        term_codes = sorted_codes[starts] if len(packed) else np.empty(0, np.uint64)
+        offsets = np.append(np.asarray(starts, dtype=np.int64), len(packed))
+        return Segment(
+            base_uid=self.base_uid,
+            t_start=self.t_start,
+            t_end=self.t_end,
+            row_keys=keys,
+            row_gslot=gslot,
+            row_phase=phase,
+            row_time=times,
+            term_codes=term_codes,
+            term_offsets=offsets,
+            post_rows=(packed & np.uint64(MAX_SEGMENT_ROWS - 1)).astype(np.uint32),
+            post_acts=acts[order],
+        )
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    start: int  # ns, inclusive
+    end: int  # ns, inclusive
+
+    def covers(self, segment: Segment) -> bool:
+        return self.start <= segment.t_start and segment.t_end <= self.end
+
+    def overlaps(self, segment: Segment) -> bool:
+        return segment.t_start <= self.end and self.start <= segment.t_end
+
+
+class RollingIndex:
+    def __init__(
+        self,
+        window_s: float = 600.0,
+        segment_s: float = 10.0,
+        segment_max_postings: int = 2_000_000,
+        memory_budget_bytes: float = 4 << 30,
+        clock=time.time_ns,
+    ) -> None:
+        self.window_ns = int(window_s * 1e9)
+        self.segment_ns = int(segment_s * 1e9)
+        self.segment_max_postings = segment_max_postings
+        self.memory_budget_bytes = memory_budget_bytes
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._next_uid = 0
+        self.sealed: list[Segment] = []
+        self._active = _ActiveSegment(0, clock())
+        self._active_view: Segment | None = None
+        self.superseded = BitMap64()
+        self._superseded_array = np.empty(0, np.int64)
+        self.evicted_segments = 0
+
+    # --- writing --------------------------------------------------------------------------------------
+
+    def append(
+        self,
+        keys: np.ndarray,
+        gslot: int,
+        phase: int,
+        row_offsets: np.ndarray,
+        feature_ids: np.ndarray,
+        activations: np.ndarray,
+    ) -> np.ndarray:
+        """Add rows (one per key) and their codes; returns the rows' uids."""
+        with self._lock:
+            now = self.clock()
+            self._maybe_seal(now, len(keys))
+            active = self._active
+            first_row = active.num_rows
+            n = len(keys)
+            active.rows.append(
+                (
+                    np.asarray(keys, dtype=KEY_DTYPE),
+                    np.full(n, gslot, np.uint16),
+                    np.full(n, phase, np.uint8),
+                    np.full(n, now, np.int64),
+                )
+            )
+            counts = np.diff(row_offsets.astype(np.int64))
+            rows = np.repeat(np.arange(first_row, first_row + n, dtype=np.uint32), counts)
+            active.postings.append((rows, term_code(gslot, feature_ids), np.asarray(activations, np.float16)))
+            active.num_rows += n
+            active.num_postings += len(feature_ids)
+            active.t_end = now
+            self._active_view = None
+            uids = np.arange(active.base_uid + first_row, active.base_uid + first_row + n, dtype=np.int64)
+            self._next_uid = active.base_uid + active.num_rows
+            return uids
+
+    def supersede(self, uids: np.ndarray) -> None:
+        """Rows replaced by a later encoding of the same position."""
+        if len(uids):
+            with self._lock:
+                self.superseded.update(uids.astype(np.uint64).tolist())
+                self._superseded_array = np.asarray(self.superseded.to_array(), dtype=np.int64)
+
+    def _maybe_seal(self, now: int, incoming_rows: int) -> None:
+        active = self._active
+        full = (
+            active.num_postings >= self.segment_max_postings
+            or active.num_rows + incoming_rows >= MAX_SEGMENT_ROWS
+            or now - active.t_start >= self.segment_ns
+        )
+        if full and active.num_rows:
+            self.sealed.append(active.seal())
+            self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
+            self._active_view = None
+        self.evict(now)
+
+    def seal(self) -> None:
+        with self._lock:
+            self._maybe_seal(self.clock() + self.segment_ns, 0)
+
+    def evict(self, now: int | None = None) -> None:
+        """Drop segments past the window, then the oldest while over the memory budget."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            cutoff = now - self.window_ns
+            keep = [s for s in self.sealed if s.t_end >= cutoff]
+            while keep and sum(s.nbytes for s in keep) > self.memory_budget_bytes:
+                keep.pop(0)
+            self.evicted_segments += len(self.sealed) - len(keep)
+            if len(keep) != len(self.sealed):
+                self.sealed = keep
+                if keep and len(self.superseded):
+                    self.superseded.remove_range(0, keep[0].base_uid)
+                    self._superseded_array = np.asarray(self.superseded.to_array(), dtype=np.int64)
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def segments(self, window: TimeWindow | None = None) -> list[Segment]:
+        with self._lock:
+            if self._active.num_rows and self._active_view is None:
+                self._active_view = self._active.seal()
+            segments = list(self.sealed) + ([self._active_view] if self._active.num_rows else [])
+        return [s for s in segments if window is None or window.overlaps(s)]
+
+    @property
+    def oldest_time(self) -> int | None:
+        segments = self.segments()
+        return segments[0].t_start if segments else None
+
+    def stats(self) -> dict[str, int]:
+        segments = self.segments()
+        return {
+            "segments": len(segments),
+            "rows": sum(s.num_rows for s in segments),
+            "postings": sum(s.num_postings for s in segments),
+            "bytes": sum(s.nbytes for s in segments),
+            "evicted_segments": self.evicted_segments,
+        }
+
+    def _row_mask(self, segment: Segment, rows: np.ndarray, window: TimeWindow | None, phase: int | None):
+        mask = np.ones(len(rows), dtype=bool)
+        if window is not None and not window.covers(segment):
+            times = segment.row_time[rows]
+            mask &= (times >= window.start) & (times <= window.end)
+        if phase is not None:
+            mask &= segment.row_phase[rows] == phase
+        superseded = self._superseded_array
+        if len(superseded):
+            mask &= ~np.isin(segment.base_uid + rows.astype(np.int64), superseded)
+        return mask
+
+    def term_keys(
+        self, gslots: list[int], feature: int, min_activation: float, window: TimeWindow | None, phase: int | None
+    ) -> np.ndarray:
+        """Sorted unique keys of tokens where `feature` fired with activation >= min_activation."""
+        parts = []
+        for segment in self.segments(window):
+            for gslot in gslots:
+                code = term_code(gslot, feature)
+                i = int(np.searchsorted(segment.term_codes, code))
+                if i == len(segment.term_codes) or segment.term_codes[i] != code:
+                    continue
+                a, b = segment.term_offsets[i], segment.term_offsets[i + 1]
+                rows = segment.post_rows[a:b]
+                keep = segment.post_acts[a:b] >= np.float16(min_activation) if min_activation > 0 else None
+                if keep is not None:
+                    rows = rows[keep]
+                rows = rows[self._row_mask(segment, rows, window, phase)]
+                parts.append(segment.row_keys[rows])
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+
+    def universe(self, window: TimeWindow | None, phase: int | None, gslots: list[int] | None = None) -> np.ndarray:
+        """Sorted unique keys of every token in the window (for `not` and windowed co-occurrence)."""
+        parts = []
+        for segment in self.segments(window):
+            rows = np.arange(segment.num_rows, dtype=np.uint32)
+            mask = self._row_mask(segment, rows, window, phase)
+            if gslots is not None:
+                mask &= np.isin(segment.row_gslot, np.asarray(gslots, np.uint16))
+            parts.append(segment.row_keys[mask])
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+
+    def feature_stats(
+        self, gslots: list[int], window: TimeWindow | None, phase: int | None
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, features, firing token counts, activation sums) for one SAE over the window."""
+        tokens = 0
+        features_all, counts_all, sums_all = [], [], []
+        for segment in self.segments(window):
+            rows = np.arange(segment.num_rows, dtype=np.uint32)
+            row_ok = self._row_mask(segment, rows, window, phase) & np.isin(segment.row_gslot, np.asarray(gslots))
+            tokens += int(row_ok.sum())
+            for gslot in gslots:
+                lo = int(np.searchsorted(segment.term_codes, term_code(gslot, 0)))
+                hi = int(np.searchsorted(segment.term_codes, term_code(gslot + 1, 0)))
+                if lo == hi:
+                    continue
+                a, b = segment.term_offsets[lo], segment.term_offsets[hi]
+                keep = row_ok[segment.post_rows[a:b]]
+                term_of_posting = segment.posting_terms()[a:b][keep] - lo
+                acts = segment.post_acts[a:b][keep].astype(np.float64)
+                features = (segment.term_codes[lo:hi] & np.uint64((1 << FEATURE_BITS) - 1)).astype(np.int64)
+                features_all.append(features)
+                counts_all.append(np.bincount(term_of_posting, minlength=hi - lo))
+                sums_all.append(np.bincount(term_of_posting, weights=acts, minlength=hi - lo))
+        if not features_all:
+            return tokens, np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0)
+        features = np.concatenate(features_all)
+        unique, inverse = np.unique(features, return_inverse=True)
+        counts = np.bincount(inverse, weights=np.concatenate(counts_all)).astype(np.int64)
+        sums = np.bincount(inverse, weights=np.concatenate(sums_all))
+        fired = counts > 0
+        return tokens, unique[fired], counts[fired], sums[fired]

@@ -1,0 +1,537 @@
+"""The sidecar's core: ingest producer streams, keep request state and the rolling index, finalise reports.
+
+Transport-free (the gRPC servicer in service.py is a thin shell over it), so every rule here is testable in
+process and the same object serves ingest, waits, watches and queries. One lock guards request state and
+index writes; reads of sealed index segments need no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.codec import WireFormatError, unpack_slice
+
+from .circuits import Circuit, CircuitSet, load_circuit_files
+from .config import ConfigError, SidecarConfig
+from .expressions import Expr, ExpressionError, Term, evaluate, from_proto, key_positions, key_requests
+from .index import RollingIndex, TimeWindow
+from .registry import SaeIdentity, SaeRegistry
+from .requests import RequestState, missing_ranges
+from .store import EvidenceStore
+
+log = logging.getLogger(__name__)
+
+OPEN_ENDED = 0xFFFFFFFF  # Gap.end when the request's length is unknown (it never finished)
+RECENT_REPORTS = 10_000
+WATCH_QUEUE = 1_000
+
+
+class MonitorError(Exception):
+    """An error with the gRPC status it maps to; the message names the request or field and the reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Stream:
+    manifest: pb.Manifest
+    slots: dict[int, int]  # producer slot -> gslot
+    d_sae: dict[int, int]
+    last_step: int = -1
+    batches: int = 0
+    postings: int = 0
+    finished: int = 0
+
+
+@dataclass
+class _Watcher:
+    flagged_only: bool
+    queue: queue.Queue = field(default_factory=lambda: queue.Queue(WATCH_QUEUE))
+    dropped: int = 0
+
+
+class Monitor:
+    def __init__(self, config: SidecarConfig, store: EvidenceStore, clock=time.time_ns) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        idx = config.index
+        self.index = RollingIndex(
+            idx.window_s, idx.segment_s, idx.segment_max_postings, idx.memory_budget_mb * 2**20, clock=clock
+        )
+        self.registry = SaeRegistry()
+        self.circuits = load_circuit_files(config.circuits, version=1)
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.RLock()
+        self._open: dict[str, RequestState] = {}
+        self._recent: OrderedDict[str, pb.Report] = OrderedDict()
+        self._request_ids: dict[int, tuple[str, int]] = {}  # seq -> (request id, last activity ns)
+        self._next_seq = 1
+        self._waiters: dict[str, threading.Event] = {}
+        self._watchers: list[_Watcher] = []
+        self.report_listeners: list = []  # callables(report), e.g. the span exporter
+
+    # --- ingest ---------------------------------------------------------------------------------------
+
+    def open_stream(self, manifest: pb.Manifest) -> Stream:
+        if manifest.contract_version < 1:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "manifest: contract_version must be >= 1")
+        if not manifest.slots:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "manifest: no SAE slots")
+        slots: dict[int, int] = {}
+        d_sae: dict[int, int] = {}
+        for i, slot in enumerate(manifest.slots):
+            where = f"manifest.slots[{i}] (slot {slot.slot})"
+            if slot.slot in slots:
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: slot number used twice")
+            for name in ("name", "architecture", "weights_hash", "hook_point"):
+                if not getattr(slot, name):
+                    raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {name} is required")
+            if slot.d_in == 0 or slot.d_sae == 0:
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: d_in and d_sae must be > 0")
+            if slot.d_sae > 1 << 28:
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: d_sae {slot.d_sae} exceeds 2^28")
+            try:
+                slots[slot.slot] = self.registry.register(SaeIdentity.from_proto(slot), slot.slot)
+            except ValueError as exc:
+                raise MonitorError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {exc}") from None
+            d_sae[slot.slot] = slot.d_sae
+        self.counters["streams"] += 1
+        log.info("producer %s (%s) opened a stream with %d slots", manifest.instance_id, manifest.producer, len(slots))
+        return Stream(manifest, slots, d_sae)
+
+    def ingest(self, stream: Stream, message: pb.IngestMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "codes":
+            self._ingest_codes(stream, message.codes)
+        elif kind == "start":
+            self._start(stream, message.start)
+        elif kind == "finish":
+            self._finish(stream, message.finish)
+        elif kind == "manifest":
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "a stream carries one manifest, as its first message")
+        else:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "empty ingest message")
+
+    def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
+        if batch.step <= stream.last_step:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"code batch step {batch.step} after step {stream.last_step}"
+            )
+        decoded = []
+        for i, message in enumerate(batch.slices):  # validate the whole batch before applying any of it
+            if message.slot not in stream.slots:
+                raise MonitorError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"slices[{i}] request {message.request_id!r}: slot {message.slot} is not in the manifest",
+                )
+            try:
+                decoded.append(unpack_slice(message, d_sae=stream.d_sae[message.slot]))
+            except WireFormatError as exc:
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"slices[{i}]: {exc}") from None
+        stream.last_step = batch.step
+        stream.batches += 1
+        with self._lock:
+            now = self.clock()
+            for arrays in decoded:
+                state = self._state(arrays.request_id, stream, now)
+                if state is None:
+                    self.counters["late_postings"] += len(arrays.feature_ids)
+                    continue
+                gslot = stream.slots[arrays.slot]
+                keys = (np.uint64(state.seq) << np.uint64(32)) | arrays.positions.astype(np.uint64)
+                uids = self.index.append(
+                    keys, gslot, arrays.phase, arrays.row_offsets, arrays.feature_ids, arrays.activations
+                )
+                replaced = state.add_slice(gslot, arrays, uids, now)
+                self.index.supersede(replaced)
+                self._request_ids[state.seq] = (state.request_id, now)
+                stream.postings += len(arrays.feature_ids)
+                self.counters["postings"] += len(arrays.feature_ids)
+                self.counters["rows"] += arrays.num_rows
+            self.counters["batches"] += 1
+
+    def _state(self, request_id: str, stream: Stream, now: int) -> RequestState | None:
+        """Open state for a request, created on first sight; None if it is already final."""
+        state = self._open.get(request_id)
+        if state is None:
+            if request_id in self._recent or self.store.get(request_id) is not None:
+                return None
+            state = RequestState(request_id, self._next_seq, now)
+            self._next_seq += 1
+            self._open[request_id] = state
+            state.model = stream.manifest.model
+        if state.slots != stream.slots:
+            state.bind(stream.slots)
+        state.ensure_plan(self.circuits, self.registry)
+        return state
+
+    def _start(self, stream: Stream, start: pb.RequestStart) -> None:
+        if not start.request_id:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request start without request_id")
+        with self._lock:
+            state = self._state(start.request_id, stream, self.clock())
+            if state is None:
+                return
+            state.model = start.model or state.model
+            state.labels = list(start.labels)
+            state.trace.CopyFrom(start.trace)
+            if start.arrival_unix_nanos:
+                state.arrival_ns = start.arrival_unix_nanos
+
+    def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
+        if not finish.request_id:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request finish without request_id")
+        with self._lock:
+            state = self._state(finish.request_id, stream, self.clock())
+            if state is None:
+                self.counters["duplicate_finishes"] += 1
+                return
+            stream.finished += 1
+            self._finalize(state, finish)
+
+    def close_stream(self, stream: Stream | None, error: str | None = None) -> None:
+        """A producer stream ended; its open requests stay open (the producer may reconnect and go on)."""
+        if stream is not None:
+            log.info(
+                "producer %s stream closed%s: %d batches, %d postings",
+                stream.manifest.instance_id,
+                f" ({error})" if error else "",
+                stream.batches,
+                stream.postings,
+            )
+
+    # --- finalisation ---------------------------------------------------------------------------------
+
+    def _finalize(self, state: RequestState, finish: pb.RequestFinish | None) -> pb.Report:
+        started = time.perf_counter_ns()
+        now = self.clock()
+        state.ensure_plan(self.circuits, self.registry)
+        seen = state.seen_positions()
+        gslot_to_slot = {g: s for s, g in state.slots.items()}
+        if finish is not None:
+            total = finish.num_positions
+            num_prompt = finish.num_prompt_tokens
+            gaps = list(finish.gaps)
+            missing_reason = pb.GAP_REASON_MISSING
+        else:
+            known = [int(p[-1]) + 1 for p in seen.values() if len(p)]
+            total = max(known, default=0)
+            num_prompt = state.first_generated_position(default=total)
+            gaps = [pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots]
+            missing_reason = pb.GAP_REASON_STREAM_ENDED
+        for slot, gslot in sorted(state.slots.items()):
+            known_gaps = [(g.start, g.end) for g in gaps if g.slot == slot]
+            for start, end in missing_ranges(total, seen.get(gslot, np.empty(0, np.int64)), known_gaps):
+                gaps.append(pb.Gap(slot=slot, start=start, end=end, reason=missing_reason))
+        gslots = sorted(set(state.slots.values()))
+        everywhere = None
+        for gslot in gslots:
+            positions = seen.get(gslot, np.empty(0, np.int64))
+            everywhere = positions if everywhere is None else np.intersect1d(everywhere, positions)
+        everywhere = np.empty(0, np.int64) if everywhere is None else everywhere[everywhere < total]
+        anywhere = np.unique(np.concatenate(list(seen.values()) or [np.empty(0, np.int64)]))
+        anywhere = anywhere[anywhere < total]
+
+        flags = [
+            flag
+            for circuit in self.circuits.circuits
+            if (flag := self._flag(state, circuit, num_prompt, anywhere, gslot_to_slot)) is not None
+        ]
+        complete = finish is not None and not gaps and len(everywhere) == total
+        report = pb.Report(
+            request_id=state.request_id,
+            status=pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE,
+            model=(finish.model if finish is not None and finish.model else state.model),
+            flags=flags,
+            max_severity=max((f.severity for f in flags), default=pb.SEVERITY_UNSPECIFIED),
+            coverage=pb.Coverage(positions_total=total, positions_seen=len(everywhere), gaps=gaps),
+            saes=[self.registry.identities[g].to_proto(gslot_to_slot[g]) for g in gslots],
+            labels=list(finish.labels) if finish is not None and finish.labels else state.labels,
+            arrival_unix_nanos=(
+                finish.arrival_unix_nanos if finish is not None and finish.arrival_unix_nanos else state.arrival_ns
+            ),
+            finish_unix_nanos=finish.finish_unix_nanos if finish is not None else 0,
+            finalized_unix_nanos=now,
+            num_prompt_tokens=num_prompt,
+            num_generated_tokens=finish.num_generated_tokens if finish is not None else max(0, total - num_prompt),
+        )
+        trace = finish.trace if finish is not None and finish.trace.traceparent else state.trace
+        report.trace.CopyFrom(trace)
+        self.store.put(report)  # durable before anyone sees it as final
+        del self._open[state.request_id]
+        self._recent[state.request_id] = report
+        while len(self._recent) > RECENT_REPORTS:
+            self._recent.popitem(last=False)
+        self.counters["reports"] += 1
+        self.counters["flags"] += len(flags)
+        self.counters["finalize_ns"] += time.perf_counter_ns() - started
+        event = self._waiters.pop(state.request_id, None)
+        if event is not None:
+            event.set()
+        self._publish(report)
+        return report
+
+    def _flag(
+        self, state: RequestState, circuit: Circuit, num_prompt: int, seen: np.ndarray, gslot_to_slot: dict[int, int]
+    ) -> pb.Flag | None:
+        positions = state.evaluate(circuit, num_prompt, seen)
+        if len(positions) < circuit.min_tokens:
+            return None
+        flag = pb.Flag(
+            circuit=circuit.name,
+            severity=circuit.severity,
+            labels=list(circuit.labels),
+            action=circuit.action,
+            matching_tokens=len(positions),
+        )
+        flag.evidence.extend(
+            self._evidence(state, circuit, positions[: self.config.max_evidence_tokens], num_prompt, gslot_to_slot)
+        )
+        return flag
+
+    def _evidence(
+        self,
+        state: RequestState,
+        circuit: Circuit,
+        matched: np.ndarray,
+        num_prompt: int,
+        gslot_to_slot: dict[int, int],
+    ) -> list[pb.EvidenceToken]:
+        """The circuit's feature hits inside each matched position's window, grouped by the token they hit."""
+        by_position: dict[int, list[pb.FeatureHit]] = {}
+        for term in circuit.terms:
+            for gslot in self.registry.resolve(term, among=sorted(gslot_to_slot)):
+                positions, acts = state.term_hits_in(gslot, term)
+                if not len(positions):
+                    continue
+                after = np.searchsorted(matched, positions, side="left")
+                inside = after < len(matched)
+                inside[inside] &= matched[after[inside]] - circuit.window + 1 <= positions[inside]
+                for position, act in zip(positions[inside].tolist(), acts[inside].tolist(), strict=True):
+                    by_position.setdefault(position, []).append(
+                        pb.FeatureHit(slot=gslot_to_slot[gslot], feature=term.feature, activation=act)
+                    )
+        ordered = sorted(by_position)
+        token_ids = state.token_ids_at(np.asarray(ordered, dtype=np.int64)) if ordered else []
+        return [
+            pb.EvidenceToken(
+                position=p,
+                token_id=int(t),
+                phase=pb.PHASE_PROMPT if p < num_prompt else pb.PHASE_GENERATED,
+                hits=by_position[p],
+            )
+            for p, t in zip(ordered, token_ids, strict=True)
+        ]
+
+    def _publish(self, report: pb.Report) -> None:
+        for watcher in list(self._watchers):
+            if watcher.flagged_only and not report.flags:
+                continue
+            try:
+                watcher.queue.put_nowait(report)
+            except queue.Full:
+                watcher.dropped += 1
+                self.counters["watch_dropped"] += 1
+        for listener in list(self.report_listeners):
+            try:
+                listener(report)
+            except Exception:  # a listener (e.g. an exporter) must never break finalisation
+                log.exception("report listener failed for %s", report.request_id)
+
+    # --- maintenance ----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Periodic: evict the index, finalise requests idle past the timeout, forget evicted request ids."""
+        now = self.clock()
+        self.index.evict(now)
+        timeout_ns = int(self.config.request_timeout_s * 1e9)
+        with self._lock:
+            for state in [s for s in self._open.values() if now - s.last_activity_ns > timeout_ns]:
+                log.warning(
+                    "request %s saw no finish within %.0fs: finalised incomplete", state.request_id, timeout_ns / 1e9
+                )
+                self._finalize(state, None)
+            oldest = self.index.oldest_time
+            horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
+            for seq in [s for s, (_, seen) in self._request_ids.items() if seen < horizon]:
+                del self._request_ids[seq]
+
+    def shutdown(self) -> None:
+        """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
+        with self._lock:
+            for state in list(self._open.values()):
+                self._finalize(state, None)
+
+    # --- reads ----------------------------------------------------------------------------------------
+
+    def get_report(self, request_id: str, wait_ms: int) -> pb.Report:
+        if not request_id:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        wait_ms = min(wait_ms, self.config.max_report_wait_ms)
+        with self._lock:
+            report = self._final(request_id)
+            if report is not None:
+                return report
+            event = self._waiters.setdefault(request_id, threading.Event())
+        if wait_ms:
+            event.wait(wait_ms / 1000)
+        with self._lock:
+            report = self._final(request_id)
+            if report is not None:
+                return report
+            state = self._open.get(request_id)
+            if state is None:
+                if not event.is_set() and self._waiters.get(request_id) is event:
+                    del self._waiters[request_id]
+                raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown to this sidecar")
+            return pb.Report(
+                request_id=request_id,
+                status=pb.REPORT_STATUS_PENDING,
+                model=state.model,
+                labels=state.labels,
+                trace=state.trace,
+                arrival_unix_nanos=state.arrival_ns,
+            )
+
+    def _final(self, request_id: str) -> pb.Report | None:
+        report = self._recent.get(request_id)
+        return report if report is not None else self.store.get(request_id)
+
+    def watch(self, flagged_only: bool) -> _Watcher:
+        watcher = _Watcher(flagged_only)
+        with self._lock:
+            self._watchers.append(watcher)
+        return watcher
+
+    def unwatch(self, watcher: _Watcher) -> None:
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def list_reports(self, request: pb.ListReportsRequest) -> list[pb.Report]:
+        return self.store.list(
+            request.window.start_unix_nanos,
+            request.window.end_unix_nanos,
+            list(request.request_ids),
+            request.flagged_only,
+            request.limit or 100,
+        )
+
+    def query_requests(self, request: pb.QueryRequestsRequest) -> pb.QueryRequestsResponse:
+        what = request.WhichOneof("what")
+        if what == "circuit":
+            circuit = self.circuits.by_name(request.circuit)
+            if circuit is None:
+                raise MonitorError(grpc.StatusCode.NOT_FOUND, f"circuit {request.circuit!r} is not loaded")
+            expr, scope, window, min_tokens = circuit.expression, circuit.scope, circuit.window, circuit.min_tokens
+        elif what == "expression":
+            try:
+                expr = from_proto(request.expression)
+            except ExpressionError as exc:
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            scope, window, min_tokens = pb.SCOPE_BOTH, 1, 1
+        else:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "give a circuit name or an expression")
+        scope = request.scope or scope
+        min_tokens = request.min_tokens or min_tokens
+        time_window = self._window(request.window)
+        keys = evaluate(expr, _IndexKeys(self, time_window, scope), window)
+        response = pb.QueryRequestsResponse()
+        seqs = key_requests(keys)
+        unique, starts, counts = np.unique(seqs, return_index=True, return_counts=True)
+        limit = request.limit or 1000
+        for seq, start, count in zip(unique.tolist(), starts.tolist(), counts.tolist(), strict=True):
+            if count < min_tokens or seq not in self._request_ids:
+                continue
+            positions = key_positions(keys[start : start + min(count, 256)])
+            response.matches.append(
+                pb.RequestMatch(
+                    request_id=self._request_ids[seq][0], matching_tokens=count, positions=positions.tolist()
+                )
+            )
+            if len(response.matches) >= limit:
+                break
+        response.requests_scanned = sum(
+            1 for _, seen in list(self._request_ids.values()) if time_window.start <= seen <= time_window.end
+        )
+        return response
+
+    def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
+        gslots = self.registry.resolve(Term(feature=0, slot=request.slot, sae=request.sae or None))
+        if not gslots:
+            raise MonitorError(
+                grpc.StatusCode.NOT_FOUND,
+                f"no SAE registered as slot {request.slot}{' ' + request.sae if request.sae else ''}",
+            )
+        hashes = {self.registry.identities[g].weights_hash for g in gslots}
+        if len(hashes) > 1:
+            raise MonitorError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"slot {request.slot} maps to {len(hashes)} SAEs ({', '.join(sorted(hashes))}): set sae to one of them",
+            )
+        phase = {pb.SCOPE_PROMPT: pb.PHASE_PROMPT, pb.SCOPE_GENERATED: pb.PHASE_GENERATED}.get(request.scope)
+        tokens, features, counts, sums = self.index.feature_stats(gslots, self._window(request.window), phase)
+        order = np.lexsort((features, -counts))
+        if request.top:
+            order = order[: request.top]
+        return pb.FeatureStatsResponse(
+            tokens=tokens,
+            features=[
+                pb.FeatureStat(
+                    feature=int(features[i]),
+                    tokens=int(counts[i]),
+                    rate=counts[i] / tokens if tokens else 0.0,
+                    mean_activation=sums[i] / counts[i],
+                )
+                for i in order.tolist()
+            ],
+        )
+
+    def _window(self, window: pb.TimeRange) -> TimeWindow:
+        return TimeWindow(window.start_unix_nanos, window.end_unix_nanos or self.clock())
+
+    def reload_circuits(self) -> pb.ReloadCircuitsResponse:
+        try:
+            circuits = load_circuit_files(self.config.circuits, version=self.circuits.version + 1)
+        except ConfigError as exc:
+            log.error("circuit reload refused, keeping %d circuits: %s", len(self.circuits.circuits), exc)
+            self.counters["reload_failures"] += 1
+            return pb.ReloadCircuitsResponse(ok=False, error=str(exc), circuits=self.circuits.names)
+        with self._lock:
+            self.circuits = circuits
+        log.info("circuits reloaded: %s", ", ".join(circuits.names) or "(none)")
+        return pb.ReloadCircuitsResponse(ok=True, circuits=circuits.names)
+
+    def set_circuits(self, circuits: CircuitSet) -> None:
+        with self._lock:
+            self.circuits = CircuitSet(circuits.circuits, self.circuits.version + 1, circuits.sources)
+
+
+class _IndexKeys:
+    """Feeds the expression evaluator from the rolling index over a time window."""
+
+    def __init__(self, monitor: Monitor, window: TimeWindow, scope: int) -> None:
+        self.monitor, self.window = monitor, window
+        self.phase = {pb.SCOPE_PROMPT: pb.PHASE_PROMPT, pb.SCOPE_GENERATED: pb.PHASE_GENERATED}.get(scope)
+
+    def term_keys(self, term: Term) -> np.ndarray:
+        gslots = self.monitor.registry.resolve(term)
+        return self.monitor.index.term_keys(gslots, term.feature, term.min_activation, self.window, self.phase)
+
+    def universe(self) -> np.ndarray:
+        return self.monitor.index.universe(self.window, self.phase)
+
+
+__all__ = ["Expr", "Monitor", "MonitorError", "Stream"]

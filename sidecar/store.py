@@ -1,0 +1,85 @@
+"""The evidence store: every final report, persisted before it is acknowledged, surviving restarts.
+
+Embedded SQLite in WAL mode in the configured directory; reports are stored as their protobuf bytes with the
+columns the list queries filter on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (
+    request_id TEXT PRIMARY KEY,
+    finalized_ns INTEGER NOT NULL,
+    status INTEGER NOT NULL,
+    max_severity INTEGER NOT NULL,
+    flagged INTEGER NOT NULL,
+    report BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_by_time ON reports (finalized_ns);
+"""
+
+
+class EvidenceStore:
+    def __init__(self, directory: Path, synchronous: str = "NORMAL") -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "evidence.sqlite3"
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.executescript(SCHEMA)
+
+    def put(self, report: pb.Report) -> None:
+        """Commit the report; returns only once it is durable (per the synchronous setting)."""
+        row = (
+            report.request_id,
+            report.finalized_unix_nanos,
+            report.status,
+            report.max_severity,
+            int(len(report.flags) > 0),
+            report.SerializeToString(),
+        )
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)", row)
+
+    def get(self, request_id: str) -> pb.Report | None:
+        with self._lock:
+            row = self._db.execute("SELECT report FROM reports WHERE request_id = ?", (request_id,)).fetchone()
+        return pb.Report.FromString(row[0]) if row else None
+
+    def list(
+        self,
+        start_ns: int = 0,
+        end_ns: int = 0,
+        request_ids: list[str] | None = None,
+        flagged_only: bool = False,
+        limit: int = 100,
+    ) -> list[pb.Report]:
+        """Newest first."""
+        where, args = ["finalized_ns >= ?"], [start_ns]
+        if end_ns:
+            where.append("finalized_ns <= ?")
+            args.append(end_ns)
+        if request_ids:
+            where.append(f"request_id IN ({','.join('?' * len(request_ids))})")
+            args.extend(request_ids)
+        if flagged_only:
+            where.append("flagged = 1")
+        query = f"SELECT report FROM reports WHERE {' AND '.join(where)} ORDER BY finalized_ns DESC LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [pb.Report.FromString(r[0]) for r in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
