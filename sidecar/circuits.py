@@ -153,6 +153,8 @@ def _expression(node: Any, where: _Where) -> Expr:
         raise where.error("expected a feature term or one of all / any / not / at_least")
     if "feature" in node:
         return _term(node, where)
+    if set(node) & (_TERM_KEYS - {"feature"}):
+        raise where.error("expected a feature term or one of all / any / not / at_least: the term has no 'feature'")
     if len(node) != 1:
         raise where.error(f"expected exactly one operator, got {sorted(node)}")
     ((op, value),) = node.items()

@@ -1,0 +1,421 @@
+"""A real sidecar over 127.0.0.1 with real gRPC clients: ingest, reports, waits, watches, eviction, restart,
+hot reload, malformed input, coverage gaps, recomputed positions, auth, TLS, health and reflection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from sidecar_harness import D_SAE, SyntheticRequest, brute_force_matches, manifest, messages, running_sidecar
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.codec import pack_slice
+
+FEATURE_3 = "circuits:\n  - {name: f3, severity: critical, when: {layer: 1, feature: 3}}\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_concurrent_producers_interleaved(tmp_path: Path) -> None:
+    """4 producers at once, 60 requests, slices interleaved across requests: every code lands on its request."""
+    rng = np.random.default_rng(1)
+    groups = [[SyntheticRequest.random(rng, f"p{p}-r{i}") for i in range(15)] for p in range(4)]
+    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)]) as (running, client):
+        errors: list[Exception] = []
+
+        def produce(requests, seed):
+            try:
+                client.ingest(messages(requests, np.random.default_rng(seed)))
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=produce, args=(g, i)) for i, g in enumerate(groups)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        everything = [r for g in groups for r in g]
+        for request in everything:
+            report = client.report(request.request_id)
+            assert report.status == pb.REPORT_STATUS_COMPLETE, report.coverage
+            assert (report.coverage.positions_total, report.coverage.positions_seen) == (request.num_positions,) * 2
+            expected = brute_force_matches({"layer": 1, "feature": 3}, request)
+            flags = {f.circuit: f.matching_tokens for f in report.flags}
+            assert flags == ({"f3": len(expected)} if expected else {})
+            assert [s.layer for s in report.saes] == [1, 2]
+        for slot in (0, 1):
+            stats = client.stub.FeatureStats(pb.FeatureStatsRequest(slot=slot))
+            expected_counts = Counter(f for r in everything for row in r.codes[slot] for f in row)
+            assert stats.tokens == sum(r.num_positions for r in everything)
+            assert {s.feature: s.tokens for s in stats.features} == dict(expected_counts)
+            first = stats.features[0]
+            acts = [row[first.feature] for r in everything for row in r.codes[slot] if first.feature in row]
+            assert first.mean_activation == pytest.approx(np.mean(acts), rel=1e-6)
+
+
+def _slow_stream(request: SyntheticRequest, delay_s: float, ready: threading.Event):
+    yield pb.IngestMessage(manifest=manifest())
+    yield pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(s, 0, request.num_prompt) for s in (0, 1)]))
+    ready.set()
+    time.sleep(delay_s)
+    rest = (
+        [request.slice(s, request.num_prompt, request.num_positions) for s in (0, 1)]
+        if request.num_positions > request.num_prompt
+        else []
+    )
+    yield pb.IngestMessage(codes=pb.CodeBatch(step=2, slices=rest))
+    yield pb.IngestMessage(finish=request.finish())
+
+
+def test_report_waits_for_finish_and_pending_past_deadline(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(2), "slow")
+    with running_sidecar(tmp_path) as (_, client):
+        ready = threading.Event()
+        producer = threading.Thread(target=lambda: client.stub.Ingest(_slow_stream(request, 0.8, ready)))
+        producer.start()
+        ready.wait(10)
+        time.sleep(0.1)
+        started = time.monotonic()
+        pending = client.report("slow", wait_ms=100)
+        assert pending.status == pb.REPORT_STATUS_PENDING
+        assert time.monotonic() - started < 0.6
+        final = client.report("slow", wait_ms=5000)
+        assert final.status == pb.REPORT_STATUS_COMPLETE
+        producer.join()
+        with pytest.raises(grpc.RpcError) as info:
+            client.report("never-seen", wait_ms=50)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_streams_flagged_reports(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    requests = [SyntheticRequest.random(rng, f"w{i}", d_sae=8) for i in range(12)]
+    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)]) as (_, client):
+        call = client.stub.WatchReports(pb.WatchReportsRequest(flagged_only=True))
+        seen: list[str] = []
+
+        def collect() -> None:
+            try:
+                seen.extend(r.request_id for r in call)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.CANCELLED
+
+        watcher = threading.Thread(target=collect)
+        watcher.start()
+        time.sleep(0.3)
+        client.ingest(messages(requests, rng))
+        expected = {r.request_id for r in requests if brute_force_matches({"layer": 1, "feature": 3}, r)}
+        deadline = time.monotonic() + 5
+        while set(seen) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        call.cancel()
+        watcher.join()
+        assert expected and set(seen) == expected and len(seen) == len(expected)
+
+
+def test_eviction_by_window(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    old = [SyntheticRequest.random(rng, f"old{i}", d_sae=8) for i in range(5)]
+    new = [SyntheticRequest.random(rng, f"new{i}", d_sae=8) for i in range(5)]
+    index = {"window_s": 1.0, "segment_s": 0.2}
+    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)], index=index) as (running, client):
+        client.ingest(messages(old, rng))
+        time.sleep(1.6)
+        client.ingest(messages(new, rng))
+        matched = {m.request_id for m in client.stub.QueryRequests(pb.QueryRequestsRequest(circuit="f3")).matches}
+        assert matched == {r.request_id for r in new if brute_force_matches({"layer": 1, "feature": 3}, r)}
+        assert matched
+        assert running.monitor.index.evicted_segments > 0
+        assert client.report("old0").status == pb.REPORT_STATUS_COMPLETE  # reports outlive the index window
+
+
+def test_restart_keeps_reports(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    requests = [SyntheticRequest.random(rng, f"keep{i}") for i in range(6)]
+    circuits = [write(tmp_path / "c.yaml", FEATURE_3)]
+    with running_sidecar(tmp_path, circuits=circuits) as (_, client):
+        client.ingest(messages(requests, rng))
+        before = {r.request_id: client.report(r.request_id) for r in requests}
+        # an open request at shutdown is finalised as incomplete, never left unreported
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[requests[0].slice(0, 0, 2)])),
+            ]
+        )
+    with running_sidecar(tmp_path, circuits=circuits) as (_, client):
+        for request_id, report in before.items():
+            assert client.report(request_id, wait_ms=0) == report
+    with running_sidecar(tmp_path, circuits=circuits) as (_, client):
+        listed = client.stub.ListReports(pb.ListReportsRequest(request_ids=list(before)))
+        assert {r.request_id for r in listed.reports} == set(before)
+        window = pb.TimeRange(start_unix_nanos=min(r.finalized_unix_nanos for r in before.values()))
+        assert len(client.stub.ListReports(pb.ListReportsRequest(window=window, limit=100)).reports) == len(before)
+
+
+def test_open_request_at_shutdown_is_incomplete(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(6), "cut-off")
+    with running_sidecar(tmp_path) as (_, client):
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(0, 0, 2), request.slice(1, 0, 2)])),
+            ]
+        )
+    with running_sidecar(tmp_path) as (_, client):
+        report = client.report("cut-off", wait_ms=0)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert {g.reason for g in report.coverage.gaps} == {pb.GAP_REASON_STREAM_ENDED}
+        assert report.coverage.positions_seen == 2
+
+
+def test_hot_reload_good_and_bad(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    path = write(tmp_path / "c.yaml", FEATURE_3)
+    with running_sidecar(tmp_path, circuits=[path]) as (_, client):
+        write(path, FEATURE_3 + "  - {name: f4, when: {layer: 2, feature: 4}}\n")
+        reply = client.stub.ReloadCircuits(pb.ReloadCircuitsRequest())
+        assert reply.ok and list(reply.circuits) == ["f3", "f4"]
+        write(path, "circuits:\n  - {name: broken, when: {layer: 2}}\n")
+        reply = client.stub.ReloadCircuits(pb.ReloadCircuitsRequest())
+        assert not reply.ok
+        assert str(path) in reply.error and "circuits[0].when" in reply.error
+        assert list(reply.circuits) == ["f3", "f4"]  # the old set stays active
+        requests = [SyntheticRequest.random(rng, f"r{i}", d_sae=8) for i in range(8)]
+        client.ingest(messages(requests, rng))
+        for request in requests:
+            flagged = {f.circuit for f in client.report(request.request_id).flags}
+            expected = {
+                name
+                for name, term in (("f3", {"layer": 1, "feature": 3}), ("f4", {"layer": 2, "feature": 4}))
+                if brute_force_matches(term, request)
+            }
+            assert flagged == expected
+
+
+def _bad_slice() -> pb.RequestSlice:
+    return pack_slice("bad", 0, 0, pb.PHASE_PROMPT, [1], [0, 1], [D_SAE + 5], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("stream", "reason"),
+    [
+        ([pb.IngestMessage(codes=pb.CodeBatch(step=1))], "first ingest message must be a manifest"),
+        ([pb.IngestMessage(manifest=pb.Manifest(contract_version=1))], "manifest: no SAE slots"),
+        ([pb.IngestMessage(manifest=pb.Manifest(slots=manifest().slots))], "contract_version must be >= 1"),
+        (
+            [
+                pb.IngestMessage(
+                    manifest=pb.Manifest(contract_version=1, slots=[manifest().slots[0], manifest().slots[0]])
+                )
+            ],
+            r"slots\[1\] \(slot 0\): slot number used twice",
+        ),
+        (
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[_bad_slice()])),
+            ],
+            "feature id 69 >= d_sae 64",
+        ),
+        (
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(step=1, slices=[pack_slice("bad", 7, 0, pb.PHASE_PROMPT, [], [0], [], [])])
+                ),
+            ],
+            "request 'bad': slot 7 is not in the manifest",
+        ),
+        (
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=2)),
+                pb.IngestMessage(codes=pb.CodeBatch(step=2)),
+            ],
+            "step 2 after step 2",
+        ),
+        (
+            [pb.IngestMessage(manifest=manifest()), pb.IngestMessage(finish=pb.RequestFinish())],
+            "finish without request_id",
+        ),
+        ([pb.IngestMessage(manifest=manifest()), pb.IngestMessage(manifest=manifest())], "one manifest"),
+    ],
+)
+def test_malformed_input_is_rejected_and_server_keeps_serving(tmp_path: Path, stream, reason: str) -> None:
+    rng = np.random.default_rng(9)
+    good = SyntheticRequest.random(rng, "good")
+    with running_sidecar(tmp_path) as (_, client):
+        # a valid slice for "bad" in the same batch as an invalid one must not be half-applied
+        for message in stream:
+            if message.WhichOneof("kind") == "codes" and message.codes.slices:
+                message.codes.slices.insert(0, pack_slice("bad", 0, 0, pb.PHASE_PROMPT, [1], [0, 1], [3], [1.0]))
+        with pytest.raises(grpc.RpcError) as info:
+            client.ingest(stream)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() and __import__("re").search(reason, info.value.details()), info.value.details()
+        with pytest.raises(grpc.RpcError):
+            client.report("bad", wait_ms=0)
+        client.ingest(messages([good], rng))
+        assert client.report("good").status == pb.REPORT_STATUS_COMPLETE
+
+
+def test_oversized_message_is_invalid_argument(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(10), "big")
+    with running_sidecar(tmp_path, max_message_bytes=200) as (_, client):
+        with pytest.raises(grpc.RpcError) as info:
+            client.ingest(
+                [
+                    pb.IngestMessage(manifest=manifest()),
+                    pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(0, 0, request.num_prompt)] * 4)),
+                ]
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "exceeds max_message_bytes 200" in info.value.details()
+
+
+def test_gaps_are_reported_never_hidden(tmp_path: Path) -> None:
+    request = SyntheticRequest(request_id="gappy", num_prompt=10, num_positions=14)
+    request.tokens = list(range(14))
+    request.codes = {0: [{3: 1.0}] * 14, 1: [{3: 1.0}] * 14}
+    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)]) as (_, client):
+        prefix = pb.Gap(slot=0, start=0, end=4, reason=pb.GAP_REASON_PREFIX_CACHE)
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                # slot 0: prefix-cache hit 0..3 (declared); slot 1: positions 4..5 never arrive (undeclared)
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(
+                        step=1, slices=[request.slice(0, 4, 10), request.slice(1, 0, 4), request.slice(1, 6, 10)]
+                    )
+                ),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(step=2, slices=[request.slice(0, 10, 14), request.slice(1, 10, 14)])
+                ),
+                pb.IngestMessage(
+                    finish=request.finish(
+                        gaps=[prefix, pb.Gap(slot=1, start=0, end=0, reason=pb.GAP_REASON_PREFIX_CACHE)]
+                    )
+                ),
+            ]
+        )
+        report = client.report("gappy")
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        gaps = {(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps if g.end > g.start}
+        assert gaps == {(0, 0, 4, pb.GAP_REASON_PREFIX_CACHE), (1, 4, 6, pb.GAP_REASON_MISSING)}
+        assert report.coverage.positions_total == 14
+        assert report.coverage.positions_seen == 8  # positions with codes in both slots
+
+
+def test_recomputed_positions_replace_earlier_codes(tmp_path: Path) -> None:
+    """vLLM recomputes a preempted request: the later codes for a position win, in reports and queries."""
+    first = SyntheticRequest(request_id="pre", num_prompt=6, num_positions=6, tokens=list(range(6)))
+    first.codes = {0: [{}, {}, {3: 2.0}, {}, {}, {}], 1: [{}] * 6}
+    again = SyntheticRequest(request_id="pre", num_prompt=6, num_positions=6, tokens=list(range(6)))
+    again.codes = {0: [{}, {}, {5: 2.0}, {}, {3: 1.0}, {}], 1: [{}] * 6}
+    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)]) as (_, client):
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[first.slice(0, 0, 6), first.slice(1, 0, 6)])),
+                pb.IngestMessage(codes=pb.CodeBatch(step=2, slices=[again.slice(0, 0, 6), again.slice(1, 0, 6)])),
+                pb.IngestMessage(finish=again.finish()),
+            ]
+        )
+        [flag] = client.report("pre").flags
+        assert flag.matching_tokens == 1 and [e.position for e in flag.evidence] == [4]
+        [match] = client.stub.QueryRequests(pb.QueryRequestsRequest(circuit="f3")).matches
+        assert list(match.positions) == [4]
+        stats = {s.feature: s.tokens for s in client.stub.FeatureStats(pb.FeatureStatsRequest(slot=0)).features}
+        assert stats == {5: 1, 3: 1}
+
+
+def test_bearer_token(tmp_path: Path) -> None:
+    token_file = write(tmp_path / "token", "s3cret\n")
+    with running_sidecar(tmp_path, auth_token_file=token_file) as (running, client):
+        with pytest.raises(grpc.RpcError) as info:
+            client.report("x", wait_ms=0)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            client.ingest([pb.IngestMessage(manifest=manifest())], metadata=[("authorization", "Bearer wrong")])
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        ack = client.ingest([pb.IngestMessage(manifest=manifest())], metadata=[("authorization", "Bearer s3cret")])
+        assert ack.contract_version == 1
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_tls(tmp_path: Path) -> None:
+    from circuitwatch.sidecar import SidecarConfig
+    from circuitwatch.sidecar.server import start
+
+    cert, key = _self_signed(tmp_path)
+    running = start(
+        SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "ev", tls={"cert_file": cert, "key_file": key})
+    )
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{running.port}", credentials) as channel:
+            ack = pb_grpc.MonitorStub(channel).Ingest(iter([pb.IngestMessage(manifest=manifest())]), timeout=10)
+            assert ack.contract_version == 1
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, pytest.raises(grpc.RpcError):
+            pb_grpc.MonitorStub(channel).GetReport(pb.GetReportRequest(request_id="x"), timeout=2)
+    finally:
+        running.stop(1)
+
+
+def test_reflection_lists_services(tmp_path: Path) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with running_sidecar(tmp_path) as (_, client):
+        stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+        [response] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in response.list_services_response.service}
+        assert {"circuitwatch.v1.Monitor", "grpc.health.v1.Health"} <= names
