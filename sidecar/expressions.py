@@ -17,6 +17,34 @@ KEY_DTYPE = np.uint64
 POSITION_BITS = 32
 
 
+def sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """Sort (radix sort for integers: linear time) and drop repeats."""
+    keys = np.sort(keys, kind="stable")
+    if len(keys) > 1:
+        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    return keys
+
+
+def intersect_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection of two sorted unique arrays by binary search (no re-sorting)."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not len(a) or not len(b):
+        return a[:0]
+    found = np.searchsorted(b, a)
+    found[found == len(b)] = 0
+    return a[b[found] == a]
+
+
+def subtract_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a minus b, both sorted unique."""
+    if not len(a) or not len(b):
+        return a
+    found = np.searchsorted(b, a)
+    found[found == len(b)] = 0
+    return a[b[found] != a]
+
+
 def token_keys(request_seq: int | np.ndarray, positions: np.ndarray) -> np.ndarray:
     seq = np.asarray(request_seq, dtype=np.uint64)
     return (seq << np.uint64(POSITION_BITS)) | positions.astype(np.uint64)
@@ -98,15 +126,21 @@ class KeySource(Protocol):
 def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
     """Keys of the tokens where `expr` holds. With window W > 1 a term holds at position p when its feature
     fired anywhere in [p - W + 1, p], so `all` means co-occurrence inside a W-token window."""
-    universe = source.universe()
     cache: dict[Term, np.ndarray] = {}
+    lazy: list[np.ndarray] = []
+
+    def universe() -> np.ndarray:
+        """Every token in scope: costly over a whole index, so fetched only by `not` and windows."""
+        if not lazy:
+            lazy.append(source.universe())
+        return lazy[0]
 
     def leaf(term: Term) -> np.ndarray:
         if term not in cache:
             keys = source.term_keys(term)
             if window > 1 and len(keys):
                 spread = (keys[:, None] + np.arange(window, dtype=KEY_DTYPE)[None, :]).ravel()
-                keys = np.intersect1d(np.unique(spread), universe, assume_unique=True)
+                keys = intersect_sorted(sorted_unique(spread), universe())
             cache[term] = keys
         return cache[term]
 
@@ -114,17 +148,21 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
         if isinstance(node, Term):
             return leaf(node)
         if isinstance(node, Not):
-            return np.setdiff1d(universe, walk(node.item), assume_unique=True)
+            return subtract_sorted(universe(), walk(node.item))
         parts = [walk(item) for item in node.items]
         if isinstance(node, All):
             result = parts[0]
-            for part in parts[1:]:
-                result = np.intersect1d(result, part, assume_unique=True)
+            for part in sorted(parts[1:], key=len):
+                result = intersect_sorted(result, part)
             return result
         if isinstance(node, AnyOf):
-            return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
-        keys, counts = np.unique(np.concatenate(parts), return_counts=True)
-        return keys[counts >= node.n]
+            return sorted_unique(np.concatenate(parts))
+        merged = np.sort(np.concatenate(parts), kind="stable")
+        if not len(merged):
+            return merged
+        starts = np.flatnonzero(np.concatenate(([True], merged[1:] != merged[:-1])))
+        counts = np.diff(np.append(starts, len(merged)))
+        return merged[starts[counts >= node.n]]
 
     return walk(expr).astype(KEY_DTYPE, copy=False)
 

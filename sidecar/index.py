@@ -20,7 +20,7 @@ from pyroaring import BitMap64
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .expressions import KEY_DTYPE
+from .expressions import KEY_DTYPE, sorted_unique
 
 FEATURE_BITS = 28
 ROW_BITS = 24
@@ -35,7 +35,7 @@ def term_code(gslot: int | np.ndarray, feature: int | np.ndarray) -> np.ndarray:
 
 @dataclass
 class Segment:
-    """Sealed, immutable. Row uids are base_uid + row index."""
+    """Sealed, immutable; rows sorted by token key. Row uids are row_uid[row]."""
 
     base_uid: int
     t_start: int
@@ -44,11 +44,13 @@ class Segment:
     row_gslot: np.ndarray  # uint16
     row_phase: np.ndarray  # uint8
     row_time: np.ndarray  # int64 ns
+    row_uid: np.ndarray  # int64: rows were reordered by key, so uids are stored
     term_codes: np.ndarray  # uint64 unique (gslot << 28 | feature), sorted
     term_offsets: np.ndarray  # int64 [terms + 1] into post_rows / post_acts
     post_rows: np.ndarray  # uint32 row index
     post_acts: np.ndarray  # float16
     _posting_terms: np.ndarray | None = field(default=None, repr=False)
+    _unique_keys: dict[int | None, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
     def num_rows(self) -> int:
@@ -60,8 +62,17 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.row_keys, self.row_gslot, self.row_phase, self.row_time, self.term_codes)
+        arrays = (self.row_keys, self.row_gslot, self.row_phase, self.row_time, self.row_uid, self.term_codes)
         return sum(a.nbytes for a in arrays) + self.term_offsets.nbytes + self.post_rows.nbytes + self.post_acts.nbytes
+
+    def unique_keys(self, phase: int | None) -> np.ndarray:
+        """Sorted unique token keys (rows are in key order, so this is one pass), cached per phase."""
+        if phase not in self._unique_keys:
+            keys = self.row_keys if phase is None else self.row_keys[self.row_phase == phase]
+            if len(keys) > 1:
+                keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+            self._unique_keys[phase] = keys
+        return self._unique_keys[phase]
 
     def posting_terms(self) -> np.ndarray:
         """Term index of every posting (lazily; only statistics need it)."""
@@ -84,8 +95,16 @@ class _ActiveSegment:
         if self.rows:
             keys, gslot, phase, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
             rows, codes, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
+            # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
+            by_key = np.argsort(keys, kind="stable")
+            keys, gslot, phase, times = keys[by_key], gslot[by_key], phase[by_key], times[by_key]
+            uids = self.base_uid + by_key.astype(np.int64)
+            new_row = np.empty_like(by_key)
+            new_row[by_key] = np.arange(len(by_key))
+            rows = new_row[rows].astype(np.uint32)
         else:
             keys, gslot, phase, times = (np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.int64))
+            uids = np.empty(0, np.int64)
             rows, codes, acts = np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.float16)
         packed = (codes << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
         order = np.argsort(packed)
@@ -102,6 +121,7 @@ class _ActiveSegment:
             row_gslot=gslot,
             row_phase=phase,
             row_time=times,
+            row_uid=uids,
             term_codes=term_codes,
             term_offsets=offsets,
             post_rows=(packed & np.uint64(MAX_SEGMENT_ROWS - 1)).astype(np.uint32),
@@ -143,6 +163,7 @@ class RollingIndex:
         self.superseded = BitMap64()
         self._superseded_array = np.empty(0, np.int64)
         self.evicted_segments = 0
+        self._universe_cache: tuple[tuple, np.ndarray] | None = None
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -253,7 +274,7 @@ class RollingIndex:
             mask &= segment.row_phase[rows] == phase
         superseded = self._superseded_array
         if len(superseded):
-            mask &= ~np.isin(segment.base_uid + rows.astype(np.int64), superseded)
+            mask &= ~np.isin(segment.row_uid[rows], superseded)
         return mask
 
     def term_keys(
@@ -274,18 +295,31 @@ class RollingIndex:
                     rows = rows[keep]
                 rows = rows[self._row_mask(segment, rows, window, phase)]
                 parts.append(segment.row_keys[rows])
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+        return sorted_unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
 
-    def universe(self, window: TimeWindow | None, phase: int | None, gslots: list[int] | None = None) -> np.ndarray:
-        """Sorted unique keys of every token in the window (for `not` and windowed co-occurrence)."""
+    def universe(self, window: TimeWindow | None, phase: int | None) -> np.ndarray:
+        """Sorted unique keys of every token in the window (for `not` and windowed co-occurrence).
+
+        Segments wholly inside the window contribute their cached key lists; the merged result is cached
+        until the set of segments changes, so repeated queries between seals pay for it once.
+        """
+        segments = self.segments(window)
+        whole = all(window is None or window.covers(s) for s in segments)
+        cache_key = (tuple(id(s) for s in segments), phase)
+        cached = self._universe_cache
+        if whole and cached is not None and cached[0] == cache_key:
+            return cached[1]
         parts = []
-        for segment in self.segments(window):
-            rows = np.arange(segment.num_rows, dtype=np.uint32)
-            mask = self._row_mask(segment, rows, window, phase)
-            if gslots is not None:
-                mask &= np.isin(segment.row_gslot, np.asarray(gslots, np.uint16))
-            parts.append(segment.row_keys[mask])
-        return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+        for segment in segments:
+            if window is None or window.covers(segment):
+                parts.append(segment.unique_keys(phase))
+            else:
+                rows = np.arange(segment.num_rows, dtype=np.uint32)
+                parts.append(segment.row_keys[self._row_mask(segment, rows, window, phase)])
+        result = sorted_unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+        if whole:
+            self._universe_cache = (cache_key, result)
+        return result
 
     def feature_stats(
         self, gslots: list[int], window: TimeWindow | None, phase: int | None

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 OPEN_ENDED = 0xFFFFFFFF  # Gap.end when the request's length is unknown (it never finished)
 RECENT_REPORTS = 10_000
 WATCH_QUEUE = 1_000
+MATCH_POSITIONS = 64  # positions listed per matching request in a query answer
 
 
 class MonitorError(Exception):
@@ -52,6 +53,21 @@ class Stream:
     batches: int = 0
     postings: int = 0
     finished: int = 0
+
+
+@dataclass
+class RequestRecord:
+    """The index's request table entry: a request's token keys are (seq << 32 | position)."""
+
+    request_id: str
+    seq: int
+    last_seen_ns: int
+    model: str = ""
+    labels: tuple[str, ...] = ()
+    trace: pb.TraceContext | None = None
+    arrival_ns: int = 0
+    num_positions: int = 0
+    status: int = pb.REPORT_STATUS_PENDING
 
 
 @dataclass
@@ -76,7 +92,7 @@ class Monitor:
         self._lock = threading.RLock()
         self._open: dict[str, RequestState] = {}
         self._recent: OrderedDict[str, pb.Report] = OrderedDict()
-        self._request_ids: dict[int, tuple[str, int]] = {}  # seq -> (request id, last activity ns)
+        self.requests: dict[int, RequestRecord] = {}  # seq -> record, for requests with codes in the index
         self._next_seq = 1
         self._waiters: dict[str, threading.Event] = {}
         self._watchers: list[_Watcher] = []
@@ -156,7 +172,13 @@ class Monitor:
                 )
                 replaced = state.add_slice(gslot, arrays, uids, now)
                 self.index.supersede(replaced)
-                self._request_ids[state.seq] = (state.request_id, now)
+                record = self.requests.get(state.seq)
+                if record is None:
+                    self.requests[state.seq] = RequestRecord(
+                        state.request_id, state.seq, now, state.model, arrival_ns=state.arrival_ns
+                    )
+                else:
+                    record.last_seen_ns = now
                 stream.postings += len(arrays.feature_ids)
                 self.counters["postings"] += len(arrays.feature_ids)
                 self.counters["rows"] += arrays.num_rows
@@ -270,6 +292,10 @@ class Monitor:
         trace = finish.trace if finish is not None and finish.trace.traceparent else state.trace
         report.trace.CopyFrom(trace)
         self.store.put(report)  # durable before anyone sees it as final
+        record = self.requests.get(state.seq)
+        if record is not None:
+            record.model, record.labels, record.trace = report.model, tuple(report.labels), report.trace
+            record.arrival_ns, record.num_positions, record.status = report.arrival_unix_nanos, total, report.status
         del self._open[state.request_id]
         self._recent[state.request_id] = report
         while len(self._recent) > RECENT_REPORTS:
@@ -365,8 +391,8 @@ class Monitor:
                 self._finalize(state, None)
             oldest = self.index.oldest_time
             horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
-            for seq in [s for s, (_, seen) in self._request_ids.items() if seen < horizon]:
-                del self._request_ids[seq]
+            for seq in [s for s, record in self.requests.items() if record.last_seen_ns < horizon]:
+                del self.requests[seq]
 
     def shutdown(self) -> None:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
@@ -449,23 +475,32 @@ class Monitor:
         time_window = self._window(request.window)
         keys = evaluate(expr, _IndexKeys(self, time_window, scope), window)
         response = pb.QueryRequestsResponse()
-        seqs = key_requests(keys)
-        unique, starts, counts = np.unique(seqs, return_index=True, return_counts=True)
+        seqs = key_requests(keys)  # keys are sorted, so each request's keys are one run
+        starts = np.flatnonzero(np.concatenate(([True], seqs[1:] != seqs[:-1]))) if len(seqs) else np.empty(0, int)
+        counts = np.diff(np.append(starts, len(seqs)))
+        keep = counts >= min_tokens
+        starts, counts = starts[keep], counts[keep]
         limit = request.limit or 1000
-        for seq, start, count in zip(unique.tolist(), starts.tolist(), counts.tolist(), strict=True):
-            if count < min_tokens or seq not in self._request_ids:
-                continue
-            positions = key_positions(keys[start : start + min(count, 256)])
-            response.matches.append(
-                pb.RequestMatch(
-                    request_id=self._request_ids[seq][0], matching_tokens=count, positions=positions.tolist()
-                )
+        known = self.requests
+        runs = zip(seqs[starts].tolist(), starts.tolist(), counts.tolist(), strict=True)
+        matching = [(seq, start, count) for seq, start, count in runs if seq in known]
+        response.total_matches = len(matching)
+        positions = key_positions(keys).tolist()
+        for seq, start, count in matching[:limit]:
+            response.matches.add(
+                request_id=known[seq].request_id,
+                matching_tokens=count,
+                positions=positions[start : start + min(count, MATCH_POSITIONS)],
             )
-            if len(response.matches) >= limit:
-                break
-        response.requests_scanned = sum(
-            1 for _, seen in list(self._request_ids.values()) if time_window.start <= seen <= time_window.end
-        )
+        oldest = self.index.oldest_time
+        if oldest is not None and time_window.start <= oldest and time_window.end >= self.clock():
+            response.requests_scanned = len(known)
+        else:
+            response.requests_scanned = sum(
+                1
+                for r in list(known.values())
+                if r.arrival_ns <= time_window.end and r.last_seen_ns >= time_window.start
+            )
         return response
 
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:

@@ -1,0 +1,323 @@
+"""Sidecar benchmark: ingest throughput, circuit-query latency over a 10-minute window, report latency.
+
+Fills a real Monitor with >= 50M postings of synthetic traffic spread over 10 minutes (a simulated clock, so
+the window is real without waiting ten minutes), then times circuit queries over the index against the same
+queries answered with plain Python sets in the same process, and prints ratios. Targets (DESIGN.md):
+>= 2.5M postings/s ingest per core, circuit query p99 <= 20 ms, report ready <= 5 ms after the last codes.
+
+    .venv/bin/python bench/sidecar_bench.py [--postings 50e6] [--queries 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.codec import pack_slice
+from circuitwatch.sidecar import SidecarConfig
+from circuitwatch.sidecar.circuits import parse_circuits
+from circuitwatch.sidecar.expressions import All, AnyOf, AtLeast, Term
+from circuitwatch.sidecar.monitor import Monitor
+from circuitwatch.sidecar.server import start
+from circuitwatch.sidecar.store import EvidenceStore
+
+D_SAE = 16384
+K = 16
+LAYERS = (6, 12)
+TOKENS_PER_REQUEST = 256
+WINDOW_S = 600
+
+
+def feature_densities(rng: np.random.Generator) -> np.ndarray:
+    """Per-feature firing probability, log-normal over decades as SAE feature-density histograms are, scaled
+    to K features per token on average; the densest features fire on roughly 10-30% of tokens."""
+    density = 10 ** rng.normal(0.0, 0.6, D_SAE)
+    return np.minimum(density * K / density.sum(), 0.3)
+
+
+DENSITIES = feature_densities(np.random.default_rng(1234))
+BY_DENSITY = np.argsort(-DENSITIES)
+
+
+def popular(rank: int) -> int:
+    """Id of the rank-th densest feature."""
+    return int(BY_DENSITY[rank])
+
+
+# Popular features: the heavy end of the workload (a rare feature's query is cheaper).
+QUERIES = {
+    "single feature": {"layer": 6, "feature": popular(3)},
+    "all (2 layers)": {"all": [{"layer": 6, "feature": popular(1)}, {"layer": 12, "feature": popular(2)}]},
+    "any + threshold": {
+        "any": [{"layer": 6, "feature": popular(5), "min_activation": 1.0}, {"layer": 12, "feature": popular(8)}]
+    },
+    "at_least 2 of 3": {
+        "at_least": {
+            "n": 2,
+            "of": [
+                {"layer": 6, "feature": popular(4)},
+                {"layer": 6, "feature": popular(6)},
+                {"layer": 12, "feature": popular(7)},
+            ],
+        }
+    },
+    "windowed (8 tokens)": {"all": [{"layer": 6, "feature": popular(10)}, {"layer": 12, "feature": popular(12)}]},
+}
+WINDOWS = {"windowed (8 tokens)": 8}
+
+
+class SimulatedClock:
+    def __init__(self) -> None:
+        self.now = time.time_ns() - WINDOW_S * 10**9
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def manifest() -> pb.Manifest:
+    return pb.Manifest(
+        contract_version=CONTRACT_VERSION,
+        model="bench",
+        instance_id="bench",
+        slots=[
+            pb.SaeSlot(
+                slot=i,
+                name=f"l{layer}",
+                architecture="topk",
+                layer=layer,
+                hook_point="resid_post",
+                d_in=4096,
+                d_sae=D_SAE,
+                weights_hash=f"blake2b:{layer:04d}",
+                selection=f"topk:k={K}",
+            )
+            for i, layer in enumerate(LAYERS)
+        ],
+    )
+
+
+def sample_features(rng: np.random.Generator, rows: int) -> np.ndarray:
+    """K distinct features per row drawn by density (Gumbel top-k)."""
+    scores = np.log(DENSITIES)[None, :] + rng.gumbel(size=(rows, D_SAE))
+    return np.argpartition(-scores, K, axis=1)[:, :K].astype(np.uint32)
+
+
+def make_batches(rng: np.random.Generator, requests: int, templates: int = 16) -> list[pb.IngestMessage]:
+    """Code batches (one request, both slots, all positions per batch) and finishes, built once, replayed."""
+    rows = TOKENS_PER_REQUEST
+    features = [sample_features(rng, rows) for _ in range(templates)]
+    acts = [rng.gamma(2.0, 0.6, size=(rows, K)).astype(np.float16) for _ in range(templates)]
+    offsets = np.arange(0, rows * K + 1, K, dtype=np.uint32)
+    out = []
+    for i in range(requests):
+        t = i % templates
+        slices = [
+            pack_slice(
+                f"req-{i}",
+                slot,
+                0,
+                pb.PHASE_PROMPT,
+                np.zeros(rows, np.uint32),
+                offsets,
+                features[(t + slot) % templates].ravel(),
+                acts[t].ravel(),
+            )
+            for slot in range(len(LAYERS))
+        ]
+        out.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices)))
+        out.append(
+            pb.IngestMessage(finish=pb.RequestFinish(request_id=f"req-{i}", num_prompt_tokens=rows, num_positions=rows))
+        )
+    return out
+
+
+def fill(
+    monitor: Monitor, clock: SimulatedClock, batches: list[pb.IngestMessage], target: int
+) -> tuple[float, int, list[float]]:
+    """Ingest until `target` postings, spread evenly over the window; returns (seconds, postings, finalise ms)."""
+    stream = monitor.open_stream(manifest())
+    per_request = TOKENS_PER_REQUEST * K * len(LAYERS)
+    requests = int(np.ceil(target / per_request))
+    step_ns = int(0.97 * WINDOW_S * 10**9) // requests  # everything stays inside the window
+    elapsed, finalise_ms = 0.0, []
+    for i in range(requests):
+        codes, finish = batches[(2 * i) % len(batches)], batches[(2 * i + 1) % len(batches)]
+        codes.codes.step = i + 1
+        for s in codes.codes.slices:
+            s.request_id = f"req-{i}"
+        finish.finish.request_id = f"req-{i}"
+        clock.now += step_ns
+        t0 = time.perf_counter()
+        monitor.ingest(stream, codes)
+        t1 = time.perf_counter()
+        monitor.ingest(stream, finish)
+        t2 = time.perf_counter()
+        elapsed += t2 - t0
+        finalise_ms.append((t2 - t1) * 1e3)
+    return elapsed, requests * per_request, finalise_ms
+
+
+# --- the plain-Python baseline ----------------------------------------------------------------------------
+
+
+def python_postings(monitor: Monitor, terms: list[Term]) -> dict[tuple[int, int], dict[int, float]]:
+    """(gslot, feature) -> {token key: activation} for the queried features, as plain Python dicts."""
+    wanted = {(LAYERS.index(t.layer), t.feature) for t in terms}
+    postings: dict[tuple[int, int], dict[int, float]] = {}
+    for segment in monitor.index.segments():
+        features = (segment.term_codes & np.uint64((1 << 28) - 1)).astype(np.int64).tolist()
+        gslots = (segment.term_codes >> np.uint64(28)).astype(np.int64).tolist()
+        for i, (g, f) in enumerate(zip(gslots, features, strict=True)):
+            if (g, f) in wanted:
+                a, b = segment.term_offsets[i], segment.term_offsets[i + 1]
+                keys = segment.row_keys[segment.post_rows[a:b]].tolist()
+                postings.setdefault((g, f), {}).update(zip(keys, segment.post_acts[a:b].tolist(), strict=True))
+    return postings
+
+
+def python_evaluate(expr, postings: dict, window: int = 1, universe: set[int] | None = None) -> set[int]:
+    if isinstance(expr, Term):
+        hits = postings.get((LAYERS.index(expr.layer), expr.feature), {})
+        keys = {k for k, act in hits.items() if act >= expr.min_activation}
+        return {k + d for k in keys for d in range(window)} & universe if window > 1 else keys
+    if isinstance(expr, All):
+        result = python_evaluate(expr.items[0], postings, window, universe)
+        for item in expr.items[1:]:
+            result = result & python_evaluate(item, postings, window, universe)
+        return result
+    if isinstance(expr, AnyOf):
+        return set().union(*(python_evaluate(i, postings, window, universe) for i in expr.items))
+    if isinstance(expr, AtLeast):
+        counts: dict[int, int] = {}
+        for item in expr.items:
+            for key in python_evaluate(item, postings, window, universe):
+                counts[key] = counts.get(key, 0) + 1
+        return {k for k, c in counts.items() if c >= expr.n}
+    raise TypeError(expr)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))], ordered[int(0.99 * (len(ordered) - 1))]
+
+
+def grpc_ingest(batches: list[pb.IngestMessage], seconds: float) -> float:
+    """Postings/s through a real server on 127.0.0.1 (one client stream)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=Path(tmp)))
+        try:
+            channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+            stub = pb_grpc.MonitorStub(channel)
+            deadline = time.perf_counter() + seconds
+            sent = [0]
+
+            def messages():
+                yield pb.IngestMessage(manifest=manifest())
+                i = 0
+                while time.perf_counter() < deadline:
+                    codes, finish = batches[(2 * i) % len(batches)], batches[(2 * i + 1) % len(batches)]
+                    codes.codes.step = i + 1
+                    for s in codes.codes.slices:
+                        s.request_id = f"g-{i}"
+                    finish.finish.request_id = f"g-{i}"
+                    sent[0] += TOKENS_PER_REQUEST * K * len(LAYERS)
+                    yield codes
+                    yield finish
+                    i += 1
+
+            t0 = time.perf_counter()
+            ack = stub.Ingest(messages())
+            elapsed = time.perf_counter() - t0
+            assert ack.postings == sent[0]
+            channel.close()
+            return sent[0] / elapsed
+        finally:
+            running.stop(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--postings", type=float, default=50e6)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    batches = make_batches(rng, requests=16)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = SimulatedClock()
+        config = SidecarConfig(
+            evidence_dir=Path(tmp), index={"window_s": WINDOW_S, "segment_s": 10, "memory_budget_mb": 16384}
+        )
+        monitor = Monitor(config, EvidenceStore(Path(tmp)), clock=clock)
+        specs = [{"name": n, "when": q, "window": WINDOWS.get(n, 1)} for n, q in QUERIES.items()]
+        circuits = parse_circuits({"circuits": specs}, "bench")
+        monitor.set_circuits(type(monitor.circuits)(tuple(circuits)))
+        seconds, postings, finalise_ms = fill(monitor, clock, batches, int(args.postings))
+        monitor.index.seal()
+        stats = monitor.index.stats()
+        span_s = (clock.now - monitor.index.oldest_time) / 1e9
+        print(
+            f"index: {stats['postings'] / 1e6:.1f}M postings, {stats['rows'] / 1e6:.2f}M rows, "
+            f"{stats['segments']} segments, "
+            f"{stats['bytes'] / 2**20:.0f} MiB, spanning {span_s:.0f} s"
+        )
+        ingest_rate = postings / seconds
+        print(
+            f"ingest (in process, 1 thread, incl. circuit matching and report finalisation): "
+            f"{ingest_rate / 1e6:.2f}M postings/s  (target >= 2.5M: {ingest_rate / 2.5e6:.2f}x target)"
+        )
+        p50, p90, p99 = percentiles(finalise_ms)
+        print(f"report ready after the finish marker: p50 {p50:.2f} ms, p99 {p99:.2f} ms  (target <= 5 ms)")
+
+        postings_sets = python_postings(monitor, [t for c in monitor.circuits.circuits for t in c.terms])
+        universe = {k for segment in monitor.index.segments() for k in segment.row_keys.tolist()}
+
+        print(f"\ncircuit queries over the whole {WINDOW_S // 60}-minute window ({args.queries} runs each):")
+        print(
+            f"{'query':<20} {'matches':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+            f"{'python sets ms':>15} {'speed-up':>9}"
+        )
+        for name in QUERIES:
+            request = pb.QueryRequestsRequest(circuit=name)
+            for _ in range(5):  # warm-up: first-touch page faults are not query cost
+                monitor.query_requests(request)
+            times = []
+            for _ in range(args.queries):
+                t0 = time.perf_counter()
+                response = monitor.query_requests(request)
+                times.append((time.perf_counter() - t0) * 1e3)
+            circuit = monitor.circuits.by_name(name)
+            baseline = []
+            for _ in range(max(3, args.queries // 20)):
+                t0 = time.perf_counter()
+                keys = python_evaluate(circuit.expression, postings_sets, circuit.window, universe)
+                counts: dict[int, int] = {}
+                for key in keys:
+                    counts[key >> 32] = counts.get(key >> 32, 0) + 1
+                baseline.append((time.perf_counter() - t0) * 1e3)
+            assert len(counts) == response.total_matches, (name, len(counts), response.total_matches)
+            p50, p90, p99 = percentiles(times)
+            b50 = statistics.median(baseline)
+            print(
+                f"{name:<20} {response.total_matches:>9} {p50:>8.2f} {p90:>8.2f} {p99:>8.2f} "
+                f"{b50:>15.1f} {b50 / p50:>8.1f}x"
+            )
+
+    rate = grpc_ingest(batches, seconds=5)
+    print(
+        "\ningest through gRPC on 127.0.0.1 (one stream, server and client on this machine): "
+        f"{rate / 1e6:.2f}M postings/s"
+    )
+
+
+if __name__ == "__main__":
+    main()
