@@ -43,6 +43,7 @@ class Segment:
     row_keys: np.ndarray  # uint64 token keys
     row_gslot: np.ndarray  # uint16
     row_phase: np.ndarray  # uint8
+    row_token: np.ndarray  # uint32 token id
     row_time: np.ndarray  # int64 ns
     row_uid: np.ndarray  # int64: rows were reordered by key, so uids are stored
     term_codes: np.ndarray  # uint64 unique (gslot << 28 | feature), sorted
@@ -62,7 +63,15 @@ class Segment:
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.row_keys, self.row_gslot, self.row_phase, self.row_time, self.row_uid, self.term_codes)
+        arrays = (
+            self.row_keys,
+            self.row_gslot,
+            self.row_phase,
+            self.row_token,
+            self.row_time,
+            self.row_uid,
+            self.term_codes,
+        )
         return sum(a.nbytes for a in arrays) + self.term_offsets.nbytes + self.post_rows.nbytes + self.post_acts.nbytes
 
     def unique_keys(self, phase: int | None) -> np.ndarray:
@@ -93,17 +102,25 @@ class _ActiveSegment:
 
     def seal(self) -> Segment:
         if self.rows:
-            keys, gslot, phase, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
+            keys, gslot, phase, tokens, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
             rows, codes, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
             # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
             by_key = np.argsort(keys, kind="stable")
-            keys, gslot, phase, times = keys[by_key], gslot[by_key], phase[by_key], times[by_key]
+            keys, gslot, phase, tokens, times = (
+                keys[by_key],
+                gslot[by_key],
+                phase[by_key],
+                tokens[by_key],
+                times[by_key],
+            )
             uids = self.base_uid + by_key.astype(np.int64)
             new_row = np.empty_like(by_key)
             new_row[by_key] = np.arange(len(by_key))
             rows = new_row[rows].astype(np.uint32)
         else:
-            keys, gslot, phase, times = (np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.int64))
+            keys, gslot, phase, tokens, times = (
+                np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.uint32, np.int64)
+            )
             uids = np.empty(0, np.int64)
             rows, codes, acts = np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.float16)
         packed = (codes << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
@@ -120,6 +137,7 @@ class _ActiveSegment:
             row_keys=keys,
             row_gslot=gslot,
             row_phase=phase,
+            row_token=tokens,
             row_time=times,
             row_uid=uids,
             term_codes=term_codes,
@@ -172,6 +190,7 @@ class RollingIndex:
         keys: np.ndarray,
         gslot: int,
         phase: int,
+        token_ids: np.ndarray,
         row_offsets: np.ndarray,
         feature_ids: np.ndarray,
         activations: np.ndarray,
@@ -188,6 +207,7 @@ class RollingIndex:
                     np.asarray(keys, dtype=KEY_DTYPE),
                     np.full(n, gslot, np.uint16),
                     np.full(n, phase, np.uint8),
+                    np.asarray(token_ids, np.uint32),
                     np.full(n, now, np.int64),
                 )
             )
@@ -320,6 +340,47 @@ class RollingIndex:
         if whole:
             self._universe_cache = (cache_key, result)
         return result
+
+    def request_codes(self, seq: int) -> list[tuple[np.ndarray, ...]]:
+        """Per segment, (positions, gslot, phase, token, row_offsets, features, activations) of one request,
+        rows ordered by (gslot, position), superseded rows left out."""
+        lo_key, hi_key = np.uint64(seq) << np.uint64(32), np.uint64(seq + 1) << np.uint64(32)
+        out = []
+        for segment in self.segments():
+            lo, hi = np.searchsorted(segment.row_keys, [lo_key, hi_key])
+            if lo == hi:
+                continue
+            rows = np.arange(lo, hi, dtype=np.uint32)
+            rows = rows[self._row_mask(segment, rows, None, None)]
+            in_request = (segment.post_rows >= lo) & (segment.post_rows < hi)
+            post_rows = segment.post_rows[in_request]
+            keep = np.isin(post_rows, rows)
+            post_rows = post_rows[keep]
+            features = segment.term_codes[segment.posting_terms()[in_request][keep]] & np.uint64(
+                (1 << FEATURE_BITS) - 1
+            )
+            acts = segment.post_acts[in_request][keep]
+            # rows by (gslot, key); postings grouped by row
+            order = np.lexsort((segment.row_keys[rows], segment.row_gslot[rows]))
+            rows = rows[order]
+            rank = np.empty(hi - lo, np.int64)
+            rank[rows - lo] = np.arange(len(rows))
+            by_row = np.argsort(rank[post_rows - lo], kind="stable")
+            counts = np.bincount(rank[post_rows - lo], minlength=len(rows))
+            offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.uint32)
+            positions = (segment.row_keys[rows] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            out.append(
+                (
+                    positions,
+                    segment.row_gslot[rows],
+                    segment.row_phase[rows],
+                    segment.row_token[rows],
+                    offsets,
+                    features[by_row].astype(np.uint32),
+                    acts[by_row],
+                )
+            )
+        return out
 
     def feature_stats(
         self, gslots: list[int], window: TimeWindow | None, phase: int | None

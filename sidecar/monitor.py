@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.codec import WireFormatError, unpack_slice
+from circuitwatch.proto.codec import WireFormatError, pack_slice, unpack_slice
 
 from .circuits import Circuit, CircuitSet, load_circuit_files
 from .config import ConfigError, SidecarConfig
@@ -93,6 +93,7 @@ class Monitor:
         self._open: dict[str, RequestState] = {}
         self._recent: OrderedDict[str, pb.Report] = OrderedDict()
         self.requests: dict[int, RequestRecord] = {}  # seq -> record, for requests with codes in the index
+        self._seq_by_id: dict[str, int] = {}
         self._next_seq = 1
         self._waiters: dict[str, threading.Event] = {}
         self._watchers: list[_Watcher] = []
@@ -168,12 +169,19 @@ class Monitor:
                 gslot = stream.slots[arrays.slot]
                 keys = (np.uint64(state.seq) << np.uint64(32)) | arrays.positions.astype(np.uint64)
                 uids = self.index.append(
-                    keys, gslot, arrays.phase, arrays.row_offsets, arrays.feature_ids, arrays.activations
+                    keys,
+                    gslot,
+                    arrays.phase,
+                    arrays.token_ids,
+                    arrays.row_offsets,
+                    arrays.feature_ids,
+                    arrays.activations,
                 )
                 replaced = state.add_slice(gslot, arrays, uids, now)
                 self.index.supersede(replaced)
                 record = self.requests.get(state.seq)
                 if record is None:
+                    self._seq_by_id[state.request_id] = state.seq
                     self.requests[state.seq] = RequestRecord(
                         state.request_id, state.seq, now, state.model, arrival_ns=state.arrival_ns
                     )
@@ -392,7 +400,7 @@ class Monitor:
             oldest = self.index.oldest_time
             horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
             for seq in [s for s, record in self.requests.items() if record.last_seen_ns < horizon]:
-                del self.requests[seq]
+                self._seq_by_id.pop(self.requests.pop(seq).request_id, None)
 
     def shutdown(self) -> None:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
@@ -501,6 +509,55 @@ class Monitor:
                 for r in list(known.values())
                 if r.arrival_ns <= time_window.end and r.last_seen_ns >= time_window.start
             )
+        return response
+
+    def get_codes(self, request_id: str) -> pb.GetCodesResponse:
+        seq = self._seq_by_id.get(request_id)
+        if seq is None:
+            raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} has no codes in the index window")
+        parts = self.index.request_codes(seq)
+        if not parts:
+            raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} has no codes in the index window")
+        positions, gslots, phases, tokens = (np.concatenate([p[i] for p in parts]) for i in range(4))
+        counts = np.concatenate([np.diff(p[4].astype(np.int64)) for p in parts])
+        features = np.concatenate([p[5] for p in parts])
+        acts = np.concatenate([p[6] for p in parts])
+        starts = np.concatenate(([0], np.cumsum(counts)))
+        order = np.lexsort((positions, gslots))
+        slot_of = {gslot: self.registry.producer_slot[gslot] for gslot in np.unique(gslots).tolist()}
+        response = pb.GetCodesResponse(
+            request_id=request_id,
+            saes=[self.registry.identities[g].to_proto(slot) for g, slot in slot_of.items()],
+        )
+        # one slice per run of (gslot, phase) with consecutive positions
+        ordered = order.tolist()
+        run: list[int] = []
+        for i in [*ordered, None]:
+            if run and (
+                i is None
+                or gslots[i] != gslots[run[-1]]
+                or phases[i] != phases[run[-1]]
+                or positions[i] != positions[run[-1]] + 1
+            ):
+                rows = np.array(run)
+                ids = np.concatenate([features[starts[r] : starts[r + 1]] for r in run])
+                values = np.concatenate([acts[starts[r] : starts[r + 1]] for r in run])
+                offsets = np.concatenate(([0], np.cumsum(counts[rows])))
+                response.slices.append(
+                    pack_slice(
+                        request_id,
+                        slot_of[int(gslots[run[0]])],
+                        int(positions[run[0]]),
+                        int(phases[run[0]]),
+                        tokens[rows],
+                        offsets,
+                        ids,
+                        values,
+                    )
+                )
+                run = []
+            if i is not None:
+                run.append(i)
         return response
 
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:

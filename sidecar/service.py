@@ -88,6 +88,9 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     ) -> pb.ReloadCircuitsResponse:
         return self.monitor.reload_circuits()
 
+    def GetCodes(self, request: pb.GetCodesRequest, context: grpc.ServicerContext) -> pb.GetCodesResponse:
+        return self._call(context, self.monitor.get_codes, request.request_id)
+
     @staticmethod
     def _call(context: grpc.ServicerContext, fn, *args):
         try:

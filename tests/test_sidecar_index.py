@@ -21,7 +21,8 @@ def add(index: RollingIndex, seq: int, features: list[list[int]], phase: int = p
     offsets = np.concatenate([[0], np.cumsum([len(f) for f in features])]).astype(np.uint32)
     ids = np.array([f for row in features for f in row], dtype=np.uint32)
     keys = token_keys(seq, np.arange(len(features)))
-    return index.append(keys, 0, phase, offsets, ids, np.ones(len(ids), np.float16))
+    tokens = np.arange(len(features), dtype=np.uint32)
+    return index.append(keys, 0, phase, tokens, offsets, ids, np.ones(len(ids), np.float16))
 
 
 def test_segments_seal_by_age_and_lookups_span_them() -> None:

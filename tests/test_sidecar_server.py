@@ -53,6 +53,11 @@ def test_concurrent_producers_interleaved(tmp_path: Path) -> None:
             flags = {f.circuit: f.matching_tokens for f in report.flags}
             assert flags == ({"f3": len(expected)} if expected else {})
             assert [s.layer for s in report.saes] == [1, 2]
+            assert codes_in_sidecar(client, request.request_id) == {
+                (slot, position): (request.tokens[position], row)
+                for slot, rows in request.codes.items()
+                for position, row in enumerate(rows)
+            }
         for slot in (0, 1):
             stats = client.stub.FeatureStats(pb.FeatureStatsRequest(slot=slot))
             expected_counts = Counter(f for r in everything for row in r.codes[slot] for f in row)
@@ -61,6 +66,22 @@ def test_concurrent_producers_interleaved(tmp_path: Path) -> None:
             first = stats.features[0]
             acts = [row[first.feature] for r in everything for row in r.codes[slot] if first.feature in row]
             assert first.mean_activation == pytest.approx(np.mean(acts), rel=1e-6)
+
+
+def codes_in_sidecar(client, request_id: str) -> dict[tuple[int, int], tuple[int, dict[int, float]]]:
+    """{(slot, position): (token id, {feature: activation})} as the sidecar's GetCodes returns them."""
+    from circuitwatch.proto.codec import unpack_slice
+
+    out = {}
+    for wire in client.stub.GetCodes(pb.GetCodesRequest(request_id=request_id)).slices:
+        arrays = unpack_slice(wire)
+        for i, position in enumerate(arrays.positions.tolist()):
+            a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
+            row = dict(
+                zip(arrays.feature_ids[a:b].tolist(), arrays.activations[a:b].astype(float).tolist(), strict=True)
+            )
+            out[(arrays.slot, position)] = (int(arrays.token_ids[i]), row)
+    return out
 
 
 def _slow_stream(request: SyntheticRequest, delay_s: float, ready: threading.Event):
@@ -336,6 +357,8 @@ def test_recomputed_positions_replace_earlier_codes(tmp_path: Path) -> None:
         assert flag.matching_tokens == 1 and [e.position for e in flag.evidence] == [4]
         [match] = client.stub.QueryRequests(pb.QueryRequestsRequest(circuit="f3")).matches
         assert list(match.positions) == [4]
+        latest = codes_in_sidecar(client, "pre")
+        assert {p: row for (slot, p), (_, row) in latest.items() if slot == 0} == dict(enumerate(again.codes[0]))
         stats = {s.feature: s.tokens for s in client.stub.FeatureStats(pb.FeatureStatsRequest(slot=0)).features}
         assert stats == {5: 1, 3: 1}
 
