@@ -46,6 +46,9 @@ class SidecarConfig(_Strict):
     index: IndexConfig = IndexConfig()
     # Open requests with no traffic for this long are finalised as incomplete (producer gone for good).
     request_timeout_s: float = Field(600.0, gt=0)
+    # A finish marker may overtake the request's last codes (they travel on another stream): wait this long
+    # for every announced position before finalising with the missing ones as gaps.
+    finish_grace_ms: float = Field(2000.0, ge=0)
     # Longest GetReport wait a client may ask for.
     max_report_wait_ms: int = Field(30_000, ge=0)
     # Messages above this are rejected with INVALID_ARGUMENT (gRPC's own hard limit sits above it).

@@ -31,6 +31,7 @@ from .store import EvidenceStore
 log = logging.getLogger(__name__)
 
 OPEN_ENDED = 0xFFFFFFFF  # Gap.end when the request's length is unknown (it never finished)
+ALL_SLOTS = 0xFFFFFFFF  # Gap.slot when a gap covers every slot
 RECENT_REPORTS = 10_000
 WATCH_QUEUE = 1_000
 MATCH_POSITIONS = 64  # positions listed per matching request in a query answer
@@ -104,8 +105,6 @@ class Monitor:
     def open_stream(self, manifest: pb.Manifest) -> Stream:
         if manifest.contract_version < 1:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "manifest: contract_version must be >= 1")
-        if not manifest.slots:
-            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "manifest: no SAE slots")
         slots: dict[int, int] = {}
         d_sae: dict[int, int] = {}
         for i, slot in enumerate(manifest.slots):
@@ -125,6 +124,9 @@ class Monitor:
                 raise MonitorError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {exc}") from None
             d_sae[slot.slot] = slot.d_sae
         self.counters["streams"] += 1
+        if not slots:
+            log.info("producer %s (%s) opened a control stream", manifest.instance_id, manifest.producer)
+            return Stream(manifest, slots, d_sae)
         log.info("producer %s (%s) opened a stream with %d slots", manifest.instance_id, manifest.producer, len(slots))
         return Stream(manifest, slots, d_sae)
 
@@ -136,6 +138,8 @@ class Monitor:
             self._start(stream, message.start)
         elif kind == "finish":
             self._finish(stream, message.finish)
+        elif kind == "gaps":
+            self._gaps(stream, message.gaps)
         elif kind == "manifest":
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "a stream carries one manifest, as its first message")
         else:
@@ -159,6 +163,7 @@ class Monitor:
                 raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"slices[{i}]: {exc}") from None
         stream.last_step = batch.step
         stream.batches += 1
+        touched: dict[str, RequestState] = {}
         with self._lock:
             now = self.clock()
             for arrays in decoded:
@@ -179,6 +184,8 @@ class Monitor:
                 )
                 replaced = state.add_slice(gslot, arrays, uids, now)
                 self.index.supersede(replaced)
+                if state.pending_finish is not None:
+                    touched[state.request_id] = state
                 record = self.requests.get(state.seq)
                 if record is None:
                     self._seq_by_id[state.request_id] = state.seq
@@ -191,6 +198,21 @@ class Monitor:
                 self.counters["postings"] += len(arrays.feature_ids)
                 self.counters["rows"] += arrays.num_rows
             self.counters["batches"] += 1
+            for state in touched.values():
+                self._finalize_if_covered(state)
+
+    def _finalize_if_covered(self, state: RequestState) -> None:
+        """A finished request whose announced positions all have codes or declared gaps is final now."""
+        finish = state.pending_finish
+        if finish is None or not state.slots:
+            return
+        seen = state.seen_positions()
+        gaps = [*finish.gaps, *state.producer_gaps]
+        for slot, gslot in state.slots.items():
+            known = [(g.start, g.end) for g in gaps if g.slot in (slot, ALL_SLOTS)]
+            if missing_ranges(finish.num_positions, seen.get(gslot, np.empty(0, np.int64)), known):
+                return
+        self._finalize(state, finish)
 
     def _state(self, request_id: str, stream: Stream, now: int) -> RequestState | None:
         """Open state for a request, created on first sight; None if it is already final."""
@@ -202,7 +224,7 @@ class Monitor:
             self._next_seq += 1
             self._open[request_id] = state
             state.model = stream.manifest.model
-        if state.slots != stream.slots:
+        if stream.slots and state.slots != stream.slots:
             state.bind(stream.slots)
         state.ensure_plan(self.circuits, self.registry)
         return state
@@ -217,6 +239,7 @@ class Monitor:
             state.model = start.model or state.model
             state.labels = list(start.labels)
             state.trace.CopyFrom(start.trace)
+            state.producer_gaps.extend(start.gaps)
             if start.arrival_unix_nanos:
                 state.arrival_ns = start.arrival_unix_nanos
 
@@ -229,7 +252,23 @@ class Monitor:
                 self.counters["duplicate_finishes"] += 1
                 return
             stream.finished += 1
-            self._finalize(state, finish)
+            state.pending_finish = finish
+            state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
+            if finish.num_positions == 0 or state.slots:
+                if finish.num_positions == 0:
+                    self._finalize(state, finish)
+                else:
+                    self._finalize_if_covered(state)
+
+    def _gaps(self, stream: Stream, message: pb.RequestGaps) -> None:
+        if not message.request_id:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request gaps without request_id")
+        with self._lock:
+            state = self._state(message.request_id, stream, self.clock())
+            if state is None:
+                return
+            state.producer_gaps.extend(message.gaps)
+            self._finalize_if_covered(state)
 
     def close_stream(self, stream: Stream | None, error: str | None = None) -> None:
         """A producer stream ended; its open requests stay open (the producer may reconnect and go on)."""
@@ -253,16 +292,22 @@ class Monitor:
         if finish is not None:
             total = finish.num_positions
             num_prompt = finish.num_prompt_tokens
-            gaps = list(finish.gaps)
+            gaps = [*finish.gaps, *state.producer_gaps]
             missing_reason = pb.GAP_REASON_MISSING
         else:
             known = [int(p[-1]) + 1 for p in seen.values() if len(p)]
             total = max(known, default=0)
             num_prompt = state.first_generated_position(default=total)
-            gaps = [pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots]
+            gaps = [*state.producer_gaps]
+            gaps += [
+                pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots
+            ]
             missing_reason = pb.GAP_REASON_STREAM_ENDED
+        if not state.slots and total:
+            # no codes ever arrived: no SAE is known for this request, so the gap covers every slot
+            gaps.append(pb.Gap(slot=ALL_SLOTS, start=0, end=total, reason=missing_reason))
         for slot, gslot in sorted(state.slots.items()):
-            known_gaps = [(g.start, g.end) for g in gaps if g.slot == slot]
+            known_gaps = [(g.start, g.end) for g in gaps if g.slot in (slot, ALL_SLOTS)]
             for start, end in missing_ranges(total, seen.get(gslot, np.empty(0, np.int64)), known_gaps):
                 gaps.append(pb.Gap(slot=slot, start=start, end=end, reason=missing_reason))
         gslots = sorted(set(state.slots.values()))
@@ -279,7 +324,7 @@ class Monitor:
             for circuit in self.circuits.circuits
             if (flag := self._flag(state, circuit, num_prompt, anywhere, gslot_to_slot)) is not None
         ]
-        complete = finish is not None and not gaps and len(everywhere) == total
+        complete = finish is not None and not gaps and (len(everywhere) == total or total == 0)
         report = pb.Report(
             request_id=state.request_id,
             status=pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE,
@@ -392,6 +437,14 @@ class Monitor:
         self.index.evict(now)
         timeout_ns = int(self.config.request_timeout_s * 1e9)
         with self._lock:
+            for state in [
+                s for s in self._open.values() if s.pending_finish is not None and now >= s.finish_deadline_ns
+            ]:
+                log.warning(
+                    "request %s: codes announced by its finish did not all arrive; finalised incomplete",
+                    state.request_id,
+                )
+                self._finalize(state, state.pending_finish)
             for state in [s for s in self._open.values() if now - s.last_activity_ns > timeout_ns]:
                 log.warning(
                     "request %s saw no finish within %.0fs: finalised incomplete", state.request_id, timeout_ns / 1e9
@@ -406,7 +459,7 @@ class Monitor:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
         with self._lock:
             for state in list(self._open.values()):
-                self._finalize(state, None)
+                self._finalize(state, state.pending_finish)
 
     # --- reads ----------------------------------------------------------------------------------------
 

@@ -73,6 +73,9 @@ class RequestState:
         self.hits: dict[tuple[int, Term], _Hits] = {}
         self.postings = 0
         self._first_generated: int | None = None
+        self.producer_gaps: list[pb.Gap] = []
+        self.pending_finish: pb.RequestFinish | None = None
+        self.finish_deadline_ns = 0
 
     def bind(self, slots: dict[int, int]) -> None:
         """(Re)attach to a producer stream's slot map; a reconnecting producer brings the same SAEs."""

@@ -232,7 +232,15 @@ def _bad_slice() -> pb.RequestSlice:
     ("stream", "reason"),
     [
         ([pb.IngestMessage(codes=pb.CodeBatch(step=1))], "first ingest message must be a manifest"),
-        ([pb.IngestMessage(manifest=pb.Manifest(contract_version=1))], "manifest: no SAE slots"),
+        (
+            [
+                pb.IngestMessage(manifest=pb.Manifest(contract_version=1)),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(step=1, slices=[pack_slice("bad", 0, 0, pb.PHASE_PROMPT, [], [0], [], [])])
+                ),
+            ],
+            "slot 0 is not in the manifest",
+        ),
         ([pb.IngestMessage(manifest=pb.Manifest(slots=manifest().slots))], "contract_version must be >= 1"),
         (
             [
@@ -309,7 +317,8 @@ def test_gaps_are_reported_never_hidden(tmp_path: Path) -> None:
     request = SyntheticRequest(request_id="gappy", num_prompt=10, num_positions=14)
     request.tokens = list(range(14))
     request.codes = {0: [{3: 1.0}] * 14, 1: [{3: 1.0}] * 14}
-    with running_sidecar(tmp_path, circuits=[write(tmp_path / "c.yaml", FEATURE_3)]) as (_, client):
+    circuits = [write(tmp_path / "c.yaml", FEATURE_3)]
+    with running_sidecar(tmp_path, circuits=circuits, finish_grace_ms=200) as (_, client):
         prefix = pb.Gap(slot=0, start=0, end=4, reason=pb.GAP_REASON_PREFIX_CACHE)
         client.ingest(
             [
@@ -330,7 +339,7 @@ def test_gaps_are_reported_never_hidden(tmp_path: Path) -> None:
                 ),
             ]
         )
-        report = client.report("gappy")
+        report = client.report("gappy", wait_ms=5000)
         assert report.status == pb.REPORT_STATUS_INCOMPLETE
         gaps = {(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps if g.end > g.start}
         assert gaps == {(0, 0, 4, pb.GAP_REASON_PREFIX_CACHE), (1, 4, 6, pb.GAP_REASON_MISSING)}
@@ -442,3 +451,65 @@ def test_reflection_lists_services(tmp_path: Path) -> None:
         [response] = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in response.list_services_response.service}
         assert {"circuitwatch.v1.Monitor", "grpc.health.v1.Health"} <= names
+
+
+CONTROL = pb.Manifest(contract_version=1, producer="engine-core", instance_id="core")
+
+
+def test_finish_may_overtake_codes_on_another_stream(tmp_path: Path) -> None:
+    """vLLM's engine core sends the finish; a worker sends the codes: the report waits for the codes."""
+    request = SyntheticRequest.random(np.random.default_rng(11), "overtaken")
+    with running_sidecar(tmp_path) as (running, client):
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=request.finish())])
+        assert client.report("overtaken", wait_ms=0).status == pb.REPORT_STATUS_PENDING
+        slices = [request.slice(s, a, b) for a, b in request.chunks(5) for s in (0, 1)]
+        client.ingest(
+            [pb.IngestMessage(manifest=manifest()), pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices))]
+        )
+        report = client.report("overtaken", wait_ms=0)  # final as soon as the last codes arrived
+        assert report.status == pb.REPORT_STATUS_COMPLETE
+        assert report.coverage.positions_seen == request.num_positions
+
+
+def test_finish_without_all_codes_is_incomplete_after_grace(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(12), "short")
+    with running_sidecar(tmp_path, finish_grace_ms=300) as (_, client):
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(0, 0, 2), request.slice(1, 0, 2)])),
+                pb.IngestMessage(finish=request.finish()),
+            ]
+        )
+        report = client.report("short", wait_ms=5000)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert {(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps} == {
+            (slot, 2, request.num_positions, pb.GAP_REASON_MISSING) for slot in (0, 1)
+        }
+        never = SyntheticRequest.random(np.random.default_rng(13), "never-coded")
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=never.finish())])
+        report = client.report("never-coded", wait_ms=5000)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert [(g.slot, g.start, g.end) for g in report.coverage.gaps] == [(0xFFFFFFFF, 0, never.num_positions)]
+
+
+def test_declared_gaps_finalise_without_waiting(tmp_path: Path) -> None:
+    request = SyntheticRequest(request_id="dropped", num_prompt=8, num_positions=8, tokens=list(range(8)))
+    request.codes = {0: [{1: 1.0}] * 8, 1: [{1: 1.0}] * 8}
+    with running_sidecar(tmp_path, finish_grace_ms=60_000) as (_, client):
+        dropped = [pb.Gap(slot=s, start=4, end=8, reason=pb.GAP_REASON_BACKPRESSURE) for s in (0, 1)]
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(start=pb.RequestStart(request_id="dropped", gaps=[pb.Gap(slot=0, start=0, end=0)])),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(0, 0, 4), request.slice(1, 0, 4)])),
+                pb.IngestMessage(gaps=pb.RequestGaps(request_id="dropped", gaps=dropped)),
+            ]
+        )
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=request.finish())])
+        report = client.report("dropped", wait_ms=0)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert {(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps if g.end > g.start} == {
+            (0, 4, 8, pb.GAP_REASON_BACKPRESSURE),
+            (1, 4, 8, pb.GAP_REASON_BACKPRESSURE),
+        }

@@ -1,0 +1,185 @@
+"""Background emitter: streams manifest, code batches and finish markers to the sidecar over gRPC.
+
+Nothing on vLLM's step path waits for the network: `submit` is a non-blocking enqueue. The queue is bounded
+in code batches; when full, the oldest batch is dropped and its rows become gaps (back-pressure, or
+sidecar-unavailable while disconnected), sent as RequestGaps ahead of anything queued later, so the sidecar
+reports them instead of calling those tokens clean. Control messages (starts, finishes, gaps) are never
+dropped. A failed stream is
+reopened with exponential back-off and begins again with the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+from .config import SidecarTarget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    message: pb.IngestMessage
+    # (request_id, slot, first_position, end_position) of every slice, to turn a dropped batch into gaps
+    ranges: list[tuple[str, int, int, int]] = field(default_factory=list)
+
+    @property
+    def droppable(self) -> bool:
+        return self.message.WhichOneof("kind") == "codes"
+
+
+class Emitter:
+    def __init__(self, target: SidecarTarget, manifest: pb.Manifest, max_batches: int) -> None:
+        self.target = target
+        self.manifest = manifest
+        self.max_batches = max_batches
+        self.counters: Counter[str] = Counter()
+        self.connected = False
+        self._queue: deque[_Item] = deque()
+        self._batches_queued = 0
+        self._pending_gaps: dict[str, list[pb.Gap]] = {}
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._step = 0
+        self._thread = threading.Thread(target=self._run, name="circuitwatch-emitter", daemon=True)
+        self._thread.start()
+
+    # --- producer side (vLLM's step path): never blocks on the network --------------------------------
+
+    def submit_codes(self, slices: list[pb.RequestSlice]) -> None:
+        if not slices:
+            return
+        ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
+        with self._cv:
+            self._step += 1
+            item = _Item(pb.IngestMessage(codes=pb.CodeBatch(step=self._step, slices=slices)), ranges)
+            self._queue.append(item)
+            self._batches_queued += 1
+            while self._batches_queued > self.max_batches:
+                self._drop_oldest_batch()
+            self._cv.notify()
+
+    def submit(self, message: pb.IngestMessage) -> None:
+        """A start or finish marker: always kept."""
+        with self._cv:
+            self._queue.append(_Item(message))
+            self._cv.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batches_queued
+
+    def _drop_oldest_batch(self) -> None:
+        for i, item in enumerate(self._queue):
+            if item.droppable:
+                del self._queue[i]
+                self._batches_queued -= 1
+                reason = pb.GAP_REASON_BACKPRESSURE if self.connected else pb.GAP_REASON_SIDECAR_UNAVAILABLE
+                for request_id, slot, start, end in item.ranges:
+                    gap = pb.Gap(slot=slot, start=start, end=end, reason=reason)
+                    self._pending_gaps.setdefault(request_id, []).append(gap)
+                    self.counters["rows_dropped"] += end - start
+                self.counters["batches_dropped"] += 1
+                return
+
+    # --- the sending thread ---------------------------------------------------------------------------
+
+    def _channel(self) -> grpc.Channel:
+        target = self.target
+        if target.tls_ca_file is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=target.tls_ca_file.read_bytes())
+            return grpc.secure_channel(target.address, credentials)
+        return grpc.insecure_channel(target.address)
+
+    def _metadata(self) -> list[tuple[str, str]] | None:
+        if self.target.auth_token_file is None:
+            return None
+        return [("authorization", f"Bearer {self.target.auth_token_file.read_text().strip()}")]
+
+    def _messages(self, done: threading.Event) -> Iterator[pb.IngestMessage]:
+        yield pb.IngestMessage(manifest=self.manifest)
+        while True:
+            with self._cv:
+                while not self._queue and not self._pending_gaps and not self._stopping and not done.is_set():
+                    self._cv.wait(0.1)
+                if done.is_set() or (self._stopping and not self._queue and not self._pending_gaps):
+                    return
+                if self._pending_gaps:  # gaps go before anything queued after the drop
+                    request_id, gaps = self._pending_gaps.popitem()
+                    message = pb.IngestMessage(gaps=pb.RequestGaps(request_id=request_id, gaps=gaps))
+                else:
+                    item = self._queue.popleft()
+                    if item.droppable:
+                        self._batches_queued -= 1
+                    message = item.message
+            self.counters[f"sent_{message.WhichOneof('kind')}"] += 1
+            yield message
+
+    def _run(self) -> None:
+        backoff = self.target.reconnect_min_s
+        while True:
+            with self._cv:
+                if self._stopping and not self._queue and not self._pending_gaps:
+                    return
+            done = threading.Event()
+            channel = self._channel()
+            try:
+                # Open a stream only on a ready channel, so nothing leaves the queue while the sidecar is down.
+                grpc.channel_ready_future(channel).result(timeout=max(backoff, 0.5))
+                stub = pb_grpc.MonitorStub(channel)
+                self.connected = True
+                stub.Ingest(self._messages(done), metadata=self._metadata())
+                backoff = self.target.reconnect_min_s
+            except grpc.RpcError as exc:
+                self.counters["stream_failures"] += 1
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
+                    log.error("sidecar rejected the code stream: %s: %s", exc.code().name, exc.details())
+                else:
+                    log.warning(
+                        "sidecar at %s unavailable (%s); retrying in %.1fs",
+                        self.target.address,
+                        exc.code().name,
+                        backoff,
+                    )
+            except grpc.FutureTimeoutError:
+                self.counters["connect_failures"] += 1
+                if self.counters["connect_failures"] in (1, 10) or self.counters["connect_failures"] % 100 == 0:
+                    log.warning(
+                        "sidecar at %s not reachable; codes queue up to %d batches",
+                        self.target.address,
+                        self.max_batches,
+                    )
+            except Exception:  # never let the emitter thread die
+                log.exception("circuitwatch emitter failed; reconnecting")
+            finally:
+                self.connected = False
+                done.set()
+                channel.close()
+            with self._cv:
+                if self._stopping:
+                    self._drop_all()
+                    return
+            time.sleep(backoff)
+            backoff = min(backoff * 2, self.target.reconnect_max_s)
+
+    def _drop_all(self) -> None:
+        self.counters["dropped_at_shutdown"] += len(self._queue)
+        self._queue.clear()
+        self._batches_queued = 0
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush what is queued (up to the timeout), then stop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout_s)

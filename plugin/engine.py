@@ -1,0 +1,73 @@
+"""The plugin inside vLLM's engine core: finish markers, sent the moment the scheduler frees a request.
+
+Workers learn of a finish only at the next step, and an idle engine takes no next step, so the finish comes
+from here, over a control stream (a manifest without slots). It carries the exact number of positions the
+model computed; the sidecar finalises once codes (from the workers) or declared gaps cover them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from circuitwatch import __version__
+from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .config import PluginConfig, wants_monitoring
+from .emitter import Emitter
+from .worker import external_request_id
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+class FinishNotifier:
+    def __init__(self, config: PluginConfig, model: str) -> None:
+        self.config = config
+        self.model = model
+        manifest = pb.Manifest(
+            contract_version=CONTRACT_VERSION,
+            producer=f"circuitwatch-engine-core/{__version__}",
+            model=model,
+            instance_id=f"{socket.gethostname()}:{os.getpid()}:engine-core",
+        )
+        self.emitter = Emitter(config.sidecar, manifest, config.queue_max_batches)
+
+    def request_freed(self, request) -> None:
+        params = request.sampling_params
+        if params is None or not wants_monitoring(params.extra_args, self.config):
+            return
+        extra = params.extra_args or {}
+        reason = request.get_finished_reason()
+        self.emitter.submit(
+            pb.IngestMessage(
+                finish=pb.RequestFinish(
+                    request_id=external_request_id(request.request_id, extra),
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_generated_tokens=request.num_output_tokens,
+                    # positions the model computed: the last sampled token never went through it
+                    num_positions=request.num_computed_tokens,
+                    finish_reason=str(getattr(reason, "name", reason) or "").lower(),
+                    finish_unix_nanos=time.time_ns(),
+                    model=self.model,
+                    arrival_unix_nanos=int(getattr(request, "arrival_time", 0) * 1e9),
+                )
+            )
+        )
+
+
+_notifier: FinishNotifier | None = None
+_lock = threading.Lock()
+
+
+def notifier(config: PluginConfig, model: str) -> FinishNotifier:
+    global _notifier
+    with _lock:
+        if _notifier is None:
+            _notifier = FinishNotifier(config, model)
+        return _notifier

@@ -1,0 +1,270 @@
+"""The plugin inside one vLLM worker: SAEs and encoders, taps, per-step row mapping, encoding, emission.
+
+Runs only on tensor-parallel rank 0 (other ranks hold the same residual stream). Every failure is logged
+and counted; nothing raises into vLLM's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from circuitwatch import __version__
+from circuitwatch.kernels import CodeSelection, ReferenceEncoder, Sae, SelectionMode, default_selection, load_sae
+from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.codec import pack_slice
+
+from .config import (
+    XARG_REQUEST_ID,
+    XARG_TRACEPARENT,
+    XARG_TRACESTATE,
+    PluginConfig,
+    SlotConfig,
+    request_labels,
+    wants_monitoring,
+)
+from .emitter import Emitter
+from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
+from .taps import TAPS, install_taps
+
+log = logging.getLogger(__name__)
+
+_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+def external_request_id(internal_id: str, extra_args: dict | None) -> str:
+    """The id clients see: stamped by the API-server side when available, else vLLM's internal id without
+    the random `-xxxxxxxx` suffix (parallel-sampling children keep vLLM's `<index>_` prefix)."""
+    stamped = (extra_args or {}).get(XARG_REQUEST_ID)
+    if stamped:
+        child = re.match(r"^(\d+)_", internal_id)
+        return f"{child.group(1)}_{stamped}" if child else str(stamped)
+    return _INTERNAL_SUFFIX.sub("", internal_id)
+
+
+@dataclass
+class Slot:
+    number: int
+    config: SlotConfig
+    sae: Sae
+    encoder: ReferenceEncoder
+
+
+@dataclass
+class TrackedRequest:
+    internal_id: str
+    external_id: str
+    monitored: bool
+    num_prompt_tokens: int = 0
+
+
+def _selection(slot: SlotConfig, sae: Sae, max_codes: int) -> CodeSelection:
+    if slot.selection == "default":
+        return default_selection(sae, max_codes)
+    if slot.selection == "argmax":
+        return CodeSelection(SelectionMode.ARGMAX)
+    if slot.selection == "topk":
+        return CodeSelection(SelectionMode.TOPK, slot.k or sae.spec.k or max_codes)
+    return CodeSelection(SelectionMode.THRESHOLD, slot.k or max_codes)
+
+
+class WorkerMonitor:
+    def __init__(self, config: PluginConfig, vllm_config, model: torch.nn.Module, device: torch.device) -> None:
+        self.config = config
+        hidden_size = vllm_config.model_config.get_hidden_size()
+        self.slots: list[Slot] = []
+        for number, slot in enumerate(config.slots):
+            sae = load_sae(slot.sae, slot.format, expected_d_in=hidden_size, name=slot.name)
+            encoder = ReferenceEncoder(sae, _selection(slot, sae, config.max_codes_per_token), device=device)
+            self.slots.append(Slot(number, slot, sae, encoder))
+        present = set(install_taps(model, [s.config.layer for s in self.slots]))
+        self.slots = [s for s in self.slots if s.config.layer in present]
+        self.model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+        self.manifest = pb.Manifest(
+            contract_version=CONTRACT_VERSION,
+            producer=f"circuitwatch-plugin/{__version__} vllm/{_vllm_version()}",
+            model=str(self.model_name),
+            instance_id=f"{socket.gethostname()}:{os.getpid()}",
+            slots=[
+                pb.SaeSlot(
+                    slot=s.number,
+                    name=s.sae.name,
+                    architecture=s.sae.spec.architecture.value,
+                    layer=s.config.layer,
+                    hook_point=s.config.hook_point,
+                    d_in=s.sae.spec.d_in,
+                    d_sae=s.sae.spec.d_sae,
+                    weights_hash=s.sae.weights_hash,
+                    selection=s.encoder.selection.describe(),
+                    source_format=s.sae.spec.source_format,
+                )
+                for s in self.slots
+            ],
+        )
+        self.emitter = Emitter(config.sidecar, self.manifest, config.queue_max_batches)
+        self.requests: dict[str, TrackedRequest] = {}
+        self.counters: Counter[str] = Counter()
+        self.v2_batch = None  # set by the V2 runner patch
+        log.info(
+            "circuitwatch: monitoring layers %s with %s, codes to %s",
+            [s.config.layer for s in self.slots],
+            ", ".join(f"{s.sae.name} ({s.encoder.selection.describe()})" for s in self.slots),
+            config.sidecar.address,
+        )
+
+    # --- around each step -----------------------------------------------------------------------------
+
+    def before_step(self, runner, scheduler_output) -> None:
+        try:
+            for internal_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+                self._forget(internal_id)
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("circuitwatch: finishing requests failed")
+        TAPS.begin_step()
+
+    def after_step(self, runner, scheduler_output) -> None:
+        captured = TAPS.end_step()
+        try:
+            if captured and scheduler_output.total_num_scheduled_tokens:
+                self._encode_step(runner, captured)
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("circuitwatch: encoding a step failed; its rows are reported as gaps")
+
+    def close(self) -> None:
+        self.emitter.close()
+
+    # --- requests -------------------------------------------------------------------------------------
+
+    def _request_state(self, runner, internal_id: str):
+        return getattr(runner, "requests", {}).get(internal_id)
+
+    def _track(self, runner, internal_id: str, first_computed: int) -> TrackedRequest:
+        tracked = self.requests.get(internal_id)
+        if tracked is not None:
+            return tracked
+        state = self._request_state(runner, internal_id)
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None) or {}
+        tracked = TrackedRequest(
+            internal_id,
+            external_request_id(internal_id, extra),
+            monitored=wants_monitoring(extra, self.config),
+            num_prompt_tokens=int(getattr(state, "num_prompt_tokens", 0) or _v2_prompt_len(runner, internal_id)),
+        )
+        self.requests[internal_id] = tracked
+        if not tracked.monitored:
+            return tracked
+        gaps = []
+        if first_computed > 0:  # prefix-cache hit: these positions were never computed here
+            gaps = [
+                pb.Gap(slot=s.number, start=0, end=first_computed, reason=pb.GAP_REASON_PREFIX_CACHE)
+                for s in self.slots
+            ]
+        self.emitter.submit(
+            pb.IngestMessage(
+                start=pb.RequestStart(
+                    request_id=tracked.external_id,
+                    model=str(self.model_name),
+                    arrival_unix_nanos=time.time_ns(),
+                    num_prompt_tokens=tracked.num_prompt_tokens,
+                    labels=request_labels(extra),
+                    trace=pb.TraceContext(
+                        traceparent=str(extra.get(XARG_TRACEPARENT, "")),
+                        tracestate=str(extra.get(XARG_TRACESTATE, "")),
+                    ),
+                    gaps=gaps,
+                )
+            )
+        )
+        self.counters["requests_monitored"] += 1
+        return tracked
+
+    def _forget(self, internal_id: str) -> None:
+        """The engine core sends the finish marker (it knows at once; workers learn a step later)."""
+        self.requests.pop(internal_id, None)
+
+    # --- encoding -------------------------------------------------------------------------------------
+
+    def _rows(self, runner) -> StepRows:
+        if hasattr(runner, "input_batch") and hasattr(runner.input_batch, "num_computed_tokens_cpu"):
+            return rows_from_v1_runner(runner)
+        if self.v2_batch is None:
+            raise RuntimeError("V2 runner step without a captured input batch")
+        return rows_from_v2_batch(self.v2_batch)
+
+    def _encode_step(self, runner, captured: dict[int, torch.Tensor]) -> None:
+        rows = self._rows(runner)
+        tracked = [
+            self._track(runner, rid, int(first)) for rid, first in zip(rows.req_ids, rows.first_computed, strict=True)
+        ]
+        monitored = np.array([t.monitored for t in tracked], dtype=bool)
+        if not len(monitored) or not monitored.any():
+            return
+        selected = np.flatnonzero(monitored[rows.row_request])
+        if not len(selected):
+            return
+        owner = rows.row_request[selected]
+        positions = rows.positions[selected]
+        tokens = rows.token_ids[selected]
+        prompt_len = np.array([t.num_prompt_tokens for t in tracked], dtype=np.int64)[owner]
+        generated = positions >= prompt_len
+        # runs of consecutive positions of one request in one phase become one slice per slot
+        breaks = (
+            np.flatnonzero(
+                (owner[1:] != owner[:-1]) | (generated[1:] != generated[:-1]) | (positions[1:] != positions[:-1] + 1)
+            )
+            + 1
+        )
+        bounds = np.concatenate(([0], breaks, [len(selected)]))
+        slices: list[pb.RequestSlice] = []
+        for slot in self.slots:
+            hidden = captured.get(slot.config.layer)
+            if hidden is None:
+                continue
+            index = torch.from_numpy(selected).to(hidden.device)
+            codes = slot.encoder.encode(hidden.index_select(0, index))
+            offsets, ids, values = codes.to_csr()
+            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+                start, end = int(offsets[a]), int(offsets[b])
+                slices.append(
+                    pack_slice(
+                        tracked[owner[a]].external_id,
+                        slot.number,
+                        int(positions[a]),
+                        pb.PHASE_GENERATED if generated[a] else pb.PHASE_PROMPT,
+                        tokens[a:b],
+                        offsets[a : b + 1] - offsets[a],
+                        ids[start:end],
+                        values[start:end],
+                    )
+                )
+        self.counters["rows_encoded"] += len(selected)
+        self.emitter.submit_codes(slices)
+
+
+def _v2_prompt_len(runner, internal_id: str) -> int:
+    states = getattr(runner, "req_states", None)
+    if states is None:
+        return 0
+    index = states.req_id_to_index.get(internal_id)
+    return int(states.prompt_len[index]) if index is not None else 0
+
+
+def _vllm_version() -> str:
+    try:
+        from vllm import __version__ as version
+
+        return version
+    except Exception:
+        return "unknown"
