@@ -66,8 +66,11 @@ _lock = threading.Lock()
 
 
 def notifier(config: PluginConfig, model: str) -> FinishNotifier:
+    """One per process; replaced if the configuration changes (a new engine in the same process)."""
     global _notifier
     with _lock:
-        if _notifier is None:
+        if _notifier is None or _notifier.config != config or _notifier.model != model:
+            if _notifier is not None:
+                _notifier.emitter.close(timeout_s=1.0)
             _notifier = FinishNotifier(config, model)
         return _notifier

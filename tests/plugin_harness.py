@@ -1,0 +1,126 @@
+"""Helpers for plugin tests: plugin configs, an independent ground truth, and reading codes back from the sidecar.
+
+Ground truth = the request's full token sequence run alone through Hugging Face transformers (same weights),
+its residual stream encoded by the reference encoder. It shares nothing with vLLM or the plugin's taps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.fixtures.activations import residual_stream
+from circuitwatch.kernels import Architecture, ReferenceEncoder, load_sae
+from circuitwatch.plugin.config import PluginConfig
+from circuitwatch.plugin.worker import _selection
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.codec import unpack_slice
+
+from numpy_sae import code_mismatches
+
+TOLERANCE = 2e-3  # float-level: vLLM's CPU kernels and transformers' round differently
+
+
+def slot_specs(fixtures: FixturePaths) -> list[dict]:
+    """Three slots, three formats, two selection modes."""
+    return [
+        {"layer": 1, "sae": str(fixtures.topk_sae(1))},
+        {"layer": 2, "sae": str(fixtures.gemmascope_safetensors)},
+        {"layer": 3, "sae": str(fixtures.sparsify_sae(3))},
+    ]
+
+
+def write_plugin_config(path: Path, fixtures: FixturePaths, sidecar_port: int, **overrides) -> Path:
+    config = {"slots": slot_specs(fixtures), "sidecar": {"address": f"127.0.0.1:{sidecar_port}"}, **overrides}
+    PluginConfig.model_validate(config)
+    path.write_text(json.dumps(config))
+    return path
+
+
+class GroundTruth:
+    def __init__(self, fixtures: FixturePaths) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
+        config = PluginConfig.model_validate({"slots": slot_specs(fixtures)})
+        self.encoders = []
+        for slot in config.slots:
+            sae = load_sae(slot.sae, expected_d_in=128)
+            self.encoders.append((slot.layer, ReferenceEncoder(sae, _selection(slot, sae, config.max_codes_per_token))))
+
+    def mismatches(self, tokens: list[int], sidecar: dict[tuple[int, int], tuple[int, dict[int, float]]]) -> list[str]:
+        """Problems comparing the sidecar's codes of one request with ground truth (empty: they agree)."""
+        processed = len(tokens) - 1  # the last sampled token never goes through the model
+        ids = torch.tensor([tokens[:processed]])
+        streams = residual_stream(self.model, ids, sorted({layer for layer, _ in self.encoders}))
+        problems = []
+        for slot, (layer, encoder) in enumerate(self.encoders):
+            x = streams[layer][0]
+            acts, margins = _activations_and_margins(encoder, x)
+            got = []
+            for position in range(processed):
+                if (slot, position) not in sidecar:
+                    problems.append(f"slot {slot} position {position}: no codes in the sidecar")
+                    got.append({})
+                    continue
+                token, row = sidecar[(slot, position)]
+                if token != tokens[position]:
+                    problems.append(f"slot {slot} position {position}: token {token} != {tokens[position]}")
+                got.append(row)
+            extra = sorted(p for (s, p) in sidecar if s == slot and p >= processed)
+            if extra:
+                problems.append(f"slot {slot}: codes for positions {extra} beyond the {processed} processed")
+            problems += [
+                f"slot {slot} {p}" for p in code_mismatches(got, acts, margins, encoder.selection.width, tol=TOLERANCE)
+            ]
+        return problems
+
+
+def _activations_and_margins(encoder: ReferenceEncoder, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Reference activations, and each feature's distance to the decision that makes it fire or not."""
+    with torch.no_grad():
+        pre = encoder.pre_activations(x).double()
+        acts = encoder.activations(x).double()
+        architecture = encoder.sae.spec.architecture
+        if architecture is Architecture.TOPK:
+            kth = torch.topk(pre, encoder.sae.spec.k, dim=1).values[:, -1:]
+            margins = torch.minimum((pre - kth).abs(), pre.abs())
+        elif architecture is Architecture.JUMPRELU:
+            margins = torch.minimum((pre - encoder.weights["threshold"].double()).abs(), pre.abs())
+        else:
+            margins = pre.abs()
+    return acts.numpy(), margins.numpy()
+
+
+def codes_in_sidecar(stub, request_id: str) -> dict[tuple[int, int], tuple[int, dict[int, float]]]:
+    """{(slot, position): (token id, {feature: activation})} as the sidecar's GetCodes returns them."""
+    out = {}
+    for wire in stub.GetCodes(pb.GetCodesRequest(request_id=request_id), timeout=30).slices:
+        arrays = unpack_slice(wire)
+        for i, position in enumerate(arrays.positions.tolist()):
+            a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
+            row = dict(
+                zip(arrays.feature_ids[a:b].tolist(), arrays.activations[a:b].astype(float).tolist(), strict=True)
+            )
+            out[(arrays.slot, position)] = (int(arrays.token_ids[i]), row)
+    return out
+
+
+def prompts(tokenizer, count: int = 18) -> list[list[int]]:
+    """Different lengths; six share a long (> 1 block of 128) prefix; token ids, so nothing re-tokenises."""
+    from circuitwatch.fixtures.corpus import documents
+
+    docs = documents()
+    shared = tokenizer(docs[10])["input_ids"][:170]
+    out = []
+    for i in range(6):
+        suffix = tokenizer(docs[20 + i])["input_ids"][1 : 4 + 7 * i]
+        out.append(shared + suffix)
+    for i in range(count - 6):
+        ids = tokenizer(docs[30 + i])["input_ids"]
+        out.append(ids[: 3 + (i * 23) % 150])
+    return out

@@ -1,0 +1,105 @@
+"""Through a real vLLM engine with the plugin: every code of every position of every request equals the
+independent ground truth (transformers + reference encoder), in eager and in compiled mode, with chunked
+prefill, shared prefixes and concurrent requests; greedy outputs are identical with the plugin on and off."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+from plugin_harness import GroundTruth, codes_in_sidecar, prompts, write_plugin_config
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.sidecar import SidecarConfig
+from circuitwatch.sidecar.server import start
+
+pytestmark = pytest.mark.vllm
+
+ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_batched_tokens": 64, "max_num_seqs": 32, "seed": 0}
+
+
+def generate(fixtures: FixturePaths, token_prompts, enforce_eager: bool, extra_engine: dict | None = None):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(fixtures.model), enforce_eager=enforce_eager, **ENGINE, **(extra_engine or {}))
+    try:
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=3 + (i * 5) % 19, min_tokens=1)
+            for i in range(len(token_prompts))
+        ]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
+        del llm
+    return [(o.request_id, list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def token_prompts(fixtures: FixturePaths):
+    from transformers import AutoTokenizer
+
+    return prompts(AutoTokenizer.from_pretrained(fixtures.model))
+
+
+@pytest.fixture(scope="module")
+def ground_truth(fixtures: FixturePaths) -> GroundTruth:
+    return GroundTruth(fixtures)
+
+
+@pytest.fixture(scope="module")
+def plugin_off(fixtures: FixturePaths, token_prompts):
+    os.environ.pop("CIRCUITWATCH_CONFIG", None)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return generate(fixtures, token_prompts, enforce_eager=False)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_codes_equal_ground_truth(
+    fixtures: FixturePaths,
+    tmp_path: Path,
+    monkeypatch,
+    token_prompts,
+    ground_truth: GroundTruth,
+    plugin_off,
+    enforce_eager,
+) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "evidence"))
+    try:
+        monkeypatch.setenv(
+            "CIRCUITWATCH_CONFIG", str(write_plugin_config(tmp_path / "plugin.json", fixtures, running.port))
+        )
+        outputs = generate(fixtures, token_prompts, enforce_eager)
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+
+        # greedy outputs are identical with the plugin on and off
+        assert [o[2] for o in outputs] == [o[2] for o in plugin_off]
+
+        problems = {}
+        for request_id, prompt, generated in outputs:
+            report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=10_000), timeout=30)
+            tokens = prompt + generated
+            import circuitwatch.plugin.engine as engine
+
+            notifier = engine._notifier
+            assert report.status == pb.REPORT_STATUS_COMPLETE, (
+                request_id,
+                report.coverage,
+                running.monitor.counters,
+                notifier and (notifier.emitter.counters, notifier.emitter.target.address, running.port),
+            )
+            assert report.coverage.positions_total == len(tokens) - 1
+            assert report.coverage.positions_seen == len(tokens) - 1
+            assert [s.layer for s in report.saes] == [1, 2, 3]
+            found = ground_truth.mismatches(tokens, codes_in_sidecar(stub, request_id))
+            if found:
+                problems[request_id] = found[:5]
+        assert not problems, problems
+        assert len(outputs) >= 16
+        assert any(len(p) > 128 for _, p, _ in outputs), "some prompts span several chunks and blocks"
+    finally:
+        running.stop(1)
