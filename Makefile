@@ -18,7 +18,7 @@ test: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built
 	$(BIN)/python -m pytest
 
 demo: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built
-	@echo "make demo arrives with the vLLM plugin (issue 4); for now run: make test" && exit 1
+	$(BIN)/python examples/demo.py
 
 install: $(INSTALLED)
 
@@ -47,4 +47,4 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(FIXTURES) $(PROTO_OUT) .pytest_cache .ruff_cache
+	rm -rf $(FIXTURES) $(PROTO_OUT) .demo .pytest_cache .ruff_cache

@@ -1,0 +1,224 @@
+"""`make demo`: circuitwatch end to end on CPU.
+
+Builds (or reuses) the fixtures, derives an example circuit from the fixture SAE, starts the sidecar and the
+vLLM OpenAI server with the plugin, sends real requests with the `openai` client (some trip the circuit, some
+don't), prints each request's flags and coverage from the sidecar, and shuts everything down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import torch
+import yaml
+
+from circuitwatch.fixtures import build_fixtures
+from circuitwatch.fixtures.activations import residual_stream
+from circuitwatch.fixtures.corpus import documents
+from circuitwatch.kernels import ReferenceEncoder, load_sae
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+WORK = Path(".demo")
+LAYER = 3
+TARGET = "lambda"
+MIN_ACTIVATION = 2.0
+REQUESTS = [
+    ("completion", "A lambda expression creates an anonymous function; lambda x: x + 1 is"),
+    ("completion", "The import statement finds a module and"),
+    ("chat", "Explain what lambda does in a sort key."),
+    ("chat", "How do I open a file and read it line by line?"),
+    ("completion", "Keyword arguments and lambda forms can be combined:"),
+    ("completion", "A class definition defines a class object; its"),
+]
+
+
+def log(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_feature(model_dir: Path, sae_dir: Path) -> tuple[int, float, float]:
+    """The SAE feature that fires (>= MIN_ACTIVATION) most selectively on the word 'lambda' in the corpus."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    encoder = ReferenceEncoder(load_sae(sae_dir))
+    on_target, elsewhere = [], []
+    for text in documents():
+        if TARGET not in text:
+            continue
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"][:1024], encoded["offset_mapping"][:1024]
+        spans = [(i, i + len(TARGET)) for i in range(len(text)) if text.startswith(TARGET, i)]
+        # tokens that overlap an occurrence of the word (BPE splits it into pieces)
+        is_target = torch.tensor([any(a < e and s < b for s, e in spans) for a, b in offsets])
+        if not is_target.any():
+            continue
+        acts = encoder.activations(residual_stream(model, torch.tensor([ids]), [LAYER])[LAYER][0])
+        fired = acts >= MIN_ACTIVATION
+        on_target.append(fired[is_target])
+        elsewhere.append(fired[~is_target])
+    rate_on = torch.cat(on_target).float().mean(0)
+    rate_off = torch.cat(elsewhere).float().mean(0)
+    feature = int(torch.argmax(rate_on - 50 * rate_off))  # selective: rare anywhere else
+    return feature, float(rate_on[feature]), float(rate_off[feature])
+
+
+def wait_http(url: str, process: subprocess.Popen, log_file: Path, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"process exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit(f"timed out waiting for {url}; see {log_file}")
+
+
+def wait_grpc(port: int, process: subprocess.Popen, log_file: Path) -> grpc.Channel:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    for _ in range(100):
+        if process.poll() is not None:
+            raise SystemExit(f"sidecar exited; see {log_file}:\n{log_file.read_text()[-2000:]}")
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return channel
+        except grpc.RpcError:
+            time.sleep(0.2)
+    raise SystemExit(f"sidecar did not become healthy; see {log_file}")
+
+
+def stop(process: subprocess.Popen, name: str) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    log(f"{name} stopped (exit code {process.returncode})")
+
+
+def main() -> int:
+    started = time.monotonic()
+    fixtures = build_fixtures()
+    shutil.rmtree(WORK, ignore_errors=True)  # a fresh evidence store each run
+    WORK.mkdir()
+    run = time.strftime("%H%M%S")
+    sae_dir = fixtures.topk_sae(LAYER)
+    feature, rate_on, rate_off = pick_feature(fixtures.model, sae_dir)
+    log(
+        f"example circuit: layer {LAYER} feature {feature} fires on {rate_on:.0%} of the tokens of '{TARGET}' "
+        f"in the corpus and on {rate_off:.1%} of the others"
+    )
+    circuits = {
+        "circuits": [
+            {
+                "name": "mentions-lambda",
+                "description": f"layer {LAYER} feature {feature}, picked by the demo for the token '{TARGET}'",
+                "severity": "high",
+                "scope": "prompt",
+                "labels": ["demo"],
+                "when": {"layer": LAYER, "feature": feature, "min_activation": MIN_ACTIVATION},
+            }
+        ]
+    }
+    (WORK / "circuits.yaml").write_text(yaml.safe_dump(circuits, sort_keys=False))
+    sidecar_port, vllm_port = free_port(), free_port()
+    (WORK / "sidecar.yaml").write_text(
+        f"listen: 127.0.0.1:{sidecar_port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n"
+    )
+    plugin = {
+        "slots": [{"layer": LAYER, "sae": str(sae_dir)}, {"layer": 1, "sae": str(fixtures.sparsify_sae(1))}],
+        "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
+    }
+    (WORK / "plugin.json").write_text(json.dumps(plugin, indent=2))
+
+    sidecar_log, vllm_log = WORK / "sidecar.log", WORK / "vllm.log"
+    log(f"starting the sidecar on 127.0.0.1:{sidecar_port}")
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(WORK / "sidecar.yaml")],
+        stdout=subprocess.DEVNULL,
+        stderr=sidecar_log.open("w"),
+    )
+    server = None
+    try:
+        channel = wait_grpc(sidecar_port, sidecar, sidecar_log)
+        stub = pb_grpc.MonitorStub(channel)
+        log(f"starting the vLLM OpenAI server on 127.0.0.1:{vllm_port} with the circuitwatch plugin (logs: {vllm_log})")
+        env = {**os.environ, "CIRCUITWATCH_CONFIG": str((WORK / "plugin.json").resolve())}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", str(fixtures.model),
+             "--host", "127.0.0.1", "--port", str(vllm_port), "--dtype", "float32", "--max-model-len", "1024"],
+            env=env,
+            stdout=vllm_log.open("w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{vllm_port}/health", server, vllm_log)
+        log(f"vLLM ready after {time.monotonic() - started:.0f}s; sending {len(REQUESTS)} requests\n")
+
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="demo")
+        model = str(fixtures.model)
+        for i, (kind, text) in enumerate(REQUESTS):
+            request_id = f"demo-{run}-{i}"
+            headers = {"X-Request-Id": request_id}
+            if kind == "chat":
+                response = client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": text}], max_tokens=24, temperature=0,
+                    extra_headers=headers,
+                )  # fmt: skip
+                answer, sidecar_id = response.choices[0].message.content, response.id
+            else:
+                response = client.completions.create(
+                    model=model, prompt=text, max_tokens=24, temperature=0, extra_headers=headers
+                )
+                answer, sidecar_id = response.choices[0].text, f"{response.id}-0"
+            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=5000), timeout=10)
+            coverage = report.coverage
+            flags = ", ".join(
+                f"{f.circuit} ({pb.Severity.Name(f.severity).removeprefix('SEVERITY_').lower()}, "
+                f"{f.matching_tokens} tokens, first at position {f.evidence[0].position if f.evidence else '-'})"
+                for f in report.flags
+            )
+            print(f"{kind:<10} {sidecar_id}")
+            print(f"  prompt:   {text!r}")
+            print(f"  answer:   {answer.strip()[:70]!r}")
+            print(f"  report:   {pb.ReportStatus.Name(report.status).removeprefix('REPORT_STATUS_').lower()}, "
+                  f"{coverage.positions_seen}/{coverage.positions_total} positions seen, "
+                  f"SAEs {', '.join(f'{s.name}@L{s.layer}' for s in report.saes)}")  # fmt: skip
+            print(f"  flags:    {flags or 'none'}\n")
+        flagged = stub.ListReports(pb.ListReportsRequest(flagged_only=True, limit=100)).reports
+        log(f"sidecar holds {len(flagged)} flagged report(s): {', '.join(r.request_id for r in flagged)}")
+    finally:
+        if server is not None:
+            stop(server, "vLLM server")
+        stop(sidecar, "sidecar")
+    log(f"done in {time.monotonic() - started:.0f}s (work files in {WORK}/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The multi-process path: vLLM's OpenAI server (spawned engine core and worker) with the plugin, a sidecar
+process, the `openai` client. Codes equal ground truth; killing the sidecar never stops serving, and reports
+of requests served during the outage say incomplete with the gap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from plugin_harness import GroundTruth, codes_in_sidecar, prompts, write_plugin_config
+from test_sidecar_cli import free_port, wait_serving
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.vllm
+
+
+def start_sidecar(tmp_path: Path, port: int) -> subprocess.Popen:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: evidence\nfinish_grace_ms: 1000\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "sidecar.log", "a"),  # noqa: SIM115 - the process owns it
+    )
+    wait_serving(port, process)
+    return process
+
+
+def start_vllm(fixtures: FixturePaths, tmp_path: Path, port: int, plugin_config: Path) -> subprocess.Popen:
+    env = {**os.environ, "CIRCUITWATCH_CONFIG": str(plugin_config), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    command = [
+        sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
+        "--model", str(fixtures.model), "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
+        "--max-num-seqs", "32", "--seed", "0",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=open(tmp_path / "vllm.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"vLLM exited: {(tmp_path / 'vllm.log').read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            time.sleep(1)
+    process.kill()
+    raise TimeoutError("vLLM server did not start")
+
+
+def complete(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
+    """One completion; returns the sidecar's id for it and the full token sequence (prompt + generated)."""
+    response = client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        extra_body={"return_token_ids": True},
+        extra_headers={"X-Request-Id": request_id},
+    )
+    choice = response.choices[0]
+    assert response.id == f"cmpl-{request_id}"
+    prompt_ids = choice.model_extra.get("prompt_token_ids") or response.model_extra.get("prompt_token_ids")
+    assert list(prompt_ids) == prompt
+    # vLLM gives each prompt of a completion request its own id: <response id>-<prompt index>
+    return f"{response.id}-0", list(prompt_ids) + list(choice.model_extra["token_ids"])
+
+
+def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path: Path) -> None:
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    sidecar_port, vllm_port = free_port(), free_port()
+    sidecar = start_sidecar(tmp_path, sidecar_port)
+    plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, queue_max_batches=2)
+    server = start_vllm(fixtures, tmp_path, vllm_port, plugin_config)
+    client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="unused", timeout=120)
+    model = str(fixtures.model)
+    token_prompts = prompts(AutoTokenizer.from_pretrained(fixtures.model), count=16)
+    try:
+        # 1. 16 concurrent requests: every code equals ground truth
+        with ThreadPoolExecutor(16) as pool:
+            served = list(
+                pool.map(lambda i: complete(client, model, f"gt-{i}", token_prompts[i], 3 + (i * 5) % 19), range(16))
+            )
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
+        truth = GroundTruth(fixtures)
+        for sidecar_id, tokens in served:
+            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=10_000), timeout=30)
+            assert report.status == pb.REPORT_STATUS_COMPLETE, (sidecar_id, report.coverage)
+            assert report.coverage.positions_total == len(tokens) - 1
+            problems = truth.mismatches(tokens, codes_in_sidecar(stub, sidecar_id))
+            assert not problems, (sidecar_id, problems[:5])
+
+        # 2. the sidecar dies (SIGKILL): vLLM keeps serving every request
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait(10)
+        with ThreadPoolExecutor(6) as pool:
+            during = list(pool.map(lambda i: complete(client, model, f"outage-{i}", token_prompts[i], 16), range(6)))
+        assert all(len(tokens) > len(token_prompts[i]) for i, (_, tokens) in enumerate(during))
+
+        # 3. the sidecar comes back: the queued finish markers and gap reports arrive; new requests are complete
+        sidecar = start_sidecar(tmp_path, sidecar_port)
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
+        after_id, after_tokens = complete(client, model, "after", token_prompts[3], 8)
+        report = stub.GetReport(pb.GetReportRequest(request_id=after_id, wait_ms=15_000), timeout=30)
+        assert report.status == pb.REPORT_STATUS_COMPLETE
+        assert not truth.mismatches(after_tokens, codes_in_sidecar(stub, after_id))
+        for sidecar_id, tokens in during:
+            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=15_000), timeout=30)
+            assert report.status == pb.REPORT_STATUS_INCOMPLETE, (sidecar_id, report)
+            assert report.coverage.positions_total == len(tokens) - 1
+            assert report.coverage.positions_seen < report.coverage.positions_total
+            reasons = {g.reason for g in report.coverage.gaps}
+            assert pb.GAP_REASON_SIDECAR_UNAVAILABLE in reasons, (sidecar_id, report.coverage)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        sidecar.send_signal(signal.SIGTERM)
+        sidecar.wait(30)
