@@ -1,0 +1,235 @@
+"""Plugin pieces without an engine: configuration, per-request controls, row maps (V1 and V2), the tap op under
+torch.compile, and the emitter against a real sidecar through an outage."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from sidecar_harness import SyntheticRequest, manifest, running_sidecar
+from test_sidecar_cli import free_port
+
+from circuitwatch.plugin.config import (
+    PluginConfigError,
+    SidecarTarget,
+    load_plugin_config,
+    request_labels,
+    wants_monitoring,
+)
+from circuitwatch.plugin.emitter import Emitter
+from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
+from circuitwatch.plugin.taps import TAPS, install_taps
+from circuitwatch.plugin.worker import external_request_id
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+
+def test_unconfigured_plugin_does_nothing() -> None:
+    assert load_plugin_config(None, env={}) is None
+    assert load_plugin_config({"other": 1}, env={}) is None
+
+
+def test_config_file_and_additional_config(tmp_path: Path) -> None:
+    (tmp_path / "sae").mkdir()
+    path = tmp_path / "plugin.yaml"
+    path.write_text("slots:\n  - {layer: 2, sae: sae}\nmonitor: opt-in\n")
+    config = load_plugin_config(None, env={"CIRCUITWATCH_CONFIG": str(path)})
+    assert config.slots[0].sae == tmp_path / "sae"  # relative to the file
+    assert config.monitor == "opt-in" and config.prefix_cache == "bypass"
+    overridden = load_plugin_config({"circuitwatch": {"monitor": "all"}}, env={"CIRCUITWATCH_CONFIG": str(path)})
+    assert overridden.monitor == "all"
+    assert overridden.digest() != config.digest()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("monitor: all\n", r"slots: Field required"),
+        ("slots: []\n", r"slots: List should have at least 1 item"),
+        ("slots: [{layer: -1, sae: x}]\n", r"slots.0.layer: Input should be greater than or equal to 0"),
+        ("slots: [{layer: 1, sae: x}]\nmonitor: sometimes\n", r"monitor: Input should be 'all' or 'opt-in'"),
+        (
+            "slots: [{layer: 1, sae: x}]\nprefix_cache: read\n",
+            r"prefix_cache: Input should be 'bypass' or 'accept_gaps'",
+        ),
+        ("slots: [{layer: 1, sae: x, k: 0}]\n", r"slots.0.k: Input should be greater than 0"),
+        ("slots: [{layer: 1, sae: x}]\nsidecar: {adress: y}\n", r"sidecar.adress: Extra inputs are not permitted"),
+        ("slots: [{layer: 1, sae: x}, {layer: 1, sae: x}]\n", r"slots\[1\] repeats layer 1"),
+        ("slots: [\n", r"not valid YAML"),
+    ],
+)
+def test_config_errors_name_source_field_and_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "plugin.yaml"
+    path.write_text(text)
+    with pytest.raises(PluginConfigError, match=message) as info:
+        load_plugin_config(None, env={"CIRCUITWATCH_CONFIG": str(path)})
+    assert str(path) in str(info.value)
+
+
+def test_per_request_controls() -> None:
+    opt_in = SimpleNamespace(monitor="opt-in")
+    everything = SimpleNamespace(monitor="all")
+    assert wants_monitoring(None, everything) and not wants_monitoring(None, opt_in)
+    assert wants_monitoring({"circuitwatch_monitor": "true"}, opt_in)
+    assert wants_monitoring({"circuitwatch_monitor": 1}, opt_in)
+    assert not wants_monitoring({"circuitwatch_monitor": "0"}, everything)
+    assert request_labels({"circuitwatch_labels": "a, b,,c"}) == ["a", "b", "c"]
+    assert request_labels({"circuitwatch_labels": ["x", 2]}) == ["x", "2"]
+
+
+def test_external_request_ids() -> None:
+    assert external_request_id("chatcmpl-abc-1f2e3d4c", None) == "chatcmpl-abc"
+    assert external_request_id("cmpl-abc-0-1f2e3d4c", None) == "cmpl-abc-0"
+    assert external_request_id("1_chatcmpl-abc-1f2e3d4c", None) == "1_chatcmpl-abc"  # parallel-sampling child
+    assert external_request_id("no-suffix-here", None) == "no-suffix-here"
+    assert external_request_id("1_x-1f2e3d4c", {"circuitwatch_request_id": "chatcmpl-y"}) == "1_chatcmpl-y"
+
+
+# --- row maps -------------------------------------------------------------------------------------------------
+
+
+def test_rows_from_batch_chunked_prefill_and_decode() -> None:
+    # request a: decode at position 40; b: prefill chunk of positions 128..131 (prefix cached below 128);
+    # c: first chunk 0..2
+    rows = rows_from_batch(["a", "b", "c"], np.array([0, 1, 5, 8]), np.array([40, 128, 0]), np.arange(100, 108))
+    assert rows.row_request.tolist() == [0, 1, 1, 1, 1, 2, 2, 2]
+    assert rows.positions.tolist() == [40, 128, 129, 130, 131, 0, 1, 2]
+    assert rows.token_ids.tolist() == list(range(100, 108))
+    assert rows.first_computed.tolist() == [40, 128, 0]
+
+
+def test_v1_runner_rows_ignore_padding() -> None:
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(
+            req_ids=["r1", "r2", None], num_reqs=2, num_computed_tokens_cpu=np.array([7, 0, 0])
+        ),
+        query_start_loc=SimpleNamespace(np=np.array([0, 1, 4, 0])),
+        input_ids=SimpleNamespace(cpu=torch.arange(50, 60, dtype=torch.int32)),  # 10 rows, only 4 real
+    )
+    rows = rows_from_v1_runner(runner)
+    assert rows.req_ids == ["r1", "r2"]
+    assert rows.positions.tolist() == [7, 0, 1, 2]
+    assert rows.token_ids.tolist() == [50, 51, 52, 53]
+
+
+def test_v2_batch_rows() -> None:
+    """The V2 runner cannot run on CPU here: a stand-in with its InputBatch's fields (names from vLLM 0.32's
+    vllm/v1/worker/gpu/input_batch.py). Input ids live on the device there; rows past num_tokens are padding."""
+    batch = SimpleNamespace(
+        req_ids=["x", "y"],
+        num_reqs=2,
+        query_start_loc_np=np.array([0, 3, 5]),
+        num_computed_tokens_np=np.array([10, 256]),
+        num_tokens=5,
+        input_ids=torch.arange(8),  # padded to 8
+    )
+    rows = rows_from_v2_batch(batch)
+    assert rows.positions.tolist() == [10, 11, 12, 256, 257]
+    assert rows.token_ids.tolist() == [0, 1, 2, 3, 4]
+    batch.num_tokens = 6
+    with pytest.raises(ValueError, match="query_start_loc ends at 5 but num_tokens is 6"):
+        rows_from_v2_batch(batch)
+
+
+# --- the tap op -----------------------------------------------------------------------------------------------
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.linear(x), x  # (mlp output, residual), like vLLM's decoder layers
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = SimpleNamespace()
+        self.layers = torch.nn.ModuleList([_Layer(), _Layer()])
+        self.model = torch.nn.Module()
+        self.model.layers = self.layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            out, residual = layer(x)
+            x = out + residual
+        return x
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
+    model = _Model()
+    assert install_taps(model, [1]) == [1]
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    x = torch.randn(3, 4)
+    run(x)  # a warm-up/profile-like call outside a step: nothing captured
+    assert TAPS.end_step() == {}
+    for _ in range(2):  # every real step, also after compilation
+        TAPS.begin_step()
+        y = torch.randn(3, 4)
+        run(y)
+        captured = TAPS.end_step()
+        with torch.no_grad():
+            h = model.layers[0](y)
+            expected = model.layers[1].linear(h[0] + h[1]) + (h[0] + h[1])
+        assert torch.allclose(captured[1], expected, atol=1e-6)
+
+
+# --- the emitter ------------------------------------------------------------------------------------------------
+
+
+def test_emitter_counts_drops_during_an_outage_and_reports_them(tmp_path: Path) -> None:
+    port = free_port()
+    target = SidecarTarget(address=f"127.0.0.1:{port}", reconnect_min_s=0.05, reconnect_max_s=0.2)
+    emitter = Emitter(target, manifest(), max_batches=2)
+    request = SyntheticRequest.random(np.random.default_rng(3), "during-outage")
+    started = time.monotonic()
+    for a, b in request.chunks(3):  # the sidecar is down: nothing blocks, the oldest batches are dropped
+        emitter.submit_codes([request.slice(0, a, b), request.slice(1, a, b)])
+    emitter.submit(pb.IngestMessage(finish=request.finish()))
+    assert time.monotonic() - started < 0.5
+    chunks = len(request.chunks(3))
+    assert emitter.counters["batches_dropped"] == chunks - 2
+    from circuitwatch.sidecar import SidecarConfig
+    from circuitwatch.sidecar.server import start
+
+    running = start(SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "ev"))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+        report = pb_grpc.MonitorStub(channel).GetReport(
+            pb.GetReportRequest(request_id="during-outage", wait_ms=10_000), timeout=20, wait_for_ready=True
+        )
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        dropped = {(g.slot, g.start, g.end) for g in report.coverage.gaps}
+        assert {g.reason for g in report.coverage.gaps} == {pb.GAP_REASON_SIDECAR_UNAVAILABLE}
+        kept = request.chunks(3)[-2:]
+        assert report.coverage.positions_seen == sum(b - a for a, b in kept)
+        assert all((s, a, b) in dropped for a, b in request.chunks(3)[:-2] for s in (0, 1))
+    finally:
+        emitter.close(2)
+        running.stop(1)
+
+
+def test_emitter_delivers_everything_when_the_sidecar_is_up(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    requests = [SyntheticRequest.random(rng, f"ok-{i}") for i in range(5)]
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=1000)
+        for request in requests:
+            for a, b in request.chunks(4):
+                emitter.submit_codes([request.slice(0, a, b), request.slice(1, a, b)])
+            emitter.submit(pb.IngestMessage(finish=request.finish()))
+        for request in requests:
+            assert client.report(request.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+        assert emitter.counters["batches_dropped"] == 0
+        emitter.close(2)
