@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,13 +29,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Item:
-    message: pb.IngestMessage
+    message: pb.IngestMessage | None
     # (request_id, slot, first_position, end_position) of every slice, to turn a dropped batch into gaps
     ranges: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # deferred code batches: built by the sending thread (waits for device copies, packs bytes)
+    build: Callable[[], list[pb.RequestSlice]] | None = None
+    step: int = 0
 
     @property
     def droppable(self) -> bool:
-        return self.message.WhichOneof("kind") == "codes"
+        return self.build is not None or self.message.WhichOneof("kind") == "codes"
+
+    def resolve(self) -> pb.IngestMessage:
+        if self.build is None:
+            return self.message
+        return pb.IngestMessage(codes=pb.CodeBatch(step=self.step, slices=self.build()))
 
 
 class Emitter:
@@ -69,6 +77,23 @@ class Emitter:
                 self._drop_oldest_batch()
             self._cv.notify()
 
+    def submit_deferred(
+        self, build: Callable[[], list[pb.RequestSlice]], ranges: list[tuple[str, int, int, int]]
+    ) -> None:
+        """A code batch whose slices `build` makes later, on the sending thread: the step path only enqueues.
+
+        `ranges` (request, slot, first, end) say what the batch covers, so dropping it still reports the gap.
+        """
+        if not ranges:
+            return
+        with self._cv:
+            self._step += 1
+            self._queue.append(_Item(None, ranges, build=build, step=self._step))
+            self._batches_queued += 1
+            while self._batches_queued > self.max_batches:
+                self._drop_oldest_batch()
+            self._cv.notify()
+
     def submit(self, message: pb.IngestMessage) -> None:
         """A start or finish marker: always kept."""
         with self._cv:
@@ -78,6 +103,13 @@ class Emitter:
     @property
     def queue_depth(self) -> int:
         return self._batches_queued
+
+    def _report_lost(self, item: _Item, reason: int) -> None:
+        with self._cv:
+            for request_id, slot, start, end in item.ranges:
+                gap = pb.Gap(slot=slot, start=start, end=end, reason=reason)
+                self._pending_gaps.setdefault(request_id, []).append(gap)
+                self.counters["rows_dropped"] += end - start
 
     def _drop_oldest_batch(self) -> None:
         for i, item in enumerate(self._queue):
@@ -121,7 +153,14 @@ class Emitter:
                     item = self._queue.popleft()
                     if item.droppable:
                         self._batches_queued -= 1
-                    message = item.message
+                    message = None
+            if message is None:
+                try:
+                    message = item.resolve()  # outside the lock: may wait for a device copy
+                except Exception:
+                    log.exception("circuitwatch: building a code batch failed; its rows are reported as gaps")
+                    self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)
+                    continue
             self.counters[f"sent_{message.WhichOneof('kind')}"] += 1
             yield message
 

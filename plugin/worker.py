@@ -6,6 +6,7 @@ and counted; nothing raises into vLLM's step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from circuitwatch import __version__
-from circuitwatch.kernels import CodeSelection, ReferenceEncoder, Sae, SelectionMode, default_selection, load_sae
+from circuitwatch.kernels import Codes, CodeSelection, ReferenceEncoder, Sae, SelectionMode, default_selection, load_sae
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
@@ -227,30 +228,68 @@ class WorkerMonitor:
             + 1
         )
         bounds = np.concatenate(([0], breaks, [len(selected)]))
-        slices: list[pb.RequestSlice] = []
+        encoded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for slot in self.slots:
             hidden = captured.get(slot.config.layer)
             if hidden is None:
                 continue
             index = torch.from_numpy(selected).to(hidden.device)
             codes = slot.encoder.encode(hidden.index_select(0, index))
-            offsets, ids, values = codes.to_csr()
-            for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-                start, end = int(offsets[a]), int(offsets[b])
-                slices.append(
-                    pack_slice(
-                        tracked[owner[a]].external_id,
-                        slot.number,
-                        int(positions[a]),
-                        pb.PHASE_GENERATED if generated[a] else pb.PHASE_PROMPT,
-                        tokens[a:b],
-                        offsets[a : b + 1] - offsets[a],
-                        ids[start:end],
-                        values[start:end],
+            encoded.append((slot.number, *_to_host(codes.ids, codes.values)))
+        # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
+        # event, then packs. The step path only launches kernels and enqueues.
+        ready = _record_event(encoded)
+        external_ids = [t.external_id for t in tracked]
+        runs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        ranges = [
+            (external_ids[owner[a]], number, int(positions[a]), int(positions[a]) + b - a)
+            for number, _, _ in encoded
+            for a, b in runs
+        ]
+
+        def build() -> list[pb.RequestSlice]:
+            if ready is not None:
+                ready.synchronize()
+            slices = []
+            for number, ids, values in encoded:
+                offsets, feature_ids, activations = Codes(ids, values).to_csr()
+                for a, b in runs:
+                    start, end = int(offsets[a]), int(offsets[b])
+                    slices.append(
+                        pack_slice(
+                            external_ids[owner[a]],
+                            number,
+                            int(positions[a]),
+                            pb.PHASE_GENERATED if generated[a] else pb.PHASE_PROMPT,
+                            tokens[a:b],
+                            offsets[a : b + 1] - offsets[a],
+                            feature_ids[start:end],
+                            activations[start:end],
+                        )
                     )
-                )
+            return slices
+
         self.counters["rows_encoded"] += len(selected)
-        self.emitter.submit_codes(slices)
+        self.emitter.submit_deferred(build, ranges)
+
+
+def _to_host(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPU tensors as they are; CUDA tensors copied without blocking into pinned host buffers."""
+    if ids.device.type != "cuda":
+        return ids, values
+    host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host_ids.copy_(ids, non_blocking=True)
+    host_values.copy_(values, non_blocking=True)
+    return host_ids, host_values
+
+
+def _record_event(encoded: list) -> torch.cuda.Event | None:
+    if not encoded or not torch.cuda.is_available() or not encoded[0][1].is_pinned():
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _v2_prompt_len(runner, internal_id: str) -> int:

@@ -233,3 +233,39 @@ def test_emitter_delivers_everything_when_the_sidecar_is_up(tmp_path: Path) -> N
             assert client.report(request.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
         assert emitter.counters["batches_dropped"] == 0
         emitter.close(2)
+
+
+def test_gpu_compilation_settings_keep_vllm_attention_ops_and_split_at_the_tap() -> None:
+    """CUDA graphs cannot be captured here; this checks the settings are valid for the installed vLLM."""
+    from vllm.config.compilation import CompilationConfig
+
+    from circuitwatch.plugin.gpu_compilation import gpu_compilation_config
+
+    settings = gpu_compilation_config()
+    assert settings["splitting_ops"][-1] == "circuitwatch::tap"
+    assert set(CompilationConfig._attention_ops) <= set(settings["splitting_ops"])
+    parsed = CompilationConfig(**settings)
+    assert "circuitwatch::tap" in parsed.splitting_ops
+    assert parsed.cudagraph_mode.name == "PIECEWISE"
+
+
+def test_deferred_batch_that_fails_to_build_becomes_an_encoder_error_gap(tmp_path: Path) -> None:
+    request = SyntheticRequest(request_id="broken", num_prompt=6, num_positions=6, tokens=list(range(6)))
+    request.codes = {0: [{1: 1.0}] * 6, 1: [{1: 1.0}] * 6}
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=10)
+
+        def broken() -> list:
+            raise RuntimeError("device copy failed")
+
+        emitter.submit_deferred(
+            lambda: [request.slice(0, 0, 3), request.slice(1, 0, 3)], [("broken", s, 0, 3) for s in (0, 1)]
+        )
+        emitter.submit_deferred(broken, [("broken", s, 3, 6) for s in (0, 1)])
+        emitter.submit(pb.IngestMessage(finish=request.finish()))
+        report = client.report("broken", wait_ms=10_000)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert {(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps} == {
+            (s, 3, 6, pb.GAP_REASON_ENCODER_ERROR) for s in (0, 1)
+        }
+        emitter.close(2)
