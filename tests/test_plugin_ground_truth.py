@@ -103,3 +103,40 @@ def test_codes_equal_ground_truth(
         assert any(len(p) > 128 for _, p, _ in outputs), "some prompts span several chunks and blocks"
     finally:
         running.stop(1)
+
+
+def test_preempted_requests_recompute_and_still_match(
+    fixtures: FixturePaths, tmp_path: Path, monkeypatch, ground_truth: GroundTruth
+) -> None:
+    """6 KV blocks (768 tokens) for 8 concurrent requests: vLLM preempts and later recomputes them. The
+    recomputed positions are encoded again; the sidecar keeps the later codes, which still equal ground truth."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "evidence"))
+    try:
+        monkeypatch.setenv(
+            "CIRCUITWATCH_CONFIG", str(write_plugin_config(tmp_path / "plugin.json", fixtures, running.port))
+        )
+        llm = LLM(model=str(fixtures.model), enforce_eager=True, num_gpu_blocks_override=6, **ENGINE)
+        # ~110-token prompts fit one 128-token block each; decoding 40 tokens crosses into a second block
+        # while all 6 blocks are taken, so running requests must be preempted
+        from transformers import AutoTokenizer
+
+        from circuitwatch.fixtures.corpus import documents
+
+        tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+        chosen = [tokenizer(text)["input_ids"][: 105 + i] for i, text in enumerate(documents()[40:48])]
+        params = SamplingParams(temperature=0.0, max_tokens=40, min_tokens=40)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in chosen], params)
+        del llm
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+        for output in outputs:
+            tokens = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
+            report = stub.GetReport(pb.GetReportRequest(request_id=output.request_id, wait_ms=10_000), timeout=30)
+            assert report.status == pb.REPORT_STATUS_COMPLETE, (output.request_id, report.coverage)
+            problems = ground_truth.mismatches(tokens, codes_in_sidecar(stub, output.request_id))
+            assert not problems, (output.request_id, problems[:5])
+        assert len(running.monitor.index.superseded) > 0, "no position was recomputed: the test did not preempt"
+    finally:
+        running.stop(1)
