@@ -17,8 +17,6 @@ from circuitwatch.fixtures.activations import residual_stream
 from circuitwatch.kernels import Architecture, ReferenceEncoder, load_sae
 from circuitwatch.plugin.config import PluginConfig
 from circuitwatch.plugin.worker import _selection
-from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.codec import unpack_slice
 
 from numpy_sae import code_mismatches
 
@@ -94,20 +92,6 @@ def _activations_and_margins(encoder: ReferenceEncoder, x: torch.Tensor) -> tupl
         else:
             margins = pre.abs()
     return acts.numpy(), margins.numpy()
-
-
-def codes_in_sidecar(stub, request_id: str) -> dict[tuple[int, int], tuple[int, dict[int, float]]]:
-    """{(slot, position): (token id, {feature: activation})} as the sidecar's GetCodes returns them."""
-    out = {}
-    for wire in stub.GetCodes(pb.GetCodesRequest(request_id=request_id), timeout=30).slices:
-        arrays = unpack_slice(wire)
-        for i, position in enumerate(arrays.positions.tolist()):
-            a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
-            row = dict(
-                zip(arrays.feature_ids[a:b].tolist(), arrays.activations[a:b].astype(float).tolist(), strict=True)
-            )
-            out[(arrays.slot, position)] = (int(arrays.token_ids[i]), row)
-    return out
 
 
 def prompts(tokenizer, count: int = 18) -> list[list[int]]:

@@ -14,7 +14,7 @@ import numpy as np
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-from circuitwatch.proto.codec import pack_slice
+from circuitwatch.proto.codec import pack_slice, unpack_slice
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.server import RunningSidecar, start
 
@@ -179,3 +179,17 @@ def brute_force_matches(expr: dict, request: SyntheticRequest, scope: str = "bot
         return sum(holds(v, p) for v in value["of"]) >= value["n"]
 
     return [p for p in positions if holds(expr, p)]
+
+
+def codes_in_sidecar(stub, request_id: str) -> dict[tuple[int, int], tuple[int, dict[int, float]]]:
+    """{(slot, position): (token id, {feature: activation})} as the sidecar's GetCodes returns them."""
+    out = {}
+    for wire in stub.GetCodes(pb.GetCodesRequest(request_id=request_id), timeout=30).slices:
+        arrays = unpack_slice(wire)
+        for i, position in enumerate(arrays.positions.tolist()):
+            a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
+            row = dict(
+                zip(arrays.feature_ids[a:b].tolist(), arrays.activations[a:b].astype(float).tolist(), strict=True)
+            )
+            out[(arrays.slot, position)] = (int(arrays.token_ids[i]), row)
+    return out

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import GroundTruth, codes_in_sidecar, prompts, write_plugin_config
+from plugin_harness import GroundTruth, prompts, write_plugin_config
+from sidecar_harness import codes_in_sidecar
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.proto import circuitwatch_pb2 as pb

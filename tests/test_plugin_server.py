@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import GroundTruth, codes_in_sidecar, prompts, write_plugin_config
+from plugin_harness import GroundTruth, prompts, write_plugin_config
+from sidecar_harness import codes_in_sidecar
 from test_sidecar_cli import free_port, wait_serving
 
 from circuitwatch.fixtures import FixturePaths

@@ -11,7 +11,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from sidecar_harness import D_SAE, SyntheticRequest, brute_force_matches, manifest, messages, running_sidecar
+from sidecar_harness import (
+    D_SAE,
+    SyntheticRequest,
+    brute_force_matches,
+    codes_in_sidecar,
+    manifest,
+    messages,
+    running_sidecar,
+)
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
@@ -53,7 +61,7 @@ def test_concurrent_producers_interleaved(tmp_path: Path) -> None:
             flags = {f.circuit: f.matching_tokens for f in report.flags}
             assert flags == ({"f3": len(expected)} if expected else {})
             assert [s.layer for s in report.saes] == [1, 2]
-            assert codes_in_sidecar(client, request.request_id) == {
+            assert codes_in_sidecar(client.stub, request.request_id) == {
                 (slot, position): (request.tokens[position], row)
                 for slot, rows in request.codes.items()
                 for position, row in enumerate(rows)
@@ -66,22 +74,6 @@ def test_concurrent_producers_interleaved(tmp_path: Path) -> None:
             first = stats.features[0]
             acts = [row[first.feature] for r in everything for row in r.codes[slot] if first.feature in row]
             assert first.mean_activation == pytest.approx(np.mean(acts), rel=1e-6)
-
-
-def codes_in_sidecar(client, request_id: str) -> dict[tuple[int, int], tuple[int, dict[int, float]]]:
-    """{(slot, position): (token id, {feature: activation})} as the sidecar's GetCodes returns them."""
-    from circuitwatch.proto.codec import unpack_slice
-
-    out = {}
-    for wire in client.stub.GetCodes(pb.GetCodesRequest(request_id=request_id)).slices:
-        arrays = unpack_slice(wire)
-        for i, position in enumerate(arrays.positions.tolist()):
-            a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
-            row = dict(
-                zip(arrays.feature_ids[a:b].tolist(), arrays.activations[a:b].astype(float).tolist(), strict=True)
-            )
-            out[(arrays.slot, position)] = (int(arrays.token_ids[i]), row)
-    return out
 
 
 def _slow_stream(request: SyntheticRequest, delay_s: float, ready: threading.Event):
@@ -366,7 +358,7 @@ def test_recomputed_positions_replace_earlier_codes(tmp_path: Path) -> None:
         assert flag.matching_tokens == 1 and [e.position for e in flag.evidence] == [4]
         [match] = client.stub.QueryRequests(pb.QueryRequestsRequest(circuit="f3")).matches
         assert list(match.positions) == [4]
-        latest = codes_in_sidecar(client, "pre")
+        latest = codes_in_sidecar(client.stub, "pre")
         assert {p: row for (slot, p), (_, row) in latest.items() if slot == 0} == dict(enumerate(again.codes[0]))
         stats = {s.feature: s.tokens for s in client.stub.FeatureStats(pb.FeatureStatsRequest(slot=0)).features}
         assert stats == {5: 1, 3: 1}
