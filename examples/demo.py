@@ -195,7 +195,7 @@ def main() -> int:
                 response = client.completions.create(
                     model=model, prompt=text, max_tokens=24, temperature=0, extra_headers=headers
                 )
-                answer, sidecar_id = response.choices[0].text, f"{response.id}-0"
+                answer, sidecar_id = response.choices[0].text, response.id
             report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=5000), timeout=10)
             coverage = report.coverage
             flags = ", ".join(

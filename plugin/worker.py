@@ -40,16 +40,25 @@ from .taps import TAPS, install_taps
 log = logging.getLogger(__name__)
 
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+_FIRST_COMPLETION_PROMPT = re.compile(r"^((?:\d+_)?cmpl-.+)-0$")
 
 
 def external_request_id(internal_id: str, extra_args: dict | None) -> str:
-    """The id clients see: stamped by the API-server side when available, else vLLM's internal id without
-    the random `-xxxxxxxx` suffix (parallel-sampling children keep vLLM's `<index>_` prefix)."""
+    """The OpenAI response id (DESIGN: request id = response id) from vLLM's internal request id.
+
+    - vLLM appends a random `-xxxxxxxx` to every id: removed.
+    - Completions give prompt i of a request the id `<response id>-<i>` (a request may carry several
+      prompts): the first prompt maps back to the response id; prompts 1.. keep their `-<i>`.
+    - Parallel-sampling children keep vLLM's `<index>_` prefix; chat and offline ids are otherwise unchanged.
+    - An id stamped into extra_args by the API-server side wins.
+    """
     stamped = (extra_args or {}).get(XARG_REQUEST_ID)
     if stamped:
         child = re.match(r"^(\d+)_", internal_id)
         return f"{child.group(1)}_{stamped}" if child else str(stamped)
-    return _INTERNAL_SUFFIX.sub("", internal_id)
+    external = _INTERNAL_SUFFIX.sub("", internal_id)
+    first_prompt = _FIRST_COMPLETION_PROMPT.match(external)
+    return first_prompt.group(1) if first_prompt else external
 
 
 @dataclass

@@ -4,6 +4,7 @@ of requests served during the outage say incomplete with the gap."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,8 +77,7 @@ def complete(client, model: str, request_id: str, prompt: list[int], max_tokens:
     assert response.id == f"cmpl-{request_id}"
     prompt_ids = choice.model_extra.get("prompt_token_ids") or response.model_extra.get("prompt_token_ids")
     assert list(prompt_ids) == prompt
-    # vLLM gives each prompt of a completion request its own id: <response id>-<prompt index>
-    return f"{response.id}-0", list(prompt_ids) + list(choice.model_extra["token_ids"])
+    return response.id, list(prompt_ids) + list(choice.model_extra["token_ids"])
 
 
 def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path: Path) -> None:
@@ -87,6 +87,9 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
     sidecar_port, vllm_port = free_port(), free_port()
     sidecar = start_sidecar(tmp_path, sidecar_port)
     plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, queue_max_batches=2)
+    config = json.loads(plugin_config.read_text())
+    config["sidecar"]["reconnect_max_s"] = 0.5  # reconnect quickly once the sidecar is back
+    plugin_config.write_text(json.dumps(config))
     server = start_vllm(fixtures, tmp_path, vllm_port, plugin_config)
     client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="unused", timeout=120)
     model = str(fixtures.model)
@@ -116,9 +119,13 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
         # 3. the sidecar comes back: the queued finish markers and gap reports arrive; new requests are complete
         sidecar = start_sidecar(tmp_path, sidecar_port)
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
-        after_id, after_tokens = complete(client, model, "after", token_prompts[3], 8)
-        report = stub.GetReport(pb.GetReportRequest(request_id=after_id, wait_ms=15_000), timeout=30)
-        assert report.status == pb.REPORT_STATUS_COMPLETE
+        for attempt in range(5):  # once the plugin has reconnected (back-off <= 0.5 s), new requests are complete
+            time.sleep(1)
+            after_id, after_tokens = complete(client, model, f"after-{attempt}", token_prompts[3], 8)
+            report = stub.GetReport(pb.GetReportRequest(request_id=after_id, wait_ms=15_000), timeout=30)
+            if report.status == pb.REPORT_STATUS_COMPLETE:
+                break
+        assert report.status == pb.REPORT_STATUS_COMPLETE, report.coverage
         assert not truth.mismatches(after_tokens, codes_in_sidecar(stub, after_id))
         for sidecar_id, tokens in during:
             report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=15_000), timeout=30)

@@ -85,8 +85,14 @@ def test_per_request_controls() -> None:
 
 def test_external_request_ids() -> None:
     assert external_request_id("chatcmpl-abc-1f2e3d4c", None) == "chatcmpl-abc"
-    assert external_request_id("cmpl-abc-0-1f2e3d4c", None) == "cmpl-abc-0"
+    assert external_request_id("chatcmpl-abc-0-1f2e3d4c", None) == "chatcmpl-abc-0"  # a chat id ending in -0
+    # completions: prompt 0 is the response id, further prompts keep their index
+    assert external_request_id("cmpl-abc-0-1f2e3d4c", None) == "cmpl-abc"
+    assert external_request_id("cmpl-abc-2-1f2e3d4c", None) == "cmpl-abc-2"
+    assert external_request_id("cmpl-job-7-0-1f2e3d4c", None) == "cmpl-job-7"  # a user id ending in digits
     assert external_request_id("1_chatcmpl-abc-1f2e3d4c", None) == "1_chatcmpl-abc"  # parallel-sampling child
+    assert external_request_id("1_cmpl-abc-0-1f2e3d4c", None) == "1_cmpl-abc"
+    assert external_request_id("3-1f2e3d4c", None) == "3"  # offline LLM
     assert external_request_id("no-suffix-here", None) == "no-suffix-here"
     assert external_request_id("1_x-1f2e3d4c", {"circuitwatch_request_id": "chatcmpl-y"}) == "1_chatcmpl-y"
 
