@@ -23,6 +23,17 @@ class TlsConfig(_Strict):
     client_ca_file: Path | None = None
 
 
+class TelemetryConfig(_Strict):
+    """Where spans and metrics go. OTLP endpoints, protocol (grpc or http/protobuf), headers and intervals come
+    from the standard OTEL_* environment variables; exporting starts when an OTLP endpoint is set there."""
+
+    traces: bool = True
+    metrics: bool = True
+    # Serve Prometheus metrics on this port (on the listen host); 0: off.
+    prometheus_port: int = Field(0, ge=0, le=65535)
+    service_name: str = "circuitwatch-sidecar"
+
+
 class IndexConfig(_Strict):
     # Codes older than this are evicted (the "rolling" window queries run over).
     window_s: float = Field(600.0, gt=0)
@@ -56,6 +67,7 @@ class SidecarConfig(_Strict):
     # Evidence positions kept per flag in a report.
     max_evidence_tokens: int = Field(32, gt=0)
     workers: int = Field(16, gt=0)
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     @field_validator("evidence_synchronous")
     @classmethod

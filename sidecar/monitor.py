@@ -27,6 +27,7 @@ from .index import RollingIndex, TimeWindow
 from .registry import SaeIdentity, SaeRegistry
 from .requests import RequestState, missing_ranges
 from .store import EvidenceStore
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class Monitor:
         self._waiters: dict[str, threading.Event] = {}
         self._watchers: list[_Watcher] = []
         self.report_listeners: list = []  # callables(report), e.g. the span exporter
+        self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
 
     # --- ingest ---------------------------------------------------------------------------------------
 
@@ -198,6 +200,7 @@ class Monitor:
                 self.counters["postings"] += len(arrays.feature_ids)
                 self.counters["rows"] += arrays.num_rows
             self.counters["batches"] += 1
+            self.instruments.postings.add(sum(len(a.feature_ids) for a in decoded))
             for state in touched.values():
                 self._finalize_if_covered(state)
 
@@ -252,6 +255,7 @@ class Monitor:
                 self.counters["duplicate_finishes"] += 1
                 return
             stream.finished += 1
+            state.finish_received_ns = self.clock()
             state.pending_finish = finish
             state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
             if finish.num_positions == 0 or state.slots:
@@ -356,6 +360,7 @@ class Monitor:
         self.counters["reports"] += 1
         self.counters["flags"] += len(flags)
         self.counters["finalize_ns"] += time.perf_counter_ns() - started
+        self.instruments.report(report, state.finish_received_ns)
         event = self._waiters.pop(state.request_id, None)
         if event is not None:
             event.set()

@@ -76,6 +76,7 @@ class RequestState:
         self.producer_gaps: list[pb.Gap] = []
         self.pending_finish: pb.RequestFinish | None = None
         self.finish_deadline_ns = 0
+        self.finish_received_ns = 0
 
     def bind(self, slots: dict[int, int]) -> None:
         """(Re)attach to a producer stream's slot map; a reconnecting producer brings the same SAEs."""

@@ -20,6 +20,7 @@ from .config import SidecarConfig
 from .monitor import Monitor
 from .service import MonitorServicer
 from .store import EvidenceStore
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class RunningSidecar:
     server: grpc.Server
     monitor: Monitor
     store: EvidenceStore
+    telemetry: Telemetry
     port: int
     health: health.HealthServicer
     stopping: threading.Event
@@ -47,6 +49,7 @@ class RunningSidecar:
         self.server.stop(grace_s).wait()
         self._ticker.join(timeout=2)
         self.monitor.shutdown()
+        self.telemetry.shutdown()  # after the drain: spans of the reports finalised just now are flushed
         self.store.close()
         log.info("sidecar stopped")
 
@@ -54,6 +57,10 @@ class RunningSidecar:
 def start(config: SidecarConfig) -> RunningSidecar:
     store = EvidenceStore(config.evidence_dir, config.evidence_synchronous)
     monitor = Monitor(config, store)
+    host = config.listen.rpartition(":")[0]
+    telemetry = Telemetry.start(config.telemetry, host)
+    monitor.instruments = telemetry.instruments()
+    monitor.report_listeners.append(telemetry.report_finished)
     stopping = threading.Event()
     token = config.auth_token()
     interceptors = [BearerTokenInterceptor(token)] if token else []
@@ -94,7 +101,6 @@ def start(config: SidecarConfig) -> RunningSidecar:
 
     ticker = threading.Thread(target=tick, name="circuitwatch-tick", daemon=True)
     ticker.start()
-    host = config.listen.rpartition(":")[0]
     log.info(
         "sidecar serving on %s:%d (%s, %s), %d circuits, evidence in %s",
         host,
@@ -104,7 +110,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
         len(monitor.circuits.circuits),
         store.path,
     )
-    return RunningSidecar(server, monitor, store, port, health_servicer, stopping, ticker)
+    return RunningSidecar(server, monitor, store, telemetry, port, health_servicer, stopping, ticker)
 
 
 def serve(config: SidecarConfig) -> None:

@@ -1,0 +1,189 @@
+"""OpenTelemetry for the sidecar: a `circuitwatch.monitor` span per finished report in the caller's trace, and
+metrics over OTLP and/or a Prometheus scrape endpoint.
+
+Exporters are the official OTLP ones (gRPC or HTTP, chosen with OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL),
+configured by the standard OTEL_* variables. Spans go through a batch processor with a bounded queue, so a
+slow or dead collector drops spans (the SDK counts and logs them) and never blocks ingest or finalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from circuitwatch import __version__
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .config import TelemetryConfig
+
+log = logging.getLogger(__name__)
+
+SPAN_NAME = "circuitwatch.monitor"
+EVENT_NAME = "circuitwatch.circuit_match"
+EVIDENCE_POSITIONS = 16  # positions listed per match event
+
+
+def _protocol(signal: str) -> str:
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+
+
+def _endpoint_set(signal: str) -> bool:
+    return bool(
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+
+
+def _span_exporter():
+    if _protocol("TRACES") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
+def _metric_exporter():
+    if _protocol("METRICS") == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return OTLPMetricExporter()
+
+
+def _severity(value: int) -> str:
+    return pb.Severity.Name(value).removeprefix("SEVERITY_").lower()
+
+
+@dataclass
+class Telemetry:
+    """Owns the providers; `report_finished` is a Monitor report listener."""
+
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+
+    @classmethod
+    def start(cls, config: TelemetryConfig, listen_host: str) -> Telemetry:
+        resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
+        tracer_provider = None
+        if config.traces and _endpoint_set("TRACES"):
+            tracer_provider = TracerProvider(resource=resource)
+            tracer_provider.add_span_processor(BatchSpanProcessor(_span_exporter()))
+            log.info("exporting spans over OTLP/%s", _protocol("TRACES"))
+        readers: list[MetricReader] = []
+        if config.metrics and _endpoint_set("METRICS"):
+            readers.append(PeriodicExportingMetricReader(_metric_exporter()))
+            log.info("exporting metrics over OTLP/%s", _protocol("METRICS"))
+        if config.prometheus_port:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            start_http_server(config.prometheus_port, addr=listen_host)
+            readers.append(PrometheusMetricReader())
+            log.info("Prometheus metrics on http://%s:%d/metrics", listen_host, config.prometheus_port)
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
+        return cls(tracer_provider, meter_provider)
+
+    def instruments(self):
+        """Metric instruments for the Monitor (no-ops when metrics are off)."""
+        from opentelemetry.metrics import NoOpMeterProvider
+
+        meter = (self.meter_provider or NoOpMeterProvider()).get_meter("circuitwatch.sidecar", __version__)
+        return SidecarInstruments(
+            flags=meter.create_counter("circuitwatch.flags", unit="{flag}", description="Circuit matches"),
+            requests=meter.create_counter(
+                "circuitwatch.requests.monitored", unit="{request}", description="Finished reports"
+            ),
+            postings=meter.create_counter("circuitwatch.codes.ingested", unit="{code}", description="Codes ingested"),
+            report_latency=meter.create_histogram(
+                "circuitwatch.report.latency", unit="ms", description="Finish marker received to report final"
+            ),
+            ingest_lag=meter.create_histogram(
+                "circuitwatch.ingest.lag", unit="ms", description="Producer finish time to finish marker received"
+            ),
+        )
+
+    def report_finished(self, report: pb.Report) -> None:
+        if self.tracer_provider is None:
+            return
+        tracer = self.tracer_provider.get_tracer("circuitwatch.sidecar", __version__)
+        carrier = {"traceparent": report.trace.traceparent, "tracestate": report.trace.tracestate}
+        parent = TraceContextTextMapPropagator().extract(carrier) if report.trace.traceparent else None
+        coverage = report.coverage
+        attributes = {
+            "gen_ai.request.id": report.request_id,
+            "gen_ai.request.model": report.model,
+            "circuitwatch.tokens.monitored": coverage.positions_seen,
+            "circuitwatch.tokens.total": coverage.positions_total,
+            "circuitwatch.coverage.status": pb.ReportStatus.Name(report.status).removeprefix("REPORT_STATUS_").lower(),
+            "circuitwatch.coverage.gaps": len(coverage.gaps),
+            "circuitwatch.circuits.matched": [f.circuit for f in report.flags],
+            "circuitwatch.severity.max": _severity(report.max_severity) if report.flags else "none",
+            "circuitwatch.saes": [f"{s.name}@layer{s.layer}:{s.weights_hash}" for s in report.saes],
+        }
+        if report.labels:
+            attributes["circuitwatch.labels"] = list(report.labels)
+        span = tracer.start_span(
+            SPAN_NAME,
+            context=parent,
+            kind=SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=report.arrival_unix_nanos or report.finalized_unix_nanos,
+        )
+        for flag in report.flags:
+            features = sorted({f"{h.slot}:{h.feature}" for e in flag.evidence for h in e.hits})
+            span.add_event(
+                EVENT_NAME,
+                {
+                    "circuitwatch.circuit": flag.circuit,
+                    "circuitwatch.severity": _severity(flag.severity),
+                    "circuitwatch.matching_tokens": flag.matching_tokens,
+                    "circuitwatch.positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
+                    "circuitwatch.features": features,
+                    "circuitwatch.action": flag.action or "none",
+                },
+                timestamp=report.finalized_unix_nanos,
+            )
+        if report.status == pb.REPORT_STATUS_INCOMPLETE:
+            span.set_status(Status(StatusCode.UNSET))
+        span.end(end_time=max(report.finalized_unix_nanos, report.arrival_unix_nanos))
+
+    def shutdown(self) -> None:
+        for provider in (self.tracer_provider, self.meter_provider):
+            if provider is not None:
+                try:
+                    provider.shutdown()
+                except Exception:
+                    log.exception("telemetry shutdown failed")
+
+
+@dataclass
+class SidecarInstruments:
+    flags: object
+    requests: object
+    postings: object
+    report_latency: object
+    ingest_lag: object
+
+    def report(self, report: pb.Report, finish_received_ns: int) -> None:
+        for flag in report.flags:
+            self.flags.add(1, {"circuit": flag.circuit, "severity": _severity(flag.severity)})
+        status = pb.ReportStatus.Name(report.status).removeprefix("REPORT_STATUS_").lower()
+        self.requests.add(1, {"status": status, "model": report.model})
+        if finish_received_ns:
+            self.report_latency.record((report.finalized_unix_nanos - finish_received_ns) / 1e6)
+            if report.finish_unix_nanos:
+                self.ingest_lag.record(max(0.0, (finish_received_ns - report.finish_unix_nanos) / 1e6))
+
+
+del trace  # the SDK providers above are used directly, never the global one

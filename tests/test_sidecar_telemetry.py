@@ -1,0 +1,121 @@
+"""Spans and metrics reach a real OTLP receiver (gRPC and HTTP) with the caller's trace context; Prometheus
+scrapes work; a dead collector never blocks ingest."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from otlp_receiver import grpc_receiver, http_receiver
+from sidecar_harness import SyntheticRequest, brute_force_matches, manifest, running_sidecar
+from test_sidecar_cli import free_port
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+CIRCUIT = "circuits:\n  - {name: f3, severity: high, when: {layer: 1, feature: 3}}\n"
+
+
+def traffic(rng: np.random.Generator) -> tuple[list[pb.IngestMessage], list[SyntheticRequest]]:
+    requests = [SyntheticRequest.random(rng, f"t{i}", d_sae=8) for i in range(6)]
+    messages = [pb.IngestMessage(manifest=manifest())]
+    for i, request in enumerate(requests):
+        trace = pb.TraceContext(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN}-01", tracestate="vendor=1") if i < 4 else None
+        messages.append(pb.IngestMessage(start=pb.RequestStart(request_id=request.request_id, trace=trace)))
+        slices = [request.slice(s, a, b) for a, b in request.chunks(6) for s in (0, 1)]
+        messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices)))
+        messages.append(pb.IngestMessage(finish=request.finish(finish_unix_nanos=time.time_ns())))
+    return messages, requests
+
+
+def attributes(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        out[kv.key] = (
+            [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
+            if kind == "array_value"
+            else getattr(value, kind)
+        )
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, protocol: str) -> None:
+    server, port, collected = grpc_receiver() if protocol == "grpc" else http_receiver()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    (tmp_path / "c.yaml").write_text(CIRCUIT)
+    messages, requests = traffic(np.random.default_rng(5))
+    try:
+        with running_sidecar(tmp_path, circuits=[tmp_path / "c.yaml"]) as (_, client):
+            client.ingest(messages)
+            collected.wait_for(lambda: len(collected.spans()) >= len(requests))
+            collected.wait_for(lambda: collected.metric_points("circuitwatch.requests.monitored"))
+        spans = {attributes(s)["gen_ai.request.id"]: s for s in collected.spans()}
+        assert set(spans) == {r.request_id for r in requests}
+        for i, request in enumerate(requests):
+            span, attrs = spans[request.request_id], attributes(spans[request.request_id])
+            assert span.name == "circuitwatch.monitor"
+            if i < 4:  # in the caller's trace, child of the caller's span
+                assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == PARENT_SPAN
+            else:  # no traceparent: a new trace
+                assert span.trace_id.hex() != TRACE_ID and not span.parent_span_id
+            assert attrs["circuitwatch.tokens.total"] == request.num_positions
+            assert attrs["circuitwatch.tokens.monitored"] == request.num_positions
+            assert attrs["circuitwatch.coverage.status"] == "complete"
+            assert attrs["circuitwatch.saes"] == ["sae-l1@layer1:blake2b:h01", "sae-l2@layer2:blake2b:h02"]
+            matches = brute_force_matches({"layer": 1, "feature": 3}, request)
+            assert attrs["circuitwatch.circuits.matched"] == (["f3"] if matches else [])
+            assert attrs["circuitwatch.severity.max"] == ("high" if matches else "none")
+            events = [e for e in span.events if e.name == "circuitwatch.circuit_match"]
+            assert len(events) == (1 if matches else 0)
+            if matches:
+                event = {kv.key: kv.value for kv in events[0].attributes}
+                assert event["circuitwatch.matching_tokens"].int_value == len(matches)
+                assert [v.int_value for v in event["circuitwatch.positions"].array_value.values] == matches[:16]
+        flagged = sum(1 for r in requests if brute_force_matches({"layer": 1, "feature": 3}, r))
+        assert flagged
+        collected.wait_for(lambda: sum(p.as_int for p in collected.metric_points("circuitwatch.flags")[-1:]) == flagged)
+        postings = sum(len(row) for r in requests for rows in r.codes.values() for row in rows)
+        collected.wait_for(lambda: collected.metric_points("circuitwatch.codes.ingested")[-1].as_int == postings)
+        latency = collected.metric_points("circuitwatch.report.latency")[-1]
+        assert latency.count == len(requests) and 0 <= latency.sum / latency.count < 1000
+    finally:
+        server.stop(0) if protocol == "grpc" else server.shutdown()
+
+
+def test_prometheus_scrape(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(CIRCUIT)
+    port = free_port()
+    messages, requests = traffic(np.random.default_rng(6))
+    with running_sidecar(tmp_path, circuits=[tmp_path / "c.yaml"], telemetry={"prometheus_port": port}) as (_, client):
+        client.ingest(messages)
+        for request in requests:
+            client.report(request.request_id)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    line = re.search(r"^circuitwatch_requests_monitored_total\{([^}]*)\} (\S+)$", text, re.MULTILINE)
+    assert line, text[-2000:]
+    assert 'model="tiny"' in line.group(1) and 'status="complete"' in line.group(1)
+    assert float(line.group(2)) == len(requests)
+    assert "circuitwatch_codes_ingested_total" in text
+
+
+def test_a_dead_collector_never_blocks_ingest(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    messages, requests = traffic(np.random.default_rng(7))
+    with running_sidecar(tmp_path) as (_, client):
+        started = time.monotonic()
+        client.ingest(messages)
+        assert all(client.report(r.request_id, wait_ms=5000).status == pb.REPORT_STATUS_COMPLETE for r in requests)
+        assert time.monotonic() - started < 5
