@@ -7,6 +7,9 @@
 - Request.get_skip_reading_prefix_cache (engine core): monitored requests bypass prefix-cache reads.
 - VllmConfig.compute_hash: mix in the plugin configuration, so compiled artifacts traced without the
   taps (or with other taps) are never reused from vLLM's on-disk compile cache.
+- OpenAI completion and chat handlers (API-server process): copy the client's W3C `traceparent` /
+  `tracestate` headers into `vllm_xargs`, so the trace context reaches the workers (and the sidecar) whether
+  or not vLLM's own --otlp-traces-endpoint is set.
 An unconfigured plugin leaves every call to the original.
 """
 
@@ -17,7 +20,7 @@ import hashlib
 import logging
 import os
 
-from .config import ENV_VAR, PluginConfig, load_plugin_config, wants_monitoring
+from .config import ENV_VAR, XARG_TRACEPARENT, XARG_TRACESTATE, PluginConfig, load_plugin_config, wants_monitoring
 
 log = logging.getLogger("circuitwatch.plugin")
 
@@ -41,6 +44,7 @@ def apply() -> None:
     _patch_v2_runner()
     _patch_engine_core()
     _patch_config_hash()
+    _patch_api_server()
 
 
 def _patch_worker() -> None:
@@ -150,6 +154,31 @@ def _patch_config_hash() -> None:
         return hashlib.sha256(f"{base}|circuitwatch:{config.digest()}".encode()).hexdigest()[:10]
 
     VllmConfig.compute_hash = compute_hash
+
+
+def _patch_api_server() -> None:
+    try:
+        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    except Exception:  # a vLLM build without the OpenAI server
+        return
+    for cls, name in ((OpenAIServingCompletion, "create_completion"), (OpenAIServingChat, "create_chat_completion")):
+        setattr(cls, name, _stamping_trace_context(getattr(cls, name)))
+
+
+def _stamping_trace_context(handler):
+    @functools.wraps(handler)
+    async def wrapper(self, request, raw_request=None, *args, **kwargs):
+        headers = getattr(raw_request, "headers", None)
+        if headers is not None and headers.get("traceparent"):
+            xargs = dict(request.vllm_xargs or {})
+            xargs.setdefault(XARG_TRACEPARENT, headers["traceparent"])
+            if headers.get("tracestate"):
+                xargs.setdefault(XARG_TRACESTATE, headers["tracestate"])
+            request.vllm_xargs = xargs
+        return await handler(self, request, raw_request, *args, **kwargs)
+
+    return wrapper
 
 
 def _is_encoding_rank() -> bool:

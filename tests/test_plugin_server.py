@@ -63,15 +63,26 @@ def start_vllm(fixtures: FixturePaths, tmp_path: Path, port: int, plugin_config:
     raise TimeoutError("vLLM server did not start")
 
 
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
 def complete(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
-    """One completion; returns the sidecar's id for it and the full token sequence (prompt + generated)."""
+    """One completion; returns the sidecar's id for it and the full token sequence (prompt + generated).
+
+    Request gt-0 carries a W3C traceparent header, gt-1 the same context through vllm_xargs."""
+    headers = {"X-Request-Id": request_id}
+    body = {"return_token_ids": True}
+    if request_id == "gt-0":
+        headers |= {"traceparent": TRACE, "tracestate": "vendor=a"}
+    if request_id == "gt-1":
+        body["vllm_xargs"] = {"circuitwatch_traceparent": TRACE}
     response = client.completions.create(
         model=model,
         prompt=prompt,
         max_tokens=max_tokens,
         temperature=0.0,
-        extra_body={"return_token_ids": True},
-        extra_headers={"X-Request-Id": request_id},
+        extra_body=body,
+        extra_headers=headers,
     )
     choice = response.choices[0]
     assert response.id == f"cmpl-{request_id}"
@@ -108,6 +119,9 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
             assert report.coverage.positions_total == len(tokens) - 1
             problems = truth.mismatches(tokens, codes_in_sidecar(stub, sidecar_id))
             assert not problems, (sidecar_id, problems[:5])
+            expected_trace = TRACE if sidecar_id in ("cmpl-gt-0", "cmpl-gt-1") else ""
+            assert report.trace.traceparent == expected_trace, sidecar_id
+        assert stub.GetReport(pb.GetReportRequest(request_id="cmpl-gt-0")).trace.tracestate == "vendor=a"
 
         # 2. the sidecar dies (SIGKILL): vLLM keeps serving every request
         sidecar.send_signal(signal.SIGKILL)
