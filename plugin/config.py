@@ -64,6 +64,9 @@ class PluginConfig(_Strict):
     prefix_cache: Literal["bypass", "accept_gaps"] = "bypass"
     # Code batches waiting for the sidecar; beyond this the oldest are dropped and counted as gaps.
     queue_max_batches: int = Field(1024, gt=0)
+    # The `circuitwatch` object in OpenAI responses, and how long the API server waits for the final report.
+    responses: bool = True
+    response_deadline_ms: float = Field(50.0, ge=0)
     # Where the codes are computed: "float32" (exact, default) or the model dtype.
     encoder_dtype: Literal["float32", "model"] = "float32"
 

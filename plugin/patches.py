@@ -162,13 +162,23 @@ def _patch_api_server() -> None:
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
     except Exception:  # a vLLM build without the OpenAI server
         return
-    for cls, name in ((OpenAIServingCompletion, "create_completion"), (OpenAIServingChat, "create_chat_completion")):
-        setattr(cls, name, _stamping_trace_context(getattr(cls, name)))
+    handlers = (
+        (OpenAIServingCompletion, "create_completion", "text_completion"),
+        (OpenAIServingChat, "create_chat_completion", "chat.completion.chunk"),
+    )
+    for cls, name, chunk_object in handlers:
+        setattr(cls, name, _monitored_handler(getattr(cls, name), chunk_object))
 
 
-def _stamping_trace_context(handler):
+_fetcher = None
+
+
+def _monitored_handler(handler, chunk_object: str):
+    """Stamp the client's trace context into vllm_xargs; put the report in the response."""
+
     @functools.wraps(handler)
     async def wrapper(self, request, raw_request=None, *args, **kwargs):
+        global _fetcher
         headers = getattr(raw_request, "headers", None)
         if headers is not None and headers.get("traceparent"):
             xargs = dict(request.vllm_xargs or {})
@@ -176,7 +186,23 @@ def _stamping_trace_context(handler):
             if headers.get("tracestate"):
                 xargs.setdefault(XARG_TRACESTATE, headers["tracestate"])
             request.vllm_xargs = xargs
-        return await handler(self, request, raw_request, *args, **kwargs)
+        result = await handler(self, request, raw_request, *args, **kwargs)
+        config = load_plugin_config()
+        if config is None or not config.responses or not wants_monitoring(request.vllm_xargs, config):
+            return result
+        from .responses import ReportFetcher, attach, with_final_chunk
+
+        if _fetcher is None or _fetcher.config != config:
+            _fetcher = ReportFetcher(config)
+        n = getattr(request, "n", 1) or 1
+        if hasattr(result, "__aiter__"):
+            return with_final_chunk(result, _fetcher, n, chunk_object)
+        response_id = getattr(result, "id", None)
+        if response_id is None or not hasattr(result, "choices"):  # an error response
+            return result
+        ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
+        result.circuitwatch = attach(await _fetcher.summaries(ids))
+        return result
 
     return wrapper
 

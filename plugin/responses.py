@@ -1,0 +1,137 @@
+"""The `circuitwatch` object in OpenAI responses: the request's report, fetched from the sidecar at finish.
+
+Waits at most the configured deadline (default 50 ms), then answers `pending` with the request id to fetch the
+report later (GetReport); a down sidecar gives `pending` too. Never an error, never a longer wait. Streaming
+responses carry it in one extra SSE chunk just before `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+from .config import PluginConfig
+
+log = logging.getLogger(__name__)
+EVIDENCE_POSITIONS = 8
+
+
+def _name(enum, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def summarize(report: pb.Report) -> dict:
+    coverage = report.coverage
+    return {
+        "request_id": report.request_id,
+        "status": _name(pb.ReportStatus, report.status, "REPORT_STATUS_"),
+        "max_severity": _name(pb.Severity, report.max_severity, "SEVERITY_") if report.flags else "none",
+        "flags": [
+            {
+                "circuit": flag.circuit,
+                "severity": _name(pb.Severity, flag.severity, "SEVERITY_"),
+                "matching_tokens": flag.matching_tokens,
+                "positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
+                "labels": list(flag.labels),
+                "action": flag.action or "none",
+            }
+            for flag in report.flags
+        ],
+        "coverage": {
+            "positions_total": coverage.positions_total,
+            "positions_seen": coverage.positions_seen,
+            "gaps": len(coverage.gaps),
+        },
+    }
+
+
+def pending(request_id: str, reason: str) -> dict:
+    return {"request_id": request_id, "status": "pending", "reason": reason, "flags": []}
+
+
+class ReportFetcher:
+    """Per API-server process; its async channel is created on the server's event loop at first use."""
+
+    def __init__(self, config: PluginConfig) -> None:
+        self.config = config
+        self._stub: pb_grpc.MonitorStub | None = None
+
+    def _client(self) -> pb_grpc.MonitorStub:
+        if self._stub is None:
+            target = self.config.sidecar
+            if target.tls_ca_file is not None:
+                credentials = grpc.ssl_channel_credentials(root_certificates=target.tls_ca_file.read_bytes())
+                channel = grpc.aio.secure_channel(target.address, credentials)
+            else:
+                channel = grpc.aio.insecure_channel(target.address)
+            self._stub = pb_grpc.MonitorStub(channel)
+        return self._stub
+
+    def _metadata(self):
+        token_file = self.config.sidecar.auth_token_file
+        return (("authorization", f"Bearer {token_file.read_text().strip()}"),) if token_file else None
+
+    async def _one(self, request_id: str, deadline_s: float) -> dict:
+        try:
+            request = pb.GetReportRequest(request_id=request_id, wait_ms=int(deadline_s * 1000))
+            report = await self._client().GetReport(request, timeout=deadline_s, metadata=self._metadata())
+        except grpc.aio.AioRpcError as exc:
+            reason = (
+                "not yet known to the sidecar" if exc.code() == grpc.StatusCode.NOT_FOUND else "sidecar unavailable"
+            )
+            return pending(request_id, reason)
+        return summarize(report) if report.status != pb.REPORT_STATUS_PENDING else pending(request_id, "not final yet")
+
+    async def summaries(self, request_ids: list[str]) -> list[dict]:
+        """One summary per id, all within one deadline."""
+        deadline_s = self.config.response_deadline_ms / 1000
+        try:
+            return await asyncio.wait_for(
+                asyncio.gather(*(self._one(i, deadline_s) for i in request_ids)), timeout=deadline_s
+            )
+        except TimeoutError:
+            return [pending(i, "not final within the deadline") for i in request_ids]
+        except Exception:  # the response must never fail because of monitoring
+            log.exception("circuitwatch: fetching reports failed")
+            return [pending(i, "error fetching the report") for i in request_ids]
+
+
+def attach(summaries: list[dict]) -> dict:
+    """The `circuitwatch` field: one request's summary, or per-choice summaries for n > 1."""
+    if len(summaries) == 1:
+        return summaries[0]
+    return {"status": "per_choice", "choices": summaries}
+
+
+async def with_final_chunk(
+    stream: AsyncIterator[str], fetcher: ReportFetcher, n: int, chunk_object: str
+) -> AsyncIterator[str]:
+    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`."""
+    response_id = model = None
+    created = 0
+    async for chunk in stream:
+        if response_id is None and chunk.startswith("data: {"):
+            try:
+                first = json.loads(chunk[len("data: ") :])
+                response_id, model, created = first.get("id"), first.get("model"), first.get("created", 0)
+            except ValueError:
+                pass
+        if chunk.strip() == "data: [DONE]" and response_id is not None:
+            ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
+            final = {
+                "id": response_id,
+                "object": chunk_object,
+                "created": created,
+                "model": model,
+                "choices": [],
+                "circuitwatch": attach(await fetcher.summaries(ids)),
+            }
+            yield f"data: {json.dumps(final)}\n\n"
+        yield chunk

@@ -1,0 +1,158 @@
+"""The `circuitwatch` object in OpenAI responses (non-streaming, streaming, n>1), through the real vLLM OpenAI
+server and a real sidecar; pending, never an error, when the sidecar is down or slower than the deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from plugin_harness import write_plugin_config
+from test_plugin_server import start_vllm
+from test_sidecar_cli import free_port, wait_serving
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.plugin.config import PluginConfig
+from circuitwatch.plugin.responses import ReportFetcher
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+# matches every token: a term that never fires, negated
+ALWAYS = "circuits:\n  - {name: always, severity: low, when: {not: {layer: 1, feature: 7, min_activation: 1000000}}}\n"
+
+
+def start_sidecar(tmp_path: Path, port: int) -> subprocess.Popen:
+    (tmp_path / "circuits.yaml").write_text(ALWAYS)
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_serving(port, process)
+    return process
+
+
+@pytest.mark.vllm
+def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    sidecar_port, vllm_port = free_port(), free_port()
+    sidecar = start_sidecar(tmp_path, sidecar_port)
+    # a generous deadline so a loaded CI machine still sees final reports; the deadline itself is unit-tested
+    plugin = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, response_deadline_ms=3000)
+    server = start_vllm(fixtures, tmp_path, vllm_port, plugin)
+    client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="unused", timeout=120)
+    model = str(fixtures.model)
+    stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
+    try:
+        response = client.completions.create(model=model, prompt="The import statement", max_tokens=6, temperature=0)
+        carried = response.model_extra["circuitwatch"]
+        report = stub.GetReport(pb.GetReportRequest(request_id=response.id, wait_ms=5000))
+        assert carried["request_id"] == response.id
+        assert carried["status"] == "complete"
+        assert carried["coverage"]["positions_total"] == report.coverage.positions_total > 0
+        assert [f["circuit"] for f in carried["flags"]] == ["always"]
+        assert carried["flags"][0]["matching_tokens"] == report.coverage.positions_total
+        assert carried["max_severity"] == "low"
+
+        chunks = list(
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=0, stream=True
+            )
+        )
+        final = [c for c in chunks if (c.model_extra or {}).get("circuitwatch")]
+        assert len(final) == 1 and final[0] is chunks[-1] and final[0].choices == []
+        assert final[0].model_extra["circuitwatch"]["status"] == "complete"
+        assert final[0].model_extra["circuitwatch"]["request_id"] == chunks[0].id
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the text is unaffected
+
+        siblings = client.completions.create(model=model, prompt="A class", max_tokens=4, temperature=0.9, n=2, seed=1)
+        per_choice = siblings.model_extra["circuitwatch"]["choices"]
+        assert [c["request_id"] for c in per_choice] == [f"0_{siblings.id}", f"1_{siblings.id}"]
+        assert all(c["status"] == "complete" for c in per_choice)
+
+        opted_out = client.completions.create(
+            model=model, prompt="x", max_tokens=2, extra_body={"vllm_xargs": {"circuitwatch_monitor": False}}
+        )
+        assert "circuitwatch" not in (opted_out.model_extra or {})
+
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait(10)
+        response = client.completions.create(model=model, prompt="The import statement", max_tokens=6, temperature=0)
+        assert response.choices[0].text  # served as usual
+        assert response.model_extra["circuitwatch"]["status"] == "pending"
+        assert response.model_extra["circuitwatch"]["request_id"] == response.id
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if sidecar.poll() is None:
+            sidecar.kill()
+
+
+class _SlowMonitor(pb_grpc.MonitorServicer):
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+
+    def GetReport(self, request, context):  # noqa: N802 - the proto's name
+        threading.Event().wait(3)  # far past the deadline
+        self.finished.set()
+        return pb.Report(request_id=request.request_id, status=pb.REPORT_STATUS_COMPLETE)
+
+
+def test_the_deadline_bounds_the_wait_and_gives_pending() -> None:
+    """A sidecar slower than the deadline: the summary is `pending` while the sidecar is still answering."""
+    slow = _SlowMonitor()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pb_grpc.add_MonitorServicer_to_server(slow, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        config = PluginConfig.model_validate(
+            {
+                "slots": [{"layer": 1, "sae": "unused"}],
+                "sidecar": {"address": f"127.0.0.1:{port}"},
+                "response_deadline_ms": 100,
+            }
+        )
+        [summary] = asyncio.run(ReportFetcher(config).summaries(["cmpl-x"]))
+        assert summary == {"request_id": "cmpl-x", "status": "pending", "reason": summary["reason"], "flags": []}
+        assert not slow.finished.is_set(), "the fetch waited for the slow sidecar instead of the deadline"
+        down = PluginConfig.model_validate(
+            {"slots": [{"layer": 1, "sae": "unused"}], "sidecar": {"address": f"127.0.0.1:{free_port()}"}}
+        )
+        [summary] = asyncio.run(ReportFetcher(down).summaries(["cmpl-y"]))
+        assert summary["status"] == "pending"
+    finally:
+        server.stop(0)
+
+
+def test_streaming_wrapper_inserts_one_chunk_before_done() -> None:
+    from circuitwatch.plugin.responses import with_final_chunk
+
+    class Fetcher:
+        async def summaries(self, ids):
+            return [{"request_id": i, "status": "complete", "flags": []} for i in ids]
+
+    async def stream():
+        yield 'data: {"id": "chatcmpl-a", "model": "m", "created": 5, "choices": []}\n\n'
+        yield "data: [DONE]\n\n"
+
+    async def collect():
+        return [c async for c in with_final_chunk(stream(), Fetcher(), 1, "chat.completion.chunk")]
+
+    chunks = asyncio.run(collect())
+    assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 3
+    inserted = json.loads(chunks[1][len("data: ") :])
+    assert inserted["circuitwatch"]["request_id"] == "chatcmpl-a" and inserted["object"] == "chat.completion.chunk"
