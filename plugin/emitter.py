@@ -40,10 +40,10 @@ class _Item:
     def droppable(self) -> bool:
         return self.build is not None or self.message.WhichOneof("kind") == "codes"
 
-    def resolve(self) -> pb.IngestMessage:
+    def resolve(self, stats: pb.ProducerStats) -> pb.IngestMessage:
         if self.build is None:
             return self.message
-        return pb.IngestMessage(codes=pb.CodeBatch(step=self.step, slices=self.build()))
+        return pb.IngestMessage(codes=pb.CodeBatch(step=self.step, slices=self.build(), stats=stats))
 
 
 class Emitter:
@@ -104,6 +104,15 @@ class Emitter:
     def queue_depth(self) -> int:
         return self._batches_queued
 
+    def stats(self) -> pb.ProducerStats:
+        return pb.ProducerStats(
+            queue_depth=self._batches_queued,
+            batches_dropped=self.counters["batches_dropped"],
+            rows_dropped=self.counters["rows_dropped"],
+            steps_encoded=self.counters["steps_encoded"],
+            encode_ns=self.counters["encode_ns"],
+        )
+
     def _report_lost(self, item: _Item, reason: int) -> None:
         with self._cv:
             for request_id, slot, start, end in item.ranges:
@@ -156,7 +165,7 @@ class Emitter:
                     message = None
             if message is None:
                 try:
-                    message = item.resolve()  # outside the lock: may wait for a device copy
+                    message = item.resolve(self.stats())  # outside the lock: may wait for a device copy
                 except Exception:
                     log.exception("circuitwatch: building a code batch failed; its rows are reported as gaps")
                     self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)

@@ -238,6 +238,7 @@ class WorkerMonitor:
         )
         bounds = np.concatenate(([0], breaks, [len(selected)]))
         encoded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        started = time.perf_counter_ns()
         for slot in self.slots:
             hidden = captured.get(slot.config.layer)
             if hidden is None:
@@ -248,6 +249,8 @@ class WorkerMonitor:
         # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
         # event, then packs. The step path only launches kernels and enqueues.
         ready = _record_event(encoded)
+        self.emitter.counters["encode_ns"] += time.perf_counter_ns() - started
+        self.emitter.counters["steps_encoded"] += 1
         external_ids = [t.external_id for t in tracked]
         runs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
         ranges = [

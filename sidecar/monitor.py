@@ -100,6 +100,7 @@ class Monitor:
         self._waiters: dict[str, threading.Event] = {}
         self._watchers: list[_Watcher] = []
         self.report_listeners: list = []  # callables(report), e.g. the span exporter
+        self.producer_stats: dict[str, pb.ProducerStats] = {}  # latest per producer instance
         self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
 
     # --- ingest ---------------------------------------------------------------------------------------
@@ -165,6 +166,8 @@ class Monitor:
                 raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"slices[{i}]: {exc}") from None
         stream.last_step = batch.step
         stream.batches += 1
+        if batch.HasField("stats"):
+            self.producer_stats[stream.manifest.instance_id or "unknown"] = batch.stats
         touched: dict[str, RequestState] = {}
         with self._lock:
             now = self.clock()

@@ -59,7 +59,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
     monitor = Monitor(config, store)
     host = config.listen.rpartition(":")[0]
     telemetry = Telemetry.start(config.telemetry, host)
-    monitor.instruments = telemetry.instruments()
+    monitor.instruments = telemetry.instruments(monitor.producer_stats)
     monitor.report_listeners.append(telemetry.report_finished)
     stopping = threading.Event()
     token = config.auth_token()

@@ -94,11 +94,36 @@ class Telemetry:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
         return cls(tracer_provider, meter_provider)
 
-    def instruments(self):
-        """Metric instruments for the Monitor (no-ops when metrics are off)."""
-        from opentelemetry.metrics import NoOpMeterProvider
+    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None):
+        """Metric instruments for the Monitor (no-ops when metrics are off). `producer_stats` (the Monitor's
+        latest stats per producer) feeds the plugin-side metrics: queue depth, drops, encoder time."""
+        from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 
         meter = (self.meter_provider or NoOpMeterProvider()).get_meter("circuitwatch.sidecar", __version__)
+        stats = producer_stats if producer_stats is not None else {}
+
+        def observe(field: str, scale: float = 1.0):
+            def callback(_options: CallbackOptions):
+                values = ((p, getattr(s, field)) for p, s in list(stats.items()))
+                return [Observation(v * scale if scale != 1.0 else v, {"producer": p}) for p, v in values]
+
+            return [callback]
+
+        meter.create_observable_gauge(
+            "circuitwatch.producer.queue_depth", observe("queue_depth"), unit="{batch}", description="Emitter queue"
+        )
+        meter.create_observable_counter(
+            "circuitwatch.producer.batches_dropped", observe("batches_dropped"), unit="{batch}", description="Dropped"
+        )
+        meter.create_observable_counter(
+            "circuitwatch.producer.rows_dropped", observe("rows_dropped"), unit="{row}", description="Rows dropped"
+        )
+        meter.create_observable_counter(
+            "circuitwatch.producer.encode_time", observe("encode_ns", 1e-6), unit="ms", description="Encoder time"
+        )
+        meter.create_observable_counter(
+            "circuitwatch.producer.steps_encoded", observe("steps_encoded"), unit="{step}", description="Steps encoded"
+        )
         return SidecarInstruments(
             flags=meter.create_counter("circuitwatch.flags", unit="{flag}", description="Circuit matches"),
             requests=meter.create_counter(

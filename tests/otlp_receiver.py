@@ -32,7 +32,7 @@ class Collected:
                     for sm in rm.scope_metrics:
                         for metric in sm.metrics:
                             if metric.name == name:
-                                data = metric.sum if metric.HasField("sum") else metric.histogram
+                                data = getattr(metric, metric.WhichOneof("data"))
                                 found.extend(data.data_points)
             return found
 

@@ -28,7 +28,10 @@ def traffic(rng: np.random.Generator) -> tuple[list[pb.IngestMessage], list[Synt
         trace = pb.TraceContext(traceparent=f"00-{TRACE_ID}-{PARENT_SPAN}-01", tracestate="vendor=1") if i < 4 else None
         messages.append(pb.IngestMessage(start=pb.RequestStart(request_id=request.request_id, trace=trace)))
         slices = [request.slice(s, a, b) for a, b in request.chunks(6) for s in (0, 1)]
-        messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices)))
+        stats = pb.ProducerStats(
+            queue_depth=i, batches_dropped=2, rows_dropped=30, steps_encoded=10 * (i + 1), encode_ns=5_000_000
+        )
+        messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices, stats=stats)))
         messages.append(pb.IngestMessage(finish=request.finish(finish_unix_nanos=time.time_ns())))
     return messages, requests
 
@@ -88,6 +91,17 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
         collected.wait_for(lambda: sum(p.as_int for p in collected.metric_points("circuitwatch.flags")[-1:]) == flagged)
         postings = sum(len(row) for r in requests for rows in r.codes.values() for row in rows)
         collected.wait_for(lambda: collected.metric_points("circuitwatch.codes.ingested")[-1].as_int == postings)
+        # plugin-side metrics, relayed by the producer in its code batches (the latest batch: i = 5)
+        collected.wait_for(lambda: collected.metric_points("circuitwatch.producer.steps_encoded"))
+        assert collected.metric_points("circuitwatch.producer.queue_depth")[-1].as_int == 5
+        assert collected.metric_points("circuitwatch.producer.steps_encoded")[-1].as_int == 60
+        assert collected.metric_points("circuitwatch.producer.rows_dropped")[-1].as_int == 30
+        assert collected.metric_points("circuitwatch.producer.encode_time")[-1].as_double == pytest.approx(5.0)
+        producer = {
+            kv.key: kv.value.string_value
+            for kv in collected.metric_points("circuitwatch.producer.queue_depth")[-1].attributes
+        }
+        assert producer == {"producer": "test-producer"}
         latency = collected.metric_points("circuitwatch.report.latency")[-1]
         assert latency.count == len(requests) and 0 <= latency.sum / latency.count < 1000
     finally:
