@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import torch
 import yaml
+from otlp_printer import SpanPrinter  # examples/otlp_printer.py
 
 from circuitwatch.fixtures import build_fixtures
 from circuitwatch.fixtures.activations import residual_stream
@@ -151,15 +152,23 @@ def main() -> int:
     plugin = {
         "slots": [{"layer": LAYER, "sae": str(sae_dir)}, {"layer": 1, "sae": str(fixtures.sparsify_sae(1))}],
         "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
+        "response_deadline_ms": 2000,  # the demo waits for final reports (default: 50 ms, then "pending")
     }
     (WORK / "plugin.json").write_text(json.dumps(plugin, indent=2))
 
     sidecar_log, vllm_log = WORK / "sidecar.log", WORK / "vllm.log"
-    log(f"starting the sidecar on 127.0.0.1:{sidecar_port}")
+    spans = SpanPrinter()
+    log(f"starting the sidecar on 127.0.0.1:{sidecar_port}, exporting spans to a local OTLP receiver")
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": spans.endpoint,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
     sidecar = subprocess.Popen(
         [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(WORK / "sidecar.yaml")],
         stdout=subprocess.DEVNULL,
         stderr=sidecar_log.open("w"),
+        env={**os.environ, **otel},
     )
     server = None
     try:
@@ -184,38 +193,40 @@ def main() -> int:
         model = str(fixtures.model)
         for i, (kind, text) in enumerate(REQUESTS):
             request_id = f"demo-{run}-{i}"
-            headers = {"X-Request-Id": request_id}
+            trace_id = os.urandom(16).hex()
+            headers = {"X-Request-Id": request_id, "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
             if kind == "chat":
                 response = client.chat.completions.create(
                     model=model, messages=[{"role": "user", "content": text}], max_tokens=24, temperature=0,
                     extra_headers=headers,
                 )  # fmt: skip
-                answer, sidecar_id = response.choices[0].message.content, response.id
+                answer = response.choices[0].message.content
             else:
                 response = client.completions.create(
                     model=model, prompt=text, max_tokens=24, temperature=0, extra_headers=headers
                 )
-                answer, sidecar_id = response.choices[0].text, response.id
-            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=5000), timeout=10)
-            coverage = report.coverage
+                answer = response.choices[0].text
+            carried = response.model_extra["circuitwatch"]  # in the API response itself
+            coverage = carried.get("coverage", {})
             flags = ", ".join(
-                f"{f.circuit} ({pb.Severity.Name(f.severity).removeprefix('SEVERITY_').lower()}, "
-                f"{f.matching_tokens} tokens, first at position {f.evidence[0].position if f.evidence else '-'})"
-                for f in report.flags
+                f"{f['circuit']} ({f['severity']}, {f['matching_tokens']} tokens, first at {f['positions'][0]})"
+                for f in carried["flags"]
             )
-            print(f"{kind:<10} {sidecar_id}")
+            print(f"{kind:<10} {response.id}   trace {trace_id}")
             print(f"  prompt:   {text!r}")
             print(f"  answer:   {answer.strip()[:70]!r}")
-            print(f"  report:   {pb.ReportStatus.Name(report.status).removeprefix('REPORT_STATUS_').lower()}, "
-                  f"{coverage.positions_seen}/{coverage.positions_total} positions seen, "
-                  f"SAEs {', '.join(f'{s.name}@L{s.layer}' for s in report.saes)}")  # fmt: skip
-            print(f"  flags:    {flags or 'none'}\n")
+            seen, total = coverage.get("positions_seen", 0), coverage.get("positions_total", 0)
+            print(f"  response: circuitwatch.status={carried['status']}, {seen}/{total} positions seen")
+            print(f"  flags:    {flags or 'none'}")
+            span = spans.wait_for(response.id)
+            print(f"  span:     {span}\n" if span else "  span:     (not exported yet)\n")
         flagged = stub.ListReports(pb.ListReportsRequest(flagged_only=True, limit=100)).reports
         log(f"sidecar holds {len(flagged)} flagged report(s): {', '.join(r.request_id for r in flagged)}")
     finally:
         if server is not None:
             stop(server, "vLLM server")
         stop(sidecar, "sidecar")
+        spans.close()
     log(f"done in {time.monotonic() - started:.0f}s (work files in {WORK}/)")
     return 0
 
