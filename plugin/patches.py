@@ -171,14 +171,16 @@ def _patch_api_server() -> None:
 
 
 _fetcher = None
+_actions = None
 
 
 def _monitored_handler(handler, chunk_object: str):
-    """Stamp the client's trace context into vllm_xargs; put the report in the response."""
+    """Stamp the client's trace context into vllm_xargs; put the report in the response; let circuit
+    actions (abort) reach the request while it runs."""
 
     @functools.wraps(handler)
     async def wrapper(self, request, raw_request=None, *args, **kwargs):
-        global _fetcher
+        global _fetcher, _actions
         headers = getattr(raw_request, "headers", None)
         if headers is not None and headers.get("traceparent"):
             xargs = dict(request.vllm_xargs or {})
@@ -186,22 +188,36 @@ def _monitored_handler(handler, chunk_object: str):
             if headers.get("tracestate"):
                 xargs.setdefault(XARG_TRACESTATE, headers["tracestate"])
             request.vllm_xargs = xargs
-        result = await handler(self, request, raw_request, *args, **kwargs)
         config = load_plugin_config()
-        if config is None or not config.responses or not wants_monitoring(request.vllm_xargs, config):
-            return result
-        from .responses import ReportFetcher, attach, with_final_chunk
+        if config is None or not wants_monitoring(request.vllm_xargs, config):
+            return await handler(self, request, raw_request, *args, **kwargs)
+        from .responses import ActionListener, ReportFetcher, attach, with_final_chunk
 
         if _fetcher is None or _fetcher.config != config:
             _fetcher = ReportFetcher(config)
+            _actions = ActionListener(_fetcher)
+        _actions.ensure_running()
+        # ids as vLLM's OpenAI layer builds them: response id from X-Request-Id or the body request_id;
+        # completions name prompt 0 "<response id>-0" inside the engine
+        base = (headers.get("X-Request-Id") if headers is not None else None) or getattr(request, "request_id", None)
+        sidecar_id = f"{'cmpl' if chunk_object == 'text_completion' else 'chatcmpl'}-{base}" if base else None
+        if sidecar_id is not None:
+            vllm_ids = [f"{sidecar_id}-0"] if chunk_object == "text_completion" else [sidecar_id]
+            _actions.inflight[sidecar_id] = (self.engine_client, vllm_ids)
+        try:
+            result = await handler(self, request, raw_request, *args, **kwargs)
+        except BaseException:
+            _actions.inflight.pop(sidecar_id, None)
+            raise
         n = getattr(request, "n", 1) or 1
         if hasattr(result, "__aiter__"):
-            return with_final_chunk(result, _fetcher, n, chunk_object)
+            return with_final_chunk(result, _fetcher, n, chunk_object, _actions, enabled=config.responses)
+        _actions.inflight.pop(sidecar_id, None)
         response_id = getattr(result, "id", None)
-        if response_id is None or not hasattr(result, "choices"):  # an error response
+        if not config.responses or response_id is None or not hasattr(result, "choices"):  # an error response
             return result
         ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
-        result.circuitwatch = attach(await _fetcher.summaries(ids))
+        result.circuitwatch = attach(await _fetcher.summaries(ids), _actions.aborted.pop(response_id, None))
         return result
 
     return wrapper

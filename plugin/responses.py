@@ -103,35 +103,102 @@ class ReportFetcher:
             return [pending(i, "error fetching the report") for i in request_ids]
 
 
-def attach(summaries: list[dict]) -> dict:
-    """The `circuitwatch` field: one request's summary, or per-choice summaries for n > 1."""
-    if len(summaries) == 1:
-        return summaries[0]
-    return {"status": "per_choice", "choices": summaries}
+def attach(summaries: list[dict], aborted_by: str | None = None) -> dict:
+    """The `circuitwatch` field: one request's summary, or per-choice summaries for n > 1; `aborted_by`
+    names the circuit whose action stopped the request."""
+    field = summaries[0] if len(summaries) == 1 else {"status": "per_choice", "choices": summaries}
+    if aborted_by:
+        field["aborted_by"] = aborted_by
+    return field
 
 
 async def with_final_chunk(
-    stream: AsyncIterator[str], fetcher: ReportFetcher, n: int, chunk_object: str
+    stream: AsyncIterator[str],
+    fetcher: ReportFetcher,
+    n: int,
+    chunk_object: str,
+    actions: ActionListener | None = None,
+    enabled: bool = True,
 ) -> AsyncIterator[str]:
-    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`."""
+    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`.
+
+    The request stays registered for circuit actions until its stream ends."""
     response_id = model = None
     created = 0
-    async for chunk in stream:
-        if response_id is None and chunk.startswith("data: {"):
+    try:
+        async for chunk in stream:
+            if response_id is None and chunk.startswith("data: {"):
+                try:
+                    first = json.loads(chunk[len("data: ") :])
+                    response_id, model, created = first.get("id"), first.get("model"), first.get("created", 0)
+                except ValueError:
+                    pass
+            if chunk.strip() == "data: [DONE]" and response_id is not None and enabled:
+                ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
+                aborted_by = actions.aborted.pop(response_id, None) if actions is not None else None
+                final = {
+                    "id": response_id,
+                    "object": chunk_object,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "circuitwatch": attach(await fetcher.summaries(ids), aborted_by),
+                }
+                yield f"data: {json.dumps(final)}\n\n"
+            yield chunk
+    finally:
+        if actions is not None and response_id is not None:
+            actions.inflight.pop(response_id, None)
+
+
+class ActionListener:
+    """API-server side of circuit actions: follows the sidecar's WatchActions stream and aborts matching
+    in-flight requests through vLLM's normal abort path. One per process, started at the first monitored
+    request, on the server's event loop; it reconnects with back-off while the sidecar is away."""
+
+    def __init__(self, fetcher: ReportFetcher) -> None:
+        self.fetcher = fetcher
+        self.inflight: dict[str, tuple[object, list[str]]] = {}  # sidecar id -> (engine client, vLLM ids)
+        self.aborted: dict[str, str] = {}  # sidecar id -> circuit that asked for it
+        self._task: asyncio.Task | None = None
+
+    def ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        backoff = self.fetcher.config.sidecar.reconnect_min_s
+        while True:
             try:
-                first = json.loads(chunk[len("data: ") :])
-                response_id, model, created = first.get("id"), first.get("model"), first.get("created", 0)
-            except ValueError:
-                pass
-        if chunk.strip() == "data: [DONE]" and response_id is not None:
-            ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
-            final = {
-                "id": response_id,
-                "object": chunk_object,
-                "created": created,
-                "model": model,
-                "choices": [],
-                "circuitwatch": attach(await fetcher.summaries(ids)),
-            }
-            yield f"data: {json.dumps(final)}\n\n"
-        yield chunk
+                stream = self.fetcher._client().WatchActions(
+                    pb.WatchActionsRequest(), metadata=self.fetcher._metadata()
+                )
+                async for notice in stream:
+                    backoff = self.fetcher.config.sidecar.reconnect_min_s
+                    await self._act(notice)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the sidecar is away: try again later, never disturb serving
+                log.debug("circuitwatch: action stream interrupted (%s)", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.fetcher.config.sidecar.reconnect_max_s)
+
+    async def _act(self, notice: pb.ActionNotice) -> None:
+        if notice.action != "abort":
+            return
+        # a parallel-sampling child "<i>_<id>" stops its whole request
+        request_id = (
+            notice.request_id.split("_", 1)[1]
+            if notice.request_id[:1].isdigit() and "_" in notice.request_id
+            else notice.request_id
+        )
+        target = self.inflight.get(request_id) or self.inflight.get(notice.request_id)
+        if target is None:
+            return
+        engine_client, vllm_ids = target
+        self.aborted[request_id] = notice.circuit
+        log.warning("circuitwatch: aborting %s: circuit %s matched", request_id, notice.circuit)
+        try:
+            await engine_client.abort(vllm_ids)
+        except Exception:
+            log.exception("circuitwatch: could not abort %s", request_id)

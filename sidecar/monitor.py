@@ -99,6 +99,7 @@ class Monitor:
         self._next_seq = 1
         self._waiters: dict[str, threading.Event] = {}
         self._watchers: list[_Watcher] = []
+        self._action_watchers: list[queue.Queue] = []
         self.report_listeners: list = []  # callables(report), e.g. the span exporter
         self.producer_stats: dict[str, pb.ProducerStats] = {}  # latest per producer instance
         self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
@@ -189,8 +190,7 @@ class Monitor:
                 )
                 replaced = state.add_slice(gslot, arrays, uids, now)
                 self.index.supersede(replaced)
-                if state.pending_finish is not None:
-                    touched[state.request_id] = state
+                touched[state.request_id] = state
                 record = self.requests.get(state.seq)
                 if record is None:
                     self._seq_by_id[state.request_id] = state.seq
@@ -205,7 +205,49 @@ class Monitor:
             self.counters["batches"] += 1
             self.instruments.postings.add(sum(len(a.feature_ids) for a in decoded))
             for state in touched.values():
-                self._finalize_if_covered(state)
+                self._check_actions(state)
+                if state.pending_finish is not None:
+                    self._finalize_if_covered(state)
+
+    def _check_actions(self, state: RequestState) -> None:
+        """Circuits with an action (abort) are evaluated as codes arrive; a match is announced once."""
+        circuits = [c for c in self.circuits.circuits if c.action and c.name not in state.actions_sent]
+        if not circuits or not self._action_watchers:
+            return
+        seen = np.unique(np.concatenate(list(state.seen_positions().values()) or [np.empty(0, np.int64)]))
+        num_prompt = state.num_prompt_tokens or state.first_generated_position(
+            default=int(seen[-1]) + 1 if len(seen) else 0
+        )
+        for circuit in circuits:
+            positions = state.evaluate(circuit, num_prompt, seen)
+            if len(positions) >= circuit.min_tokens:
+                state.actions_sent.add(circuit.name)
+                notice = pb.ActionNotice(
+                    request_id=state.request_id,
+                    circuit=circuit.name,
+                    action=circuit.action,
+                    severity=circuit.severity,
+                    matching_tokens=len(positions),
+                    unix_nanos=self.clock(),
+                )
+                self.counters["actions"] += 1
+                log.warning("circuit %s asks to %s request %s", circuit.name, circuit.action, state.request_id)
+                for watcher in list(self._action_watchers):
+                    try:
+                        watcher.put_nowait(notice)
+                    except queue.Full:
+                        self.counters["actions_dropped"] += 1
+
+    def watch_actions(self) -> queue.Queue:
+        watcher: queue.Queue = queue.Queue(WATCH_QUEUE)
+        with self._lock:
+            self._action_watchers.append(watcher)
+        return watcher
+
+    def unwatch_actions(self, watcher: queue.Queue) -> None:
+        with self._lock:
+            if watcher in self._action_watchers:
+                self._action_watchers.remove(watcher)
 
     def _finalize_if_covered(self, state: RequestState) -> None:
         """A finished request whose announced positions all have codes or declared gaps is final now."""
@@ -246,6 +288,7 @@ class Monitor:
             state.labels = list(start.labels)
             state.trace.CopyFrom(start.trace)
             state.producer_gaps.extend(start.gaps)
+            state.num_prompt_tokens = start.num_prompt_tokens
             if start.arrival_unix_nanos:
                 state.arrival_ns = start.arrival_unix_nanos
 

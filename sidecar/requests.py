@@ -77,6 +77,8 @@ class RequestState:
         self.pending_finish: pb.RequestFinish | None = None
         self.finish_deadline_ns = 0
         self.finish_received_ns = 0
+        self.num_prompt_tokens = 0
+        self.actions_sent: set[str] = set()
 
     def bind(self, slots: dict[int, int]) -> None:
         """(Re)attach to a producer stream's slot map; a reconnecting producer brings the same SAEs."""

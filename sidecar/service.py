@@ -75,6 +75,17 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         finally:
             self.monitor.unwatch(watcher)
 
+    def WatchActions(self, request: pb.WatchActionsRequest, context: grpc.ServicerContext) -> Iterator[pb.ActionNotice]:
+        watcher = self.monitor.watch_actions()
+        try:
+            while context.is_active() and not (self._stopping and self._stopping.is_set()):
+                try:
+                    yield watcher.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+        finally:
+            self.monitor.unwatch_actions(watcher)
+
     def QueryRequests(
         self, request: pb.QueryRequestsRequest, context: grpc.ServicerContext
     ) -> pb.QueryRequestsResponse:

@@ -28,8 +28,34 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 ALWAYS = "circuits:\n  - {name: always, severity: low, when: {not: {layer: 1, feature: 7, min_activation: 1000000}}}\n"
 
 
-def start_sidecar(tmp_path: Path, port: int) -> subprocess.Popen:
-    (tmp_path / "circuits.yaml").write_text(ALWAYS)
+PROMPT_TO_STOP = "Keyword arguments and lambda forms can be combined in a call"
+PROMPT_TO_KEEP = "The import statement finds a module and loads it"
+
+
+def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
+    """A layer-1 feature (activation >= 1) somewhere in one prompt and nowhere in the other (independent
+    ground truth: transformers + the reference encoder), for an abort circuit that must hit one request."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitwatch.fixtures.activations import residual_stream
+    from circuitwatch.kernels import ReferenceEncoder, load_sae
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
+    encoder = ReferenceEncoder(load_sae(fixtures.topk_sae(1)))
+
+    def fired(text: str) -> torch.Tensor:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        return (encoder.activations(residual_stream(model, ids, [1])[1][0]) >= 1.0).any(dim=0)
+
+    candidates = torch.nonzero(fired(present) & ~fired(absent)).flatten()
+    assert len(candidates), "no feature separates the two prompts"
+    return int(candidates[0])
+
+
+def start_sidecar(tmp_path: Path, port: int, extra_circuits: str = "") -> subprocess.Popen:
+    (tmp_path / "circuits.yaml").write_text(ALWAYS + extra_circuits)
     config = tmp_path / "sidecar.yaml"
     config.write_text(f"listen: 127.0.0.1:{port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n")
     process = subprocess.Popen(
@@ -46,7 +72,12 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
     from openai import OpenAI
 
     sidecar_port, vllm_port = free_port(), free_port()
-    sidecar = start_sidecar(tmp_path, sidecar_port)
+    stop_feature = feature_only_in(fixtures, PROMPT_TO_STOP, PROMPT_TO_KEEP)
+    abort_circuit = (
+        f"  - {{name: stop-it, action: abort, severity: critical, scope: prompt,"
+        f" when: {{layer: 1, feature: {stop_feature}, min_activation: 1.0}}}}\n"
+    )
+    sidecar = start_sidecar(tmp_path, sidecar_port, abort_circuit)
     # a generous deadline so a loaded CI machine still sees final reports; the deadline itself is unit-tested
     plugin = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, response_deadline_ms=3000)
     server = start_vllm(fixtures, tmp_path, vllm_port, plugin)
@@ -60,7 +91,7 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         assert carried["request_id"] == response.id
         assert carried["status"] == "complete"
         assert carried["coverage"]["positions_total"] == report.coverage.positions_total > 0
-        assert [f["circuit"] for f in carried["flags"]] == ["always"]
+        assert [f["circuit"] for f in carried["flags"]] == ["always"]  # this prompt does not trip stop-it
         assert carried["flags"][0]["matching_tokens"] == report.coverage.positions_total
         assert carried["max_severity"] == "low"
 
@@ -79,6 +110,23 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         per_choice = siblings.model_extra["circuitwatch"]["choices"]
         assert [c["request_id"] for c in per_choice] == [f"0_{siblings.id}", f"1_{siblings.id}"]
         assert all(c["status"] == "complete" for c in per_choice)
+
+        # an abort circuit stops only its own request, through vLLM's abort path, and the response says why
+        from concurrent.futures import ThreadPoolExecutor
+
+        def long_completion(prompt: str):
+            return client.completions.create(
+                model=model, prompt=prompt, max_tokens=300, temperature=0, extra_body={"ignore_eos": True}
+            )
+
+        with ThreadPoolExecutor(2) as pool:
+            stopped, kept = pool.map(long_completion, [PROMPT_TO_STOP, PROMPT_TO_KEEP])
+        assert stopped.choices[0].finish_reason == "abort"
+        assert stopped.usage.completion_tokens < 300
+        assert stopped.model_extra["circuitwatch"]["aborted_by"] == "stop-it"
+        assert "stop-it" in [f["circuit"] for f in stopped.model_extra["circuitwatch"]["flags"]]
+        assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 300
+        assert "aborted_by" not in kept.model_extra["circuitwatch"]
 
         opted_out = client.completions.create(
             model=model, prompt="x", max_tokens=2, extra_body={"vllm_xargs": {"circuitwatch_monitor": False}}

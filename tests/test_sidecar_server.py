@@ -505,3 +505,48 @@ def test_declared_gaps_finalise_without_waiting(tmp_path: Path) -> None:
             (0, 4, 8, pb.GAP_REASON_BACKPRESSURE),
             (1, 4, 8, pb.GAP_REASON_BACKPRESSURE),
         }
+
+
+def test_abort_actions_are_announced_once_for_the_matching_request(tmp_path: Path) -> None:
+    circuits = write(
+        tmp_path / "c.yaml",
+        "circuits:\n"
+        "  - {name: stop-f5, action: abort, severity: critical, when: {layer: 1, feature: 5, min_activation: 1.0}}\n",
+    )
+    hit = SyntheticRequest(request_id="hit", num_prompt=6, num_positions=6, tokens=list(range(6)))
+    hit.codes = {0: [{}, {5: 2.0}, {}, {5: 3.0}, {}, {}], 1: [{}] * 6}
+    miss = SyntheticRequest(request_id="miss", num_prompt=6, num_positions=6, tokens=list(range(6)))
+    miss.codes = {0: [{5: 0.5}] * 6, 1: [{5: 2.0}] * 6}  # below threshold / other layer
+    with running_sidecar(tmp_path, circuits=[circuits]) as (_, client):
+        call = client.stub.WatchActions(pb.WatchActionsRequest())
+        notices: list[pb.ActionNotice] = []
+
+        def collect() -> None:
+            try:
+                notices.extend(call)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.CANCELLED
+
+        watcher = threading.Thread(target=collect)
+        watcher.start()
+        time.sleep(0.3)
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(step=1, slices=[r.slice(s, 0, 2) for r in (hit, miss) for s in (0, 1)])
+                ),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(step=2, slices=[r.slice(s, 2, 6) for r in (hit, miss) for s in (0, 1)])
+                ),
+            ]
+        )
+        deadline = time.monotonic() + 5
+        while not notices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        call.cancel()
+        watcher.join()
+        assert [(n.request_id, n.circuit, n.action, n.matching_tokens) for n in notices] == [
+            ("hit", "stop-f5", "abort", 1)
+        ]
