@@ -103,11 +103,31 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+_cache: dict[tuple, PluginConfig | None] = {}
+
+
 def load_plugin_config(
     additional_config: dict[str, Any] | None = None, env: dict[str, str] | None = None
 ) -> PluginConfig | None:
-    """The configuration, or None when the plugin is installed but not configured (it then does nothing)."""
+    """The configuration, or None when the plugin is installed but not configured (it then does nothing).
+
+    Called on per-request paths (API handlers, the engine core's scheduler hooks), so a parsed configuration
+    is reused while the file (path, modification time) and the additional config are unchanged.
+    """
     env = os.environ if env is None else env
+    path = env.get(ENV_VAR) or ""
+    try:
+        mtime = Path(path).stat().st_mtime_ns if path else 0
+    except OSError:
+        mtime = -1
+    extra = json.dumps((additional_config or {}).get(ADDITIONAL_CONFIG_KEY), sort_keys=True, default=str)
+    key = (path, mtime, extra)
+    if key not in _cache:
+        _cache[key] = _load(additional_config, env)
+    return _cache[key]
+
+
+def _load(additional_config: dict[str, Any] | None, env) -> PluginConfig | None:
     data: dict[str, Any] = {}
     sources = []
     if env.get(ENV_VAR):
