@@ -188,7 +188,8 @@ def _monitored_handler(handler, chunk_object: str):
             if headers.get("tracestate"):
                 xargs.setdefault(XARG_TRACESTATE, headers["tracestate"])
             request.vllm_xargs = xargs
-        config = load_plugin_config()
+        vllm_config = getattr(self.engine_client, "vllm_config", None)
+        config = load_plugin_config(getattr(vllm_config, "additional_config", None))
         if config is None or not wants_monitoring(request.vllm_xargs, config):
             return await handler(self, request, raw_request, *args, **kwargs)
         from .responses import ActionListener, ReportFetcher, attach, with_final_chunk
