@@ -183,7 +183,7 @@ class Emitter:
             channel = self._channel()
             try:
                 # Open a stream only on a ready channel, so nothing leaves the queue while the sidecar is down.
-                grpc.channel_ready_future(channel).result(timeout=max(backoff, 0.5))
+                grpc.channel_ready_future(channel).result(timeout=max(backoff, 2.0))
                 stub = pb_grpc.MonitorStub(channel)
                 self.connected = True
                 stub.Ingest(self._messages(done), metadata=self._metadata())

@@ -34,7 +34,7 @@ def engine(fixtures: FixturePaths, tmp_path: Path, monkeypatch, **plugin):
 
 
 def report(stub, request_id: str, wait_ms: int = 10_000) -> pb.Report:
-    return stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=wait_ms), timeout=30)
+    return stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=wait_ms), timeout=60)
 
 
 def test_opt_in_labels_and_parallel_sampling(fixtures: FixturePaths, tmp_path: Path, monkeypatch) -> None:

@@ -82,7 +82,7 @@ def test_codes_equal_ground_truth(
 
         problems = {}
         for request_id, prompt, generated in outputs:
-            report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=10_000), timeout=30)
+            report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=30_000), timeout=60)
             tokens = prompt + generated
             import circuitwatch.plugin.engine as engine
 
@@ -134,7 +134,7 @@ def test_preempted_requests_recompute_and_still_match(
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
         for output in outputs:
             tokens = list(output.prompt_token_ids) + list(output.outputs[0].token_ids)
-            report = stub.GetReport(pb.GetReportRequest(request_id=output.request_id, wait_ms=10_000), timeout=30)
+            report = stub.GetReport(pb.GetReportRequest(request_id=output.request_id, wait_ms=30_000), timeout=60)
             assert report.status == pb.REPORT_STATUS_COMPLETE, (output.request_id, report.coverage)
             problems = ground_truth.mismatches(tokens, codes_in_sidecar(stub, output.request_id))
             assert not problems, (output.request_id, problems[:5])

