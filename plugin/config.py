@@ -55,7 +55,8 @@ class SidecarTarget(_Strict):
 
 class PluginConfig(_Strict):
     slots: list[SlotConfig] = Field(min_length=1)
-    encoder_backend: Literal["torch"] = "torch"
+    # torch (reference) | onnx (ONNX Runtime) | auto (measured at start-up, logged)
+    encoder_backend: Literal["torch", "onnx", "auto"] = "torch"
     max_codes_per_token: int = Field(64, gt=0)
     sidecar: SidecarTarget = SidecarTarget()
     monitor: Literal["all", "opt-in"] = "all"

@@ -20,6 +20,7 @@ import torch
 
 from circuitwatch import __version__
 from circuitwatch.kernels import Codes, CodeSelection, ReferenceEncoder, Sae, SelectionMode, default_selection, load_sae
+from circuitwatch.kernels.encoders import make_encoder
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
@@ -66,7 +67,7 @@ class Slot:
     number: int
     config: SlotConfig
     sae: Sae
-    encoder: ReferenceEncoder
+    encoder: ReferenceEncoder  # or any backend with the same encode() and selection
 
 
 @dataclass
@@ -94,7 +95,8 @@ class WorkerMonitor:
         self.slots: list[Slot] = []
         for number, slot in enumerate(config.slots):
             sae = load_sae(slot.sae, slot.format, expected_d_in=hidden_size, name=slot.name)
-            encoder = ReferenceEncoder(sae, _selection(slot, sae, config.max_codes_per_token), device=device)
+            selection = _selection(slot, sae, config.max_codes_per_token)
+            encoder = make_encoder(sae, selection, config.encoder_backend, device)
             self.slots.append(Slot(number, slot, sae, encoder))
         present = set(install_taps(model, [s.config.layer for s in self.slots]))
         self.slots = [s for s in self.slots if s.config.layer in present]

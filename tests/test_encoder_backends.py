@@ -1,0 +1,107 @@
+"""Every encoder backend returns exactly the reference codes: random and fixture SAEs, every architecture and
+normalisation, exact ties, all-negative rows, k larger than the active features, empty batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.fixtures.sae_writers import write_saelens
+from circuitwatch.kernels import CodeSelection, ReferenceEncoder, SelectionMode, load_sae
+from circuitwatch.kernels.encoders import make_encoder
+
+from test_formats import random_tensors
+
+BACKENDS = ["onnx"]
+
+
+def same_codes(sae, selection, x, backend: str, tol: float = 1e-5) -> None:
+    expected = ReferenceEncoder(sae, selection).encode(x)
+    got = make_encoder(sae, selection, backend).encode(x)
+    assert got.ids.shape == expected.ids.shape
+    assert torch.equal(got.ids, expected.ids), (got.ids[:3], expected.ids[:3])
+    assert torch.allclose(got.values, expected.values, atol=tol, rtol=1e-5)
+
+
+def inputs(rows: int = 64, d_in: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(rows, d_in)).astype(np.float32) * 1.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_architectures_and_normalisations(tmp_path: Path, backend: str, architecture: str, normalize: str) -> None:
+    k = 7 if architecture == "topk" else None
+    path = write_saelens(
+        tmp_path / "sae", architecture, random_tensors(1, architecture), k=k, normalize_activations=normalize
+    )
+    sae = load_sae(path)
+    for selection in (None, CodeSelection(SelectionMode.THRESHOLD, 5), CodeSelection(SelectionMode.ARGMAX)):
+        same_codes(sae, selection, inputs(), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ties_all_negative_rows_wide_k_and_empty_batches(tmp_path: Path, backend: str) -> None:
+    tensors = random_tensors(2, "standard")
+    tensors["W_enc"][:, 10] = tensors["W_enc"][:, 3]  # features 3 and 10 tie exactly on every input
+    tensors["b_enc"][10] = tensors["b_enc"][3]
+    tensors["W_enc"][:, 40] = tensors["W_enc"][:, 3]
+    tensors["b_enc"][40] = tensors["b_enc"][3]
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
+    x = inputs(rows=32)
+    x[5] = 0.0
+    for selection in (
+        CodeSelection(SelectionMode.TOPK, 2),
+        CodeSelection(SelectionMode.TOPK, 1),
+        CodeSelection(SelectionMode.ARGMAX),
+    ):
+        same_codes(sae, selection, x, backend)
+    # all-negative rows: a large negative bias silences every feature
+    tensors["b_enc"] = torch.full_like(tensors["b_enc"], -100.0)
+    silent = load_sae(write_saelens(tmp_path / "silent", "standard", tensors))
+    codes = make_encoder(silent, CodeSelection(SelectionMode.TOPK, 4), backend).encode(x)
+    assert (codes.ids == -1).all() and (codes.values == 0).all()
+    # k larger than the features that fire, and than d_sae itself
+    same_codes(sae, CodeSelection(SelectionMode.THRESHOLD, 200), x, backend)
+    empty = make_encoder(sae, CodeSelection(SelectionMode.TOPK, 4), backend).encode(torch.zeros(0, 24))
+    assert empty.ids.shape == (0, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fixture_saes_on_real_activations(fixtures: FixturePaths, backend: str) -> None:
+    from test_formats import fixture_cases
+
+    rng = np.random.default_rng(3)
+    for path, _, _ in fixture_cases(fixtures):
+        sae = load_sae(path)
+        # residual-stream-like rows: scaled like the fixture model's activations
+        x = torch.from_numpy(rng.normal(size=(48, 128)).astype(np.float32) * 2.0)
+        same_codes(sae, None, x, backend, tol=1e-4)
+
+
+def test_onnx_file_is_cached_next_to_the_sae(tmp_path: Path) -> None:
+    sae = load_sae(write_saelens(tmp_path / "sae", "jumprelu", random_tensors(4, "jumprelu")))
+    first = make_encoder(sae, None, "onnx")
+    assert first.path.parent == tmp_path / "sae" / ".circuitwatch" and first.path.is_file()
+    stamp = first.path.stat().st_mtime_ns
+    second = make_encoder(sae, None, "onnx")
+    assert second.path == first.path and second.path.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_auto_picks_a_backend_by_measuring(tmp_path: Path, caplog) -> None:
+    sae = load_sae(write_saelens(tmp_path / "sae", "topk", random_tensors(5, "topk"), k=8))
+    with caplog.at_level("INFO"):
+        encoder = make_encoder(sae, None, "auto")
+    assert encoder.name in ("torch", "onnx")
+    assert "calibration" in caplog.text
+    same_codes(sae, None, inputs(), encoder.name)
+
+
+def test_unknown_backend_is_a_clear_error(tmp_path: Path) -> None:
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(6, "standard")))
+    with pytest.raises(ValueError, match="unknown encoder backend 'cuda-magic'"):
+        make_encoder(sae, None, "cuda-magic")
