@@ -51,11 +51,11 @@ def main() -> None:
     shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {device_name}; TopK SAE, k={K}")
     print(
-        f"device: {torch.cuda.get_device_name() if args.gpu else f'CPU, {torch.get_num_threads()} threads'}; TopK SAE, k={K}"
-    )
-    print(
-        f"{'d_in':>5} {'d_sae':>6} {'batch':>6} {'GEMM tok/s':>11} {'backend':>8} {'tok/s':>11} {'/GEMM':>6} {'/mm+topk':>9}"
+        f"{'d_in':>5} {'d_sae':>6} {'batch':>6} {'GEMM tok/s':>11} {'backend':>8} {'tok/s':>11} "
+        f"{'/GEMM':>6} {'/mm+topk':>9}"
     )
     for d_in, d_sae in shapes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -73,10 +73,10 @@ def main() -> None:
                 if batch * d_sae > 64 * 2**20 and not args.gpu:
                     continue  # keeps a CPU run to a few minutes
                 x = torch.randn(batch, d_in, device=device)
-                gemm = timed(lambda: x @ W, device, args.repeats)
-                topk = timed(lambda: torch.topk(x @ W, K, dim=1), device, args.repeats)
+                gemm = timed(lambda x=x, W=W: x @ W, device, args.repeats)
+                topk = timed(lambda x=x, W=W: torch.topk(x @ W, K, dim=1), device, args.repeats)
                 for name, encoder in encoders.items():
-                    t = timed(lambda e=encoder: e.encode(x), device, args.repeats)
+                    t = timed(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
                     print(
                         f"{d_in:>5} {d_sae:>6} {batch:>6} {batch / gemm:>11,.0f} {name:>8} {batch / t:>11,.0f} "
                         f"{t / gemm:>6.2f} {t / topk:>9.2f}"
