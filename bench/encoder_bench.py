@@ -67,7 +67,8 @@ def main() -> None:
             }
             sae = load_sae(write_saelens(Path(tmp) / "sae", "topk", tensors, k=K))
             selection = CodeSelection(SelectionMode.TOPK, K)
-            encoders = {name: make_encoder(sae, selection, name, device) for name in ("torch", "onnx")}
+            names = ("torch", "onnx", "triton") if args.gpu else ("torch", "onnx")
+            encoders = {name: make_encoder(sae, selection, name, device) for name in names}
             W = tensors["W_enc"].to(device)
             for batch in batches:
                 if batch * d_sae > 64 * 2**20 and not args.gpu:
@@ -77,10 +78,16 @@ def main() -> None:
                 topk = timed(lambda x=x, W=W: torch.topk(x @ W, K, dim=1), device, args.repeats)
                 for name, encoder in encoders.items():
                     t = timed(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
-                    print(
+                    line = (
                         f"{d_in:>5} {d_sae:>6} {batch:>6} {batch / gemm:>11,.0f} {name:>8} {batch / t:>11,.0f} "
                         f"{t / gemm:>6.2f} {t / topk:>9.2f}"
                     )
+                    if args.gpu:  # achieved rates; bare GEMM's are the practical roofline of this device
+                        flops = 2 * batch * d_in * d_sae
+                        moved = 4 * (batch * d_in + d_in * d_sae + 2 * batch * K)
+                        line += f"  {flops / t / 1e12:6.1f} TFLOP/s {moved / t / 1e9:7.1f} GB/s"
+                        line += f"  (GEMM {flops / gemm / 1e12:6.1f} TFLOP/s)"
+                    print(line)
 
 
 if __name__ == "__main__":

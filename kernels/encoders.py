@@ -2,6 +2,7 @@
 
 - torch: the reference encoder (CPU or CUDA).
 - onnx: ONNX Runtime (CPU here; CUDA with IO binding where onnxruntime-gpu is installed).
+- triton: the fused Triton kernel on CUDA (on CPU only under TRITON_INTERPRET=1, which tests use).
 - auto: a short measured calibration at start-up picks the fastest available backend for this device and
   shape, and logs the timings.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import torch
@@ -19,7 +21,7 @@ from .spec import Sae
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "auto")
+BACKENDS = ("torch", "onnx", "triton", "auto")
 CALIBRATION_ROWS = 256
 CALIBRATION_RUNS = 5
 
@@ -35,6 +37,12 @@ def _build(name: str, sae: Sae, selection: CodeSelection | None, device: torch.d
         from .onnx_encoder import OnnxEncoder
 
         return OnnxEncoder(sae, selection, device)
+    if name == "triton":
+        if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton encoder backend needs a CUDA device (on CPU only under TRITON_INTERPRET=1)")
+        from .triton_encoder import TritonEncoder
+
+        return TritonEncoder(sae, selection, device)
     raise ValueError(f"unknown encoder backend {name!r} (supported: {', '.join(BACKENDS)})")
 
 
@@ -44,7 +52,8 @@ def make_encoder(
     if backend != "auto":
         return _build(backend, sae, selection, device)
     candidates = {}
-    for name in ("torch", "onnx"):
+    names = ("torch", "onnx", "triton") if torch.device(device).type == "cuda" else ("torch", "onnx")
+    for name in names:
         try:
             candidates[name] = _build(name, sae, selection, device)
         except ImportError as exc:

@@ -3,6 +3,9 @@ normalisation, exact ties, all-negative rows, k larger than the active features,
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,9 @@ from circuitwatch.kernels.encoders import make_encoder
 
 from test_formats import random_tensors
 
-BACKENDS = ["onnx"]
+# The Triton kernel is checked by the same cases in a child process (see test_triton_kernel_...): its
+# interpreter must be on before Triton is first imported, and must not leak into vLLM in this process.
+BACKENDS = [b for b in os.environ.get("CIRCUITWATCH_TEST_BACKENDS", "onnx").split(",") if b]
 
 
 def same_codes(sae, selection, x, backend: str, tol: float = 1e-5) -> None:
@@ -46,22 +51,29 @@ def test_architectures_and_normalisations(tmp_path: Path, backend: str, architec
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ties_all_negative_rows_wide_k_and_empty_batches(tmp_path: Path, backend: str) -> None:
+    # integer-valued weights and inputs: every summation order is exact, so ties are real in every backend
+    g = torch.Generator().manual_seed(2)
     tensors = random_tensors(2, "standard")
-    tensors["W_enc"][:, 10] = tensors["W_enc"][:, 3]  # features 3 and 10 tie exactly on every input
-    tensors["b_enc"][10] = tensors["b_enc"][3]
-    tensors["W_enc"][:, 40] = tensors["W_enc"][:, 3]
-    tensors["b_enc"][40] = tensors["b_enc"][3]
+    tensors["W_enc"] = torch.randint(-3, 4, (24, 80), generator=g).float()
+    tensors["b_enc"] = torch.randint(-2, 3, (80,), generator=g).float()
+    tensors["b_dec"] = torch.zeros(24)
+    for column in (10, 40, 77):  # features 10, 40 and 77 tie with feature 3 on every input
+        tensors["W_enc"][:, column] = tensors["W_enc"][:, 3]
+        tensors["b_enc"][column] = tensors["b_enc"][3]
     sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
-    x = inputs(rows=32)
+    x = torch.randint(-2, 3, (32, 24), generator=g).float()
     x[5] = 0.0
+    acts = ReferenceEncoder(sae).activations(x)
+    assert ((acts[:, 3] > 0) & (acts[:, 3] == acts[:, 10])).any(), "the data must contain active ties"
     for selection in (
         CodeSelection(SelectionMode.TOPK, 2),
         CodeSelection(SelectionMode.TOPK, 1),
         CodeSelection(SelectionMode.ARGMAX),
+        CodeSelection(SelectionMode.THRESHOLD, 6),
     ):
         same_codes(sae, selection, x, backend)
     # all-negative rows: a large negative bias silences every feature
-    tensors["b_enc"] = torch.full_like(tensors["b_enc"], -100.0)
+    tensors["b_enc"] = torch.full_like(tensors["b_enc"], -1000.0)
     silent = load_sae(write_saelens(tmp_path / "silent", "standard", tensors))
     codes = make_encoder(silent, CodeSelection(SelectionMode.TOPK, 4), backend).encode(x)
     assert (codes.ids == -1).all() and (codes.values == 0).all()
@@ -79,8 +91,17 @@ def test_fixture_saes_on_real_activations(fixtures: FixturePaths, backend: str) 
     for path, _, _ in fixture_cases(fixtures):
         sae = load_sae(path)
         # residual-stream-like rows: scaled like the fixture model's activations
-        x = torch.from_numpy(rng.normal(size=(48, 128)).astype(np.float32) * 2.0)
+        rows = 8 if backend == "triton" else 48  # the Triton interpreter is slow; the kernel is the same
+        x = torch.from_numpy(rng.normal(size=(rows, 128)).astype(np.float32) * 2.0)
         same_codes(sae, None, x, backend, tol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_up_to_128(tmp_path: Path, backend: str) -> None:
+    tensors = random_tensors(8, "standard")
+    tensors["b_enc"] = tensors["b_enc"] + 2.0  # most of the 80 features fire
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
+    same_codes(sae, CodeSelection(SelectionMode.THRESHOLD, 128), inputs(rows=8), backend)
 
 
 def test_onnx_file_is_cached_next_to_the_sae(tmp_path: Path) -> None:
@@ -99,6 +120,29 @@ def test_auto_picks_a_backend_by_measuring(tmp_path: Path, caplog) -> None:
     assert encoder.name in ("torch", "onnx")
     assert "calibration" in caplog.text
     same_codes(sae, None, inputs(), encoder.name)
+
+
+@pytest.mark.skipif(os.environ.get("CIRCUITWATCH_TEST_BACKENDS") is not None, reason="already the child run")
+def test_triton_kernel_matches_the_reference_under_the_interpreter() -> None:
+    """No GPU here: every equivalence case above, for the fused Triton kernel, under TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CIRCUITWATCH_TEST_BACKENDS": "triton"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_triton_on_cpu_needs_the_interpreter(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(7, "standard")))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_encoder(sae, None, "triton")
 
 
 def test_unknown_backend_is_a_clear_error(tmp_path: Path) -> None:
