@@ -353,6 +353,7 @@ class Monitor:
                 pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots
             ]
             missing_reason = pb.GAP_REASON_STREAM_ENDED
+        gaps = [g for g in gaps if g.end > g.start]  # an empty range says nothing: never report it
         if not state.slots and total:
             # no codes ever arrived: no SAE is known for this request, so the gap covers every slot
             gaps.append(pb.Gap(slot=ALL_SLOTS, start=0, end=total, reason=missing_reason))

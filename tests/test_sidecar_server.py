@@ -548,3 +548,24 @@ def test_abort_actions_are_announced_once_for_the_matching_request(tmp_path: Pat
         assert [(n.request_id, n.circuit, n.action, n.matching_tokens) for n in notices] == [
             ("hit", "stop-f5", "abort", 1)
         ]
+
+
+def test_an_empty_declared_gap_does_not_make_a_report_incomplete(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(14), "covered")
+    with running_sidecar(tmp_path) as (_, client):
+        empty = [pb.Gap(slot=0, start=3, end=3, reason=pb.GAP_REASON_PREFIX_CACHE)]
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest()),
+                pb.IngestMessage(start=pb.RequestStart(request_id="covered", gaps=empty)),
+                pb.IngestMessage(
+                    codes=pb.CodeBatch(
+                        step=1, slices=[request.slice(s, a, b) for a, b in request.chunks(5) for s in (0, 1)]
+                    )
+                ),
+                pb.IngestMessage(finish=request.finish()),
+            ]
+        )
+        report = client.report("covered")
+        assert report.status == pb.REPORT_STATUS_COMPLETE
+        assert list(report.coverage.gaps) == []
