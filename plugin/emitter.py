@@ -65,17 +65,9 @@ class Emitter:
     # --- producer side (vLLM's step path): never blocks on the network --------------------------------
 
     def submit_codes(self, slices: list[pb.RequestSlice]) -> None:
-        if not slices:
-            return
+        """A code batch already packed."""
         ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
-        with self._cv:
-            self._step += 1
-            item = _Item(pb.IngestMessage(codes=pb.CodeBatch(step=self._step, slices=slices)), ranges)
-            self._queue.append(item)
-            self._batches_queued += 1
-            while self._batches_queued > self.max_batches:
-                self._drop_oldest_batch()
-            self._cv.notify()
+        self.submit_deferred(lambda: slices, ranges)
 
     def submit_deferred(
         self, build: Callable[[], list[pb.RequestSlice]], ranges: list[tuple[str, int, int, int]]
@@ -114,6 +106,7 @@ class Emitter:
         )
 
     def _report_lost(self, item: _Item, reason: int) -> None:
+        """The item's rows become gaps, sent ahead of anything queued later (the lock is re-entrant)."""
         with self._cv:
             for request_id, slot, start, end in item.ranges:
                 gap = pb.Gap(slot=slot, start=start, end=end, reason=reason)
@@ -126,10 +119,7 @@ class Emitter:
                 del self._queue[i]
                 self._batches_queued -= 1
                 reason = pb.GAP_REASON_BACKPRESSURE if self.connected else pb.GAP_REASON_SIDECAR_UNAVAILABLE
-                for request_id, slot, start, end in item.ranges:
-                    gap = pb.Gap(slot=slot, start=start, end=end, reason=reason)
-                    self._pending_gaps.setdefault(request_id, []).append(gap)
-                    self.counters["rows_dropped"] += end - start
+                self._report_lost(item, reason)
                 self.counters["batches_dropped"] += 1
                 return
 

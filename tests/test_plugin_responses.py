@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from plugin_harness import write_plugin_config
-from test_plugin_server import start_vllm
+from test_plugin_server import start_vllm, stop
 from test_sidecar_cli import free_port, wait_serving
 
 from circuitwatch.fixtures import FixturePaths
@@ -140,13 +140,8 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         assert response.model_extra["circuitwatch"]["status"] == "pending"
         assert response.model_extra["circuitwatch"]["request_id"] == response.id
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        if sidecar.poll() is None:
-            sidecar.kill()
+        stop(server)
+        stop(sidecar)
 
 
 class _SlowMonitor(pb_grpc.MonitorServicer):

@@ -66,6 +66,17 @@ def start_vllm(fixtures: FixturePaths, tmp_path: Path, port: int, plugin_config:
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def complete(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
     """One completion; returns the sidecar's id for it and the full token sequence (prompt + generated).
 
@@ -149,10 +160,5 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
             reasons = {g.reason for g in report.coverage.gaps}
             assert pb.GAP_REASON_SIDECAR_UNAVAILABLE in reasons, (sidecar_id, report.coverage)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        sidecar.send_signal(signal.SIGTERM)
-        sidecar.wait(30)
+        stop(server)
+        stop(sidecar)
