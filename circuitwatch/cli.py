@@ -1,4 +1,4 @@
-"""`circuitwatch` command line: run the sidecar (more subcommands arrive with their components)."""
+"""`circuitwatch` command line: run the sidecar; identify circuits and label requests through it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from circuitwatch.client_commands import add_identify_parser, add_label_parser
+from circuitwatch.client_commands import run as run_client_command
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="circuitwatch")
@@ -14,9 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sidecar = sub.add_parser("sidecar", help="run the gRPC sidecar (index, circuits, reports)")
     sidecar.add_argument("--config", type=Path, required=True, help="sidecar YAML configuration")
+    add_identify_parser(sub)
+    add_label_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    if args.command in ("identify", "label"):
+        return run_client_command(args)
     if args.command == "sidecar":
         from circuitwatch.sidecar import ConfigError, load_config
         from circuitwatch.sidecar.server import serve

@@ -19,6 +19,8 @@ circuits:
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,3 +227,33 @@ def _action(value: Any, where: _Where) -> str:
     if value not in ACTIONS:
         raise where.error(f"expected abort or none, got {value!r}")
     return value
+
+
+def save_circuit(path: Path, entry: dict[str, Any], replace: bool = False) -> bool:
+    """Add (or with `replace`, overwrite) one circuit entry in a circuit file, validated before it is written.
+
+    The file is rewritten whole through YAML, so comments in it are not kept: give identified circuits a file
+    of their own. Written atomically (temporary file + rename): a reader never sees half a file. Returns
+    whether an entry of that name was replaced.
+    """
+    path = Path(path)
+    document: dict[str, Any] = {"circuits": []}
+    if path.exists():
+        try:
+            existing = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc}); not overwriting it") from exc
+        parse_circuits(existing, str(path))  # refuse to build on a broken file
+        document = existing or document
+    name = entry.get("name")
+    names = [item.get("name") for item in document["circuits"]]
+    replaced = name in names
+    if replaced and not replace:
+        raise ConfigError(f"{path}: circuit {name!r} already exists (replace it explicitly)")
+    document["circuits"] = [item for item in document["circuits"] if item.get("name") != name] + [entry]
+    parse_circuits(document, str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        yaml.safe_dump(document, tmp, sort_keys=False, width=120)
+    os.replace(tmp.name, path)
+    return replaced

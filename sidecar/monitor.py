@@ -22,9 +22,12 @@ from circuitwatch.proto.codec import WireFormatError, pack_slice, unpack_slice
 
 from .circuits import Circuit, CircuitSet, load_circuit_files
 from .config import ConfigError, SidecarConfig
+from .errors import MonitorError
 from .expressions import Expr, ExpressionError, Term, evaluate, from_proto, key_positions, key_requests
+from .identify import Resolved, contrast
 from .index import RollingIndex, TimeWindow
 from .registry import SaeIdentity, SaeRegistry
+from .request_index import RequestIndex, RequestMeta, request_feature_sets
 from .requests import RequestState, missing_ranges
 from .store import EvidenceStore
 from .telemetry import Telemetry
@@ -36,14 +39,6 @@ ALL_SLOTS = 0xFFFFFFFF  # Gap.slot when a gap covers every slot
 RECENT_REPORTS = 10_000
 WATCH_QUEUE = 1_000
 MATCH_POSITIONS = 64  # positions listed per matching request in a query answer
-
-
-class MonitorError(Exception):
-    """An error with the gRPC status it maps to; the message names the request or field and the reason."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -70,6 +65,7 @@ class RequestRecord:
     arrival_ns: int = 0
     num_positions: int = 0
     status: int = pb.REPORT_STATUS_PENDING
+    ridx: int | None = None  # its number in the request-level index, once final
 
 
 @dataclass
@@ -88,6 +84,7 @@ class Monitor:
         self.index = RollingIndex(
             idx.window_s, idx.segment_s, idx.segment_max_postings, idx.memory_budget_mb * 2**20, clock=clock
         )
+        self.request_index = RequestIndex(int(idx.window_s * 1e9))
         self.registry = SaeRegistry()
         self.circuits = load_circuit_files(config.circuits, version=1)
         self.counters: Counter[str] = Counter()
@@ -412,7 +409,21 @@ class Monitor:
         if event is not None:
             event.set()
         self._publish(report)
+        if record is not None and state.slots:
+            self._index_request(state, record, report, num_prompt)
         return report
+
+    def _index_request(self, state: RequestState, record: RequestRecord, report: pb.Report, num_prompt: int) -> None:
+        """Reduce the final request to its feature sets for contrast queries (after its report is out)."""
+        bases = dict(enumerate(self.registry.term_bases))
+        sets = request_feature_sets(state.latest_codes(), num_prompt, bases)
+        meta = RequestMeta(
+            request_id=state.request_id,
+            arrival_ns=report.arrival_unix_nanos,
+            finalized_ns=report.finalized_unix_nanos,
+            complete=report.status == pb.REPORT_STATUS_COMPLETE,
+        )
+        record.ridx = self.request_index.add(meta, sets, tuple(report.labels), [f.circuit for f in report.flags])
 
     def _flag(
         self, state: RequestState, circuit: Circuit, num_prompt: int, seen: np.ndarray, gslot_to_slot: dict[int, int]
@@ -506,6 +517,8 @@ class Monitor:
             horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
             for seq in [s for s, record in self.requests.items() if record.last_seen_ns < horizon]:
                 self._seq_by_id.pop(self.requests.pop(seq).request_id, None)
+            self.request_index.evict(now)
+        self.request_index.seal(self._lock)
 
     def shutdown(self) -> None:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
@@ -616,6 +629,96 @@ class Monitor:
             )
         return response
 
+    def contrast(self, request: pb.ContrastRequest) -> pb.ContrastResponse:
+        """Which features separate the positive requests from the negative ones (see identify.py)."""
+        started = time.perf_counter()
+        scope = request.scope or pb.SCOPE_BOTH
+        selectors = {"positives": request.positives, "negatives": request.negatives}
+        if request.HasField("truth"):
+            selectors["truth.requests"] = request.truth.requests
+        matching_seqs = {
+            name: self._expression_seqs(name, selector.expression, scope, request.window)
+            for name, selector in selectors.items()
+            if selector.HasField("expression")
+        }
+        with self._lock:
+            view = self.request_index.view()
+            indexed = view.ridx_by_id
+            why_not = {
+                rid: self._not_indexed_reason(rid)
+                for selector in selectors.values()
+                for rid in selector.request_ids
+                if rid not in indexed
+            }
+            expressions = {
+                name: np.unique(
+                    np.array(
+                        [r.ridx for s in seqs.tolist() if (r := self.requests.get(s)) and r.ridx is not None], np.int64
+                    )
+                )
+                for name, seqs in matching_seqs.items()
+            }
+            loaded = frozenset(self.circuits.names)
+        response = contrast(request, view, self.registry, Resolved(why_not, expressions, loaded), self.clock())
+        response.elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.counters["contrasts"] += 1
+        return response
+
+    def _not_indexed_reason(self, request_id: str) -> str:
+        """Why a request id named in a contrast is not in the request-level index."""
+        if request_id in self._open:
+            return "not finished yet"
+        seq = self._seq_by_id.get(request_id)
+        if seq is not None:
+            return "has no codes"
+        if self._final(request_id) is not None:
+            return "its codes have left the index window"
+        return "unknown to this sidecar"
+
+    def _expression_seqs(self, name: str, expression: pb.Expr, scope: int, window: pb.TimeRange) -> np.ndarray:
+        try:
+            expr = from_proto(expression)
+        except ExpressionError as exc:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}.expression: {exc}") from None
+        keys = evaluate(expr, _IndexKeys(self, self._window(window), scope), 1)
+        return np.unique(key_requests(keys))
+
+    def label(self, request: pb.LabelRequest) -> pb.LabelResponse:
+        """Attach or remove labels after the fact; the change is audited in the evidence store."""
+        if not request.request_ids:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_ids: at least one request id is required")
+        if not request.add and not request.remove:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "add / remove: give at least one label")
+        for field_name in ("add", "remove"):
+            for i, label in enumerate(getattr(request, field_name)):
+                if not label.strip():
+                    raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}[{i}]: empty label")
+        clash = set(request.add) & set(request.remove)
+        if clash:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"labels {sorted(clash)} are both added and removed")
+        response = pb.LabelResponse()
+        audit = []
+        now = self.clock()
+        with self._lock:
+            for request_id in dict.fromkeys(request.request_ids):
+                state = self._open.get(request_id)
+                seq = self._seq_by_id.get(request_id)
+                record = self.requests.get(seq) if seq is not None else None
+                if state is None and record is None and self._final(request_id) is None:
+                    response.unresolved.add(request_id=request_id, reason="unknown to this sidecar")
+                    continue
+                if state is not None:  # its report, when final, carries the labels
+                    state.labels = _relabel(state.labels, request.add, request.remove)
+                if record is not None:
+                    record.labels = tuple(_relabel(list(record.labels), request.add, request.remove))
+                    if record.ridx is not None:
+                        self.request_index.relabel(record.ridx, list(request.add), list(request.remove))
+                audit += [(request_id, now, "add", label, request.author, request.note) for label in request.add]
+                audit += [(request_id, now, "remove", label, request.author, request.note) for label in request.remove]
+                response.updated += 1
+        self.store.add_feedback(audit)
+        return response
+
     def get_codes(self, request_id: str) -> pb.GetCodesResponse:
         seq = self._seq_by_id.get(request_id)
         if seq is None:
@@ -714,6 +817,11 @@ class Monitor:
     def set_circuits(self, circuits: CircuitSet) -> None:
         with self._lock:
             self.circuits = CircuitSet(circuits.circuits, self.circuits.version + 1, circuits.sources)
+
+
+def _relabel(labels: list[str], add, remove) -> list[str]:
+    kept = [label for label in labels if label not in set(remove)]
+    return kept + [label for label in add if label not in kept]
 
 
 class _IndexKeys:

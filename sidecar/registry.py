@@ -70,6 +70,9 @@ class SaeRegistry:
         self._by_identity: dict[SaeIdentity, int] = {}
         self.identities: list[SaeIdentity] = []
         self.producer_slot: list[int] = []
+        # Dense "term ids" for the request-level index: gslot g's features are term_bases[g] + feature.
+        self.term_bases: list[int] = []
+        self.num_terms = 0
 
     def register(self, identity: SaeIdentity, producer_slot: int) -> int:
         with self._lock:
@@ -79,6 +82,8 @@ class SaeRegistry:
                 self._by_identity[identity] = len(self.identities)
                 self.identities.append(identity)
                 self.producer_slot.append(producer_slot)
+                self.term_bases.append(self.num_terms)
+                self.num_terms += identity.d_sae
             return self._by_identity[identity]
 
     def resolve(self, term: Term, among: list[int] | None = None) -> list[int]:

@@ -13,6 +13,7 @@ from circuitwatch.proto.codec import SliceArrays
 from .circuits import Circuit, CircuitSet
 from .expressions import KEY_DTYPE, Term, evaluate, key_positions, token_keys
 from .registry import SaeRegistry
+from .request_index import SlotCodes
 
 
 @dataclass
@@ -165,6 +166,27 @@ class RequestState:
         if not found:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         return np.concatenate([p for p, _ in found]), np.concatenate([a for _, a in found])
+
+    def latest_codes(self) -> dict[int, SlotCodes]:
+        """Per gslot, every row's codes with superseded rows (re-encoded positions) left out."""
+        superseded = np.fromiter(self.superseded, np.int64, len(self.superseded))
+        out = {}
+        for gslot, slices in self.slices.items():
+            positions, offsets, features, acts = [], [np.zeros(1, np.int64)], [], []
+            total = 0
+            for arrays, rows in zip(slices, self.rows[gslot], strict=True):
+                keep = ~np.isin(rows.uids, superseded) if len(superseded) else np.ones(len(rows.uids), bool)
+                counts = np.diff(arrays.row_offsets.astype(np.int64))
+                posting_keep = np.repeat(keep, counts)
+                positions.append(rows.positions[keep])
+                offsets.append(total + np.cumsum(counts[keep]))
+                total += int(counts[keep].sum())
+                features.append(arrays.feature_ids[posting_keep])
+                acts.append(arrays.activations[posting_keep].astype(np.float32))
+            out[gslot] = SlotCodes(
+                np.concatenate(positions), np.concatenate(offsets), np.concatenate(features), np.concatenate(acts)
+            )
+        return out
 
     def seen_positions(self) -> dict[int, np.ndarray]:
         """Per gslot, sorted unique positions that have codes."""

@@ -102,6 +102,12 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     def GetCodes(self, request: pb.GetCodesRequest, context: grpc.ServicerContext) -> pb.GetCodesResponse:
         return self._call(context, self.monitor.get_codes, request.request_id)
 
+    def Contrast(self, request: pb.ContrastRequest, context: grpc.ServicerContext) -> pb.ContrastResponse:
+        return self._call(context, self.monitor.contrast, request)
+
+    def Label(self, request: pb.LabelRequest, context: grpc.ServicerContext) -> pb.LabelResponse:
+        return self._call(context, self.monitor.label, request)
+
     @staticmethod
     def _call(context: grpc.ServicerContext, fn, *args):
         try:

@@ -1,4 +1,5 @@
-"""The evidence store: every final report, persisted before it is acknowledged, surviving restarts.
+"""The evidence store: every final report, persisted before it is acknowledged, surviving restarts, and the
+audit trail of labels attached to requests later (feedback).
 
 Embedded SQLite in WAL mode in the configured directory; reports are stored as their protobuf bytes with the
 columns the list queries filter on.
@@ -22,6 +23,15 @@ CREATE TABLE IF NOT EXISTS reports (
     report BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_by_time ON reports (finalized_ns);
+CREATE TABLE IF NOT EXISTS feedback (
+    request_id TEXT NOT NULL,
+    unix_nanos INTEGER NOT NULL,
+    operation TEXT NOT NULL,
+    label TEXT NOT NULL,
+    author TEXT NOT NULL,
+    note TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback (request_id);
 """
 
 
@@ -75,6 +85,21 @@ class EvidenceStore:
         with self._lock:
             rows = self._db.execute(query, (*args, limit)).fetchall()
         return [pb.Report.FromString(r[0]) for r in rows]
+
+    def add_feedback(self, rows: list[tuple[str, int, str, str, str, str]]) -> None:
+        """Label changes (request_id, unix_nanos, 'add' | 'remove', label, author, note): an audit trail, never
+        rewritten, so a report's evidence stays as it was finalised."""
+        with self._lock:
+            self._db.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def feedback(self, request_id: str) -> list[tuple[int, str, str, str, str]]:
+        """(unix_nanos, operation, label, author, note), oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT unix_nanos, operation, label, author, note FROM feedback WHERE request_id = ? "
+                "ORDER BY unix_nanos, rowid",
+                (request_id,),
+            ).fetchall()
 
     def count(self) -> int:
         with self._lock:

@@ -21,6 +21,7 @@ from sidecar_harness import (
     running_sidecar,
 )
 
+from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.codec import pack_slice
@@ -372,7 +373,7 @@ def test_bearer_token(tmp_path: Path) -> None:
             client.ingest([pb.IngestMessage(manifest=manifest())], metadata=[("authorization", "Bearer wrong")])
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         ack = client.ingest([pb.IngestMessage(manifest=manifest())], metadata=[("authorization", "Bearer s3cret")])
-        assert ack.contract_version == 1
+        assert ack.contract_version == CONTRACT_VERSION
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -426,7 +427,7 @@ def test_tls(tmp_path: Path) -> None:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         with grpc.secure_channel(f"localhost:{running.port}", credentials) as channel:
             ack = pb_grpc.MonitorStub(channel).Ingest(iter([pb.IngestMessage(manifest=manifest())]), timeout=10)
-            assert ack.contract_version == 1
+            assert ack.contract_version == CONTRACT_VERSION
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel, pytest.raises(grpc.RpcError):
             pb_grpc.MonitorStub(channel).GetReport(pb.GetReportRequest(request_id="x"), timeout=2)
     finally:

@@ -1,0 +1,407 @@
+"""The request-level index behind circuit identification: which finished requests carry which feature.
+
+A contrast query counts, for every feature, the requests of one set and of another that carry it. Token
+postings are far too many to count per query (tens of millions in a 10-minute window), so each request is
+reduced at finalisation to its feature sets, per code mode and scope. Requests are sealed 256 at a time into
+segments that hold, per feature, four uint64 words: bit j of word b says request first + 64 * b + j carries
+it. Counting every feature over any request set is then AND + popcount over contiguous arrays and one
+scatter-add per segment; one feature's requests are one column. Requests finalised since the last seal wait
+in a short pending tail that queries read request by request.
+
+Request numbers ("ridx") are dense, in finalisation order. Features are dense "term ids": the SAE's base
+(its gslot's offset in registration order) + the feature id.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from pyroaring import BitMap
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+BLOCK = 64
+SEGMENT_REQUESTS = 256  # requests per sealed segment, a multiple of BLOCK
+WORDS = SEGMENT_REQUESTS // BLOCK
+MODES = (pb.CODE_MODE_CODES, pb.CODE_MODE_ARGMAX_TOKEN, pb.CODE_MODE_ARGMAX_MEAN)
+PROMPT_BIT, GENERATED_BIT, BOTH_BIT = 1, 2, 4
+# Code modes whose "both" set is the union of the prompt and generated sets; mean-pooled argmax is not.
+_BOTH_IS_UNION = {pb.CODE_MODE_CODES: True, pb.CODE_MODE_ARGMAX_TOKEN: True, pb.CODE_MODE_ARGMAX_MEAN: False}
+
+
+@dataclass(frozen=True)
+class SlotCodes:
+    """One request's latest codes in one SAE slot (superseded rows already left out)."""
+
+    positions: np.ndarray  # int64 [rows]
+    row_offsets: np.ndarray  # int64 [rows + 1]
+    features: np.ndarray  # uint32 [nnz]
+    activations: np.ndarray  # float32 [nnz]
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Sorted unique term ids, each with scope bits (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)."""
+
+    terms: np.ndarray  # uint32
+    scopes: np.ndarray  # uint8
+
+    @classmethod
+    def empty(cls) -> FeatureSet:
+        return cls(np.empty(0, np.uint32), np.empty(0, np.uint8))
+
+
+def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: dict[int, int]) -> dict[int, FeatureSet]:
+    """A request's feature sets per code mode.
+
+    codes: every active feature of every token. argmax_token: each token's strongest feature (lower id on a
+    tie). argmax_mean: per slot, the feature with the largest activation mean-pooled over the scope's tokens
+    (the paper's one code per prompt and component), computed separately for prompt, generated and both.
+    Slots are taken in gslot order, so their term ranges (base + feature) concatenate already sorted.
+    """
+    parts: dict[int, list[FeatureSet]] = {mode: [] for mode in MODES}
+    for gslot in sorted(codes):
+        slot = codes[gslot]
+        if not len(slot.features):
+            continue
+        offset = base[gslot]
+        starts = slot.row_offsets[:-1]
+        filled = np.flatnonzero(np.diff(slot.row_offsets) > 0)
+        row_of = np.repeat(np.arange(len(starts)), np.diff(slot.row_offsets))
+        generated_row = slot.positions >= num_prompt
+        generated = generated_row[row_of]
+        unique, inverse = np.unique(slot.features, return_inverse=True)
+        in_prompt = np.bincount(inverse[~generated], minlength=len(unique)) > 0
+        in_generated = np.bincount(inverse[generated], minlength=len(unique)) > 0
+        scopes = (in_prompt * PROMPT_BIT) | (in_generated * GENERATED_BIT) | BOTH_BIT
+        parts[pb.CODE_MODE_CODES].append(FeatureSet((unique + offset).astype(np.uint32), scopes.astype(np.uint8)))
+        # strongest feature per token, lower id on a tie
+        acts = slot.activations
+        best = np.maximum.reduceat(acts, starts[filled])
+        candidates = np.where(acts == best[np.searchsorted(filled, row_of)], slot.features, np.uint32(2**32 - 1))
+        strongest = np.minimum.reduceat(candidates, starts[filled])
+        phase = np.where(generated_row[filled], GENERATED_BIT, PROMPT_BIT)
+        parts[pb.CODE_MODE_ARGMAX_TOKEN].append(_merge([(strongest + offset, phase | BOTH_BIT)]))
+        # mean-pooled argmax per scope (argmax of the sums: the token count divides every feature alike)
+        pooled = []
+        for bit, select in ((PROMPT_BIT, ~generated), (GENERATED_BIT, generated), (BOTH_BIT, slice(None))):
+            sums = np.bincount(inverse[select], weights=acts[select], minlength=len(unique))
+            if sums.any():
+                pooled.append((np.array([unique[np.argmax(sums)] + offset]), np.array([bit])))  # first = lower id
+        parts[pb.CODE_MODE_ARGMAX_MEAN].append(_merge(pooled))
+    return {
+        mode: FeatureSet(np.concatenate([p.terms for p in found]), np.concatenate([p.scopes for p in found]))
+        if found
+        else FeatureSet.empty()
+        for mode, found in parts.items()
+    }
+
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> FeatureSet:
+    """Unique terms with the OR of their scope bits."""
+    if not parts:
+        return FeatureSet.empty()
+    terms = np.concatenate([t for t, _ in parts]).astype(np.uint32)
+    bits = np.concatenate([b for _, b in parts]).astype(np.uint8)
+    order = np.argsort(terms, kind="stable")
+    terms, bits = terms[order], bits[order]
+    starts = np.flatnonzero(np.diff(terms, prepend=np.int64(-1)) != 0)
+    return FeatureSet(terms[starts], np.bitwise_or.reduceat(bits, starts).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Sealed and immutable: SEGMENT_REQUESTS consecutive requests of one code mode, feature-major.
+
+    words[column, block, i] has bit j set when request first_ridx + 64 * block + j carries feature terms[i];
+    columns are the scopes (prompt, generated[, both]). One row of words per feature keeps every count a
+    few contiguous AND + popcount passes, with no gather and no segmented sum.
+    """
+
+    first_ridx: int
+    num_requests: int
+    newest_ns: int
+    terms: np.ndarray  # int64 unique, sorted (int64: numpy scatters fastest with native indices)
+    words: np.ndarray  # uint64 [columns, WORDS, terms]
+
+    @property
+    def nbytes(self) -> int:
+        return self.terms.nbytes + self.words.nbytes
+
+    def scope_words(self, scope: int) -> np.ndarray:
+        """[WORDS, terms] for one scope."""
+        if scope == pb.SCOPE_PROMPT:
+            return self.words[0]
+        if scope == pb.SCOPE_GENERATED:
+            return self.words[1]
+        return self.words[2] if len(self.words) == 3 else self.words[0] | self.words[1]
+
+    @classmethod
+    def build(cls, first_ridx: int, sets: list[FeatureSet], newest_ns: int, both_is_union: bool) -> Segment:
+        columns = (PROMPT_BIT, GENERATED_BIT) if both_is_union else (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)
+        lengths = np.fromiter((len(s.terms) for s in sets), np.int64, len(sets))
+        local = np.repeat(np.arange(len(sets), dtype=np.int64), lengths)
+        terms = np.concatenate([s.terms for s in sets] or [np.empty(0, np.uint32)])
+        scopes = np.concatenate([s.scopes for s in sets] or [np.empty(0, np.uint8)])
+        unique, column = np.unique(terms, return_inverse=True)
+        words = np.zeros((len(columns), WORDS, len(unique)), dtype=np.uint64)
+        bit = np.left_shift(np.uint64(1), (local % BLOCK).astype(np.uint64))
+        for c, scope_bit in enumerate(columns):
+            has = (scopes & scope_bit) != 0
+            # (block, feature) pairs are not unique across a block's requests: OR them in with bitwise_or.at
+            np.bitwise_or.at(words[c], (local[has] // BLOCK, column[has]), bit[has])
+        return cls(first_ridx, len(sets), newest_ns, unique.astype(np.int64), words)
+
+
+@dataclass
+class _Channel:
+    """One code mode: sealed segments plus the pending tail (ridx -> feature set) not sealed yet."""
+
+    both_is_union: bool
+    segments: list[Segment] = field(default_factory=list)
+    pending: dict[int, FeatureSet] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RequestMeta:
+    request_id: str
+    arrival_ns: int
+    finalized_ns: int
+    complete: bool
+
+
+class RequestIndex:
+    """Feature sets of finished requests over the window, with labels and flags for selecting them.
+
+    Writes (add, relabel, seal, evict) run under the caller's lock; seal() builds segments outside it from
+    immutable feature sets, so queries keep seeing every request while a segment is being built.
+    """
+
+    def __init__(self, window_ns: int) -> None:
+        self.window_ns = window_ns
+        self.channels = {mode: _Channel(_BOTH_IS_UNION[mode]) for mode in MODES}
+        self.labels: dict[str, BitMap] = {}
+        self.flags: dict[str, BitMap] = {}
+        self.next_ridx = 0
+        self.first_ridx = 0  # every ridx below it is evicted
+        self.first_sealable_ridx = 0  # every ridx below it is in a segment (or evicted)
+        # per-request columns, indexed by ridx - first_ridx
+        self._ids: list[str] = []
+        self._ridx_by_id: dict[str, int] = {}
+        self._arrival: list[int] = []
+        self._finalized: list[int] = []
+        self._complete: list[bool] = []
+        self._seal_lock = threading.Lock()
+
+    # --- writes ---------------------------------------------------------------------------------------
+
+    def add(self, meta: RequestMeta, sets: dict[int, FeatureSet], labels: tuple[str, ...], flags: list[str]) -> int:
+        ridx = self.next_ridx
+        self.next_ridx += 1
+        self._ids.append(meta.request_id)
+        self._ridx_by_id[meta.request_id] = ridx
+        self._arrival.append(meta.arrival_ns)
+        self._finalized.append(meta.finalized_ns)
+        self._complete.append(meta.complete)
+        for mode, channel in self.channels.items():
+            channel.pending[ridx] = sets.get(mode, FeatureSet.empty())
+        for label in labels:
+            self.labels.setdefault(label, BitMap()).add(ridx)
+        for circuit in flags:
+            self.flags.setdefault(circuit, BitMap()).add(ridx)
+        return ridx
+
+    def relabel(self, ridx: int, add: list[str], remove: list[str]) -> None:
+        for label in add:
+            self.labels.setdefault(label, BitMap()).add(ridx)
+        for label in remove:
+            if label in self.labels:
+                self.labels[label].discard(ridx)
+
+    def seal(self, lock: threading.Lock | threading.RLock) -> int:
+        """Seal full runs of SEGMENT_REQUESTS pending requests into segments; returns how many were sealed.
+
+        Builds outside `lock` (the monitor's) and swaps the segment in under it. Segments always start at a
+        multiple of SEGMENT_REQUESTS, which keeps every request's block and bit fixed."""
+        sealed = 0
+        with self._seal_lock:
+            while True:
+                with lock:
+                    start = self.first_sealable_ridx
+                    end = start + SEGMENT_REQUESTS
+                    if self.next_ridx < end:
+                        return sealed
+                    batch = {mode: [c.pending[r] for r in range(start, end)] for mode, c in self.channels.items()}
+                    newest = max(self._finalized[start - self.first_ridx : end - self.first_ridx])
+                built = {
+                    mode: Segment.build(start, sets, newest, self.channels[mode].both_is_union)
+                    for mode, sets in batch.items()
+                }
+                with lock:
+                    for mode, channel in self.channels.items():
+                        channel.segments.append(built[mode])
+                        for r in range(start, end):
+                            del channel.pending[r]
+                    self.first_sealable_ridx = end
+                sealed += end - start
+
+    def evict(self, now_ns: int) -> None:
+        """Drop segments whose requests all finished before the window; forget their columns and labels."""
+        horizon = now_ns - self.window_ns
+        for channel in self.channels.values():
+            while channel.segments and channel.segments[0].newest_ns < horizon:
+                channel.segments.pop(0)
+        segments = self.channels[pb.CODE_MODE_CODES].segments
+        first = segments[0].first_ridx if segments else self.first_sealable_ridx
+        if first <= self.first_ridx:
+            return
+        drop = first - self.first_ridx
+        for request_id in self._ids[:drop]:
+            self._ridx_by_id.pop(request_id, None)
+        for column in (self._ids, self._arrival, self._finalized, self._complete):
+            del column[:drop]
+        for bitmaps in (self.labels, self.flags):
+            for name in list(bitmaps):
+                bitmaps[name].remove_range(0, first)
+                if not bitmaps[name]:
+                    del bitmaps[name]
+        self.first_ridx = first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for c in self.channels.values() for s in c.segments)
+
+    def view(self) -> IndexView:
+        """A consistent read-only copy for one query (call under the writers' lock; it is cheap: sealed
+        segments are shared, only the pending tail, columns and bitmaps are copied)."""
+        return IndexView(
+            window_ns=self.window_ns,
+            first_ridx=self.first_ridx,
+            next_ridx=self.next_ridx,
+            first_sealable_ridx=self.first_sealable_ridx,
+            segments={mode: tuple(c.segments) for mode, c in self.channels.items()},
+            pending={mode: dict(c.pending) for mode, c in self.channels.items()},
+            both_is_union=dict(_BOTH_IS_UNION),
+            ids=list(self._ids),
+            ridx_by_id=dict(self._ridx_by_id),
+            arrival=np.array(self._arrival, dtype=np.int64),
+            finalized=np.array(self._finalized, dtype=np.int64),
+            complete=np.array(self._complete, dtype=bool),
+            labels={k: BitMap(v) for k, v in self.labels.items()},
+            flags={k: BitMap(v) for k, v in self.flags.items()},
+        )
+
+
+@dataclass(frozen=True)
+class IndexView:
+    """What one query reads: immutable segments plus copies of everything writers change. Per-request
+    columns are indexed by ridx - first_ridx."""
+
+    window_ns: int
+    first_ridx: int
+    next_ridx: int
+    first_sealable_ridx: int
+    segments: dict[int, tuple[Segment, ...]]
+    pending: dict[int, dict[int, FeatureSet]]
+    both_is_union: dict[int, bool]
+    ids: list[str]
+    ridx_by_id: dict[str, int]
+    arrival: np.ndarray
+    finalized: np.ndarray
+    complete: np.ndarray
+    labels: dict[str, BitMap]
+    flags: dict[str, BitMap]
+
+    def request_id(self, ridx: int) -> str:
+        return self.ids[ridx - self.first_ridx]
+
+    def live(self, now_ns: int, start_ns: int = 0, end_ns: int = 0) -> np.ndarray:
+        """Sorted ridx of requests inside the window (finalised within window_ns) that arrived in
+        [start_ns, end_ns] (end 0: now)."""
+        inside = (self.finalized >= now_ns - self.window_ns) & (self.arrival >= start_ns)
+        inside &= self.arrival <= (end_ns or now_ns)
+        return np.flatnonzero(inside) + self.first_ridx
+
+    def support(self, mode: int, scope: int, sides: list[np.ndarray], num_terms: int) -> list[np.ndarray]:
+        """For each side (sorted unique ridx), how many of its requests carry each term: int64 [num_terms]."""
+        counts = [np.zeros(num_terms, np.int64) for _ in sides]
+        lo = self.word_base
+        side_words = [self.side_words(side) for side in sides]
+        for segment in self.segments[mode]:
+            first_word = (segment.first_ridx - lo) // BLOCK
+            masks = [w[first_word : first_word + WORDS] for w in side_words]
+            if not len(segment.terms) or not any(m.any() for m in masks):
+                continue
+            words = segment.scope_words(scope)
+            for count, mask in zip(counts, masks, strict=True):
+                hits = None
+                for block in np.flatnonzero(mask).tolist():
+                    carried = np.bitwise_count(words[block] & mask[block])
+                    hits = carried.astype(np.uint16) if hits is None else hits + carried
+                if hits is not None:
+                    count[segment.terms] += hits
+        bit = _scope_bit(scope, self.both_is_union[mode])
+        pending = self.pending[mode]
+        for count, side in zip(counts, sides, strict=True):
+            found = [pending.get(r) for r in side[side >= self.first_sealable_ridx].tolist()]
+            terms = [f.terms[f.scopes & bit != 0] for f in found if f is not None]
+            if terms:
+                count += np.bincount(np.concatenate(terms), minlength=num_terms)
+        return counts
+
+    @property
+    def word_base(self) -> int:
+        """ridx of bit 0 of word 0 in side_words / term_words (segments start at multiples of it)."""
+        return self.first_ridx // SEGMENT_REQUESTS * SEGMENT_REQUESTS
+
+    def side_words(self, ridx: np.ndarray) -> np.ndarray:
+        """A request set as uint64 words over [word_base, next_ridx)."""
+        return _bit_words(ridx - self.word_base, max(self.next_ridx - self.word_base, 1))
+
+    def term_words(self, mode: int, scope: int, terms: np.ndarray) -> np.ndarray:
+        """uint64 [len(terms), words]: which requests carry each term, as words over [word_base, next_ridx)."""
+        base = self.word_base
+        span_words = -(-max(self.next_ridx - base, 1) // BLOCK)
+        out = np.zeros((len(terms), span_words), dtype=np.uint64)
+        terms = np.asarray(terms, dtype=np.int64)
+        if not len(terms):
+            return out
+        for segment in self.segments[mode]:
+            known = segment.terms
+            if not len(known):
+                continue
+            at = np.minimum(np.searchsorted(known, terms), len(known) - 1)
+            found = np.flatnonzero(known[at] == terms)
+            first_word = (segment.first_ridx - base) // BLOCK
+            out[found, first_word : first_word + WORDS] = segment.scope_words(scope)[:, at[found]].T
+        bit = _scope_bit(scope, self.both_is_union[mode])
+        flags = np.zeros((len(terms), span_words * BLOCK), dtype=bool)
+        for ridx, found in self.pending[mode].items():
+            if len(found.terms):
+                at = np.minimum(np.searchsorted(found.terms, terms), len(found.terms) - 1)
+                flags[:, ridx - base] = (found.terms[at] == terms) & (found.scopes[at] & bit != 0)
+        pending_words = np.packbits(flags, axis=1, bitorder="little").view("<u8").astype(np.uint64)
+        return out | pending_words
+
+    def presence(self, mode: int, scope: int, terms: np.ndarray, ridx: np.ndarray) -> np.ndarray:
+        """bool [len(terms), len(ridx)]: does request ridx[j] carry term terms[i]?"""
+        words = self.term_words(mode, scope, terms)
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
+        return bits[:, ridx - self.word_base]
+
+
+def _scope_bit(scope: int, both_is_union: bool) -> int:
+    if scope == pb.SCOPE_PROMPT:
+        return PROMPT_BIT
+    if scope == pb.SCOPE_GENERATED:
+        return GENERATED_BIT
+    return PROMPT_BIT | GENERATED_BIT if both_is_union else BOTH_BIT
+
+
+def _bit_words(offsets: np.ndarray, span: int) -> np.ndarray:
+    """uint64 words with bit (offset % 64) of word (offset // 64) set for each offset."""
+    flags = np.zeros(-(-span // BLOCK) * BLOCK, dtype=bool)
+    flags[offsets] = True
+    return np.packbits(flags, bitorder="little").view("<u8").astype(np.uint64)
