@@ -9,6 +9,7 @@ from the next request on. label attaches or removes labels on requests after the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ MODES = {
 }
 SCOPES = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "both": pb.SCOPE_BOTH}
 SCOPE_NAMES = {v: k for k, v in SCOPES.items()}
+QUERY_IDS_KEPT = 50  # request ids quoted in a saved circuit's query label, per side
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 
@@ -235,7 +237,16 @@ def circuit_entry(
     terms = [{"layer": f.layer, "feature": f.feature, "sae": f.weights_hash} for f in features]
     kind, n = _match_rule(match, len(features))
     when = {"at_least": {"n": n, "of": terms}} if kind == "at_least" else {kind: terms}
-    query = json_format.MessageToJson(request, preserving_proto_field_name=True, indent=None)
+    query = pb.ContrastRequest()
+    query.CopyFrom(request)
+    summarised = {}
+    for name in ("positives", "negatives"):
+        ids = list(getattr(query, name).request_ids)
+        if len(ids) > QUERY_IDS_KEPT:  # a label is no place for thousands of ids: keep a count and a digest
+            del getattr(query, name).request_ids[:]
+            digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+            summarised[f"{name}_ids"] = f"{len(ids)} ids, sha256 {digest} (newline-joined)"
+    text = json_format.MessageToJson(query, preserving_proto_field_name=True, indent=None)
     return {
         "name": name,
         "description": f"identified by circuitwatch identify on {datetime.now(UTC).isoformat(timespec='seconds')}",
@@ -243,7 +254,8 @@ def circuit_entry(
         "scope": SCOPE_NAMES[response.scope],
         "labels": {
             "identified_by": "circuitwatch identify",
-            "query": query,
+            "query": text,
+            **summarised,
             "mode": MODE_NAMES[response.mode],
             "positives": response.positives,
             "negatives": response.negatives,

@@ -2,7 +2,9 @@
 
 Builds (or reuses) the fixtures, derives an example circuit from the fixture SAE, starts the sidecar and the
 vLLM OpenAI server with the plugin, sends real requests with the `openai` client (some trip the circuit, some
-don't), prints each request's flags and coverage from the sidecar, and shuts everything down.
+don't) and prints each request's flags, coverage and trace span. Then the identification loop: reviewers label
+a few requests after the fact (`circuitwatch label`), `circuitwatch identify` finds the features that separate
+them and saves the top ones as a circuit the sidecar reloads, and new requests are flagged by it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,33 @@ REQUESTS = [
     ("completion", "Keyword arguments and lambda forms can be combined:"),
     ("completion", "A class definition defines a class object; its"),
 ]
+
+
+# The identification loop: prompts that talk about raising exceptions vs prompts that do not.
+FRAMES = [
+    "The {} statement is described in the reference manual.",
+    "Use {} when the module must be loaded first.",
+    "In this example, {} appears at the top of the file.",
+    "A beginner asked why {} behaves this way.",
+    "The documentation explains {} with a short example.",
+    "Is it safe to use {} inside a function body?",
+    "The {} keyword cannot be used as an identifier.",
+    "Every {} in the code is checked by the compiler.",
+    "Here, {} is combined with a loop over the items.",
+]
+ESCALATE = [frame.format("raise") for frame in FRAMES]
+ROUTINE = [
+    "The for loop iterates over the items of a sequence.",
+    "A dictionary maps keys to values in insertion order.",
+    "Integers support addition and multiplication.",
+    "The while loop repeats while the condition is true.",
+    "A string literal is enclosed in quotes.",
+    "Comparisons can be chained in an expression.",
+    "The print function writes text to the console.",
+    "A tuple is an immutable sequence of objects.",
+    "Slices select a range of items from a list.",
+]
+REVIEWED = 6  # the first 6 of each list are sent and reviewed; the last 3 come later as new traffic
 
 
 def log(message: str) -> None:
@@ -146,8 +175,9 @@ def main() -> int:
     }
     (WORK / "circuits.yaml").write_text(yaml.safe_dump(circuits, sort_keys=False))
     sidecar_port, vllm_port = free_port(), free_port()
+    (WORK / "identified.yaml").write_text("")  # where `circuitwatch identify --save-circuit` writes
     (WORK / "sidecar.yaml").write_text(
-        f"listen: 127.0.0.1:{sidecar_port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n"
+        f"listen: 127.0.0.1:{sidecar_port}\ncircuits: [circuits.yaml, identified.yaml]\nevidence_dir: evidence\n"
     )
     plugin = {
         "slots": [{"layer": LAYER, "sae": str(sae_dir)}, {"layer": 1, "sae": str(fixtures.sparsify_sae(1))}],
@@ -222,13 +252,62 @@ def main() -> int:
             print(f"  span:     {span}\n" if span else "  span:     (not exported yet)\n")
         flagged = stub.ListReports(pb.ListReportsRequest(flagged_only=True, limit=100)).reports
         log(f"sidecar holds {len(flagged)} flagged report(s): {', '.join(r.request_id for r in flagged)}")
+        ok = identification_loop(client, model, stub, sidecar_port, run)
     finally:
         if server is not None:
             stop(server, "vLLM server")
         stop(sidecar, "sidecar")
         spans.close()
     log(f"done in {time.monotonic() - started:.0f}s (work files in {WORK}/)")
-    return 0
+    return 0 if ok else 1
+
+
+def complete(client, model: str, prompt: str, request_id: str) -> tuple[str, dict]:
+    """(the response id, which is the request id the sidecar knows, and the response's circuitwatch field)"""
+    response = client.completions.create(
+        model=model, prompt=prompt, max_tokens=8, temperature=0, extra_headers={"X-Request-Id": request_id}
+    )
+    return response.id, response.model_extra["circuitwatch"]
+
+
+def cli(*args: str) -> None:
+    """Run a circuitwatch command as a user would, echoing it and its output."""
+    print("  $ circuitwatch " + " ".join(a if " " not in a else repr(a) for a in args))
+    done = subprocess.run([sys.executable, "-m", "circuitwatch.cli", *args], capture_output=True, text=True)
+    for line in (done.stdout + done.stderr).rstrip().splitlines():
+        print("    " + line)
+    if done.returncode:
+        raise SystemExit(f"circuitwatch {args[0]} failed (exit code {done.returncode})")
+
+
+def identification_loop(client, model: str, stub, sidecar_port: int, run: str) -> bool:
+    """label -> identify -> save -> new requests flagged; True when the saved circuit flags exactly the new
+    requests that talk about raising exceptions."""
+    print()
+    log("identification loop: reviewers escalate answers about raising exceptions; which features separate them?")
+    target = ["--target", f"127.0.0.1:{sidecar_port}"]
+    escalate = [complete(client, model, p, f"demo-{run}-x{i}")[0] for i, p in enumerate(ESCALATE[:REVIEWED])]
+    routine = [complete(client, model, p, f"demo-{run}-r{i}")[0] for i, p in enumerate(ROUTINE[:REVIEWED])]
+    log(f"sent {2 * REVIEWED} requests; a reviewer labels them after the fact")
+    cli("label", *target, *[a for i in escalate for a in ("--id", i)], "--add", "review:escalate",
+        "--author", "demo-reviewer", "--note", "asks about raising exceptions")  # fmt: skip
+    cli("label", *target, *[a for i in routine for a in ("--id", i)], "--add", "review:ok", "--author", "demo-reviewer")
+    saving = ["--save-circuit", "raises-exceptions", "--circuits-file", str(WORK / "identified.yaml"), "--reload"]
+    cli("identify", *target, "--positive-label", "review:escalate", "--negative-label", "review:ok",
+        "--scope", "prompt", "--top", "6", "--pairs", "3", "--cut", "2", *saving)  # fmt: skip
+    log("new traffic, monitored with the saved circuit from the first request on:")
+    ok = True
+    for i, (prompt, expected) in enumerate(
+        [(p, True) for p in ESCALATE[REVIEWED:]] + [(p, False) for p in ROUTINE[REVIEWED:]]
+    ):
+        _, carried = complete(client, model, prompt, f"demo-{run}-new{i}")
+        flags = [f["circuit"] for f in carried["flags"] if f["circuit"] == "raises-exceptions"]
+        ok &= bool(flags) == expected
+        print(
+            f"  {'FLAGGED' if flags else 'clean  '}  {prompt!r}{'' if bool(flags) == expected else '  <- unexpected'}"
+        )
+    log("the saved circuit flags exactly the new requests about raising exceptions" if ok else "loop FAILED")
+    return ok
 
 
 if __name__ == "__main__":

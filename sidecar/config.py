@@ -42,6 +42,9 @@ class IndexConfig(_Strict):
     segment_max_postings: int = Field(2_000_000, gt=0)
     # Oldest segments are evicted early when the index would exceed this budget.
     memory_budget_mb: float = Field(4096.0, gt=0)
+    # The request-level index behind contrast queries (identification) has its own budget: its oldest
+    # segments (256 requests each) go early past it, and the eviction is logged and counted.
+    request_index_budget_mb: float = Field(1024.0, gt=0)
 
 
 class SidecarConfig(_Strict):

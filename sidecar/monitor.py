@@ -84,7 +84,7 @@ class Monitor:
         self.index = RollingIndex(
             idx.window_s, idx.segment_s, idx.segment_max_postings, idx.memory_budget_mb * 2**20, clock=clock
         )
-        self.request_index = RequestIndex(int(idx.window_s * 1e9))
+        self.request_index = RequestIndex(int(idx.window_s * 1e9), int(idx.request_index_budget_mb * 2**20))
         self.registry = SaeRegistry()
         self.circuits = load_circuit_files(config.circuits, version=1)
         self.counters: Counter[str] = Counter()
@@ -517,8 +517,16 @@ class Monitor:
             horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
             for seq in [s for s, record in self.requests.items() if record.last_seen_ns < horizon]:
                 self._seq_by_id.pop(self.requests.pop(seq).request_id, None)
-            self.request_index.evict(now)
-        self.request_index.seal(self._lock)
+        self.request_index.seal(self._lock)  # builds outside the lock
+        with self._lock:
+            early = self.request_index.evict(now)
+            if early:
+                self.counters["requests_evicted_for_budget"] += early
+                log.warning(
+                    "request index over index.request_index_budget_mb: %d requests left contrast queries before the "
+                    "end of the window",
+                    early,
+                )
 
     def shutdown(self) -> None:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
@@ -668,8 +676,10 @@ class Monitor:
         """Why a request id named in a contrast is not in the request-level index."""
         if request_id in self._open:
             return "not finished yet"
-        seq = self._seq_by_id.get(request_id)
-        if seq is not None:
+        record = self.requests.get(self._seq_by_id.get(request_id, -1))
+        if record is not None:
+            if record.ridx is not None:
+                return "evicted from the request index (older than the window, or over index.request_index_budget_mb)"
             return "has no codes"
         if self._final(request_id) is not None:
             return "its codes have left the index window"

@@ -145,13 +145,17 @@ class Segment:
         local = np.repeat(np.arange(len(sets), dtype=np.int64), lengths)
         terms = np.concatenate([s.terms for s in sets] or [np.empty(0, np.uint32)])
         scopes = np.concatenate([s.scopes for s in sets] or [np.empty(0, np.uint8)])
-        unique, column = np.unique(terms, return_inverse=True)
-        words = np.zeros((len(columns), WORDS, len(unique)), dtype=np.uint64)
-        bit = np.left_shift(np.uint64(1), (local % BLOCK).astype(np.uint64))
+        seen = np.zeros(int(terms.max()) + 1 if len(terms) else 0, dtype=bool)
+        seen[terms] = True
+        unique = np.flatnonzero(seen)
+        column = (np.cumsum(seen) - 1)[terms]  # each term's rank among the unique ones
+        words = np.empty((len(columns), WORDS, len(unique)), dtype=np.uint64)
         for c, scope_bit in enumerate(columns):
             has = (scopes & scope_bit) != 0
-            # (block, feature) pairs are not unique across a block's requests: OR them in with bitwise_or.at
-            np.bitwise_or.at(words[c], (local[has] // BLOCK, column[has]), bit[has])
+            carried = np.zeros((len(unique), SEGMENT_REQUESTS), dtype=bool)
+            carried[column[has], local[has]] = True
+            packed = np.packbits(carried, axis=1, bitorder="little")  # [terms, SEGMENT_REQUESTS / 8] bytes
+            words[c] = packed.view("<u8").T  # eight consecutive bytes are one little-endian word
         return cls(first_ridx, len(sets), newest_ns, unique.astype(np.int64), words)
 
 
@@ -179,8 +183,10 @@ class RequestIndex:
     immutable feature sets, so queries keep seeing every request while a segment is being built.
     """
 
-    def __init__(self, window_ns: int) -> None:
+    def __init__(self, window_ns: int, budget_bytes: int = 1 << 30) -> None:
         self.window_ns = window_ns
+        self.budget_bytes = budget_bytes
+        self.evicted_for_budget = 0  # requests that left before the window ended
         self.channels = {mode: _Channel(_BOTH_IS_UNION[mode]) for mode in MODES}
         self.labels: dict[str, BitMap] = {}
         self.flags: dict[str, BitMap] = {}
@@ -247,16 +253,26 @@ class RequestIndex:
                     self.first_sealable_ridx = end
                 sealed += end - start
 
-    def evict(self, now_ns: int) -> None:
-        """Drop segments whose requests all finished before the window; forget their columns and labels."""
+    def evict(self, now_ns: int) -> int:
+        """Drop segments whose requests all finished before the window, and the oldest ones past the memory
+        budget; forget their columns and labels. Returns how many requests left for the budget."""
         horizon = now_ns - self.window_ns
-        for channel in self.channels.values():
-            while channel.segments and channel.segments[0].newest_ns < horizon:
-                channel.segments.pop(0)
         segments = self.channels[pb.CODE_MODE_CODES].segments
+        expired = 0  # segments are in finalisation order: the expired ones are a prefix
+        while expired < len(segments) and segments[expired].newest_ns < horizon:
+            expired += 1
+        over_budget = 0
+        nbytes = sum(s.nbytes for c in self.channels.values() for s in c.segments[expired:])
+        while expired + over_budget < len(segments) - 1 and nbytes > self.budget_bytes:  # the newest stays
+            nbytes -= sum(c.segments[expired + over_budget].nbytes for c in self.channels.values())
+            over_budget += 1
+        for channel in self.channels.values():
+            del channel.segments[: expired + over_budget]
+        early = over_budget * SEGMENT_REQUESTS
+        self.evicted_for_budget += early
         first = segments[0].first_ridx if segments else self.first_sealable_ridx
         if first <= self.first_ridx:
-            return
+            return early
         drop = first - self.first_ridx
         for request_id in self._ids[:drop]:
             self._ridx_by_id.pop(request_id, None)
@@ -268,6 +284,7 @@ class RequestIndex:
                 if not bitmaps[name]:
                     del bitmaps[name]
         self.first_ridx = first
+        return early
 
     @property
     def nbytes(self) -> int:

@@ -409,3 +409,26 @@ def test_identify_cli_saves_a_circuit_that_flags_new_requests(tmp_path: Path) ->
         assert labelled.returncode == 0 and "labelled 1 requests" in labelled.stdout
         assert contrast(client.stub, positives=by_label("reviewed")).positives == 1
         assert yaml.safe_load(identified.read_text())["circuits"][0]["name"] == "found"
+
+
+def test_request_index_memory_budget_evicts_oldest_segments_early(tmp_path: Path) -> None:
+    config = SidecarConfig(evidence_dir=tmp_path / "evidence", index={"request_index_budget_mb": 0.01})
+    monitor = Monitor(config, EvidenceStore(config.evidence_dir))
+    rng = np.random.default_rng(4)
+    requests, labels = traffic(rng, 2 * SEGMENT_REQUESTS + 5)
+    stream = monitor.open_stream(manifest())
+    for message in with_labels(requests, labels, rng)[1:]:
+        monitor.ingest(stream, message)
+    monitor.tick()  # seals two segments, then the budget (10 kB) evicts all but the newest
+    segments = monitor.request_index.channels[pb.CODE_MODE_CODES].segments
+    assert [s.first_ridx for s in segments] == [SEGMENT_REQUESTS]
+    assert monitor.counters["requests_evicted_for_budget"] == SEGMENT_REQUESTS
+    ids = {side: [r.request_id for r in requests if (labels[r.request_id] == ["pos"]) == side] for side in (1, 0)}
+    response = monitor.contrast(
+        pb.ContrastRequest(
+            positives=pb.RequestSelector(request_ids=ids[1]), negatives=pb.RequestSelector(request_ids=ids[0])
+        )
+    )
+    assert response.positives + response.negatives == SEGMENT_REQUESTS + 5
+    assert len(response.unresolved) == SEGMENT_REQUESTS
+    assert all("request_index_budget_mb" in u.reason for u in response.unresolved)
