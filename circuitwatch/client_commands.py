@@ -240,12 +240,12 @@ def circuit_entry(
     query = pb.ContrastRequest()
     query.CopyFrom(request)
     summarised = {}
-    for name in ("positives", "negatives"):
-        ids = list(getattr(query, name).request_ids)
+    for side in ("positives", "negatives"):
+        ids = list(getattr(query, side).request_ids)
         if len(ids) > QUERY_IDS_KEPT:  # a label is no place for thousands of ids: keep a count and a digest
-            del getattr(query, name).request_ids[:]
+            del getattr(query, side).request_ids[:]
             digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
-            summarised[f"{name}_ids"] = f"{len(ids)} ids, sha256 {digest} (newline-joined)"
+            summarised[f"{side}_ids"] = f"{len(ids)} ids, sha256 {digest} (newline-joined)"
     text = json_format.MessageToJson(query, preserving_proto_field_name=True, indent=None)
     return {
         "name": name,

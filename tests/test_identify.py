@@ -432,3 +432,60 @@ def test_request_index_memory_budget_evicts_oldest_segments_early(tmp_path: Path
     assert response.positives + response.negatives == SEGMENT_REQUESTS + 5
     assert len(response.unresolved) == SEGMENT_REQUESTS
     assert all("request_index_budget_mb" in u.reason for u in response.unresolved)
+
+
+def test_saved_circuit_entries_validate_and_summarise_long_id_lists(tmp_path: Path) -> None:
+    from circuitwatch.client_commands import circuit_entry
+    from circuitwatch.sidecar import ConfigError
+    from circuitwatch.sidecar.circuits import save_circuit
+
+    features = [
+        pb.FeatureScore(layer=1, feature=5, weights_hash="blake2b:h01", exclusivity=1.0),
+        pb.FeatureScore(layer=2, feature=11, weights_hash="blake2b:h02", exclusivity=0.5),
+    ]
+    request = pb.ContrastRequest(positives=pb.RequestSelector(request_ids=[f"r{i}" for i in range(60)]))
+    response = pb.ContrastResponse(positives=60, negatives=7, scope=pb.SCOPE_PROMPT, mode=pb.CODE_MODE_CODES)
+    target = tmp_path / "saved.yaml"
+    save_circuit(target, circuit_entry("found", features, request, response, "high", "at_least:2"))
+    (circuit,) = load_circuit_files([target]).circuits
+    assert circuit.scope == pb.SCOPE_PROMPT and circuit.severity == pb.SEVERITY_HIGH
+    assert type(circuit.expression).__name__ == "AtLeast" and circuit.expression.n == 2
+    assert [(t.layer, t.feature, t.sae) for t in circuit.terms] == [(1, 5, "blake2b:h01"), (2, 11, "blake2b:h02")]
+    labels = dict(label.split("=", 1) for label in circuit.labels)
+    assert labels["positives_ids"].startswith("60 ids, sha256 ") and "request_ids" not in labels["query"]
+    with pytest.raises(ConfigError, match="'found' already exists"):
+        save_circuit(target, circuit_entry("found", features, request, response, "high", "any"))
+    assert save_circuit(target, circuit_entry("found", features[:1], request, response, "low", "any"), replace=True)
+    assert len(load_circuit_files([target]).circuits[0].terms) == 1
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("circuits: [ {name: x, when: {layer: 1}} ]\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: circuits\[0\].when"):
+        save_circuit(broken, circuit_entry("found", features, request, response, "high", "any"))
+    assert "layer: 1" in broken.read_text()  # a broken file is never overwritten
+    bad_match = subprocess.run(
+        [*CLI, "identify", "--positive-label", "x", "--match", "most"], capture_output=True, text=True, timeout=60
+    )
+    assert bad_match.returncode == 2 and "--match 'most'" in bad_match.stderr
+
+
+def test_labels_attached_while_a_request_runs_reach_its_report(tmp_path: Path) -> None:
+    request = SyntheticRequest("live", num_prompt=2, num_positions=3, tokens=[1, 2, 3])
+    request.codes = {0: [{1: 1.0}, {2: 1.0}, {3: 1.0}], 1: [{4: 1.0}, {5: 1.0}, {6: 1.0}]}
+    with running_sidecar(tmp_path) as (_, client):
+        first = [
+            pb.IngestMessage(manifest=manifest()),
+            pb.IngestMessage(start=pb.RequestStart(request_id="live", labels=["from-xargs"])),
+            pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(s, 0, 2) for s in (0, 1)])),
+        ]
+        client.ingest(first)
+        answer = client.stub.Label(
+            pb.LabelRequest(request_ids=["live"], add=["late"], remove=["from-xargs"], author="a"), timeout=10
+        )
+        assert answer.updated == 1
+        rest = [
+            pb.IngestMessage(manifest=manifest()),
+            pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(s, 2, 3) for s in (0, 1)])),
+            pb.IngestMessage(finish=request.finish()),
+        ]
+        client.ingest(rest)
+        assert list(client.report("live").labels) == ["late"]
