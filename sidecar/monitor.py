@@ -414,16 +414,21 @@ class Monitor:
         return report
 
     def _index_request(self, state: RequestState, record: RequestRecord, report: pb.Report, num_prompt: int) -> None:
-        """Reduce the final request to its feature sets for contrast queries (after its report is out)."""
+        """Number the final request in the request-level index; its feature sets are computed later, off the
+        ingest path (the state is final: nothing changes it any more)."""
         bases = dict(enumerate(self.registry.term_bases))
-        sets = request_feature_sets(state.latest_codes(), num_prompt, bases)
         meta = RequestMeta(
             request_id=state.request_id,
             arrival_ns=report.arrival_unix_nanos,
             finalized_ns=report.finalized_unix_nanos,
             complete=report.status == pb.REPORT_STATUS_COMPLETE,
         )
-        record.ridx = self.request_index.add(meta, sets, tuple(report.labels), [f.circuit for f in report.flags])
+        record.ridx = self.request_index.add(
+            meta,
+            lambda: request_feature_sets(state.latest_codes(), num_prompt, bases),
+            tuple(report.labels),
+            [f.circuit for f in report.flags],
+        )
 
     def _flag(
         self, state: RequestState, circuit: Circuit, num_prompt: int, seen: np.ndarray, gslot_to_slot: dict[int, int]
@@ -517,7 +522,7 @@ class Monitor:
             horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
             for seq in [s for s, record in self.requests.items() if record.last_seen_ns < horizon]:
                 self._seq_by_id.pop(self.requests.pop(seq).request_id, None)
-        self.request_index.seal(self._lock)  # builds outside the lock
+        self.request_index.seal(self._lock)  # reduces and builds outside the lock
         with self._lock:
             early = self.request_index.evict(now)
             if early:
@@ -649,6 +654,7 @@ class Monitor:
             for name, selector in selectors.items()
             if selector.HasField("expression")
         }
+        self.request_index.reduce(self._lock)  # requests final before this query are all counted
         with self._lock:
             view = self.request_index.view()
             indexed = view.ridx_by_id

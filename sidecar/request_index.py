@@ -2,7 +2,8 @@
 
 A contrast query counts, for every feature, the requests of one set and of another that carry it. Token
 postings are far too many to count per query (tens of millions in a 10-minute window), so each request is
-reduced at finalisation to its feature sets, per code mode and scope. Requests are sealed 256 at a time into
+reduced to its feature sets, per code mode and scope, once final: by the maintenance thread, or by the
+next query, never on the ingest path. Requests are sealed 256 at a time into
 segments that hold, per feature, four uint64 words: bit j of word b says request first + 64 * b + j carries
 it. Counting every feature over any request set is then AND + popcount over contiguous arrays and one
 scatter-add per segment; one feature's requests are one column. Requests finalised since the last seal wait
@@ -15,6 +16,7 @@ Request numbers ("ridx") are dense, in finalisation order. Features are dense "t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,11 +201,21 @@ class RequestIndex:
         self._arrival: list[int] = []
         self._finalized: list[int] = []
         self._complete: list[bool] = []
+        self.reduced_until = 0  # every ridx below it has its feature sets
+        self._unreduced: list[tuple[int, Callable[[], dict[int, FeatureSet]]]] = []
         self._seal_lock = threading.Lock()
+        self._reduce_lock = threading.Lock()
 
     # --- writes ---------------------------------------------------------------------------------------
 
-    def add(self, meta: RequestMeta, sets: dict[int, FeatureSet], labels: tuple[str, ...], flags: list[str]) -> int:
+    def add(
+        self,
+        meta: RequestMeta,
+        reduce: Callable[[], dict[int, FeatureSet]],
+        labels: tuple[str, ...],
+        flags: list[str],
+    ) -> int:
+        """Number a final request; `reduce` computes its feature sets later (reduce()), off the ingest path."""
         ridx = self.next_ridx
         self.next_ridx += 1
         self._ids.append(meta.request_id)
@@ -211,8 +223,7 @@ class RequestIndex:
         self._arrival.append(meta.arrival_ns)
         self._finalized.append(meta.finalized_ns)
         self._complete.append(meta.complete)
-        for mode, channel in self.channels.items():
-            channel.pending[ridx] = sets.get(mode, FeatureSet.empty())
+        self._unreduced.append((ridx, reduce))
         for label in labels:
             self.labels.setdefault(label, BitMap()).add(ridx)
         for circuit in flags:
@@ -226,18 +237,36 @@ class RequestIndex:
             if label in self.labels:
                 self.labels[label].discard(ridx)
 
+    def reduce(self, lock: threading.Lock | threading.RLock) -> int:
+        """Compute the feature sets of every request numbered so far (outside `lock`, installed under it);
+        returns how many. Queries call it first, so they never miss a request that was final before them."""
+        with self._reduce_lock:
+            with lock:
+                batch = list(self._unreduced)
+            if not batch:
+                return 0
+            reduced = [(ridx, reduce()) for ridx, reduce in batch]
+            with lock:
+                for ridx, sets in reduced:
+                    for mode, channel in self.channels.items():
+                        channel.pending[ridx] = sets.get(mode, FeatureSet.empty())
+                del self._unreduced[: len(batch)]
+                self.reduced_until = batch[-1][0] + 1
+            return len(batch)
+
     def seal(self, lock: threading.Lock | threading.RLock) -> int:
         """Seal full runs of SEGMENT_REQUESTS pending requests into segments; returns how many were sealed.
 
         Builds outside `lock` (the monitor's) and swaps the segment in under it. Segments always start at a
         multiple of SEGMENT_REQUESTS, which keeps every request's block and bit fixed."""
+        self.reduce(lock)
         sealed = 0
         with self._seal_lock:
             while True:
                 with lock:
                     start = self.first_sealable_ridx
                     end = start + SEGMENT_REQUESTS
-                    if self.next_ridx < end:
+                    if self.reduced_until < end:
                         return sealed
                     batch = {mode: [c.pending[r] for r in range(start, end)] for mode, c in self.channels.items()}
                     newest = max(self._finalized[start - self.first_ridx : end - self.first_ridx])
@@ -298,6 +327,7 @@ class RequestIndex:
             first_ridx=self.first_ridx,
             next_ridx=self.next_ridx,
             first_sealable_ridx=self.first_sealable_ridx,
+            reduced_until=self.reduced_until,
             segments={mode: tuple(c.segments) for mode, c in self.channels.items()},
             pending={mode: dict(c.pending) for mode, c in self.channels.items()},
             both_is_union=dict(_BOTH_IS_UNION),
@@ -320,6 +350,7 @@ class IndexView:
     first_ridx: int
     next_ridx: int
     first_sealable_ridx: int
+    reduced_until: int
     segments: dict[int, tuple[Segment, ...]]
     pending: dict[int, dict[int, FeatureSet]]
     both_is_union: dict[int, bool]
@@ -339,6 +370,7 @@ class IndexView:
         [start_ns, end_ns] (end 0: now)."""
         inside = (self.finalized >= now_ns - self.window_ns) & (self.arrival >= start_ns)
         inside &= self.arrival <= (end_ns or now_ns)
+        inside[self.reduced_until - self.first_ridx :] = False  # final after the query began: not counted
         return np.flatnonzero(inside) + self.first_ridx
 
     def support(self, mode: int, scope: int, sides: list[np.ndarray], num_terms: int) -> list[np.ndarray]:
