@@ -21,36 +21,17 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from sidecar_bench import SimulatedClock, feature_densities, percentiles
+from sidecar_bench import D_SAE, LAYERS, K, SimulatedClock, feature_densities, manifest, percentiles
 
-from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.monitor import Monitor
 from circuitwatch.sidecar.store import EvidenceStore
 
-D_SAE = 16384
-K = 16
-LAYERS = (6, 12)
 PROMPT_TOKENS, GENERATED_TOKENS = 112, 32
 WINDOW_S = 600
 PLANTED = {0: (101, 202, 303), 1: (404, 505, 606)}  # slot -> features on some token of every positive
-
-
-def manifest() -> pb.Manifest:
-    return pb.Manifest(
-        contract_version=CONTRACT_VERSION,
-        model="bench",
-        instance_id="bench",
-        slots=[
-            pb.SaeSlot(
-                slot=i, name=f"l{layer}", architecture="topk", layer=layer, hook_point="resid_post", d_in=4096,
-                d_sae=D_SAE, weights_hash=f"blake2b:{layer:04d}", selection=f"topk:k={K}",
-            )
-            for i, layer in enumerate(LAYERS)
-        ],
-    )  # fmt: skip
 
 
 def token_codes(rng: np.random.Generator, cdf: np.ndarray, rows: int) -> np.ndarray:

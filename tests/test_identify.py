@@ -489,3 +489,19 @@ def test_labels_attached_while_a_request_runs_reach_its_report(tmp_path: Path) -
         ]
         client.ingest(rest)
         assert list(client.report("live").labels) == ["late"]
+
+
+def test_client_commands_send_the_bearer_token(tmp_path: Path) -> None:
+    token = tmp_path / "token.txt"
+    token.write_text("s3cret\n")
+    rng = np.random.default_rng(21)
+    requests, labels = traffic(rng, 20)
+    with running_sidecar(tmp_path, auth_token_file=token) as (running, client):
+        metadata = [("authorization", "Bearer s3cret")]
+        client.ingest(with_labels(requests, labels, rng), metadata=metadata)
+        target = ["--target", f"127.0.0.1:{running.port}"]
+        command = [*CLI, "label", *target, "--id", requests[0].request_id, "--add", "x"]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        accepted = subprocess.run([*command, "--token-file", str(token)], capture_output=True, text=True, timeout=60)
+        assert accepted.returncode == 0, accepted.stderr
