@@ -68,6 +68,7 @@ class Scored:
 def contrast(
     request: pb.ContrastRequest, view: IndexView, registry: SaeRegistry, resolved: Resolved, now_ns: int
 ) -> pb.ContrastResponse:
+    """Answer one contrast from a view of the request-level index (no lock held: the view is a copy)."""
     scope = request.scope or pb.SCOPE_BOTH
     mode = request.mode or pb.CODE_MODE_CODES
     top = _limit(request.top, DEFAULT_TOP, "top")
@@ -80,6 +81,10 @@ def contrast(
 
     positives = _select("positives", request.positives, view, resolved, population, response)
     if request.negatives.rest or _is_empty(request.negatives):
+        if request.negatives.rest and not _is_empty(_without_rest(request.negatives)):
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT, "negatives: rest means every other request; give no other criteria"
+            )
         negatives = np.setdiff1d(population, positives, assume_unique=True)
     else:
         negatives = _select("negatives", request.negatives, view, resolved, population, response)
@@ -143,6 +148,13 @@ def _is_empty(selector: pb.RequestSelector) -> bool:
         or selector.HasField("window")
         or selector.rest
     )
+
+
+def _without_rest(selector: pb.RequestSelector) -> pb.RequestSelector:
+    copy = pb.RequestSelector()
+    copy.CopyFrom(selector)
+    copy.rest = False
+    return copy
 
 
 def _describe(selector: pb.RequestSelector) -> str:

@@ -548,14 +548,14 @@ class Monitor:
         with self._lock:
             report = self._final(request_id)
             if report is not None:
-                return report
+                return self._with_feedback(report)
             event = self._waiters.setdefault(request_id, threading.Event())
         if wait_ms:
             event.wait(wait_ms / 1000)
         with self._lock:
             report = self._final(request_id)
             if report is not None:
-                return report
+                return self._with_feedback(report)
             state = self._open.get(request_id)
             if state is None:
                 if not event.is_set() and self._waiters.get(request_id) is event:
@@ -574,6 +574,17 @@ class Monitor:
         report = self._recent.get(request_id)
         return report if report is not None else self.store.get(request_id)
 
+    def _with_feedback(self, report: pb.Report) -> pb.Report:
+        """The report as read by clients: with the label changes made after it was final."""
+        changes = self.store.feedback(report.request_id)
+        if not changes:
+            return report
+        answer = pb.Report()
+        answer.CopyFrom(report)  # the cached report stays as it was finalised
+        for unix_nanos, operation, label, author, note in changes:
+            answer.feedback.add(unix_nanos=unix_nanos, operation=operation, label=label, author=author, note=note)
+        return answer
+
     def watch(self, flagged_only: bool) -> _Watcher:
         watcher = _Watcher(flagged_only)
         with self._lock:
@@ -586,13 +597,14 @@ class Monitor:
                 self._watchers.remove(watcher)
 
     def list_reports(self, request: pb.ListReportsRequest) -> list[pb.Report]:
-        return self.store.list(
+        reports = self.store.list(
             request.window.start_unix_nanos,
             request.window.end_unix_nanos,
             list(request.request_ids),
             request.flagged_only,
             request.limit or 100,
         )
+        return [self._with_feedback(r) for r in reports]
 
     def query_requests(self, request: pb.QueryRequestsRequest) -> pb.QueryRequestsResponse:
         what = request.WhichOneof("what")

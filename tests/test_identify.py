@@ -246,11 +246,14 @@ def test_selectors_labels_feedback_and_errors(tmp_path: Path) -> None:
         assert after.positives == len(planted_ids) + 2
         assert after.negatives == sum(v == ["neg"] for v in labels.values()) - 2
         assert after.features[0].positives == len(planted_ids)  # the planted feature is not on the moved two
-        audit = running.monitor.store.feedback(moved[0])
-        assert [(op, label, author, note) for _, op, label, author, note in audit] == [
+        report = client.report(moved[0])  # the audit trail comes with the report; its evidence is unchanged
+        assert [(c.operation, c.label, c.author, c.note) for c in report.feedback] == [
             ("add", "pos", "rev", "checked"),
             ("remove", "neg", "rev", "checked"),
         ]
+        assert list(report.labels) == ["neg"]
+        listed = stub.ListReports(pb.ListReportsRequest(request_ids=[moved[0]]), timeout=10).reports
+        assert [c.label for c in listed[0].feedback] == ["pos", "neg"]
 
         def error(**kwargs) -> grpc.RpcError:
             with pytest.raises(grpc.RpcError) as caught:
@@ -263,6 +266,8 @@ def test_selectors_labels_feedback_and_errors(tmp_path: Path) -> None:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "rest applies to negatives only" in e.details()
         e = error(positives=by_label("pos"), negatives=pb.RequestSelector(circuit="planted"))
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "both positive and negative" in e.details()
+        e = error(positives=by_label("pos"), negatives=pb.RequestSelector(rest=True, labels=["neg"]))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "rest means every other request" in e.details()
         e = error(positives=pb.RequestSelector(circuit="nonexistent"))
         assert e.code() == grpc.StatusCode.NOT_FOUND and "'nonexistent' is not loaded" in e.details()
         e = error(positives=by_label("nobody-has-this"))
