@@ -370,7 +370,7 @@ class IndexView:
         [start_ns, end_ns] (end 0: now)."""
         inside = (self.finalized >= now_ns - self.window_ns) & (self.arrival >= start_ns)
         inside &= self.arrival <= (end_ns or now_ns)
-        inside[self.reduced_until - self.first_ridx :] = False  # final after the query began: not counted
+        inside[max(0, self.reduced_until - self.first_ridx) :] = False  # final after the query began: not counted
         return np.flatnonzero(inside) + self.first_ridx
 
     def support(self, mode: int, scope: int, sides: list[np.ndarray], num_terms: int) -> list[np.ndarray]:
