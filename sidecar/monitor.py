@@ -547,35 +547,37 @@ class Monitor:
         wait_ms = min(wait_ms, self.config.max_report_wait_ms)
         with self._lock:
             report = self._final(request_id)
-            if report is not None:
-                return self._with_feedback(report)
-            event = self._waiters.setdefault(request_id, threading.Event())
+            if report is None:
+                event = self._waiters.setdefault(request_id, threading.Event())
+        if report is not None:
+            return self._with_feedback(report)
         if wait_ms:
             event.wait(wait_ms / 1000)
         with self._lock:
             report = self._final(request_id)
-            if report is not None:
-                return self._with_feedback(report)
             state = self._open.get(request_id)
-            if state is None:
+            if report is None and state is None:
                 if not event.is_set() and self._waiters.get(request_id) is event:
                     del self._waiters[request_id]
                 raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown to this sidecar")
-            return pb.Report(
-                request_id=request_id,
-                status=pb.REPORT_STATUS_PENDING,
-                model=state.model,
-                labels=state.labels,
-                trace=state.trace,
-                arrival_unix_nanos=state.arrival_ns,
-            )
+            if report is None:
+                return pb.Report(
+                    request_id=request_id,
+                    status=pb.REPORT_STATUS_PENDING,
+                    model=state.model,
+                    labels=state.labels,
+                    trace=state.trace,
+                    arrival_unix_nanos=state.arrival_ns,
+                )
+        return self._with_feedback(report)  # outside the lock: it may read the evidence store
 
     def _final(self, request_id: str) -> pb.Report | None:
         report = self._recent.get(request_id)
         return report if report is not None else self.store.get(request_id)
 
     def _with_feedback(self, report: pb.Report) -> pb.Report:
-        """The report as read by clients: with the label changes made after it was final."""
+        """The report as read by clients: with the label changes made after it was final (the store answers
+        from memory for the many requests that have none)."""
         changes = self.store.feedback(report.request_id)
         if not changes:
             return report

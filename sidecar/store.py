@@ -44,6 +44,8 @@ class EvidenceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
+        # Requests with label changes: reading a report looks for feedback in SQLite only for these.
+        self._relabelled = {row[0] for row in self._db.execute("SELECT DISTINCT request_id FROM feedback")}
 
     def put(self, report: pb.Report) -> None:
         """Commit the report; returns only once it is durable (per the synchronous setting)."""
@@ -91,9 +93,12 @@ class EvidenceStore:
         rewritten, so a report's evidence stays as it was finalised."""
         with self._lock:
             self._db.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", rows)
+            self._relabelled.update(row[0] for row in rows)
 
     def feedback(self, request_id: str) -> list[tuple[int, str, str, str, str]]:
         """(unix_nanos, operation, label, author, note), oldest first."""
+        if request_id not in self._relabelled:
+            return []
         with self._lock:
             return self._db.execute(
                 "SELECT unix_nanos, operation, label, author, note FROM feedback WHERE request_id = ? "
