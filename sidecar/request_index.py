@@ -165,7 +165,6 @@ class Segment:
 class _Channel:
     """One code mode: sealed segments plus the pending tail (ridx -> feature set) not sealed yet."""
 
-    both_is_union: bool
     segments: list[Segment] = field(default_factory=list)
     pending: dict[int, FeatureSet] = field(default_factory=dict)
 
@@ -189,7 +188,7 @@ class RequestIndex:
         self.window_ns = window_ns
         self.budget_bytes = budget_bytes
         self.evicted_for_budget = 0  # requests that left before the window ended
-        self.channels = {mode: _Channel(_BOTH_IS_UNION[mode]) for mode in MODES}
+        self.channels = {mode: _Channel() for mode in MODES}
         self.labels: dict[str, BitMap] = {}
         self.flags: dict[str, BitMap] = {}
         self.next_ridx = 0
@@ -270,10 +269,7 @@ class RequestIndex:
                         return sealed
                     batch = {mode: [c.pending[r] for r in range(start, end)] for mode, c in self.channels.items()}
                     newest = max(self._finalized[start - self.first_ridx : end - self.first_ridx])
-                built = {
-                    mode: Segment.build(start, sets, newest, self.channels[mode].both_is_union)
-                    for mode, sets in batch.items()
-                }
+                built = {mode: Segment.build(start, sets, newest, _BOTH_IS_UNION[mode]) for mode, sets in batch.items()}
                 with lock:
                     for mode, channel in self.channels.items():
                         channel.segments.append(built[mode])
@@ -330,7 +326,6 @@ class RequestIndex:
             reduced_until=self.reduced_until,
             segments={mode: tuple(c.segments) for mode, c in self.channels.items()},
             pending={mode: dict(c.pending) for mode, c in self.channels.items()},
-            both_is_union=dict(_BOTH_IS_UNION),
             ids=list(self._ids),
             ridx_by_id=dict(self._ridx_by_id),
             arrival=np.array(self._arrival, dtype=np.int64),
@@ -353,7 +348,6 @@ class IndexView:
     reduced_until: int
     segments: dict[int, tuple[Segment, ...]]
     pending: dict[int, dict[int, FeatureSet]]
-    both_is_union: dict[int, bool]
     ids: list[str]
     ridx_by_id: dict[str, int]
     arrival: np.ndarray
@@ -391,7 +385,7 @@ class IndexView:
                     hits = carried.astype(np.uint16) if hits is None else hits + carried
                 if hits is not None:
                     count[segment.terms] += hits
-        bit = _scope_bit(scope, self.both_is_union[mode])
+        bit = _scope_bit(scope, mode)
         pending = self.pending[mode]
         for count, side in zip(counts, sides, strict=True):
             found = [pending.get(r) for r in side[side >= self.first_sealable_ridx].tolist()]
@@ -425,7 +419,7 @@ class IndexView:
             found = np.flatnonzero(known[at] == terms)
             first_word = (segment.first_ridx - base) // BLOCK
             out[found, first_word : first_word + WORDS] = segment.scope_words(scope)[:, at[found]].T
-        bit = _scope_bit(scope, self.both_is_union[mode])
+        bit = _scope_bit(scope, mode)
         flags = np.zeros((len(terms), span_words * BLOCK), dtype=bool)
         for ridx, found in self.pending[mode].items():
             if len(found.terms):
@@ -441,12 +435,13 @@ class IndexView:
         return bits[:, ridx - self.word_base]
 
 
-def _scope_bit(scope: int, both_is_union: bool) -> int:
+def _scope_bit(scope: int, mode: int) -> int:
+    """The FeatureSet scope bits that put a feature in `scope` for this code mode."""
     if scope == pb.SCOPE_PROMPT:
         return PROMPT_BIT
     if scope == pb.SCOPE_GENERATED:
         return GENERATED_BIT
-    return PROMPT_BIT | GENERATED_BIT if both_is_union else BOTH_BIT
+    return PROMPT_BIT | GENERATED_BIT if _BOTH_IS_UNION[mode] else BOTH_BIT
 
 
 def _bit_words(offsets: np.ndarray, span: int) -> np.ndarray:
