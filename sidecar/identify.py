@@ -15,6 +15,7 @@ Scores, per feature (and per pair, for "both present"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import grpc
 import numpy as np
@@ -52,15 +53,15 @@ class Scored:
     num_positives: int
     num_negatives: int
 
-    @property
+    @cached_property
     def recall(self) -> np.ndarray:
         return self.positives / self.num_positives
 
-    @property
+    @cached_property
     def false_positive_rate(self) -> np.ndarray:
         return self.negatives / self.num_negatives
 
-    @property
+    @cached_property
     def exclusivity(self) -> np.ndarray:
         return self.recall - self.false_positive_rate
 
@@ -112,19 +113,19 @@ def contrast(
     in_slots = _term_mask(gslots, registry)
     response.features_seen = int(np.count_nonzero(in_slots & ((scored.positives > 0) | (scored.negatives > 0))))
     ranked = _rank(scored, in_slots & (scored.positives >= max(1, request.min_support)))
-    describe = _FeatureNames(registry)
+    term_space = _Terms(registry)
     for rank, term in enumerate(ranked[:top].tolist(), start=1):
-        response.features.append(describe.score(term, scored, rank))
+        response.features.append(term_space.score(term, scored, rank))
 
     top_pairs = request.top_pairs if request.HasField("top_pairs") else DEFAULT_TOP_PAIRS
     per_slot = request.pair_candidates or DEFAULT_PAIR_CANDIDATES
     if top_pairs:
-        candidates = _pair_candidates(ranked, gslots, registry, per_slot)
-        pairs = _pairs(candidates, scored, view, mode, scope, positives, negatives, registry, request.min_support)
+        candidates = _pair_candidates(ranked, gslots, term_space, per_slot)
+        pairs = _pairs(candidates, scored, view, mode, scope, positives, negatives, term_space, request.min_support)
         for i, j, count_p, count_n, edge in pairs[:top_pairs]:
             response.pairs.add(
-                upstream=describe.score(i, scored),
-                downstream=describe.score(j, scored),
+                upstream=term_space.score(i, scored),
+                downstream=term_space.score(j, scored),
                 positives=count_p,
                 negatives=count_n,
                 edge_score=edge,
@@ -266,19 +267,22 @@ def _rank(scored: Scored, eligible: np.ndarray) -> np.ndarray:
     return terms[order]
 
 
-class _FeatureNames:
-    """Turns term ids back into (slot, layer, SAE, feature) for answers."""
+class _Terms:
+    """Term ids back to their SAE (gslot), layer and feature id."""
 
     def __init__(self, registry: SaeRegistry) -> None:
         self.registry = registry
         self.bases = np.asarray(registry.term_bases, dtype=np.int64)
 
-    def locate(self, term: int) -> tuple[int, int]:
-        gslot = int(np.searchsorted(self.bases, term, side="right")) - 1
-        return gslot, term - int(self.bases[gslot])
+    def gslots(self, terms: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.bases, terms, side="right") - 1
+
+    def layers(self, terms: np.ndarray) -> np.ndarray:
+        return np.array([self.registry.identities[g].layer for g in self.gslots(terms).tolist()], dtype=np.int64)
 
     def score(self, term: int, scored: Scored, rank: int = 0) -> pb.FeatureScore:
-        gslot, feature = self.locate(term)
+        """The answer's entry for one feature, with its SAE named."""
+        gslot = int(self.gslots(np.int64(term)))
         identity = self.registry.identities[gslot]
         a, b = int(scored.positives[term]), int(scored.negatives[term])
         return pb.FeatureScore(
@@ -286,22 +290,21 @@ class _FeatureNames:
             layer=identity.layer,
             sae=identity.name,
             weights_hash=identity.weights_hash,
-            feature=feature,
+            feature=term - int(self.bases[gslot]),
             positives=a,
             negatives=b,
-            recall=a / scored.num_positives,
+            recall=scored.recall[term],
             precision=a / (a + b) if a + b else 0.0,
-            false_positive_rate=b / scored.num_negatives,
-            exclusivity=a / scored.num_positives - b / scored.num_negatives,
+            false_positive_rate=scored.false_positive_rate[term],
+            exclusivity=scored.exclusivity[term],
             exclusive=a > 0 and b == 0,
             rank=rank,
         )
 
 
-def _pair_candidates(ranked: np.ndarray, gslots: list[int], registry: SaeRegistry, per_slot: int) -> np.ndarray:
+def _pair_candidates(ranked: np.ndarray, gslots: list[int], terms: _Terms, per_slot: int) -> np.ndarray:
     """The best `per_slot` ranked terms of each slot (pairs are formed among these)."""
-    bases = np.asarray(registry.term_bases, dtype=np.int64)
-    owner = np.searchsorted(bases, ranked, side="right") - 1
+    owner = terms.gslots(ranked)
     return np.concatenate([ranked[owner == g][:per_slot] for g in gslots] or [np.empty(0, np.int64)])
 
 
@@ -313,7 +316,7 @@ def _pairs(
     scope: int,
     positives: np.ndarray,
     negatives: np.ndarray,
-    registry: SaeRegistry,
+    terms: _Terms,
     min_support: int,
 ) -> list[tuple[int, int, int, int, float]]:
     """(upstream term, downstream term, positives, negatives, edge score) for candidate pairs in different
@@ -321,10 +324,7 @@ def _pairs(
     the same request."""
     if len(candidates) < 2:
         return []
-    bases = np.asarray(registry.term_bases, dtype=np.int64)
-    layers = np.array(
-        [registry.identities[g].layer for g in (np.searchsorted(bases, candidates, side="right") - 1).tolist()]
-    )
+    layers = terms.layers(candidates)
     carried = view.term_words(mode, scope, candidates)  # [candidates, words]
     counts = []
     for side in (positives, negatives):
