@@ -416,7 +416,7 @@ class Monitor:
     def _index_request(self, state: RequestState, record: RequestRecord, report: pb.Report, num_prompt: int) -> None:
         """Number the final request in the request-level index; its feature sets are computed later, off the
         ingest path (the state is final: nothing changes it any more)."""
-        bases = dict(enumerate(self.registry.term_bases))
+        bases = self.registry.term_bases  # append-only: a gslot's base never changes
         meta = RequestMeta(
             request_id=state.request_id,
             arrival_ns=report.arrival_unix_nanos,
@@ -692,11 +692,16 @@ class Monitor:
         self.counters["contrasts"] += 1
         return response
 
+    def _record(self, request_id: str) -> RequestRecord | None:
+        """The request table entry of a request with codes in the window (None: unknown or evicted)."""
+        seq = self._seq_by_id.get(request_id)
+        return None if seq is None else self.requests.get(seq)
+
     def _not_indexed_reason(self, request_id: str) -> str:
         """Why a request id named in a contrast is not in the request-level index."""
         if request_id in self._open:
             return "not finished yet"
-        record = self.requests.get(self._seq_by_id.get(request_id, -1))
+        record = self._record(request_id)
         if record is not None:
             if record.ridx is not None:
                 return "evicted from the request index (older than the window, or over index.request_index_budget_mb)"
@@ -732,8 +737,7 @@ class Monitor:
         with self._lock:
             for request_id in dict.fromkeys(request.request_ids):
                 state = self._open.get(request_id)
-                seq = self._seq_by_id.get(request_id)
-                record = self.requests.get(seq) if seq is not None else None
+                record = self._record(request_id)
                 if state is None and record is None and self._final(request_id) is None:
                     response.unresolved.add(request_id=request_id, reason="unknown to this sidecar")
                     continue
@@ -850,7 +854,8 @@ class Monitor:
 
 
 def _relabel(labels: list[str], add, remove) -> list[str]:
-    kept = [label for label in labels if label not in set(remove)]
+    removed = set(remove)
+    kept = [label for label in labels if label not in removed]
     return kept + [label for label in add if label not in kept]
 
 

@@ -16,7 +16,7 @@ Request numbers ("ridx") are dense, in finalisation order. Features are dense "t
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,7 +55,7 @@ class FeatureSet:
         return cls(np.empty(0, np.uint32), np.empty(0, np.uint8))
 
 
-def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: dict[int, int]) -> dict[int, FeatureSet]:
+def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Sequence[int]) -> dict[int, FeatureSet]:
     """A request's feature sets per code mode.
 
     codes: every active feature of every token. argmax_token: each token's strongest feature (lower id on a
