@@ -195,9 +195,14 @@ def run_identify(args: argparse.Namespace) -> int:
         if not features:
             raise UsageError("no feature fires on the positives: nothing to save")
         entry = circuit_entry(args.save_circuit, features, request, response, args.severity, args.match)
+        from circuitwatch.sidecar import ConfigError
         from circuitwatch.sidecar.circuits import save_circuit
 
-        replaced = save_circuit(args.circuits_file, entry, replace=args.replace)
+        try:
+            replaced = save_circuit(args.circuits_file, entry, replace=args.replace)
+        except ConfigError as exc:  # the file's problem, e.g. the name is taken: one line, exit 1
+            print(f"circuitwatch identify: {exc}", file=sys.stderr)
+            return 1
         verb = "replaced" if replaced else "saved"
         print(f"{verb} circuit {args.save_circuit!r} ({args.match} of {len(features)} features) in", args.circuits_file)
         if args.reload:
@@ -347,13 +352,9 @@ def run(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         print(f"circuitwatch {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except Exception as exc:  # e.g. ConfigError from saving: name the reason, no traceback
-        from circuitwatch.sidecar import ConfigError
-
-        if isinstance(exc, ConfigError | OSError):
-            print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except OSError as exc:  # an unreadable token or CA file, an unwritable circuit file
+        print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 __all__ = ["add_identify_parser", "add_label_parser", "run"]
