@@ -1,9 +1,9 @@
 """Identification benchmark: contrast-query latency over a 10-minute window of >= 50M postings.
 
-Fills a real Monitor (simulated clock, as bench/sidecar_bench.py) with 12k requests: 1k positives labelled
+Fills a real SidecarCore (simulated clock, as bench/sidecar_bench.py) with 12k requests: 1k positives labelled
 "pos" that carry a few planted features, 10k negatives labelled "neg" and 1k unlabelled, every token with
 K codes per slot drawn from log-normal feature densities (each request its own draw). Then times
-Monitor.contrast for 1k positives vs 10k negatives against a plain-Python baseline in the same process: each
+SidecarCore.contrast for 1k positives vs 10k negatives against a plain-Python baseline in the same process: each
 request's feature set precomputed as a Python frozenset, counted with collections.Counter and ranked, i.e.
 the same request-level idea without the packed index. Both answers are checked to be identical.
 Target (DESIGN.md): contrast query over 10k requests <= 50 ms.
@@ -26,7 +26,7 @@ from sidecar_bench import D_SAE, LAYERS, K, SimulatedClock, feature_densities, m
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 from circuitwatch.sidecar import SidecarConfig
-from circuitwatch.sidecar.monitor import Monitor
+from circuitwatch.sidecar.core import SidecarCore
 from circuitwatch.sidecar.store import EvidenceStore
 
 PROMPT_TOKENS, GENERATED_TOKENS = 112, 32
@@ -62,9 +62,9 @@ def requests(rng: np.random.Generator, count: int, positives: int, negatives: in
         yield f"req-{i}", label, codes
 
 
-def fill(monitor: Monitor, clock: SimulatedClock, count: int, positives: int, negatives: int) -> tuple[dict, float]:
+def fill(core: SidecarCore, clock: SimulatedClock, count: int, positives: int, negatives: int) -> tuple[dict, float]:
     """Ingest every request (start with labels, one code batch per phase, finish); returns the Python sets."""
-    stream = monitor.open_stream(manifest())
+    stream = core.open_stream(manifest())
     rng = np.random.default_rng(0)
     step_ns = int(0.97 * WINDOW_S * 10**9) // count
     sets: dict[str, frozenset] = {}
@@ -105,15 +105,15 @@ def fill(monitor: Monitor, clock: SimulatedClock, count: int, positives: int, ne
         ]  # fmt: skip
         t0 = time.perf_counter()
         for message in messages:
-            monitor.ingest(stream, message)
+            core.ingest(stream, message)
         ingest_s += time.perf_counter() - t0
         sets[request_id] = frozenset((slot, int(f)) for slot, c in codes.items() for f in np.unique(c).tolist())
         if step % 1000 == 999:
             t0 = time.perf_counter()
-            monitor.tick()  # what the sidecar's maintenance thread does: reduce requests, seal request segments
+            core.tick()  # what the sidecar's maintenance thread does: reduce requests, seal request segments
             maintenance_s += time.perf_counter() - t0
     t0 = time.perf_counter()
-    monitor.tick()
+    core.tick()
     maintenance_s += time.perf_counter() - t0
     return {"sets": sets, "labels": labels}, ingest_s, maintenance_s
 
@@ -146,14 +146,14 @@ def main() -> None:
         config = SidecarConfig(
             evidence_dir=Path(tmp), index={"window_s": WINDOW_S, "segment_s": 10, "memory_budget_mb": 16384}
         )
-        monitor = Monitor(config, EvidenceStore(Path(tmp)), clock=clock)
+        core = SidecarCore(config, EvidenceStore(Path(tmp)), clock=clock)
         t0 = time.perf_counter()
-        truth, ingest_s, maintenance_s = fill(monitor, clock, args.requests, args.positives, args.negatives)
+        truth, ingest_s, maintenance_s = fill(core, clock, args.requests, args.positives, args.negatives)
         fill_s = time.perf_counter() - t0
-        monitor.index.seal()
-        stats = monitor.index.stats()
-        finalize_ms = monitor.counters["finalize_ns"] / monitor.counters["reports"] / 1e6
-        request_index = monitor.request_index
+        core.index.seal()
+        stats = core.index.stats()
+        finalize_ms = core.counters["finalize_ns"] / core.counters["reports"] / 1e6
+        request_index = core.request_index
         pending = len(request_index.channels[pb.CODE_MODE_CODES].pending)
         print(
             f"window: {stats['postings'] / 1e6:.1f}M postings, {args.requests} requests over {WINDOW_S // 60} minutes "
@@ -201,11 +201,11 @@ def main() -> None:
         print(header + "  top features")
         for name, request in cases.items():
             for _ in range(3):
-                monitor.contrast(request)  # warm-up
+                core.contrast(request)  # warm-up
             times = []
             for _ in range(args.queries):
                 t0 = time.perf_counter()
-                response = monitor.contrast(request)
+                response = core.contrast(request)
                 times.append((time.perf_counter() - t0) * 1e3)
             assert (response.positives, response.negatives) == (len(positives), len(negatives))
             if request.mode in (pb.CODE_MODE_UNSPECIFIED, pb.CODE_MODE_CODES):

@@ -1,6 +1,6 @@
 """Sidecar benchmark: ingest throughput, circuit-query latency over a 10-minute window, report latency.
 
-Fills a real Monitor with >= 50M postings of synthetic traffic spread over 10 minutes (a simulated clock, so
+Fills a real SidecarCore with >= 50M postings of synthetic traffic spread over 10 minutes (a simulated clock, so
 the window is real without waiting ten minutes), then times circuit queries over the index against the same
 queries answered with plain Python sets in the same process, and prints ratios. Targets (DESIGN.md):
 >= 2.5M postings/s ingest per core, circuit query p99 <= 20 ms, report ready <= 5 ms after the last codes.
@@ -25,8 +25,8 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.codec import pack_slice
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.circuits import parse_circuits
+from circuitwatch.sidecar.core import SidecarCore
 from circuitwatch.sidecar.expressions import All, AnyOf, AtLeast, Term
-from circuitwatch.sidecar.monitor import Monitor
 from circuitwatch.sidecar.server import start
 from circuitwatch.sidecar.store import EvidenceStore
 
@@ -141,12 +141,12 @@ def make_batches(rng: np.random.Generator, requests: int, templates: int = 16) -
 
 
 def fill(
-    monitor: Monitor, clock: SimulatedClock, batches: list[pb.IngestMessage], target: int
+    core: SidecarCore, clock: SimulatedClock, batches: list[pb.IngestMessage], target: int
 ) -> tuple[float, int, list[float], float, int]:
     """Ingest until `target` postings, spread evenly over the window, doing every 100 requests what the
     maintenance thread does for the request-level index. Returns (ingest seconds, postings, finalise ms,
     maintenance seconds, requests)."""
-    stream = monitor.open_stream(manifest())
+    stream = core.open_stream(manifest())
     per_request = TOKENS_PER_REQUEST * K * len(LAYERS)
     requests = int(np.ceil(target / per_request))
     step_ns = int(0.97 * WINDOW_S * 10**9) // requests  # everything stays inside the window
@@ -159,14 +159,14 @@ def fill(
         finish.finish.request_id = f"req-{i}"
         clock.now += step_ns
         t0 = time.perf_counter()
-        monitor.ingest(stream, codes)
+        core.ingest(stream, codes)
         t1 = time.perf_counter()
-        monitor.ingest(stream, finish)
+        core.ingest(stream, finish)
         t2 = time.perf_counter()
         elapsed += t2 - t0
         finalise_ms.append((t2 - t1) * 1e3)
         if i % 100 == 99 or i == requests - 1:
-            monitor.request_index.seal(monitor._lock)  # reduces the requests finalised since, seals full segments
+            core.request_index.seal(core.lock)  # reduces the requests finalised since, seals full segments
             maintenance += time.perf_counter() - t2
     return elapsed, requests * per_request, finalise_ms, maintenance, requests
 
@@ -174,11 +174,11 @@ def fill(
 # --- the plain-Python baseline ----------------------------------------------------------------------------
 
 
-def python_postings(monitor: Monitor, terms: list[Term]) -> dict[tuple[int, int], dict[int, float]]:
+def python_postings(core: SidecarCore, terms: list[Term]) -> dict[tuple[int, int], dict[int, float]]:
     """(gslot, feature) -> {token key: activation} for the queried features, as plain Python dicts."""
     wanted = {(LAYERS.index(t.layer), t.feature) for t in terms}
     postings: dict[tuple[int, int], dict[int, float]] = {}
-    for segment in monitor.index.segments():
+    for segment in core.index.segments():
         features = (segment.term_codes & np.uint64((1 << 28) - 1)).astype(np.int64).tolist()
         gslots = (segment.term_codes >> np.uint64(28)).astype(np.int64).tolist()
         for i, (g, f) in enumerate(zip(gslots, features, strict=True)):
@@ -262,14 +262,14 @@ def main() -> None:
         config = SidecarConfig(
             evidence_dir=Path(tmp), index={"window_s": WINDOW_S, "segment_s": 10, "memory_budget_mb": 16384}
         )
-        monitor = Monitor(config, EvidenceStore(Path(tmp)), clock=clock)
+        core = SidecarCore(config, EvidenceStore(Path(tmp)), clock=clock)
         specs = [{"name": n, "when": q, "window": WINDOWS.get(n, 1)} for n, q in QUERIES.items()]
         circuits = parse_circuits({"circuits": specs}, "bench")
-        monitor.set_circuits(type(monitor.circuits)(tuple(circuits)))
-        seconds, postings, finalise_ms, maintenance_s, requests = fill(monitor, clock, batches, int(args.postings))
-        monitor.index.seal()
-        stats = monitor.index.stats()
-        span_s = (clock.now - monitor.index.oldest_time) / 1e9
+        core.set_circuits(type(core.circuits)(tuple(circuits)))
+        seconds, postings, finalise_ms, maintenance_s, requests = fill(core, clock, batches, int(args.postings))
+        core.index.seal()
+        stats = core.index.stats()
+        span_s = (clock.now - core.index.oldest_time) / 1e9
         print(
             f"index: {stats['postings'] / 1e6:.1f}M postings, {stats['rows'] / 1e6:.2f}M rows, "
             f"{stats['segments']} segments, "
@@ -287,8 +287,8 @@ def main() -> None:
             "per request to reduce and seal"
         )
 
-        postings_sets = python_postings(monitor, [t for c in monitor.circuits.circuits for t in c.terms])
-        universe = {k for segment in monitor.index.segments() for k in segment.row_keys.tolist()}
+        postings_sets = python_postings(core, [t for c in core.circuits.circuits for t in c.terms])
+        universe = {k for segment in core.index.segments() for k in segment.row_keys.tolist()}
 
         print(f"\ncircuit queries over the whole {WINDOW_S // 60}-minute window ({args.queries} runs each):")
         print(
@@ -298,13 +298,13 @@ def main() -> None:
         for name in QUERIES:
             request = pb.QueryRequestsRequest(circuit=name)
             for _ in range(5):  # warm-up: first-touch page faults are not query cost
-                monitor.query_requests(request)
+                core.query_requests(request)
             times = []
             for _ in range(args.queries):
                 t0 = time.perf_counter()
-                response = monitor.query_requests(request)
+                response = core.query_requests(request)
                 times.append((time.perf_counter() - t0) * 1e3)
-            circuit = monitor.circuits.by_name(name)
+            circuit = core.circuits.by_name(name)
             baseline = []
             for _ in range(max(3, args.queries // 20)):
                 t0 = time.perf_counter()

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from circuitwatch.client_commands import add_identify_parser, add_label_parser
-from circuitwatch.client_commands import run as run_client_command
+from circuitwatch.commands import COMMANDS, add_identify_parser, add_label_parser
+from circuitwatch.commands import run as run_client_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    if args.command in ("identify", "label"):
+    if args.command in COMMANDS:
         return run_client_command(args)
     if args.command == "sidecar":
         from circuitwatch.sidecar import ConfigError, load_config

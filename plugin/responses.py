@@ -16,6 +16,7 @@ import grpc
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.names import severity_name, status_name
 
 from .config import PluginConfig
 
@@ -23,20 +24,16 @@ log = logging.getLogger(__name__)
 EVIDENCE_POSITIONS = 8
 
 
-def _name(enum, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()
-
-
 def summarize(report: pb.Report) -> dict:
     coverage = report.coverage
     return {
         "request_id": report.request_id,
-        "status": _name(pb.ReportStatus, report.status, "REPORT_STATUS_"),
-        "max_severity": _name(pb.Severity, report.max_severity, "SEVERITY_") if report.flags else "none",
+        "status": status_name(report.status),
+        "max_severity": severity_name(report.max_severity) if report.flags else "none",
         "flags": [
             {
                 "circuit": flag.circuit,
-                "severity": _name(pb.Severity, flag.severity, "SEVERITY_"),
+                "severity": severity_name(flag.severity),
                 "matching_tokens": flag.matching_tokens,
                 "positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
                 "labels": list(flag.labels),

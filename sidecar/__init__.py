@@ -1,6 +1,7 @@
 """The sidecar: gRPC ingest, rolling index, safety circuits, per-request reports and the evidence store."""
 
 from .config import ConfigError, SidecarConfig, load_config
-from .monitor import Monitor, MonitorError
+from .core import SidecarCore
+from .errors import MonitorError
 
-__all__ = ["ConfigError", "Monitor", "MonitorError", "SidecarConfig", "load_config"]
+__all__ = ["ConfigError", "MonitorError", "SidecarConfig", "SidecarCore", "load_config"]

@@ -19,8 +19,6 @@ circuits:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +26,11 @@ from typing import Any
 import yaml
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import SCOPES, SEVERITIES
 
 from .config import ConfigError
 from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, terms_of
 
-SEVERITIES = {
-    "info": pb.SEVERITY_INFO,
-    "low": pb.SEVERITY_LOW,
-    "medium": pb.SEVERITY_MEDIUM,
-    "high": pb.SEVERITY_HIGH,
-    "critical": pb.SEVERITY_CRITICAL,
-}
-SCOPES = {"prompt": pb.SCOPE_PROMPT, "generated": pb.SCOPE_GENERATED, "both": pb.SCOPE_BOTH}
 ACTIONS = ("", "abort")
 _CIRCUIT_KEYS = {"name", "description", "severity", "scope", "window", "min_tokens", "labels", "action", "when"}
 _TERM_KEYS = {"feature", "slot", "layer", "sae", "min_activation"}
@@ -227,33 +218,3 @@ def _action(value: Any, where: _Where) -> str:
     if value not in ACTIONS:
         raise where.error(f"expected abort or none, got {value!r}")
     return value
-
-
-def save_circuit(path: Path, entry: dict[str, Any], replace: bool = False) -> bool:
-    """Add (or with `replace`, overwrite) one circuit entry in a circuit file, validated before it is written.
-
-    The file is rewritten whole through YAML, so comments in it are not kept: give identified circuits a file
-    of their own. Written atomically (temporary file + rename): a reader never sees half a file. Returns
-    whether an entry of that name was replaced.
-    """
-    path = Path(path)
-    document: dict[str, Any] = {"circuits": []}
-    if path.exists():
-        try:
-            existing = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc}); not overwriting it") from exc
-        parse_circuits(existing, str(path))  # refuse to build on a broken file
-        document = existing or document
-    name = entry.get("name")
-    names = [item.get("name") for item in document["circuits"]]
-    replaced = name in names
-    if replaced and not replace:
-        raise ConfigError(f"{path}: circuit {name!r} already exists (replace it explicitly)")
-    document["circuits"] = [item for item in document["circuits"] if item.get("name") != name] + [entry]
-    parse_circuits(document, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        yaml.safe_dump(document, tmp, sort_keys=False, width=120)
-    os.replace(tmp.name, path)
-    return replaced

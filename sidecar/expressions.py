@@ -1,7 +1,6 @@
-"""Circuit expressions (data, never code) and their evaluation over sets of token keys.
-
-A token key is `(request_seq << 32) | position` as uint64, so one evaluator serves a single request's report
-and a query over the whole index: both just supply the keys where each feature term fires.
+"""Circuit expressions (data, never code) and their evaluation over sorted sets of token keys (keys.py), so
+one evaluator serves a single request's report and a query over the whole index: both just supply the keys
+where each feature term fires.
 """
 
 from __future__ import annotations
@@ -13,49 +12,7 @@ import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-KEY_DTYPE = np.uint64
-POSITION_BITS = 32
-
-
-def sorted_unique(keys: np.ndarray) -> np.ndarray:
-    """Sort (radix sort for integers: linear time) and drop repeats."""
-    keys = np.sort(keys, kind="stable")
-    if len(keys) > 1:
-        keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-    return keys
-
-
-def intersect_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Intersection of two sorted unique arrays by binary search (no re-sorting)."""
-    if len(a) > len(b):
-        a, b = b, a
-    if not len(a) or not len(b):
-        return a[:0]
-    found = np.searchsorted(b, a)
-    found[found == len(b)] = 0
-    return a[b[found] == a]
-
-
-def subtract_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a minus b, both sorted unique."""
-    if not len(a) or not len(b):
-        return a
-    found = np.searchsorted(b, a)
-    found[found == len(b)] = 0
-    return a[b[found] != a]
-
-
-def token_keys(request_seq: int | np.ndarray, positions: np.ndarray) -> np.ndarray:
-    seq = np.asarray(request_seq, dtype=np.uint64)
-    return (seq << np.uint64(POSITION_BITS)) | positions.astype(np.uint64)
-
-
-def key_requests(keys: np.ndarray) -> np.ndarray:
-    return (keys >> np.uint64(POSITION_BITS)).astype(np.int64)
-
-
-def key_positions(keys: np.ndarray) -> np.ndarray:
-    return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+from .keys import KEY_DTYPE, intersect_sorted, run_starts, sorted_unique, subtract_sorted
 
 
 @dataclass(frozen=True)
@@ -160,7 +117,7 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
         merged = np.sort(np.concatenate(parts), kind="stable")
         if not len(merged):
             return merged
-        starts = np.flatnonzero(np.concatenate(([True], merged[1:] != merged[:-1])))
+        starts = run_starts(merged)
         counts = np.diff(np.append(starts, len(merged)))
         return merged[starts[counts >= node.n]]
 

@@ -37,7 +37,7 @@ EXAMPLES = 5  # request ids quoted in an error
 
 @dataclass(frozen=True)
 class Resolved:
-    """What the monitor looked up under its lock for one contrast."""
+    """What the core looked up under its lock for one contrast."""
 
     not_indexed: dict[str, str]  # request id named by a selector -> why it is not in the request index
     expressions: dict[str, np.ndarray]  # selector name -> sorted ridx whose codes match its expression

@@ -20,7 +20,7 @@ from pyroaring import BitMap64
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .expressions import KEY_DTYPE, sorted_unique
+from .keys import KEY_DTYPE, key_positions, request_key_range, run_starts, sorted_unique
 
 FEATURE_BITS = 28
 ROW_BITS = 24
@@ -34,7 +34,7 @@ def term_code(gslot: int | np.ndarray, feature: int | np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class Segment:
+class TokenSegment:
     """Sealed, immutable; rows sorted by token key. Row uids are row_uid[row]."""
 
     base_uid: int
@@ -78,9 +78,7 @@ class Segment:
         """Sorted unique token keys (rows are in key order, so this is one pass), cached per phase."""
         if phase not in self._unique_keys:
             keys = self.row_keys if phase is None else self.row_keys[self.row_phase == phase]
-            if len(keys) > 1:
-                keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-            self._unique_keys[phase] = keys
+            self._unique_keys[phase] = keys[run_starts(keys)]
         return self._unique_keys[phase]
 
     def posting_terms(self) -> np.ndarray:
@@ -100,7 +98,7 @@ class _ActiveSegment:
         self.num_rows = 0
         self.num_postings = 0
 
-    def seal(self) -> Segment:
+    def seal(self) -> TokenSegment:
         if self.rows:
             keys, gslot, phase, tokens, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
             rows, codes, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
@@ -127,10 +125,10 @@ class _ActiveSegment:
         order = np.argsort(packed)
         packed = packed[order]
         sorted_codes = packed >> np.uint64(ROW_BITS)
-        starts = np.flatnonzero(np.concatenate(([True], sorted_codes[1:] != sorted_codes[:-1]))) if len(packed) else []
-        term_codes = sorted_codes[starts] if len(packed) else np.empty(0, np.uint64)
-        offsets = np.append(np.asarray(starts, dtype=np.int64), len(packed))
-        return Segment(
+        starts = run_starts(sorted_codes)
+        term_codes = sorted_codes[starts]
+        offsets = np.append(starts, len(packed))
+        return TokenSegment(
             base_uid=self.base_uid,
             t_start=self.t_start,
             t_end=self.t_end,
@@ -152,14 +150,20 @@ class TimeWindow:
     start: int  # ns, inclusive
     end: int  # ns, inclusive
 
-    def covers(self, segment: Segment) -> bool:
+    def covers(self, segment: TokenSegment) -> bool:
         return self.start <= segment.t_start and segment.t_end <= self.end
 
-    def overlaps(self, segment: Segment) -> bool:
+    def overlaps(self, segment: TokenSegment) -> bool:
         return segment.t_start <= self.end and self.start <= segment.t_end
 
 
 class RollingIndex:
+    """Every code of the recent window, searchable by (SAE, feature) and by request.
+
+    Writes go to the active segment; readers get sealed segments plus a sealed view of the active one, so a
+    query never sees half a write. Superseded rows (a position encoded again) are filtered on every read.
+    """
+
     def __init__(
         self,
         window_s: float = 600.0,
@@ -175,9 +179,9 @@ class RollingIndex:
         self.clock = clock
         self._lock = threading.RLock()
         self._next_uid = 0
-        self.sealed: list[Segment] = []
+        self.sealed: list[TokenSegment] = []
         self._active = _ActiveSegment(0, clock())
-        self._active_view: Segment | None = None
+        self._active_view: TokenSegment | None = None
         self.superseded = BitMap64()
         self._superseded_array = np.empty(0, np.int64)
         self.evicted_segments = 0
@@ -263,7 +267,7 @@ class RollingIndex:
 
     # --- reading --------------------------------------------------------------------------------------
 
-    def segments(self, window: TimeWindow | None = None) -> list[Segment]:
+    def segments(self, window: TimeWindow | None = None) -> list[TokenSegment]:
         with self._lock:
             if self._active.num_rows and self._active_view is None:
                 self._active_view = self._active.seal()
@@ -285,7 +289,7 @@ class RollingIndex:
             "evicted_segments": self.evicted_segments,
         }
 
-    def _row_mask(self, segment: Segment, rows: np.ndarray, window: TimeWindow | None, phase: int | None):
+    def _row_mask(self, segment: TokenSegment, rows: np.ndarray, window: TimeWindow | None, phase: int | None):
         mask = np.ones(len(rows), dtype=bool)
         if window is not None and not window.covers(segment):
             times = segment.row_time[rows]
@@ -344,7 +348,7 @@ class RollingIndex:
     def request_codes(self, seq: int) -> list[tuple[np.ndarray, ...]]:
         """Per segment, (positions, gslot, phase, token, row_offsets, features, activations) of one request,
         rows ordered by (gslot, position), superseded rows left out."""
-        lo_key, hi_key = np.uint64(seq) << np.uint64(32), np.uint64(seq + 1) << np.uint64(32)
+        lo_key, hi_key = request_key_range(seq)
         out = []
         for segment in self.segments():
             lo, hi = np.searchsorted(segment.row_keys, [lo_key, hi_key])
@@ -368,7 +372,7 @@ class RollingIndex:
             by_row = np.argsort(rank[post_rows - lo], kind="stable")
             counts = np.bincount(rank[post_rows - lo], minlength=len(rows))
             offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.uint32)
-            positions = (segment.row_keys[rows] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+            positions = key_positions(segment.row_keys[rows])
             out.append(
                 (
                     positions,

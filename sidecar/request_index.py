@@ -2,21 +2,20 @@
 
 A contrast query counts, for every feature, the requests of one set and of another that carry it. Token
 postings are far too many to count per query (tens of millions in a 10-minute window), so each request is
-reduced to its feature sets, per code mode and scope, once final: by the maintenance thread, or by the
-next query, never on the ingest path. Requests are sealed 256 at a time into
-segments that hold, per feature, four uint64 words: bit j of word b says request first + 64 * b + j carries
-it. Counting every feature over any request set is then AND + popcount over contiguous arrays and one
-scatter-add per segment; one feature's requests are one column. Requests finalised since the last seal wait
-in a short pending tail that queries read request by request.
+reduced to its feature sets (request_sets.py), per code mode and scope, once final: by the maintenance
+thread, or by the next query, never on the ingest path. Requests are sealed 256 at a time into segments that
+hold, per feature, four uint64 words: bit j of word b says request first + 64 * b + j carries it. Counting
+every feature over any request set is then AND + popcount over contiguous arrays and one scatter-add per
+segment; one feature's requests are one column. Requests finalised since the last seal wait in a short
+pending tail that queries read request by request.
 
-Request numbers ("ridx") are dense, in finalisation order. Features are dense "term ids": the SAE's base
-(its gslot's offset in registration order) + the feature id.
+Request numbers ("ridx") are dense, in finalisation order.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,97 +23,15 @@ from pyroaring import BitMap
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
+from .request_sets import BOTH_BIT, BOTH_IS_UNION, GENERATED_BIT, MODES, PROMPT_BIT, FeatureSet, scope_bits
+
 BLOCK = 64
 SEGMENT_REQUESTS = 256  # requests per sealed segment, a multiple of BLOCK
 WORDS = SEGMENT_REQUESTS // BLOCK
-MODES = (pb.CODE_MODE_CODES, pb.CODE_MODE_ARGMAX_TOKEN, pb.CODE_MODE_ARGMAX_MEAN)
-PROMPT_BIT, GENERATED_BIT, BOTH_BIT = 1, 2, 4
-# Code modes whose "both" set is the union of the prompt and generated sets; mean-pooled argmax is not.
-_BOTH_IS_UNION = {pb.CODE_MODE_CODES: True, pb.CODE_MODE_ARGMAX_TOKEN: True, pb.CODE_MODE_ARGMAX_MEAN: False}
 
 
 @dataclass(frozen=True)
-class SlotCodes:
-    """One request's latest codes in one SAE slot (superseded rows already left out)."""
-
-    positions: np.ndarray  # int64 [rows]
-    row_offsets: np.ndarray  # int64 [rows + 1]
-    features: np.ndarray  # uint32 [nnz]
-    activations: np.ndarray  # float32 [nnz]
-
-
-@dataclass(frozen=True)
-class FeatureSet:
-    """Sorted unique term ids, each with scope bits (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)."""
-
-    terms: np.ndarray  # uint32
-    scopes: np.ndarray  # uint8
-
-    @classmethod
-    def empty(cls) -> FeatureSet:
-        return cls(np.empty(0, np.uint32), np.empty(0, np.uint8))
-
-
-def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Sequence[int]) -> dict[int, FeatureSet]:
-    """A request's feature sets per code mode.
-
-    codes: every active feature of every token. argmax_token: each token's strongest feature (lower id on a
-    tie). argmax_mean: per slot, the feature with the largest activation mean-pooled over the scope's tokens
-    (the paper's one code per prompt and component), computed separately for prompt, generated and both.
-    Slots are taken in gslot order, so their term ranges (base + feature) concatenate already sorted.
-    """
-    parts: dict[int, list[FeatureSet]] = {mode: [] for mode in MODES}
-    for gslot in sorted(codes):
-        slot = codes[gslot]
-        if not len(slot.features):
-            continue
-        offset = base[gslot]
-        starts = slot.row_offsets[:-1]
-        filled = np.flatnonzero(np.diff(slot.row_offsets) > 0)
-        row_of = np.repeat(np.arange(len(starts)), np.diff(slot.row_offsets))
-        generated_row = slot.positions >= num_prompt
-        generated = generated_row[row_of]
-        unique, inverse = np.unique(slot.features, return_inverse=True)
-        in_prompt = np.bincount(inverse[~generated], minlength=len(unique)) > 0
-        in_generated = np.bincount(inverse[generated], minlength=len(unique)) > 0
-        scopes = (in_prompt * PROMPT_BIT) | (in_generated * GENERATED_BIT) | BOTH_BIT
-        parts[pb.CODE_MODE_CODES].append(FeatureSet((unique + offset).astype(np.uint32), scopes.astype(np.uint8)))
-        # strongest feature per token, lower id on a tie
-        acts = slot.activations
-        best = np.maximum.reduceat(acts, starts[filled])
-        candidates = np.where(acts == best[np.searchsorted(filled, row_of)], slot.features, np.uint32(2**32 - 1))
-        strongest = np.minimum.reduceat(candidates, starts[filled])
-        phase = np.where(generated_row[filled], GENERATED_BIT, PROMPT_BIT)
-        parts[pb.CODE_MODE_ARGMAX_TOKEN].append(_merge([(strongest + offset, phase | BOTH_BIT)]))
-        # mean-pooled argmax per scope (argmax of the sums: the token count divides every feature alike)
-        pooled = []
-        for bit, select in ((PROMPT_BIT, ~generated), (GENERATED_BIT, generated), (BOTH_BIT, slice(None))):
-            sums = np.bincount(inverse[select], weights=acts[select], minlength=len(unique))
-            if sums.any():
-                pooled.append((np.array([unique[np.argmax(sums)] + offset]), np.array([bit])))  # first = lower id
-        parts[pb.CODE_MODE_ARGMAX_MEAN].append(_merge(pooled))
-    return {
-        mode: FeatureSet(np.concatenate([p.terms for p in found]), np.concatenate([p.scopes for p in found]))
-        if found
-        else FeatureSet.empty()
-        for mode, found in parts.items()
-    }
-
-
-def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> FeatureSet:
-    """Unique terms with the OR of their scope bits."""
-    if not parts:
-        return FeatureSet.empty()
-    terms = np.concatenate([t for t, _ in parts]).astype(np.uint32)
-    bits = np.concatenate([b for _, b in parts]).astype(np.uint8)
-    order = np.argsort(terms, kind="stable")
-    terms, bits = terms[order], bits[order]
-    starts = np.flatnonzero(np.diff(terms, prepend=np.int64(-1)) != 0)
-    return FeatureSet(terms[starts], np.bitwise_or.reduceat(bits, starts).astype(np.uint8))
-
-
-@dataclass(frozen=True)
-class Segment:
+class RequestSegment:
     """Sealed and immutable: SEGMENT_REQUESTS consecutive requests of one code mode, feature-major.
 
     words[column, block, i] has bit j set when request first_ridx + 64 * block + j carries feature terms[i];
@@ -141,7 +58,7 @@ class Segment:
         return self.words[2] if len(self.words) == 3 else self.words[0] | self.words[1]
 
     @classmethod
-    def build(cls, first_ridx: int, sets: list[FeatureSet], newest_ns: int, both_is_union: bool) -> Segment:
+    def build(cls, first_ridx: int, sets: list[FeatureSet], newest_ns: int, both_is_union: bool) -> RequestSegment:
         columns = (PROMPT_BIT, GENERATED_BIT) if both_is_union else (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)
         lengths = np.fromiter((len(s.terms) for s in sets), np.int64, len(sets))
         local = np.repeat(np.arange(len(sets), dtype=np.int64), lengths)
@@ -165,7 +82,7 @@ class Segment:
 class _Channel:
     """One code mode: sealed segments plus the pending tail (ridx -> feature set) not sealed yet."""
 
-    segments: list[Segment] = field(default_factory=list)
+    segments: list[RequestSegment] = field(default_factory=list)
     pending: dict[int, FeatureSet] = field(default_factory=dict)
 
 
@@ -256,7 +173,7 @@ class RequestIndex:
     def seal(self, lock: threading.Lock | threading.RLock) -> int:
         """Seal full runs of SEGMENT_REQUESTS pending requests into segments; returns how many were sealed.
 
-        Builds outside `lock` (the monitor's) and swaps the segment in under it. Segments always start at a
+        Builds outside `lock` (the core's) and swaps the segment in under it. Segments always start at a
         multiple of SEGMENT_REQUESTS, which keeps every request's block and bit fixed."""
         self.reduce(lock)
         sealed = 0
@@ -269,7 +186,9 @@ class RequestIndex:
                         return sealed
                     batch = {mode: [c.pending[r] for r in range(start, end)] for mode, c in self.channels.items()}
                     newest = max(self._finalized[start - self.first_ridx : end - self.first_ridx])
-                built = {mode: Segment.build(start, sets, newest, _BOTH_IS_UNION[mode]) for mode, sets in batch.items()}
+                built = {
+                    mode: RequestSegment.build(start, sets, newest, BOTH_IS_UNION[mode]) for mode, sets in batch.items()
+                }
                 with lock:
                     for mode, channel in self.channels.items():
                         channel.segments.append(built[mode])
@@ -346,7 +265,7 @@ class IndexView:
     next_ridx: int
     first_sealable_ridx: int
     reduced_until: int
-    segments: dict[int, tuple[Segment, ...]]
+    segments: dict[int, tuple[RequestSegment, ...]]
     pending: dict[int, dict[int, FeatureSet]]
     ids: list[str]
     ridx_by_id: dict[str, int]
@@ -385,7 +304,7 @@ class IndexView:
                     hits = carried.astype(np.uint16) if hits is None else hits + carried
                 if hits is not None:
                     count[segment.terms] += hits
-        bit = _scope_bit(scope, mode)
+        bit = scope_bits(scope, mode)
         pending = self.pending[mode]
         for count, side in zip(counts, sides, strict=True):
             found = [pending.get(r) for r in side[side >= self.first_sealable_ridx].tolist()]
@@ -419,7 +338,7 @@ class IndexView:
             found = np.flatnonzero(known[at] == terms)
             first_word = (segment.first_ridx - base) // BLOCK
             out[found, first_word : first_word + WORDS] = segment.scope_words(scope)[:, at[found]].T
-        bit = _scope_bit(scope, mode)
+        bit = scope_bits(scope, mode)
         flags = np.zeros((len(terms), span_words * BLOCK), dtype=bool)
         for ridx, found in self.pending[mode].items():
             if len(found.terms):
@@ -433,15 +352,6 @@ class IndexView:
         words = self.term_words(mode, scope, terms)
         bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
         return bits[:, ridx - self.word_base]
-
-
-def _scope_bit(scope: int, mode: int) -> int:
-    """The FeatureSet scope bits that put a feature in `scope` for this code mode."""
-    if scope == pb.SCOPE_PROMPT:
-        return PROMPT_BIT
-    if scope == pb.SCOPE_GENERATED:
-        return GENERATED_BIT
-    return PROMPT_BIT | GENERATED_BIT if _BOTH_IS_UNION[mode] else BOTH_BIT
 
 
 def _bit_words(offsets: np.ndarray, span: int) -> np.ndarray:

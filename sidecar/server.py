@@ -17,7 +17,7 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .config import SidecarConfig
-from .monitor import Monitor
+from .core import SidecarCore
 from .service import MonitorServicer
 from .store import EvidenceStore
 from .telemetry import Telemetry
@@ -32,7 +32,7 @@ TICK_S = 0.5
 @dataclass
 class RunningSidecar:
     server: grpc.Server
-    monitor: Monitor
+    core: SidecarCore
     store: EvidenceStore
     telemetry: Telemetry
     port: int
@@ -48,7 +48,7 @@ class RunningSidecar:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
         self._ticker.join(timeout=2)
-        self.monitor.shutdown()
+        self.core.shutdown()
         self.telemetry.shutdown()  # after the drain: spans of the reports finalised just now are flushed
         self.store.close()
         log.info("sidecar stopped")
@@ -56,11 +56,11 @@ class RunningSidecar:
 
 def start(config: SidecarConfig) -> RunningSidecar:
     store = EvidenceStore(config.evidence_dir, config.evidence_synchronous)
-    monitor = Monitor(config, store)
+    core = SidecarCore(config, store)
     host = config.listen.rpartition(":")[0]
     telemetry = Telemetry.start(config.telemetry, host)
-    monitor.instruments = telemetry.instruments(monitor.producer_stats)
-    monitor.report_listeners.append(telemetry.report_finished)
+    core.instruments = telemetry.instruments(core.producer_stats)
+    core.watchers.listeners.append(telemetry.report_finished)
     stopping = threading.Event()
     token = config.auth_token()
     interceptors = [BearerTokenInterceptor(token)] if token else []
@@ -72,7 +72,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
             ("grpc.max_send_message_length", HARD_MESSAGE_LIMIT),
         ],
     )
-    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(monitor, stopping), server)
+    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(core, stopping), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -95,7 +95,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
     def tick() -> None:
         while not stopping.wait(TICK_S):
             try:
-                monitor.tick()
+                core.tick()
             except Exception:
                 log.exception("maintenance tick failed")
 
@@ -107,10 +107,10 @@ def start(config: SidecarConfig) -> RunningSidecar:
         port,
         "TLS" if config.tls else "plaintext",
         "bearer token" if token else "no auth",
-        len(monitor.circuits.circuits),
+        len(core.circuits.circuits),
         store.path,
     )
-    return RunningSidecar(server, monitor, store, telemetry, port, health_servicer, stopping, ticker)
+    return RunningSidecar(server, core, store, telemetry, port, health_servicer, stopping, ticker)
 
 
 def serve(config: SidecarConfig) -> None:
@@ -119,7 +119,7 @@ def serve(config: SidecarConfig) -> None:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGHUP, lambda *_: running.monitor.reload_circuits())
+    signal.signal(signal.SIGHUP, lambda *_: running.core.reload_circuits())
     print(f"circuitwatch sidecar listening on port {running.port}", flush=True)
     done.wait()
     running.stop()

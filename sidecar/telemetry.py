@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -23,6 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from circuitwatch import __version__
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import severity_name, status_name
 
 from .config import TelemetryConfig
 
@@ -59,10 +59,6 @@ def _metric_exporter():
     else:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     return OTLPMetricExporter()
-
-
-def _severity(value: int) -> str:
-    return pb.Severity.Name(value).removeprefix("SEVERITY_").lower()
 
 
 @dataclass
@@ -150,10 +146,10 @@ class Telemetry:
             "gen_ai.request.model": report.model,
             "circuitwatch.tokens.monitored": coverage.positions_seen,
             "circuitwatch.tokens.total": coverage.positions_total,
-            "circuitwatch.coverage.status": pb.ReportStatus.Name(report.status).removeprefix("REPORT_STATUS_").lower(),
+            "circuitwatch.coverage.status": status_name(report.status),
             "circuitwatch.coverage.gaps": len(coverage.gaps),
             "circuitwatch.circuits.matched": [f.circuit for f in report.flags],
-            "circuitwatch.severity.max": _severity(report.max_severity) if report.flags else "none",
+            "circuitwatch.severity.max": severity_name(report.max_severity) if report.flags else "none",
             "circuitwatch.saes": [f"{s.name}@layer{s.layer}:{s.weights_hash}" for s in report.saes],
         }
         if report.labels:
@@ -171,7 +167,7 @@ class Telemetry:
                 EVENT_NAME,
                 {
                     "circuitwatch.circuit": flag.circuit,
-                    "circuitwatch.severity": _severity(flag.severity),
+                    "circuitwatch.severity": severity_name(flag.severity),
                     "circuitwatch.matching_tokens": flag.matching_tokens,
                     "circuitwatch.positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
                     "circuitwatch.features": features,
@@ -202,13 +198,10 @@ class SidecarInstruments:
 
     def report(self, report: pb.Report, finish_received_ns: int) -> None:
         for flag in report.flags:
-            self.flags.add(1, {"circuit": flag.circuit, "severity": _severity(flag.severity)})
-        status = pb.ReportStatus.Name(report.status).removeprefix("REPORT_STATUS_").lower()
+            self.flags.add(1, {"circuit": flag.circuit, "severity": severity_name(flag.severity)})
+        status = status_name(report.status)
         self.requests.add(1, {"status": status, "model": report.model})
         if finish_received_ns:
             self.report_latency.record((report.finalized_unix_nanos - finish_received_ns) / 1e6)
             if report.finish_unix_nanos:
                 self.ingest_lag.record(max(0.0, (finish_received_ns - report.finish_unix_nanos) / 1e6))
-
-
-del trace  # the SDK providers above are used directly, never the global one

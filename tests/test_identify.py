@@ -18,8 +18,8 @@ from sidecar_harness import LAYERS, SyntheticRequest, manifest, messages, runnin
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.circuits import load_circuit_files
+from circuitwatch.sidecar.core import SidecarCore
 from circuitwatch.sidecar.identify import roc_auc
-from circuitwatch.sidecar.monitor import Monitor
 from circuitwatch.sidecar.request_index import SEGMENT_REQUESTS
 from circuitwatch.sidecar.store import EvidenceStore
 
@@ -103,8 +103,8 @@ def test_counts_ranks_and_pairs_match_brute_force_in_every_mode_and_scope(tmp_pa
         for request in requests:
             assert client.report(request.request_id).status == pb.REPORT_STATUS_COMPLETE
         before_seal = contrast(client.stub, positives=by_label("pos"), negatives=by_label("neg"), top=10_000)
-        running.monitor.tick()  # seals full segments
-        assert len(running.monitor.request_index.channels[pb.CODE_MODE_CODES].segments) == 2
+        running.core.tick()  # seals full segments
+        assert len(running.core.request_index.channels[pb.CODE_MODE_CODES].segments) == 2
         positives = [r for r in requests if labels[r.request_id] == ["pos"]]
         negatives = [r for r in requests if labels[r.request_id] == ["neg"]]
         rest = [r for r in requests if labels[r.request_id] != ["pos"]]
@@ -167,7 +167,7 @@ def test_planted_features_rank_first_and_evaluate_perfectly(tmp_path: Path) -> N
         client.ingest(with_labels(requests, labels, rng))
         for request in requests:
             client.report(request.request_id)
-        running.monitor.tick()
+        running.core.tick()
         response = contrast(
             client.stub,
             positives=by_label("pos"),
@@ -340,25 +340,25 @@ class Clock:
 def test_requests_leave_the_identification_window(tmp_path: Path) -> None:
     clock = Clock()
     config = SidecarConfig(evidence_dir=tmp_path / "evidence", index={"window_s": 10, "segment_s": 1})
-    monitor = Monitor(config, EvidenceStore(config.evidence_dir), clock=clock)
+    core = SidecarCore(config, EvidenceStore(config.evidence_dir), clock=clock)
     rng = np.random.default_rng(2)
     old, old_labels = traffic(rng, SEGMENT_REQUESTS + 10)
     new, new_labels = traffic(rng, 30)
     for i, r in enumerate(new):
         r.request_id = f"new{i}"
     new_labels = {f"new{i}": new_labels[f"r{i}"] for i in range(30)}
-    stream = monitor.open_stream(manifest())
+    stream = core.open_stream(manifest())
     for message in with_labels(old, old_labels, rng)[1:]:
-        monitor.ingest(stream, message)
-    monitor.tick()
+        core.ingest(stream, message)
+    core.tick()
     clock.now += 11 * 10**9
     for message in with_labels(new, new_labels, np.random.default_rng(3))[1:]:
         if message.WhichOneof("kind") == "codes":
             message.codes.step += 10_000
-        monitor.ingest(stream, message)
-    monitor.tick()
-    assert len(monitor.request_index.channels[pb.CODE_MODE_CODES].segments) == 0  # the old segment is gone
-    response = monitor.contrast(pb.ContrastRequest(positives=pb.RequestSelector(request_ids=["r0", "new0"])))
+        core.ingest(stream, message)
+    core.tick()
+    assert len(core.request_index.channels[pb.CODE_MODE_CODES].segments) == 0  # the old segment is gone
+    response = core.contrast(pb.ContrastRequest(positives=pb.RequestSelector(request_ids=["r0", "new0"])))
     assert response.positives + response.negatives == 30
     assert [u.request_id for u in response.unresolved] == ["r0"]
     assert "left the index window" in response.unresolved[0].reason or "outside" in response.unresolved[0].reason
@@ -387,7 +387,7 @@ def test_identify_cli_saves_a_circuit_that_flags_new_requests(tmp_path: Path) ->
         assert '"labels": ["pos"]' in labels_saved["query"] and labels_saved["positives"] == str(
             sum(v == ["pos"] for v in labels.values())
         )
-        assert running.monitor.circuits.names == ["found"]
+        assert running.core.circuits.names == ["found"]
         # new traffic: the saved circuit flags exactly the requests that carry a planted feature
         fresh, fresh_labels = traffic(np.random.default_rng(14), 30)
         for r in fresh:
@@ -418,18 +418,18 @@ def test_identify_cli_saves_a_circuit_that_flags_new_requests(tmp_path: Path) ->
 
 def test_request_index_memory_budget_evicts_oldest_segments_early(tmp_path: Path) -> None:
     config = SidecarConfig(evidence_dir=tmp_path / "evidence", index={"request_index_budget_mb": 0.01})
-    monitor = Monitor(config, EvidenceStore(config.evidence_dir))
+    core = SidecarCore(config, EvidenceStore(config.evidence_dir))
     rng = np.random.default_rng(4)
     requests, labels = traffic(rng, 2 * SEGMENT_REQUESTS + 5)
-    stream = monitor.open_stream(manifest())
+    stream = core.open_stream(manifest())
     for message in with_labels(requests, labels, rng)[1:]:
-        monitor.ingest(stream, message)
-    monitor.tick()  # seals two segments, then the budget (10 kB) evicts all but the newest
-    segments = monitor.request_index.channels[pb.CODE_MODE_CODES].segments
+        core.ingest(stream, message)
+    core.tick()  # seals two segments, then the budget (10 kB) evicts all but the newest
+    segments = core.request_index.channels[pb.CODE_MODE_CODES].segments
     assert [s.first_ridx for s in segments] == [SEGMENT_REQUESTS]
-    assert monitor.counters["requests_evicted_for_budget"] == SEGMENT_REQUESTS
+    assert core.counters["requests_evicted_for_budget"] == SEGMENT_REQUESTS
     ids = {side: [r.request_id for r in requests if (labels[r.request_id] == ["pos"]) == side] for side in (1, 0)}
-    response = monitor.contrast(
+    response = core.contrast(
         pb.ContrastRequest(
             positives=pb.RequestSelector(request_ids=ids[1]), negatives=pb.RequestSelector(request_ids=ids[0])
         )
@@ -440,9 +440,8 @@ def test_request_index_memory_budget_evicts_oldest_segments_early(tmp_path: Path
 
 
 def test_saved_circuit_entries_validate_and_summarise_long_id_lists(tmp_path: Path) -> None:
-    from circuitwatch.client_commands import circuit_entry
     from circuitwatch.sidecar import ConfigError
-    from circuitwatch.sidecar.circuits import save_circuit
+    from circuitwatch.sidecar.saved_circuits import circuit_entry, save_circuit
 
     features = [
         pb.FeatureScore(layer=1, feature=5, weights_hash="blake2b:h01", exclusivity=1.0),

@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from circuitwatch.client_commands import circuit_entry
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.activations import residual_stream
 from circuitwatch.fixtures.corpus import documents
@@ -29,7 +28,7 @@ from circuitwatch.kernels import ReferenceEncoder, load_sae
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import SidecarConfig
-from circuitwatch.sidecar.circuits import save_circuit
+from circuitwatch.sidecar.saved_circuits import circuit_entry, save_circuit
 from circuitwatch.sidecar.server import start
 
 pytestmark = pytest.mark.vllm

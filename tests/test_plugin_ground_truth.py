@@ -90,7 +90,7 @@ def test_codes_equal_ground_truth(
             assert report.status == pb.REPORT_STATUS_COMPLETE, (
                 request_id,
                 report.coverage,
-                running.monitor.counters,
+                running.core.counters,
                 notifier and (notifier.emitter.counters, notifier.emitter.target.address, running.port),
             )
             assert report.coverage.positions_total == len(tokens) - 1
@@ -138,6 +138,6 @@ def test_preempted_requests_recompute_and_still_match(
             assert report.status == pb.REPORT_STATUS_COMPLETE, (output.request_id, report.coverage)
             problems = ground_truth.mismatches(tokens, codes_in_sidecar(stub, output.request_id))
             assert not problems, (output.request_id, problems[:5])
-        assert len(running.monitor.index.superseded) > 0, "no position was recomputed: the test did not preempt"
+        assert len(running.core.index.superseded) > 0, "no position was recomputed: the test did not preempt"
     finally:
         running.stop(1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.sidecar.expressions import token_keys
 from circuitwatch.sidecar.index import RollingIndex, TimeWindow
+from circuitwatch.sidecar.keys import token_keys
 
 
 class Clock:

@@ -147,7 +147,7 @@ def test_eviction_by_window(tmp_path: Path) -> None:
         matched = {m.request_id for m in client.stub.QueryRequests(pb.QueryRequestsRequest(circuit="f3")).matches}
         assert matched == {r.request_id for r in new if brute_force_matches({"layer": 1, "feature": 3}, r)}
         assert matched
-        assert running.monitor.index.evicted_segments > 0
+        assert running.core.index.evicted_segments > 0
         assert client.report("old0").status == pb.REPORT_STATUS_COMPLETE  # reports outlive the index window
 
 

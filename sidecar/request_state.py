@@ -1,5 +1,5 @@
-"""One monitored request inside the sidecar: its codes as they arrive, circuit terms matched incrementally,
-and the final report (flags with evidence, coverage with gaps)."""
+"""One open request inside the sidecar: its codes as they arrive, and the circuit terms matched incrementally,
+so that evaluating a circuit at finish (reports.py) or for an action touches only the hits, not every code."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import SliceArrays
 
 from .circuits import Circuit, CircuitSet
-from .expressions import KEY_DTYPE, Term, evaluate, key_positions, token_keys
+from .expressions import Term, evaluate
+from .keys import KEY_DTYPE, key_positions, token_keys
 from .registry import SaeRegistry
-from .request_index import SlotCodes
+from .request_sets import SlotCodes
 
 
 @dataclass
@@ -57,6 +58,10 @@ class TermPlan:
 
 
 class RequestState:
+    """Everything the sidecar holds for a request until its report is final: the codes per SAE slot (with
+    which rows a re-encoding superseded), term hits of the current circuit set, the producer's start and gap
+    messages, and the finish marker once it arrives. Changed only under the core's lock."""
+
     def __init__(self, request_id: str, seq: int, now: int) -> None:
         self.request_id = request_id
         self.seq = seq
@@ -236,17 +241,3 @@ class _RequestKeys:
 
     def universe(self) -> np.ndarray:
         return token_keys(self.state.seq, _in_scope(self.seen, self.scope, self.num_prompt)).astype(KEY_DTYPE)
-
-
-def missing_ranges(total: int, seen: np.ndarray, known: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Half-open ranges of [0, total) neither seen nor already explained by a known gap."""
-    covered = np.zeros(total, dtype=bool)
-    covered[seen[seen < total]] = True
-    for start, end in known:
-        covered[max(0, start) : min(total, end)] = True
-    if covered.all():
-        return []
-    edges = np.diff(np.concatenate(([1], covered.astype(np.int8), [1])))
-    starts = np.flatnonzero(edges == -1)
-    ends = np.flatnonzero(edges == 1)
-    return list(zip(starts.tolist(), ends.tolist(), strict=True))

@@ -1,0 +1,30 @@
+"""Names of the wire enums as users write and read them (lower case, no prefix): circuit files, the CLI,
+responses, spans and metrics all use these tables, so a name means the same thing everywhere."""
+
+from __future__ import annotations
+
+from .circuitwatch_pb2 import CodeMode, ReportStatus, Scope, Severity
+
+SCOPES = {"prompt": Scope.SCOPE_PROMPT, "generated": Scope.SCOPE_GENERATED, "both": Scope.SCOPE_BOTH}
+MODES = {
+    "codes": CodeMode.CODE_MODE_CODES,
+    "argmax-token": CodeMode.CODE_MODE_ARGMAX_TOKEN,
+    "argmax-mean": CodeMode.CODE_MODE_ARGMAX_MEAN,
+}
+SEVERITIES = {
+    "info": Severity.SEVERITY_INFO,
+    "low": Severity.SEVERITY_LOW,
+    "medium": Severity.SEVERITY_MEDIUM,
+    "high": Severity.SEVERITY_HIGH,
+    "critical": Severity.SEVERITY_CRITICAL,
+}
+SCOPE_NAMES = {value: name for name, value in SCOPES.items()}
+MODE_NAMES = {value: name for name, value in MODES.items()}
+
+
+def severity_name(value: int) -> str:
+    return Severity.Name(value).removeprefix("SEVERITY_").lower()
+
+
+def status_name(value: int) -> str:
+    return ReportStatus.Name(value).removeprefix("REPORT_STATUS_").lower()

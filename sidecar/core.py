@@ -1,0 +1,473 @@
+"""The sidecar's core: ingest producer streams, keep each open request's state, finalise its report, and answer
+reads (reports, queries, contrasts, labels) over the same data.
+
+Everything here is callable in process, so every rule is testable without a network; the gRPC servicer
+(service.py) is a thin shell, and errors carry the gRPC status they map to (errors.py). One lock guards request
+state, the request table and index writes; reads of sealed index segments need no lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+
+import grpc
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .circuits import CircuitSet, load_circuit_files
+from .config import ConfigError, SidecarConfig
+from .errors import MonitorError
+from .identify import Resolved, contrast
+from .index import RollingIndex
+from .keys import token_keys
+from .queries import IndexQueries
+from .registry import SaeRegistry
+from .reports import ReportBuilder, is_covered
+from .request_index import RequestIndex, RequestMeta
+from .request_sets import request_feature_sets
+from .request_state import RequestState
+from .request_table import RequestRecord, RequestTable, check_label_request, relabel
+from .store import EvidenceStore
+from .streams import Stream, decode_batch, open_stream, require_request_id
+from .telemetry import Telemetry
+from .watchers import ReportWatcher, Watchers
+
+log = logging.getLogger(__name__)
+
+RECENT_REPORTS = 10_000
+
+
+class SidecarCore:
+    """The monitor behind the `Monitor` service: open requests, the rolling token index, the request-level
+    index, circuits, and the evidence store of final reports."""
+
+    def __init__(self, config: SidecarConfig, store: EvidenceStore, clock=time.time_ns) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        idx = config.index
+        self.index = RollingIndex(
+            idx.window_s, idx.segment_s, idx.segment_max_postings, idx.memory_budget_mb * 2**20, clock=clock
+        )
+        self.request_index = RequestIndex(int(idx.window_s * 1e9), int(idx.request_index_budget_mb * 2**20))
+        self.registry = SaeRegistry()
+        self.circuits = load_circuit_files(config.circuits, version=1)
+        self.counters: Counter[str] = Counter()
+        self.lock = threading.RLock()
+        self.requests = RequestTable()
+        self.queries = IndexQueries(self.index, self.registry, self.requests, clock)
+        self.watchers = Watchers(self.counters)
+        self.reports = ReportBuilder(self.registry, config.max_evidence_tokens)
+        self.producer_stats: dict[str, pb.ProducerStats] = {}  # latest per producer instance
+        self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
+        self._open: dict[str, RequestState] = {}
+        self._recent: OrderedDict[str, pb.Report] = OrderedDict()
+        self._waiters: dict[str, threading.Event] = {}
+
+    # --- ingest ---------------------------------------------------------------------------------------
+
+    def open_stream(self, manifest: pb.Manifest) -> Stream:
+        stream = open_stream(manifest, self.registry)
+        self.counters["streams"] += 1
+        kind = f"a stream with {len(stream.slots)} slots" if stream.slots else "a control stream"
+        log.info("producer %s (%s) opened %s", manifest.instance_id, manifest.producer, kind)
+        return stream
+
+    def ingest(self, stream: Stream, message: pb.IngestMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "codes":
+            self._ingest_codes(stream, message.codes)
+        elif kind == "start":
+            self._start(stream, message.start)
+        elif kind == "finish":
+            self._finish(stream, message.finish)
+        elif kind == "gaps":
+            self._gaps(stream, message.gaps)
+        elif kind == "manifest":
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "a stream carries one manifest, as its first message")
+        else:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "empty ingest message")
+
+    def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
+        decoded = decode_batch(stream, batch)
+        stream.last_step = batch.step
+        stream.batches += 1
+        if batch.HasField("stats"):
+            self.producer_stats[stream.producer] = batch.stats
+        touched: dict[str, RequestState] = {}
+        with self.lock:
+            now = self.clock()
+            for arrays in decoded:
+                state = self._state(arrays.request_id, stream, now)
+                if state is None:
+                    self.counters["late_postings"] += len(arrays.feature_ids)
+                    continue
+                gslot = stream.slots[arrays.slot]
+                uids = self.index.append(
+                    token_keys(state.seq, arrays.positions),
+                    gslot,
+                    arrays.phase,
+                    arrays.token_ids,
+                    arrays.row_offsets,
+                    arrays.feature_ids,
+                    arrays.activations,
+                )
+                replaced = state.add_slice(gslot, arrays, uids, now)
+                self.index.supersede(replaced)
+                touched[state.request_id] = state
+                self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
+                stream.postings += len(arrays.feature_ids)
+                self.counters["postings"] += len(arrays.feature_ids)
+                self.counters["rows"] += arrays.num_rows
+            self.counters["batches"] += 1
+            self.instruments.postings.add(sum(len(a.feature_ids) for a in decoded))
+            for state in touched.values():
+                self._check_actions(state)
+                if state.pending_finish is not None:
+                    self._finalize_if_covered(state)
+
+    def _check_actions(self, state: RequestState) -> None:
+        """Circuits with an action (abort) are evaluated as codes arrive; a match is announced once."""
+        circuits = [c for c in self.circuits.circuits if c.action and c.name not in state.actions_sent]
+        if not circuits or not self.watchers.anyone_acts:
+            return
+        seen = np.unique(np.concatenate(list(state.seen_positions().values()) or [np.empty(0, np.int64)]))
+        num_prompt = state.num_prompt_tokens or state.first_generated_position(
+            default=int(seen[-1]) + 1 if len(seen) else 0
+        )
+        for circuit in circuits:
+            positions = state.evaluate(circuit, num_prompt, seen)
+            if len(positions) >= circuit.min_tokens:
+                state.actions_sent.add(circuit.name)
+                self.counters["actions"] += 1
+                log.warning("circuit %s asks to %s request %s", circuit.name, circuit.action, state.request_id)
+                self.watchers.action(
+                    pb.ActionNotice(
+                        request_id=state.request_id,
+                        circuit=circuit.name,
+                        action=circuit.action,
+                        severity=circuit.severity,
+                        matching_tokens=len(positions),
+                        unix_nanos=self.clock(),
+                    )
+                )
+
+    def _finalize_if_covered(self, state: RequestState) -> None:
+        """A finished request whose announced positions all have codes or declared gaps is final now."""
+        if state.pending_finish is not None and is_covered(state, state.pending_finish):
+            self._finalize(state, state.pending_finish)
+
+    def _state(self, request_id: str, stream: Stream, now: int) -> RequestState | None:
+        """Open state for a request, created on first sight; None if it is already final."""
+        state = self._open.get(request_id)
+        if state is None:
+            if request_id in self._recent or self.store.get(request_id) is not None:
+                return None
+            state = RequestState(request_id, self.requests.new_seq(), now)
+            self._open[request_id] = state
+            state.model = stream.manifest.model
+        if stream.slots and state.slots != stream.slots:
+            state.bind(stream.slots)
+        state.ensure_plan(self.circuits, self.registry)
+        return state
+
+    def _start(self, stream: Stream, start: pb.RequestStart) -> None:
+        require_request_id("start", start.request_id)
+        with self.lock:
+            state = self._state(start.request_id, stream, self.clock())
+            if state is None:
+                return
+            state.model = start.model or state.model
+            state.labels = list(start.labels)
+            state.trace.CopyFrom(start.trace)
+            state.producer_gaps.extend(start.gaps)
+            state.num_prompt_tokens = start.num_prompt_tokens
+            if start.arrival_unix_nanos:
+                state.arrival_ns = start.arrival_unix_nanos
+
+    def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
+        require_request_id("finish", finish.request_id)
+        with self.lock:
+            state = self._state(finish.request_id, stream, self.clock())
+            if state is None:
+                self.counters["duplicate_finishes"] += 1
+                return
+            stream.finished += 1
+            state.finish_received_ns = self.clock()
+            state.pending_finish = finish
+            state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
+            if finish.num_positions == 0:
+                self._finalize(state, finish)
+            else:
+                self._finalize_if_covered(state)
+
+    def _gaps(self, stream: Stream, message: pb.RequestGaps) -> None:
+        require_request_id("gaps", message.request_id)
+        with self.lock:
+            state = self._state(message.request_id, stream, self.clock())
+            if state is None:
+                return
+            state.producer_gaps.extend(message.gaps)
+            self._finalize_if_covered(state)
+
+    def close_stream(self, stream: Stream | None, error: str | None = None) -> None:
+        """A producer stream ended; its open requests stay open (the producer may reconnect and go on)."""
+        if stream is not None:
+            log.info(
+                "producer %s stream closed%s: %d batches, %d postings",
+                stream.manifest.instance_id,
+                f" ({error})" if error else "",
+                stream.batches,
+                stream.postings,
+            )
+
+    # --- finalisation ---------------------------------------------------------------------------------
+
+    def _finalize(self, state: RequestState, finish: pb.RequestFinish | None) -> pb.Report:
+        started = time.perf_counter_ns()
+        report = self.reports.build(state, finish, self.circuits, self.clock())
+        self.store.put(report)  # durable before anyone sees it as final
+        record = self.requests.get(state.request_id)
+        if record is not None:
+            record.finalized(report)
+        del self._open[state.request_id]
+        self._recent[state.request_id] = report
+        while len(self._recent) > RECENT_REPORTS:
+            self._recent.popitem(last=False)
+        self.counters["reports"] += 1
+        self.counters["flags"] += len(report.flags)
+        self.counters["finalize_ns"] += time.perf_counter_ns() - started
+        self.instruments.report(report, state.finish_received_ns)
+        event = self._waiters.pop(state.request_id, None)
+        if event is not None:
+            event.set()
+        self.watchers.report_final(report)
+        if record is not None and state.slots:
+            self._index_request(state, record, report)
+        return report
+
+    def _index_request(self, state: RequestState, record: RequestRecord, report: pb.Report) -> None:
+        """Number the final request in the request-level index; its feature sets are computed later, off the
+        ingest path (the state is final: nothing changes it any more)."""
+        bases = self.registry.term_bases  # append-only: a gslot's base never changes
+        meta = RequestMeta(
+            request_id=state.request_id,
+            arrival_ns=report.arrival_unix_nanos,
+            finalized_ns=report.finalized_unix_nanos,
+            complete=report.status == pb.REPORT_STATUS_COMPLETE,
+        )
+        num_prompt = report.num_prompt_tokens
+        record.ridx = self.request_index.add(
+            meta,
+            lambda: request_feature_sets(state.latest_codes(), num_prompt, bases),
+            tuple(report.labels),
+            [f.circuit for f in report.flags],
+        )
+
+    # --- maintenance ----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Periodic: evict the index, finalise requests idle past the timeout, forget evicted request ids."""
+        now = self.clock()
+        self.index.evict(now)
+        timeout_ns = int(self.config.request_timeout_s * 1e9)
+        with self.lock:
+            for state in [
+                s for s in self._open.values() if s.pending_finish is not None and now >= s.finish_deadline_ns
+            ]:
+                log.warning(
+                    "request %s: codes announced by its finish did not all arrive; finalised incomplete",
+                    state.request_id,
+                )
+                self._finalize(state, state.pending_finish)
+            for state in [s for s in self._open.values() if now - s.last_activity_ns > timeout_ns]:
+                log.warning(
+                    "request %s saw no finish within %.0fs: finalised incomplete", state.request_id, timeout_ns / 1e9
+                )
+                self._finalize(state, None)
+            oldest = self.index.oldest_time
+            horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
+            self.requests.forget_before(horizon)
+        self.maintain_request_index(now)
+
+    def maintain_request_index(self, now: int | None = None) -> None:
+        """Reduce and seal finished requests into the request-level index (outside the lock), then evict."""
+        self.request_index.seal(self.lock)
+        with self.lock:
+            early = self.request_index.evict(self.clock() if now is None else now)
+            if early:
+                self.counters["requests_evicted_for_budget"] += early
+                log.warning(
+                    "request index over index.request_index_budget_mb: %d requests left contrast queries before the "
+                    "end of the window",
+                    early,
+                )
+
+    def shutdown(self) -> None:
+        """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
+        with self.lock:
+            for state in list(self._open.values()):
+                self._finalize(state, state.pending_finish)
+
+    # --- reads ----------------------------------------------------------------------------------------
+
+    def get_report(self, request_id: str, wait_ms: int) -> pb.Report:
+        if not request_id:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        wait_ms = min(wait_ms, self.config.max_report_wait_ms)
+        with self.lock:
+            report = self._final(request_id)
+            if report is None:
+                event = self._waiters.setdefault(request_id, threading.Event())
+        if report is not None:
+            return self._with_feedback(report)
+        if wait_ms:
+            event.wait(wait_ms / 1000)
+        with self.lock:
+            report = self._final(request_id)
+            state = self._open.get(request_id)
+            if report is None and state is None:
+                if not event.is_set() and self._waiters.get(request_id) is event:
+                    del self._waiters[request_id]
+                raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown to this sidecar")
+            if report is None:
+                return pb.Report(
+                    request_id=request_id,
+                    status=pb.REPORT_STATUS_PENDING,
+                    model=state.model,
+                    labels=state.labels,
+                    trace=state.trace,
+                    arrival_unix_nanos=state.arrival_ns,
+                )
+        return self._with_feedback(report)  # outside the lock: it may read the evidence store
+
+    def _final(self, request_id: str) -> pb.Report | None:
+        report = self._recent.get(request_id)
+        return report if report is not None else self.store.get(request_id)
+
+    def _with_feedback(self, report: pb.Report) -> pb.Report:
+        """The report as read by clients: with the label changes made after it was final (the store answers
+        from memory for the many requests that have none)."""
+        changes = self.store.feedback(report.request_id)
+        if not changes:
+            return report
+        answer = pb.Report()
+        answer.CopyFrom(report)  # the cached report stays as it was finalised
+        for unix_nanos, operation, label, author, note in changes:
+            answer.feedback.add(unix_nanos=unix_nanos, operation=operation, label=label, author=author, note=note)
+        return answer
+
+    def watch(self, flagged_only: bool) -> ReportWatcher:
+        return self.watchers.watch_reports(flagged_only)
+
+    def list_reports(self, request: pb.ListReportsRequest) -> list[pb.Report]:
+        reports = self.store.list(
+            request.window.start_unix_nanos,
+            request.window.end_unix_nanos,
+            list(request.request_ids),
+            request.flagged_only,
+            request.limit or 100,
+        )
+        return [self._with_feedback(r) for r in reports]
+
+    def query_requests(self, request: pb.QueryRequestsRequest) -> pb.QueryRequestsResponse:
+        return self.queries.query_requests(request, self.circuits)
+
+    def contrast(self, request: pb.ContrastRequest) -> pb.ContrastResponse:
+        """Which features separate the positive requests from the negative ones (see identify.py)."""
+        started = time.perf_counter()
+        scope = request.scope or pb.SCOPE_BOTH
+        selectors = {"positives": request.positives, "negatives": request.negatives}
+        if request.HasField("truth"):
+            selectors["truth.requests"] = request.truth.requests
+        matching_seqs = {
+            name: self.queries.expression_seqs(name, selector.expression, scope, request.window)
+            for name, selector in selectors.items()
+            if selector.HasField("expression")
+        }
+        self.request_index.reduce(self.lock)  # requests final before this query are all counted
+        with self.lock:
+            view = self.request_index.view()
+            why_not = {
+                rid: self._not_indexed_reason(rid)
+                for selector in selectors.values()
+                for rid in selector.request_ids
+                if rid not in view.ridx_by_id
+            }
+            expressions = {name: self._request_index_numbers(seqs) for name, seqs in matching_seqs.items()}
+            loaded = frozenset(self.circuits.names)
+        response = contrast(request, view, self.registry, Resolved(why_not, expressions, loaded), self.clock())
+        response.elapsed_ms = (time.perf_counter() - started) * 1e3
+        self.counters["contrasts"] += 1
+        return response
+
+    def _request_index_numbers(self, seqs: np.ndarray) -> np.ndarray:
+        """Sorted request-index numbers (ridx) of the requests with these sequence numbers, where indexed."""
+        found = [r.ridx for s in seqs.tolist() if (r := self.requests.by_seq.get(s)) and r.ridx is not None]
+        return np.unique(np.array(found, np.int64))
+
+    def _not_indexed_reason(self, request_id: str) -> str:
+        """Why a request id named in a contrast is not in the request-level index."""
+        if request_id in self._open:
+            return "not finished yet"
+        record = self.requests.get(request_id)
+        if record is not None:
+            if record.ridx is not None:
+                return "evicted from the request index (older than the window, or over index.request_index_budget_mb)"
+            return "has no codes"
+        if self._final(request_id) is not None:
+            return "its codes have left the index window"
+        return "unknown to this sidecar"
+
+    def label(self, request: pb.LabelRequest) -> pb.LabelResponse:
+        """Attach or remove labels after the fact; the change is audited in the evidence store."""
+        check_label_request(request)
+        response = pb.LabelResponse()
+        audit = []
+        now = self.clock()
+        with self.lock:
+            for request_id in dict.fromkeys(request.request_ids):
+                state = self._open.get(request_id)
+                record = self.requests.get(request_id)
+                if state is None and record is None and self._final(request_id) is None:
+                    response.unresolved.add(request_id=request_id, reason="unknown to this sidecar")
+                    continue
+                if state is not None:  # its report, when final, carries the labels
+                    state.labels = relabel(state.labels, request.add, request.remove)
+                if record is not None:
+                    record.labels = tuple(relabel(record.labels, request.add, request.remove))
+                    if record.ridx is not None:
+                        self.request_index.relabel(record.ridx, list(request.add), list(request.remove))
+                for operation, labels in (("add", request.add), ("remove", request.remove)):
+                    audit += [(request_id, now, operation, label, request.author, request.note) for label in labels]
+                response.updated += 1
+        self.store.add_feedback(audit)
+        return response
+
+    def get_codes(self, request_id: str) -> pb.GetCodesResponse:
+        return self.queries.get_codes(request_id)
+
+    def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
+        return self.queries.feature_stats(request)
+
+    # --- circuits -------------------------------------------------------------------------------------
+
+    def reload_circuits(self) -> pb.ReloadCircuitsResponse:
+        try:
+            circuits = load_circuit_files(self.config.circuits, version=self.circuits.version + 1)
+        except ConfigError as exc:
+            log.error("circuit reload refused, keeping %d circuits: %s", len(self.circuits.circuits), exc)
+            self.counters["reload_failures"] += 1
+            return pb.ReloadCircuitsResponse(ok=False, error=str(exc), circuits=self.circuits.names)
+        with self.lock:
+            self.circuits = circuits
+        log.info("circuits reloaded: %s", ", ".join(circuits.names) or "(none)")
+        return pb.ReloadCircuitsResponse(ok=True, circuits=circuits.names)
+
+    def set_circuits(self, circuits: CircuitSet) -> None:
+        with self.lock:
+            self.circuits = CircuitSet(circuits.circuits, self.circuits.version + 1, circuits.sources)

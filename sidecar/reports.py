@@ -1,0 +1,181 @@
+"""A request's final report, built in one call from its open state and its finish marker (or from what arrived,
+when the finish never came): coverage with every gap explained, flags with their evidence, SAE identities.
+
+A report never calls tokens clean that it did not see: every position of every slot below the announced total
+has codes or a gap, and only then is the report COMPLETE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .circuits import Circuit, CircuitSet
+from .registry import SaeRegistry
+from .request_state import RequestState
+
+OPEN_ENDED = 0xFFFFFFFF  # Gap.end when the request's length is unknown (it never finished)
+ALL_SLOTS = 0xFFFFFFFF  # Gap.slot when a gap covers every slot
+_NONE = np.empty(0, np.int64)
+
+
+def missing_ranges(total: int, seen: np.ndarray, known: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open ranges of [0, total) neither seen nor already explained by a known gap."""
+    covered = np.zeros(total, dtype=bool)
+    covered[seen[seen < total]] = True
+    for start, end in known:
+        covered[max(0, start) : min(total, end)] = True
+    if covered.all():
+        return []
+    edges = np.diff(np.concatenate(([1], covered.astype(np.int8), [1])))
+    starts = np.flatnonzero(edges == -1)
+    ends = np.flatnonzero(edges == 1)
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _gaps_of_slot(gaps: list[pb.Gap], slot: int) -> list[tuple[int, int]]:
+    return [(g.start, g.end) for g in gaps if g.slot in (slot, ALL_SLOTS)]
+
+
+def is_covered(state: RequestState, finish: pb.RequestFinish) -> bool:
+    """Whether every position the finish announced has codes or a declared gap in every slot."""
+    if not state.slots:
+        return False
+    seen = state.seen_positions()
+    gaps = [*finish.gaps, *state.producer_gaps]
+    return not any(
+        missing_ranges(finish.num_positions, seen.get(gslot, _NONE), _gaps_of_slot(gaps, slot))
+        for slot, gslot in state.slots.items()
+    )
+
+
+@dataclass(frozen=True)
+class _Coverage:
+    total: int
+    num_prompt: int
+    gaps: list[pb.Gap]
+    everywhere: np.ndarray  # positions with codes in every slot
+    anywhere: np.ndarray  # positions with codes in some slot
+
+
+def _coverage(state: RequestState, finish: pb.RequestFinish | None) -> _Coverage:
+    seen = state.seen_positions()
+    if finish is not None:
+        total, num_prompt = finish.num_positions, finish.num_prompt_tokens
+        gaps = [*finish.gaps, *state.producer_gaps]
+        missing_reason = pb.GAP_REASON_MISSING
+    else:  # no finish: the request ends where its codes end, and the rest is unknown
+        total = max((int(p[-1]) + 1 for p in seen.values() if len(p)), default=0)
+        num_prompt = state.first_generated_position(default=total)
+        gaps = [*state.producer_gaps]
+        gaps += [pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots]
+        missing_reason = pb.GAP_REASON_STREAM_ENDED
+    gaps = [g for g in gaps if g.end > g.start]  # an empty range says nothing: never report it
+    if not state.slots and total:
+        # no codes ever arrived: no SAE is known for this request, so the gap covers every slot
+        gaps.append(pb.Gap(slot=ALL_SLOTS, start=0, end=total, reason=missing_reason))
+    for slot, gslot in sorted(state.slots.items()):
+        for start, end in missing_ranges(total, seen.get(gslot, _NONE), _gaps_of_slot(gaps, slot)):
+            gaps.append(pb.Gap(slot=slot, start=start, end=end, reason=missing_reason))
+    everywhere = None
+    for gslot in sorted(set(state.slots.values())):
+        positions = seen.get(gslot, _NONE)
+        everywhere = positions if everywhere is None else np.intersect1d(everywhere, positions)
+    everywhere = _NONE if everywhere is None else everywhere[everywhere < total]
+    anywhere = np.unique(np.concatenate(list(seen.values()) or [_NONE]))
+    return _Coverage(total, num_prompt, gaps, everywhere, anywhere[anywhere < total])
+
+
+class ReportBuilder:
+    """Turns a request's open state into its final report; holds what every report needs to name SAEs."""
+
+    def __init__(self, registry: SaeRegistry, max_evidence_tokens: int) -> None:
+        self.registry = registry
+        self.max_evidence_tokens = max_evidence_tokens
+
+    def build(self, state: RequestState, finish: pb.RequestFinish | None, circuits: CircuitSet, now: int) -> pb.Report:
+        state.ensure_plan(circuits, self.registry)
+        coverage = _coverage(state, finish)
+        gslot_to_slot = {g: s for s, g in state.slots.items()}
+        flags = [
+            flag
+            for circuit in circuits.circuits
+            if (flag := self._flag(state, circuit, coverage, gslot_to_slot)) is not None
+        ]
+        total = coverage.total
+        complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)
+        report = pb.Report(
+            request_id=state.request_id,
+            status=pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE,
+            model=(finish.model if finish is not None and finish.model else state.model),
+            flags=flags,
+            max_severity=max((f.severity for f in flags), default=pb.SEVERITY_UNSPECIFIED),
+            coverage=pb.Coverage(positions_total=total, positions_seen=len(coverage.everywhere), gaps=coverage.gaps),
+            saes=[self.registry.identities[g].to_proto(gslot_to_slot[g]) for g in sorted(gslot_to_slot)],
+            labels=list(finish.labels) if finish is not None and finish.labels else state.labels,
+            arrival_unix_nanos=(
+                finish.arrival_unix_nanos if finish is not None and finish.arrival_unix_nanos else state.arrival_ns
+            ),
+            finish_unix_nanos=finish.finish_unix_nanos if finish is not None else 0,
+            finalized_unix_nanos=now,
+            num_prompt_tokens=coverage.num_prompt,
+            num_generated_tokens=(
+                finish.num_generated_tokens if finish is not None else max(0, total - coverage.num_prompt)
+            ),
+        )
+        report.trace.CopyFrom(finish.trace if finish is not None and finish.trace.traceparent else state.trace)
+        return report
+
+    def _flag(
+        self, state: RequestState, circuit: Circuit, coverage: _Coverage, gslot_to_slot: dict[int, int]
+    ) -> pb.Flag | None:
+        positions = state.evaluate(circuit, coverage.num_prompt, coverage.anywhere)
+        if len(positions) < circuit.min_tokens:
+            return None
+        flag = pb.Flag(
+            circuit=circuit.name,
+            severity=circuit.severity,
+            labels=list(circuit.labels),
+            action=circuit.action,
+            matching_tokens=len(positions),
+        )
+        evidence = positions[: self.max_evidence_tokens]
+        flag.evidence.extend(self._evidence(state, circuit, evidence, coverage.num_prompt, gslot_to_slot))
+        return flag
+
+    def _evidence(
+        self,
+        state: RequestState,
+        circuit: Circuit,
+        matched: np.ndarray,
+        num_prompt: int,
+        gslot_to_slot: dict[int, int],
+    ) -> list[pb.EvidenceToken]:
+        """The circuit's feature hits inside each matched position's window, grouped by the token they hit."""
+        by_position: dict[int, list[pb.FeatureHit]] = {}
+        for term in circuit.terms:
+            for gslot in self.registry.resolve(term, among=sorted(gslot_to_slot)):
+                positions, acts = state.term_hits_in(gslot, term)
+                if not len(positions):
+                    continue
+                after = np.searchsorted(matched, positions, side="left")
+                inside = after < len(matched)
+                inside[inside] &= matched[after[inside]] - circuit.window + 1 <= positions[inside]
+                for position, act in zip(positions[inside].tolist(), acts[inside].tolist(), strict=True):
+                    by_position.setdefault(position, []).append(
+                        pb.FeatureHit(slot=gslot_to_slot[gslot], feature=term.feature, activation=act)
+                    )
+        ordered = sorted(by_position)
+        token_ids = state.token_ids_at(np.asarray(ordered, dtype=np.int64)) if ordered else []
+        return [
+            pb.EvidenceToken(
+                position=p,
+                token_id=int(t),
+                phase=pb.PHASE_PROMPT if p < num_prompt else pb.PHASE_GENERATED,
+                hits=by_position[p],
+            )
+            for p, t in zip(ordered, token_ids, strict=True)
+        ]

@@ -1,0 +1,111 @@
+"""The request table: every request with codes in the index window, numbered for its token keys.
+
+A request's sequence number ("seq") is the high half of its token keys (keys.py). The table maps seq and id
+both ways and keeps what queries and contrasts need once the request's open state is gone (labels, trace,
+arrival, status, its number in the request-level index). Requests whose codes have all left the window are
+forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import grpc
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from .errors import MonitorError
+from .index import TimeWindow
+
+
+@dataclass
+class RequestRecord:
+    """A request with codes in the index window."""
+
+    request_id: str
+    seq: int
+    last_seen_ns: int
+    model: str = ""
+    labels: tuple[str, ...] = ()
+    trace: pb.TraceContext | None = None
+    arrival_ns: int = 0
+    num_positions: int = 0
+    status: int = pb.REPORT_STATUS_PENDING
+    ridx: int | None = None  # its number in the request-level index, once final
+
+    def finalized(self, report: pb.Report) -> None:
+        """Keep what outlives the request's open state."""
+        self.model, self.labels, self.trace = report.model, tuple(report.labels), report.trace
+        self.arrival_ns, self.num_positions = report.arrival_unix_nanos, report.coverage.positions_total
+        self.status = report.status
+
+
+class RequestTable:
+    """seq <-> request records. Written under the core's lock; `by_seq` may be read without it (queries)."""
+
+    def __init__(self) -> None:
+        self.by_seq: dict[int, RequestRecord] = {}
+        self._seq_by_id: dict[str, int] = {}
+        self._next_seq = 1
+
+    def new_seq(self) -> int:
+        """A fresh sequence number for a request seen for the first time."""
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    def codes_arrived(self, request_id: str, seq: int, now: int, model: str, arrival_ns: int) -> RequestRecord:
+        """The record of a request whose codes just went into the index (created on its first codes)."""
+        record = self.by_seq.get(seq)
+        if record is None:
+            self._seq_by_id[request_id] = seq
+            record = self.by_seq[seq] = RequestRecord(request_id, seq, now, model, arrival_ns=arrival_ns)
+        else:
+            record.last_seen_ns = now
+        return record
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        """The record of a request with codes in the window (None: unknown, or its codes were evicted)."""
+        seq = self._seq_by_id.get(request_id)
+        return None if seq is None else self.by_seq.get(seq)
+
+    def seq_of(self, request_id: str) -> int | None:
+        return self._seq_by_id.get(request_id)
+
+    def forget_before(self, horizon_ns: int) -> int:
+        """Drop requests last seen before the horizon (their codes have left the index); returns how many."""
+        old = [seq for seq, record in self.by_seq.items() if record.last_seen_ns < horizon_ns]
+        for seq in old:
+            self._seq_by_id.pop(self.by_seq.pop(seq).request_id, None)
+        return len(old)
+
+    def count_in(self, window: TimeWindow) -> int:
+        """Requests that arrived before the window ended and were still seen after it began."""
+        records = list(self.by_seq.values())
+        return sum(1 for r in records if r.arrival_ns <= window.end and r.last_seen_ns >= window.start)
+
+    def __len__(self) -> int:
+        return len(self.by_seq)
+
+
+def relabel(labels: Iterable[str], add: Iterable[str], remove: Iterable[str]) -> list[str]:
+    """Labels after a change: removed ones go, added ones are appended once, order otherwise kept."""
+    removed = set(remove)
+    kept = [label for label in labels if label not in removed]
+    return kept + [label for label in add if label not in kept]
+
+
+def check_label_request(request: pb.LabelRequest) -> None:
+    """A Label call names requests and at least one change, no empty label, nothing both added and removed."""
+    if not request.request_ids:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_ids: at least one request id is required")
+    if not request.add and not request.remove:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "add / remove: give at least one label")
+    for field_name in ("add", "remove"):
+        for i, label in enumerate(getattr(request, field_name)):
+            if not label.strip():
+                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}[{i}]: empty label")
+    clash = set(request.add) & set(request.remove)
+    if clash:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"labels {sorted(clash)} are both added and removed")
