@@ -11,8 +11,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from circuitwatch.config_files import format_validation_error, read_mapping
 
 ENV_VAR = "CIRCUITWATCH_CONFIG"
 ADDITIONAL_CONFIG_KEY = "circuitwatch"
@@ -68,8 +69,6 @@ class PluginConfig(_Strict):
     # The `circuitwatch` object in OpenAI responses, and how long the API server waits for the final report.
     responses: bool = True
     response_deadline_ms: float = Field(50.0, ge=0)
-    # Where the codes are computed: "float32" (exact, default) or the model dtype.
-    encoder_dtype: Literal["float32", "model"] = "float32"
 
     @model_validator(mode="after")
     def _distinct_slots(self) -> PluginConfig:
@@ -87,16 +86,7 @@ class PluginConfig(_Strict):
 
 
 def _read_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PluginConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PluginConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({exc})") from exc
-    if not isinstance(data, dict):
-        raise PluginConfigError(f"{path}: expected a mapping at the top level")
+    data = read_mapping(path, PluginConfigError)
     base = path.resolve().parent
     for slot in data.get("slots") or []:
         if isinstance(slot, dict) and isinstance(slot.get("sae"), str) and not Path(slot["sae"]).is_absolute():
@@ -146,7 +136,7 @@ def _load(additional_config: dict[str, Any] | None, env) -> PluginConfig | None:
     try:
         return PluginConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        problems = format_validation_error(exc)
         raise PluginConfigError(f"circuitwatch plugin config ({' + '.join(sources)}): {problems}") from None
 
 

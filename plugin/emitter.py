@@ -21,6 +21,7 @@ import grpc
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.client import Backoff, bearer_metadata, open_channel, read_token
 
 from .config import SidecarTarget
 
@@ -47,6 +48,9 @@ class _Item:
 
 
 class Emitter:
+    """One producer stream to the sidecar, fed from a bounded queue by the step path and drained by a daemon
+    thread that (re)connects, sends the manifest first, and turns what it cannot send into gaps."""
+
     def __init__(self, target: SidecarTarget, manifest: pb.Manifest, max_batches: int) -> None:
         self.target = target
         self.manifest = manifest
@@ -63,11 +67,6 @@ class Emitter:
         self._thread.start()
 
     # --- producer side (vLLM's step path): never blocks on the network --------------------------------
-
-    def submit_codes(self, slices: list[pb.RequestSlice]) -> None:
-        """A code batch already packed."""
-        ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
-        self.submit_deferred(lambda: slices, ranges)
 
     def submit_deferred(
         self, build: Callable[[], list[pb.RequestSlice]], ranges: list[tuple[str, int, int, int]]
@@ -125,18 +124,6 @@ class Emitter:
 
     # --- the sending thread ---------------------------------------------------------------------------
 
-    def _channel(self) -> grpc.Channel:
-        target = self.target
-        if target.tls_ca_file is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=target.tls_ca_file.read_bytes())
-            return grpc.secure_channel(target.address, credentials)
-        return grpc.insecure_channel(target.address)
-
-    def _metadata(self) -> list[tuple[str, str]] | None:
-        if self.target.auth_token_file is None:
-            return None
-        return [("authorization", f"Bearer {self.target.auth_token_file.read_text().strip()}")]
-
     def _messages(self, done: threading.Event) -> Iterator[pb.IngestMessage]:
         yield pb.IngestMessage(manifest=self.manifest)
         while True:
@@ -164,20 +151,21 @@ class Emitter:
             yield message
 
     def _run(self) -> None:
-        backoff = self.target.reconnect_min_s
+        backoff = Backoff(self.target.reconnect_min_s, self.target.reconnect_max_s)
         while True:
             with self._cv:
                 if self._stopping and not self._queue and not self._pending_gaps:
                     return
             done = threading.Event()
-            channel = self._channel()
+            channel = open_channel(self.target.address, self.target.tls_ca_file)
             try:
                 # Open a stream only on a ready channel, so nothing leaves the queue while the sidecar is down.
-                grpc.channel_ready_future(channel).result(timeout=max(backoff, 2.0))
+                grpc.channel_ready_future(channel).result(timeout=max(backoff.current, 2.0))
                 stub = pb_grpc.MonitorStub(channel)
                 self.connected = True
-                stub.Ingest(self._messages(done), metadata=self._metadata())
-                backoff = self.target.reconnect_min_s
+                metadata = bearer_metadata(read_token(self.target.auth_token_file))
+                stub.Ingest(self._messages(done), metadata=metadata)
+                backoff.reset()
             except grpc.RpcError as exc:
                 self.counters["stream_failures"] += 1
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED):
@@ -187,7 +175,7 @@ class Emitter:
                         "sidecar at %s unavailable (%s); retrying in %.1fs",
                         self.target.address,
                         exc.code().name,
-                        backoff,
+                        backoff.current,
                     )
             except grpc.FutureTimeoutError:
                 self.counters["connect_failures"] += 1
@@ -207,8 +195,7 @@ class Emitter:
                 if self._stopping:
                     self._drop_all()
                     return
-            time.sleep(backoff)
-            backoff = min(backoff * 2, self.target.reconnect_max_s)
+            time.sleep(backoff.next())
 
     def _drop_all(self) -> None:
         self.counters["dropped_at_shutdown"] += len(self._queue)

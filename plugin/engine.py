@@ -10,23 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 
 from circuitwatch import __version__
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .config import PluginConfig, wants_monitoring
+from .config import XARG_REQUEST_ID, PluginConfig, wants_monitoring
 from .emitter import Emitter
-from .worker import external_request_id
+from .process import PROCESS
+from .request_ids import external_request_id
 
 log = logging.getLogger(__name__)
 
-_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "abort"}
-
 
 class FinishNotifier:
+    """Sends a finish marker for every monitored request the scheduler frees, on the engine core's own control
+    stream to the sidecar."""
+
     def __init__(self, config: PluginConfig, model: str) -> None:
         self.config = config
         self.model = model
@@ -47,7 +48,7 @@ class FinishNotifier:
         self.emitter.submit(
             pb.IngestMessage(
                 finish=pb.RequestFinish(
-                    request_id=external_request_id(request.request_id, extra),
+                    request_id=external_request_id(request.request_id, extra.get(XARG_REQUEST_ID)),
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_generated_tokens=request.num_output_tokens,
                     # positions the model computed: the last sampled token never went through it
@@ -61,16 +62,12 @@ class FinishNotifier:
         )
 
 
-_notifier: FinishNotifier | None = None
-_lock = threading.Lock()
-
-
 def notifier(config: PluginConfig, model: str) -> FinishNotifier:
     """One per process; replaced if the configuration changes (a new engine in the same process)."""
-    global _notifier
-    with _lock:
-        if _notifier is None or _notifier.config != config or _notifier.model != model:
-            if _notifier is not None:
-                _notifier.emitter.close(timeout_s=1.0)
-            _notifier = FinishNotifier(config, model)
-        return _notifier
+    with PROCESS.lock:
+        current = PROCESS.finish_notifier
+        if current is None or current.config != config or current.model != model:
+            if current is not None:
+                current.emitter.close(timeout_s=1.0)
+            current = PROCESS.finish_notifier = FinishNotifier(config, model)
+        return current

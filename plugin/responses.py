@@ -16,9 +16,11 @@ import grpc
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.client import Backoff, bearer_metadata, open_channel, read_token
 from circuitwatch.proto.names import severity_name, status_name
 
 from .config import PluginConfig
+from .request_ids import choice_request_ids, parent_request_id
 
 log = logging.getLogger(__name__)
 EVIDENCE_POSITIONS = 8
@@ -63,17 +65,11 @@ class ReportFetcher:
     def _client(self) -> pb_grpc.MonitorStub:
         if self._stub is None:
             target = self.config.sidecar
-            if target.tls_ca_file is not None:
-                credentials = grpc.ssl_channel_credentials(root_certificates=target.tls_ca_file.read_bytes())
-                channel = grpc.aio.secure_channel(target.address, credentials)
-            else:
-                channel = grpc.aio.insecure_channel(target.address)
-            self._stub = pb_grpc.MonitorStub(channel)
+            self._stub = pb_grpc.MonitorStub(open_channel(target.address, target.tls_ca_file, aio=True))
         return self._stub
 
     def _metadata(self):
-        token_file = self.config.sidecar.auth_token_file
-        return (("authorization", f"Bearer {token_file.read_text().strip()}"),) if token_file else None
+        return bearer_metadata(read_token(self.config.sidecar.auth_token_file))
 
     async def _one(self, request_id: str, deadline_s: float) -> dict:
         try:
@@ -131,7 +127,7 @@ async def with_final_chunk(
                 except ValueError:
                     pass
             if chunk.strip() == "data: [DONE]" and response_id is not None and enabled:
-                ids = [response_id] if n == 1 else [f"{i}_{response_id}" for i in range(n)]
+                ids = choice_request_ids(response_id, n)
                 aborted_by = actions.aborted.pop(response_id, None) if actions is not None else None
                 final = {
                     "id": response_id,
@@ -164,31 +160,26 @@ class ActionListener:
             self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def _follow(self) -> None:
-        backoff = self.fetcher.config.sidecar.reconnect_min_s
+        target = self.fetcher.config.sidecar
+        backoff = Backoff(target.reconnect_min_s, target.reconnect_max_s)
         while True:
             try:
                 stream = self.fetcher._client().WatchActions(
                     pb.WatchActionsRequest(), metadata=self.fetcher._metadata()
                 )
                 async for notice in stream:
-                    backoff = self.fetcher.config.sidecar.reconnect_min_s
+                    backoff.reset()
                     await self._act(notice)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the sidecar is away: try again later, never disturb serving
                 log.debug("circuitwatch: action stream interrupted (%s)", exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.fetcher.config.sidecar.reconnect_max_s)
+            await asyncio.sleep(backoff.next())
 
     async def _act(self, notice: pb.ActionNotice) -> None:
         if notice.action != "abort":
             return
-        # a parallel-sampling child "<i>_<id>" stops its whole request
-        request_id = (
-            notice.request_id.split("_", 1)[1]
-            if notice.request_id[:1].isdigit() and "_" in notice.request_id
-            else notice.request_id
-        )
+        request_id = parent_request_id(notice.request_id)  # a parallel-sampling child stops its whole request
         target = self.inflight.get(request_id) or self.inflight.get(notice.request_id)
         if target is None:
             return

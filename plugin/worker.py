@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import socket
 import time
 from collections import Counter
@@ -35,31 +34,11 @@ from .config import (
     wants_monitoring,
 )
 from .emitter import Emitter
+from .request_ids import external_request_id
 from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
 from .taps import TAPS, install_taps
 
 log = logging.getLogger(__name__)
-
-_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-_FIRST_COMPLETION_PROMPT = re.compile(r"^((?:\d+_)?cmpl-.+)-0$")
-
-
-def external_request_id(internal_id: str, extra_args: dict | None) -> str:
-    """The OpenAI response id (DESIGN: request id = response id) from vLLM's internal request id.
-
-    - vLLM appends a random `-xxxxxxxx` to every id: removed.
-    - Completions give prompt i of a request the id `<response id>-<i>` (a request may carry several
-      prompts): the first prompt maps back to the response id; prompts 1.. keep their `-<i>`.
-    - Parallel-sampling children keep vLLM's `<index>_` prefix; chat and offline ids are otherwise unchanged.
-    - An id stamped into extra_args by the API-server side wins.
-    """
-    stamped = (extra_args or {}).get(XARG_REQUEST_ID)
-    if stamped:
-        child = re.match(r"^(\d+)_", internal_id)
-        return f"{child.group(1)}_{stamped}" if child else str(stamped)
-    external = _INTERNAL_SUFFIX.sub("", internal_id)
-    first_prompt = _FIRST_COMPLETION_PROMPT.match(external)
-    return first_prompt.group(1) if first_prompt else external
 
 
 @dataclass
@@ -88,7 +67,10 @@ def _selection(slot: SlotConfig, sae: Sae, max_codes: int) -> CodeSelection:
     return CodeSelection(SelectionMode.THRESHOLD, slot.k or max_codes)
 
 
-class WorkerMonitor:
+class WorkerPlugin:
+    """The plugin in one worker: the slots' SAEs and encoders, the taps, and per step the row map, encoding and
+    hand-off to the emitter. Every failure is logged and counted; nothing raises into vLLM's step."""
+
     def __init__(self, config: PluginConfig, vllm_config, model: torch.nn.Module, device: torch.device) -> None:
         self.config = config
         hidden_size = vllm_config.model_config.get_hidden_size()
@@ -170,7 +152,7 @@ class WorkerMonitor:
         extra = getattr(params, "extra_args", None) or {}
         tracked = TrackedRequest(
             internal_id,
-            external_request_id(internal_id, extra),
+            external_request_id(internal_id, extra.get(XARG_REQUEST_ID)),
             monitored=wants_monitoring(extra, self.config),
             num_prompt_tokens=int(getattr(state, "num_prompt_tokens", 0) or _v2_prompt_len(runner, internal_id)),
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from circuitwatch.config_files import format_validation_error, read_mapping
 
 
 class ConfigError(ValueError):
@@ -99,14 +100,7 @@ class SidecarConfig(_Strict):
 def load_config(path: Path | str) -> SidecarConfig:
     """Parse and validate; relative paths inside the file are taken relative to the file."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = read_mapping(path, ConfigError)
     try:
         config = SidecarConfig.model_validate(raw)
     except ValidationError as exc:
@@ -132,12 +126,3 @@ def load_config(path: Path | str) -> SidecarConfig:
             }
         )
     return config.model_copy(update=updates)
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """'field.path: reason' for every problem, e.g. 'index.window_s: Input should be greater than 0'."""
-    parts = []
-    for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        parts.append(f"{where}: {error['msg']}")
-    return "; ".join(parts)

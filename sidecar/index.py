@@ -324,18 +324,20 @@ class RollingIndex:
     def universe(self, window: TimeWindow | None, phase: int | None) -> np.ndarray:
         """Sorted unique keys of every token in the window (for `not` and windowed co-occurrence).
 
-        Segments wholly inside the window contribute their cached key lists; the merged result is cached
-        until the set of segments changes, so repeated queries between seals pay for it once.
+        Segments wholly inside the window with no superseded row contribute their cached key lists; the merged
+        result is cached until the segments or the superseded rows change, so repeated queries between seals pay
+        for it once.
         """
         segments = self.segments(window)
+        superseded = self._superseded_array
         whole = all(window is None or window.covers(s) for s in segments)
-        cache_key = (tuple(id(s) for s in segments), phase)
+        cache_key = (tuple(id(s) for s in segments), phase, len(superseded))
         cached = self._universe_cache
         if whole and cached is not None and cached[0] == cache_key:
             return cached[1]
         parts = []
         for segment in segments:
-            if window is None or window.covers(segment):
+            if (window is None or window.covers(segment)) and not _has_uid_in(superseded, segment):
                 parts.append(segment.unique_keys(phase))
             else:
                 rows = np.arange(segment.num_rows, dtype=np.uint32)
@@ -417,3 +419,9 @@ class RollingIndex:
         sums = np.bincount(inverse, weights=np.concatenate(sums_all))
         fired = counts > 0
         return tokens, unique[fired], counts[fired], sums[fired]
+
+
+def _has_uid_in(sorted_uids: np.ndarray, segment: TokenSegment) -> bool:
+    """Whether any of the sorted uids belongs to a row of the segment (its uids are one contiguous range)."""
+    lo, hi = np.searchsorted(sorted_uids, [segment.base_uid, segment.base_uid + segment.num_rows])
+    return bool(hi > lo)

@@ -18,6 +18,8 @@ MAX_GSLOTS = 1 << 12  # the index packs gslots into 12 bits
 
 @dataclass(frozen=True)
 class SaeIdentity:
+    """What makes two SAE slots the same SAE: equal identities share a gslot, and so their codes."""
+
     name: str
     architecture: str
     layer: int
@@ -65,6 +67,9 @@ class SaeIdentity:
 
 
 class SaeRegistry:
+    """Every distinct SAE identity seen on any stream, numbered in registration order (its gslot). Append-only,
+    so a gslot and its term base never change while the sidecar runs."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_identity: dict[SaeIdentity, int] = {}

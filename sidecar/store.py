@@ -36,6 +36,9 @@ CREATE INDEX IF NOT EXISTS feedback_by_request ON feedback (request_id);
 
 
 class EvidenceStore:
+    """Final reports and the label audit trail in one SQLite file; every call is one short transaction under a
+    lock, so the store can be shared by the RPC threads and the maintenance thread."""
+
     def __init__(self, directory: Path, synchronous: str = "NORMAL") -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "evidence.sqlite3"

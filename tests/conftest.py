@@ -1,3 +1,5 @@
+"""Shared pytest fixtures: the deterministic fixture model and SAEs, built by `make fixtures`."""
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,22 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise SaeFormatError(path, None, f"not a readable safetensors file ({exc})") from exc
+
+
+@dataclass(frozen=True)
+class ConfigAndWeights:
+    """A format whose directory holds a JSON config next to one safetensors file (SAELens, sparsify)."""
+
+    config_file: str
+    weights_file: str
+
+    def detect(self, directory: Path) -> bool:
+        return (directory / self.config_file).is_file() and (directory / self.weights_file).is_file()
+
+    def read(self, directory: Path) -> tuple[Path, dict[str, Any], Path, dict[str, torch.Tensor]]:
+        """(config path, config, weights path, tensors), each read with the file named on error."""
+        cfg_path, weights_path = directory / self.config_file, directory / self.weights_file
+        return cfg_path, read_json(cfg_path), weights_path, read_safetensors(weights_path)
 
 
 def read_npz(path: Path) -> dict[str, torch.Tensor]:

@@ -10,10 +10,9 @@ import torch
 
 from ..errors import SaeFormatError
 from ..spec import Architecture, EncoderWeights, Normalization, Sae, SaeSpec
-from .common import config_value, finish, fold_decoder_norm, read_json, read_safetensors, require
+from .common import ConfigAndWeights, config_value, finish, fold_decoder_norm, require
 
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+FILES = ConfigAndWeights("cfg.json", "sae_weights.safetensors")
 
 # `expected_average_only_in` is folded into the weights by SAELens before saving or at from_pretrained
 # time; at inference the encode path does nothing for it, so it encodes like `none`.
@@ -26,14 +25,11 @@ _NORMALIZATIONS = {
 
 
 def detect(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+    return FILES.detect(directory)
 
 
 def load(directory: Path, expected_d_in: int | None = None, name: str | None = None) -> Sae:
-    cfg_path = directory / CONFIG_FILE
-    cfg = read_json(cfg_path)
-    weights_path = directory / WEIGHTS_FILE
-    tensors = read_safetensors(weights_path)
+    cfg_path, cfg, weights_path, tensors = FILES.read(directory)
 
     architecture, k = _architecture(cfg, cfg_path)
     d_in = config_value(cfg, cfg_path, "d_in", int)

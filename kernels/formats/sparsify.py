@@ -11,21 +11,17 @@ from pathlib import Path
 
 from ..errors import SaeFormatError
 from ..spec import Architecture, EncoderWeights, Sae, SaeSpec
-from .common import config_value, finish, read_json, read_safetensors, require
+from .common import ConfigAndWeights, config_value, finish, require
 
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
+FILES = ConfigAndWeights("cfg.json", "sae.safetensors")
 
 
 def detect(directory: Path) -> bool:
-    return (directory / CONFIG_FILE).is_file() and (directory / WEIGHTS_FILE).is_file()
+    return FILES.detect(directory)
 
 
 def load(directory: Path, expected_d_in: int | None = None, name: str | None = None) -> Sae:
-    cfg_path = directory / CONFIG_FILE
-    cfg = read_json(cfg_path)
-    weights_path = directory / WEIGHTS_FILE
-    tensors = read_safetensors(weights_path)
+    cfg_path, cfg, weights_path, tensors = FILES.read(directory)
 
     activation = cfg.get("activation", "topk")
     if activation != "topk":

@@ -4,42 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sidecar_harness import SyntheticRequest, manifest
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import ConfigError, load_config
 
-CLI = [sys.executable, "-m", "circuitwatch.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_serving(port: int, process: subprocess.Popen, timeout: float = 30) -> grpc.Channel:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        try:
-            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
-                return channel
-        except grpc.RpcError:
-            time.sleep(0.2)
-    raise TimeoutError("sidecar did not become healthy")
+from support.processes import CLI, free_port, wait_serving
+from support.sidecar_harness import SyntheticRequest, manifest
 
 
 def test_process_lifecycle(tmp_path: Path) -> None:

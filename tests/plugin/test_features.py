@@ -7,13 +7,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import write_plugin_config
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.server import start
+
+from support.plugin_harness import write_plugin_config
 
 pytestmark = pytest.mark.vllm
 

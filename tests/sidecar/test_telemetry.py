@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from otlp_receiver import grpc_receiver, http_receiver
-from sidecar_harness import SyntheticRequest, brute_force_matches, manifest, running_sidecar
-from test_sidecar_cli import free_port
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from support.otlp_receiver import grpc_receiver, http_receiver
+from support.processes import free_port
+from support.sidecar_harness import SyntheticRequest, brute_force_matches, manifest, running_sidecar
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"

@@ -10,8 +10,6 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from sidecar_harness import SyntheticRequest, manifest, running_sidecar
-from test_sidecar_cli import free_port
 
 from circuitwatch.plugin.config import (
     PluginConfigError,
@@ -23,8 +21,10 @@ from circuitwatch.plugin.config import (
 from circuitwatch.plugin.emitter import Emitter
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
 from circuitwatch.plugin.taps import TAPS, install_taps
-from circuitwatch.plugin.worker import external_request_id
 from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from support.processes import free_port
+from support.sidecar_harness import SyntheticRequest, manifest, running_sidecar
 
 # --- configuration ------------------------------------------------------------------------------------------
 
@@ -80,20 +80,6 @@ def test_per_request_controls() -> None:
     assert not wants_monitoring({"circuitwatch_monitor": "0"}, everything)
     assert request_labels({"circuitwatch_labels": "a, b,,c"}) == ["a", "b", "c"]
     assert request_labels({"circuitwatch_labels": ["x", 2]}) == ["x", "2"]
-
-
-def test_external_request_ids() -> None:
-    assert external_request_id("chatcmpl-abc-1f2e3d4c", None) == "chatcmpl-abc"
-    assert external_request_id("chatcmpl-abc-0-1f2e3d4c", None) == "chatcmpl-abc-0"  # a chat id ending in -0
-    # completions: prompt 0 is the response id, further prompts keep their index
-    assert external_request_id("cmpl-abc-0-1f2e3d4c", None) == "cmpl-abc"
-    assert external_request_id("cmpl-abc-2-1f2e3d4c", None) == "cmpl-abc-2"
-    assert external_request_id("cmpl-job-7-0-1f2e3d4c", None) == "cmpl-job-7"  # a user id ending in digits
-    assert external_request_id("1_chatcmpl-abc-1f2e3d4c", None) == "1_chatcmpl-abc"  # parallel-sampling child
-    assert external_request_id("1_cmpl-abc-0-1f2e3d4c", None) == "1_cmpl-abc"
-    assert external_request_id("3-1f2e3d4c", None) == "3"  # offline LLM
-    assert external_request_id("no-suffix-here", None) == "no-suffix-here"
-    assert external_request_id("1_x-1f2e3d4c", {"circuitwatch_request_id": "chatcmpl-y"}) == "1_chatcmpl-y"
 
 
 # --- row maps -------------------------------------------------------------------------------------------------
@@ -191,13 +177,19 @@ def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
 # --- the emitter ------------------------------------------------------------------------------------------------
 
 
+def submit_slices(emitter: Emitter, slices: list[pb.RequestSlice]) -> None:
+    """A code batch already packed, submitted the way the worker submits its deferred batches."""
+    ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
+    emitter.submit_deferred(lambda: slices, ranges)
+
+
 def test_emitter_counts_drops_during_an_outage_and_reports_them(tmp_path: Path) -> None:
     port = free_port()
     target = SidecarTarget(address=f"127.0.0.1:{port}", reconnect_min_s=0.05, reconnect_max_s=0.2)
     emitter = Emitter(target, manifest(), max_batches=2)
     request = SyntheticRequest.random(np.random.default_rng(3), "during-outage")
     for a, b in request.chunks(3):  # the sidecar is down: submitting never waits; the oldest batches are dropped
-        emitter.submit_codes([request.slice(0, a, b), request.slice(1, a, b)])
+        submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
     emitter.submit(pb.IngestMessage(finish=request.finish()))
     chunks = len(request.chunks(3))
     assert emitter.counters["batches_dropped"] == chunks - 2
@@ -230,7 +222,7 @@ def test_emitter_delivers_everything_when_the_sidecar_is_up(tmp_path: Path) -> N
         emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=1000)
         for request in requests:
             for a, b in request.chunks(4):
-                emitter.submit_codes([request.slice(0, a, b), request.slice(1, a, b)])
+                submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
             emitter.submit(pb.IngestMessage(finish=request.finish()))
         for request in requests:
             assert client.report(request.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE

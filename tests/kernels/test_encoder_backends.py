@@ -17,7 +17,7 @@ from circuitwatch.fixtures.sae_writers import write_saelens
 from circuitwatch.kernels import CodeSelection, ReferenceEncoder, SelectionMode, load_sae
 from circuitwatch.kernels.encoders import make_encoder
 
-from test_formats import random_tensors
+from support.random_saes import random_tensors
 
 # The Triton kernel is checked by the same cases in a child process (see test_triton_kernel_...): its
 # interpreter must be on before Triton is first imported, and must not leak into vLLM in this process.
@@ -85,7 +85,7 @@ def test_ties_all_negative_rows_wide_k_and_empty_batches(tmp_path: Path, backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fixture_saes_on_real_activations(fixtures: FixturePaths, backend: str) -> None:
-    from test_formats import fixture_cases
+    from support.random_saes import fixture_cases
 
     rng = np.random.default_rng(3)
     for path, _, _ in fixture_cases(fixtures):
@@ -132,7 +132,7 @@ def test_triton_kernel_matches_the_reference_under_the_interpreter() -> None:
         capture_output=True,
         text=True,
         timeout=900,
-        cwd=Path(__file__).parent.parent,
+        cwd=Path(__file__).parents[2],
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

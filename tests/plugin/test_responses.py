@@ -7,22 +7,21 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import threading
 from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import write_plugin_config
-from test_plugin_server import start_vllm, stop
-from test_sidecar_cli import free_port, wait_serving
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.plugin.config import PluginConfig
 from circuitwatch.plugin.responses import ReportFetcher
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+from support.plugin_harness import write_plugin_config
+from support.processes import free_port, start_sidecar, start_vllm, stop
 
 # matches every token: a term that never fires, negated
 ALWAYS = "circuits:\n  - {name: always, severity: low, when: {not: {layer: 1, feature: 7, min_activation: 1000000}}}\n"
@@ -54,17 +53,9 @@ def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
     return int(candidates[0])
 
 
-def start_sidecar(tmp_path: Path, port: int, extra_circuits: str = "") -> subprocess.Popen:
+def start_sidecar_with_circuits(tmp_path: Path, port: int, extra_circuits: str = "") -> subprocess.Popen:
     (tmp_path / "circuits.yaml").write_text(ALWAYS + extra_circuits)
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_serving(port, process)
-    return process
+    return start_sidecar(tmp_path, port, "circuits: [circuits.yaml]\n")
 
 
 @pytest.mark.vllm
@@ -77,10 +68,10 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         f"  - {{name: stop-it, action: abort, severity: critical, scope: prompt,"
         f" when: {{layer: 1, feature: {stop_feature}, min_activation: 1.0}}}}\n"
     )
-    sidecar = start_sidecar(tmp_path, sidecar_port, abort_circuit)
+    sidecar = start_sidecar_with_circuits(tmp_path, sidecar_port, abort_circuit)
     # a generous deadline so a loaded CI machine still sees final reports; the deadline itself is unit-tested
     plugin = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, response_deadline_ms=3000)
-    server = start_vllm(fixtures, tmp_path, vllm_port, plugin)
+    server = start_vllm(fixtures.model, tmp_path, vllm_port, plugin)
     client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="unused", timeout=120)
     model = str(fixtures.model)
     stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))

@@ -13,29 +13,10 @@ from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, write_sparsify
 from circuitwatch.kernels import CodeSelection, ReferenceEncoder, SelectionMode, load_sae
 
-from numpy_sae import code_mismatches, gemmascope_activations, saelens_activations, sparsify_activations
+from support.numpy_sae import code_mismatches, gemmascope_activations, saelens_activations, sparsify_activations
+from support.random_saes import D_IN, D_SAE, fixture_cases, random_tensors
 
-D_IN, D_SAE, ROWS = 24, 80, 96
-
-
-def random_tensors(seed: int, architecture: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    tensors = {
-        "W_enc": torch.randn(D_IN, D_SAE, generator=g) / D_IN**0.5,
-        "W_dec": torch.randn(D_SAE, D_IN, generator=g),
-        "b_dec": torch.randn(D_IN, generator=g) * 0.3,
-    }
-    if architecture == "gated":
-        tensors |= {
-            "b_gate": torch.randn(D_SAE, generator=g) * 0.3 - 0.3,
-            "b_mag": torch.randn(D_SAE, generator=g) * 0.3,
-            "r_mag": torch.randn(D_SAE, generator=g) * 0.2,
-        }
-    else:
-        tensors["b_enc"] = torch.randn(D_SAE, generator=g) * 0.3 - 0.2
-    if architecture == "jumprelu":
-        tensors["threshold"] = torch.rand(D_SAE, generator=g) * 0.6
-    return tensors
+ROWS = 96
 
 
 def inputs(seed: int = 123) -> np.ndarray:
@@ -162,18 +143,6 @@ def real_activations(fixtures: FixturePaths) -> dict[int, np.ndarray]:
     text = "The import statement finds a module, loads and initializes it, and defines names in the local namespace."
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     return {layer: acts[0].numpy() for layer, acts in residual_stream(model, ids, range(4)).items()}
-
-
-def fixture_cases(fixtures: FixturePaths) -> list[tuple[Path, object, int]]:
-    cases = []
-    for layer in range(4):
-        cases.append((fixtures.topk_sae(layer), saelens_activations, layer))
-        cases.append((fixtures.sparsify_sae(layer), sparsify_activations, layer))
-    for architecture in ("standard", "jumprelu", "gated"):
-        cases.append((fixtures.derived_sae(architecture), saelens_activations, 1))
-    cases.append((fixtures.gemmascope_npz, gemmascope_activations, 1))
-    cases.append((fixtures.gemmascope_safetensors, gemmascope_activations, 2))
-    return cases
 
 
 def test_fixture_saes_match_numpy(fixtures: FixturePaths, real_activations: dict[int, np.ndarray]) -> None:

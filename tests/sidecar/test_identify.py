@@ -13,7 +13,6 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from sidecar_harness import LAYERS, SyntheticRequest, manifest, messages, running_sidecar
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.sidecar import SidecarConfig
@@ -22,6 +21,8 @@ from circuitwatch.sidecar.core import SidecarCore
 from circuitwatch.sidecar.identify import roc_auc
 from circuitwatch.sidecar.request_index import SEGMENT_REQUESTS
 from circuitwatch.sidecar.store import EvidenceStore
+
+from support.sidecar_harness import LAYERS, SyntheticRequest, manifest, messages, running_sidecar
 
 CLI = [sys.executable, "-m", "circuitwatch.cli"]
 MODES = {

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, write_sparsify
 from circuitwatch.kernels import SaeFormatError, load_sae
 
-from test_formats import random_tensors
+from support.random_saes import random_tensors
 
 
 def saelens(tmp_path: Path, architecture: str = "standard", **kwargs) -> Path:

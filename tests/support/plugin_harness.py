@@ -18,7 +18,7 @@ from circuitwatch.kernels import Architecture, ReferenceEncoder, load_sae
 from circuitwatch.plugin.config import PluginConfig
 from circuitwatch.plugin.worker import _selection
 
-from numpy_sae import code_mismatches
+from .numpy_sae import code_mismatches
 
 TOLERANCE = 2e-3  # float-level: vLLM's CPU kernels and transformers' round differently
 

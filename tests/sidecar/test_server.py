@@ -11,7 +11,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from sidecar_harness import (
+
+from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.proto.codec import pack_slice
+
+from support.sidecar_harness import (
     D_SAE,
     SyntheticRequest,
     brute_force_matches,
@@ -20,11 +26,6 @@ from sidecar_harness import (
     messages,
     running_sidecar,
 )
-
-from circuitwatch.proto import CONTRACT_VERSION
-from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-from circuitwatch.proto.codec import pack_slice
 
 FEATURE_3 = "circuits:\n  - {name: f3, severity: critical, when: {layer: 1, feature: 3}}\n"
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from sidecar_harness import SyntheticRequest, brute_force_matches, messages, running_sidecar
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.sidecar import ConfigError
 from circuitwatch.sidecar.circuits import parse_circuits
+
+from support.sidecar_harness import SyntheticRequest, brute_force_matches, messages, running_sidecar
 
 CIRCUITS = {
     "single": {"when": {"layer": 1, "feature": 3}},

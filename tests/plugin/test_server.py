@@ -5,76 +5,26 @@ of requests served during the outage say incomplete with the gap."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import GroundTruth, prompts, write_plugin_config
-from sidecar_harness import codes_in_sidecar
-from test_sidecar_cli import free_port, wait_serving
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
+from support.plugin_harness import GroundTruth, prompts, write_plugin_config
+from support.processes import free_port, start_sidecar, start_vllm, stop
+from support.sidecar_harness import codes_in_sidecar
+
 pytestmark = pytest.mark.vllm
 
 
-def start_sidecar(tmp_path: Path, port: int) -> subprocess.Popen:
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: evidence\nfinish_grace_ms: 1000\n")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "circuitwatch.cli", "sidecar", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "sidecar.log", "a"),  # noqa: SIM115 - the process owns it
-    )
-    wait_serving(port, process)
-    return process
-
-
-def start_vllm(fixtures: FixturePaths, tmp_path: Path, port: int, plugin_config: Path) -> subprocess.Popen:
-    env = {**os.environ, "CIRCUITWATCH_CONFIG": str(plugin_config), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    command = [
-        sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
-        "--model", str(fixtures.model), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
-        "--max-num-seqs", "32", "--seed", "0",
-    ]  # fmt: skip
-    process = subprocess.Popen(command, env=env, stdout=open(tmp_path / "vllm.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"vLLM exited: {(tmp_path / 'vllm.log').read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(1)
-    process.kill()
-    raise TimeoutError("vLLM server did not start")
-
-
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within 30 s."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 def complete(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
@@ -107,12 +57,12 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
     from transformers import AutoTokenizer
 
     sidecar_port, vllm_port = free_port(), free_port()
-    sidecar = start_sidecar(tmp_path, sidecar_port)
+    sidecar = start_sidecar(tmp_path, sidecar_port, "finish_grace_ms: 1000\n", log_name="sidecar.log")
     plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, queue_max_batches=2)
     config = json.loads(plugin_config.read_text())
     config["sidecar"]["reconnect_max_s"] = 0.5  # reconnect quickly once the sidecar is back
     plugin_config.write_text(json.dumps(config))
-    server = start_vllm(fixtures, tmp_path, vllm_port, plugin_config)
+    server = start_vllm(fixtures.model, tmp_path, vllm_port, plugin_config)
     client = OpenAI(base_url=f"http://127.0.0.1:{vllm_port}/v1", api_key="unused", timeout=120)
     model = str(fixtures.model)
     token_prompts = prompts(AutoTokenizer.from_pretrained(fixtures.model), count=16)
@@ -142,7 +92,7 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
         assert all(len(tokens) > len(token_prompts[i]) for i, (_, tokens) in enumerate(during))
 
         # 3. the sidecar comes back: the queued finish markers and gap reports arrive; new requests are complete
-        sidecar = start_sidecar(tmp_path, sidecar_port)
+        sidecar = start_sidecar(tmp_path, sidecar_port, "finish_grace_ms: 1000\n", log_name="sidecar.log")
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
         for attempt in range(5):  # once the plugin has reconnected (back-off <= 0.5 s), new requests are complete
             time.sleep(1)

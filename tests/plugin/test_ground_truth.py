@@ -9,14 +9,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from plugin_harness import GroundTruth, prompts, write_plugin_config
-from sidecar_harness import codes_in_sidecar
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.server import start
+
+from support.plugin_harness import GroundTruth, prompts, write_plugin_config
+from support.sidecar_harness import codes_in_sidecar
 
 pytestmark = pytest.mark.vllm
 
@@ -84,9 +85,9 @@ def test_codes_equal_ground_truth(
         for request_id, prompt, generated in outputs:
             report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=30_000), timeout=60)
             tokens = prompt + generated
-            import circuitwatch.plugin.engine as engine
+            from circuitwatch.plugin.process import PROCESS
 
-            notifier = engine._notifier
+            notifier = PROCESS.finish_notifier
             assert report.status == pb.REPORT_STATUS_COMPLETE, (
                 request_id,
                 report.coverage,

@@ -1,0 +1,31 @@
+"""What the plugin remembers in one process, in one object instead of module globals.
+
+vLLM runs the plugin in several processes (API server, engine core, workers); each holds one PluginProcess.
+Fields belong to the process kind that sets them; the others stay at their defaults.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .engine import FinishNotifier
+    from .responses import ActionListener, ReportFetcher
+
+
+@dataclass
+class PluginProcess:
+    applied: bool = False  # the seams are in place (register() is called once per process, but may repeat)
+    # engine core: the engine's --additional-config and served model name, captured when EngineCore starts
+    engine_additional_config: dict | None = None
+    engine_model: str = ""
+    finish_notifier: FinishNotifier | None = None
+    # API server: report fetching for responses and the circuit-action listener, created at first use
+    report_fetcher: ReportFetcher | None = None
+    action_listener: ActionListener | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+PROCESS = PluginProcess()

@@ -1,0 +1,183 @@
+"""The rolling index on its own: sealing, eviction by window and by memory budget, superseded rows."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.sidecar.index import RollingIndex, TimeWindow
+from circuitwatch.sidecar.keys import token_keys
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10**18
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def add(index: RollingIndex, seq: int, features: list[list[int]], phase: int = pb.PHASE_PROMPT) -> np.ndarray:
+    offsets = np.concatenate([[0], np.cumsum([len(f) for f in features])]).astype(np.uint32)
+    ids = np.array([f for row in features for f in row], dtype=np.uint32)
+    keys = token_keys(seq, np.arange(len(features)))
+    tokens = np.arange(len(features), dtype=np.uint32)
+    return index.append(keys, 0, phase, tokens, offsets, ids, np.ones(len(ids), np.float16))
+
+
+def test_segments_seal_by_age_and_lookups_span_them() -> None:
+    clock = Clock()
+    index = RollingIndex(window_s=100, segment_s=1, clock=clock)
+    for seq in range(1, 6):
+        add(index, seq, [[1, 2], [2], [3]])
+        clock.now += 2 * 10**9
+    add(index, 9, [[2]])
+    assert len(index.sealed) == 5
+    keys = index.term_keys([0], 2, 0.0, None, None)
+    assert keys.tolist() == sorted(
+        token_keys(np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 9]), np.array([0, 1] * 5 + [0])).tolist()
+    )
+    window = TimeWindow(index.sealed[2].t_start, index.sealed[3].t_end)
+    assert set((index.term_keys([0], 3, 0.0, window, None) >> np.uint64(32)).tolist()) == {3, 4}
+
+
+def test_eviction_by_window_and_by_memory_budget() -> None:
+    clock = Clock()
+    index = RollingIndex(window_s=5, segment_s=1, clock=clock)
+    for seq in range(1, 11):
+        add(index, seq, [[seq % 4]] * 100)
+        clock.now += 10**9
+    index.evict()
+    assert {int(k >> np.uint64(32)) for s in index.segments() for k in s.row_keys[:1]} <= set(range(5, 11))
+    assert index.evicted_segments >= 4
+
+    budget = RollingIndex(window_s=1000, segment_s=1, memory_budget_bytes=3 * index.sealed[-1].nbytes, clock=clock)
+    for seq in range(1, 11):
+        add(budget, seq, [[seq % 4]] * 100)
+        clock.now += 10**9
+    budget.evict()
+    assert len(budget.sealed) <= 3
+    assert sum(s.nbytes for s in budget.sealed) <= budget.memory_budget_bytes
+    remaining = {int(k >> np.uint64(32)) for s in budget.sealed for k in s.row_keys}
+    assert remaining and min(remaining) > 5  # the oldest went first
+
+
+def test_superseded_rows_are_invisible() -> None:
+    clock = Clock()
+    index = RollingIndex(window_s=100, segment_s=1, clock=clock)
+    old = add(index, 1, [[7], [8]])
+    clock.now += 2 * 10**9
+    add(index, 1, [[8], [8]])
+    index.supersede(old)
+    assert index.term_keys([0], 7, 0.0, None, None).tolist() == []
+    assert (index.term_keys([0], 8, 0.0, None, None) & np.uint64(0xFFFFFFFF)).tolist() == [0, 1]
+    tokens, features, counts, _ = index.feature_stats([0], None, None)
+    assert (tokens, features.tolist(), counts.tolist()) == (2, [8], [2])
+
+
+PROMPT_END = 15
+
+
+def test_every_lookup_equals_a_brute_force_recount() -> None:
+    """Random rows over two SAEs, both phases, several segments (sealed and active), some rows superseded:
+    term_keys (with thresholds, phases and time windows), universe, request_codes and feature_stats all equal a
+    plain-Python recount of what was appended."""
+    rng = np.random.default_rng(11)
+    clock = Clock()
+    index = RollingIndex(window_s=1000, segment_s=1, clock=clock)
+    rows = []  # (key, gslot, phase, token, time, uid, {feature: activation})
+    superseded: set[int] = set()
+    for step in range(40):
+        seq = int(rng.integers(1, 12))
+        gslot = int(rng.integers(0, 2))
+        first = int(rng.integers(0, 30))
+        # a position's phase never changes (the prompt ends at position 15 in every request)
+        phase = pb.PHASE_PROMPT if first < PROMPT_END else pb.PHASE_GENERATED
+        length = int(rng.integers(1, 6 if first >= PROMPT_END else min(6, PROMPT_END - first + 1)))
+        codes = [
+            {int(f): float(np.float16(rng.uniform(0.1, 3))) for f in rng.choice(20, int(rng.integers(0, 4)), False)}
+            for _ in range(length)
+        ]
+        positions = np.arange(first, first + len(codes))
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.uint32)
+        ids = np.array([f for c in codes for f in c], dtype=np.uint32)
+        acts = np.array([a for c in codes for a in c.values()], dtype=np.float16)
+        tokens = rng.integers(0, 100, len(codes)).astype(np.uint32)
+        keys = token_keys(seq, positions)
+        uids = index.append(keys, gslot, phase, tokens, offsets, ids, acts)
+        for i, key in enumerate(keys.tolist()):
+            earlier = [r for r in rows if r[0] == key and r[1] == gslot and r[5] not in superseded]
+            superseded.update(r[5] for r in earlier)  # the same position encoded again: the old row goes
+            index.supersede(np.array([r[5] for r in earlier], np.int64))
+            rows.append((key, gslot, phase, int(tokens[i]), clock.now, int(uids[i]), codes[i]))
+        if step % 7 == 6:
+            clock.now += 2 * 10**9  # the next append seals the active segment
+    assert len(index.sealed) >= 4 and index.segments()[-1] not in index.sealed  # sealed + active view
+    live = [r for r in rows if r[5] not in superseded]
+    times = sorted({r[4] for r in rows})
+    windows = [None, TimeWindow(times[1], times[-2]), TimeWindow(times[0], times[0])]
+    for window in windows:
+        inside = [r for r in live if window is None or window.start <= r[4] <= window.end]
+        for phase in (None, pb.PHASE_PROMPT, pb.PHASE_GENERATED):
+            scoped = [r for r in inside if phase is None or r[2] == phase]
+            assert index.universe(window, phase).tolist() == sorted({r[0] for r in scoped})
+            for gslots in ([0], [1], [0, 1]):
+                for feature in range(20):
+                    for minimum in (0.0, 1.5):
+                        expected = sorted({r[0] for r in scoped if r[1] in gslots and r[6].get(feature, -1) >= minimum})
+                        got = index.term_keys(gslots, feature, minimum, window, phase)
+                        assert got.tolist() == expected, (window, phase, gslots, feature, minimum)
+                tokens, features, counts, sums = index.feature_stats(gslots, window, phase)
+                mine = [r for r in scoped if r[1] in gslots]
+                assert tokens == len(mine)
+                expected_counts: dict[int, int] = {}
+                expected_sums: dict[int, float] = {}
+                for r in mine:
+                    for f, a in r[6].items():
+                        expected_counts[f] = expected_counts.get(f, 0) + 1
+                        expected_sums[f] = expected_sums.get(f, 0.0) + a
+                assert dict(zip(features.tolist(), counts.tolist(), strict=True)) == expected_counts
+                assert np.allclose(sums, [expected_sums[f] for f in features.tolist()])
+    for seq in range(1, 12):
+        parts = index.request_codes(seq)
+        got = {}
+        for positions, gslots, phases, tokens, offsets, features, acts in parts:
+            for i, position in enumerate(positions.tolist()):
+                row = dict(
+                    zip(
+                        features[offsets[i] : offsets[i + 1]].tolist(),
+                        acts[offsets[i] : offsets[i + 1]].astype(float).tolist(),
+                        strict=True,
+                    )
+                )
+                got[(int(gslots[i]), position)] = (int(phases[i]), int(tokens[i]), row)
+        expected = {
+            (r[1], int(r[0] & np.uint64(0xFFFFFFFF))): (r[2], r[3], r[6]) for r in live if r[0] >> np.uint64(32) == seq
+        }
+        assert got == expected, seq
+
+
+def test_sorted_set_helpers_and_key_layout() -> None:
+    from circuitwatch.sidecar.keys import (
+        intersect_sorted,
+        key_positions,
+        key_requests,
+        request_key_range,
+        run_starts,
+        sorted_unique,
+        subtract_sorted,
+    )
+
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        a = sorted_unique(rng.integers(0, 60, int(rng.integers(0, 40))).astype(np.uint64))
+        b = sorted_unique(rng.integers(0, 60, int(rng.integers(0, 40))).astype(np.uint64))
+        assert a.tolist() == sorted(set(a.tolist()))
+        assert intersect_sorted(a, b).tolist() == sorted(set(a.tolist()) & set(b.tolist()))
+        assert subtract_sorted(a, b).tolist() == sorted(set(a.tolist()) - set(b.tolist()))
+        values = np.sort(rng.integers(0, 5, int(rng.integers(0, 20))))
+        assert run_starts(values).tolist() == [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    keys = token_keys(np.array([3, 3, 70000]), np.array([0, 2**32 - 1, 5]))
+    assert key_requests(keys).tolist() == [3, 3, 70000] and key_positions(keys).tolist() == [0, 2**32 - 1, 5]
+    first, end = request_key_range(3)
+    assert first <= keys[0] < keys[1] < end <= keys[2]
