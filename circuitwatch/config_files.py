@@ -11,17 +11,63 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+MAX_NODES = 100_000  # YAML nodes after expanding aliases: far above any real file, far below an alias bomb
+MAX_DEPTH = 64
+
+
+def read_text(path: Path, error: type[Exception]) -> str:
+    """A config file's text; unreadable or not UTF-8 is `error` naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+
+
+def safe_yaml(text: str, source: str, error: type[Exception]) -> Any:
+    """yaml.safe_load with bounds: at most MAX_NODES nodes once aliases are expanded (an alias bomb or a
+    recursive alias is refused, not expanded) and at most MAX_DEPTH levels of nesting."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            _check_size(node, source, error)
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise error(f"{source}: not valid YAML ({exc})") from exc
+    except RecursionError:
+        raise error(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+
+
+def _check_size(root: yaml.Node, source: str, error: type[Exception]) -> None:
+    count = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise error(f"{source}: more than {MAX_NODES} YAML nodes once aliases are expanded (an alias bomb?)")
+        if depth > MAX_DEPTH:
+            raise error(f"{source}: nested deeper than {MAX_DEPTH} levels (or a recursive alias)")
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack.extend(((key, depth + 1), (value, depth + 1)))
+
 
 def read_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
     """The mapping in a YAML file (JSON when the name ends in .json); an empty file is an empty mapping."""
     kind = "JSON" if path.suffix == ".json" else "YAML"
+    text = read_text(path, error)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise error(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = json.loads(text) if kind == "JSON" else safe_yaml(text, str(path), error)
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise error(f"{path}: not valid {kind} ({exc})") from exc
     if data is None:
         return {}

@@ -248,7 +248,7 @@ def main() -> int:
             seen, total = coverage.get("positions_seen", 0), coverage.get("positions_total", 0)
             print(f"  response: circuitwatch.status={carried['status']}, {seen}/{total} positions seen")
             print(f"  flags:    {flags or 'none'}")
-            span = spans.wait_for(response.id)
+            span = spans.wait_for(carried["request_id"])  # the sidecar's unique key for this request
             print(f"  span:     {span}\n" if span else "  span:     (not exported yet)\n")
         flagged = stub.ListReports(pb.ListReportsRequest(flagged_only=True, limit=100)).reports
         log(f"sidecar holds {len(flagged)} flagged report(s): {', '.join(r.request_id for r in flagged)}")
@@ -263,7 +263,7 @@ def main() -> int:
 
 
 def complete(client, model: str, prompt: str, request_id: str) -> tuple[str, dict]:
-    """(the response id, which is the request id the sidecar knows, and the response's circuitwatch field)"""
+    """(the response id, which the sidecar resolves to this request, and the response's circuitwatch field)"""
     response = client.completions.create(
         model=model, prompt=prompt, max_tokens=8, temperature=0, extra_headers={"X-Request-Id": request_id}
     )

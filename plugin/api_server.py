@@ -1,34 +1,27 @@
 """The plugin in vLLM's API-server process: around the OpenAI completion and chat handlers.
 
-- The client's W3C `traceparent` / `tracestate` headers are copied into `vllm_xargs`, so the trace context
-  reaches the workers (and the sidecar) whether or not vLLM's own --otlp-traces-endpoint is set.
-- The final report goes into the response (`circuitwatch`; the last SSE chunk when streaming).
-- Circuit actions (abort) reach the request while it runs: the request is registered with the action
-  listener for as long as it is in flight.
+- Each request runs with its client context (headers), which admission (admission.py) reads: set by the
+  plugin's ASGI middleware for every endpoint, and here too in case the middleware is missing.
+- The final report goes into the response (`circuitwatch`; the last SSE chunk when streaming), fetched by the
+  request's unique key from admission, never by the client-chosen response id alone.
+- The action listener, which aborts requests whose circuits ask for it, runs from the first monitored request.
 """
 
 from __future__ import annotations
 
 import functools
 
-from .config import XARG_TRACEPARENT, XARG_TRACESTATE, PluginConfig, load_plugin_config, wants_monitoring
+from .admission import CLIENT_CONTEXT, INFLIGHT, ClientContext
+from .config import PluginConfig, load_plugin_config
 from .process import PROCESS
-from .request_ids import CHAT, COMPLETION, choice_request_ids, engine_request_ids, response_id
+from .request_ids import CHAT, COMPLETION
 
 CHUNK_OBJECTS = {COMPLETION: "text_completion", CHAT: "chat.completion.chunk"}
 
 
-def _carry_trace_context(request, headers) -> None:
-    if headers is not None and headers.get("traceparent"):
-        xargs = dict(request.vllm_xargs or {})
-        xargs.setdefault(XARG_TRACEPARENT, headers["traceparent"])
-        if headers.get("tracestate"):
-            xargs.setdefault(XARG_TRACESTATE, headers["tracestate"])
-        request.vllm_xargs = xargs
-
-
-def _services(config: PluginConfig):
-    """This process's report fetcher and action listener, (re)made when the configuration changes."""
+def services(config: PluginConfig):
+    """This process's report fetcher and action listener, (re)made when the configuration changes; call it on
+    the server's event loop."""
     from .responses import ActionListener, ReportFetcher
 
     if PROCESS.report_fetcher is None or PROCESS.report_fetcher.config != config:
@@ -38,42 +31,49 @@ def _services(config: PluginConfig):
     return PROCESS.report_fetcher, PROCESS.action_listener
 
 
+def _client_context(raw_request) -> ClientContext:
+    """The request's context as the middleware set it, or made here from the raw request's headers; it stays
+    set for the rest of this request's task, streaming included."""
+    client = CLIENT_CONTEXT.get()
+    if client is None:
+        headers = getattr(raw_request, "headers", None)
+        client = ClientContext({k.lower(): v for k, v in headers.items()} if headers is not None else {})
+        CLIENT_CONTEXT.set(client)
+    return client
+
+
 def monitored_handler(handler, kind: str):
     """Wrap an OpenAI handler (`kind` is COMPLETION or CHAT)."""
     chunk_object = CHUNK_OBJECTS[kind]
 
     @functools.wraps(handler)
     async def wrapper(self, request, raw_request=None, *args, **kwargs):
-        headers = getattr(raw_request, "headers", None)
-        _carry_trace_context(request, headers)
         vllm_config = getattr(self.engine_client, "vllm_config", None)
         config = load_plugin_config(getattr(vllm_config, "additional_config", None))
-        if config is None or not wants_monitoring(request.vllm_xargs, config):
+        if config is None:
             return await handler(self, request, raw_request, *args, **kwargs)
-        from .responses import attach, with_final_chunk
+        from .responses import report_field, with_final_chunk
 
-        fetcher, actions = _services(config)
-        # the response id as vLLM's OpenAI layer builds it, from X-Request-Id or the body request_id
-        client_id = (headers.get("X-Request-Id") if headers is not None else None) or getattr(
-            request, "request_id", None
-        )
-        sidecar_id = response_id(kind, client_id) if client_id else None
-        if sidecar_id is not None:
-            actions.inflight[sidecar_id] = (self.engine_client, engine_request_ids(kind, sidecar_id))
+        client = _client_context(raw_request)
+        fetcher, actions = services(config)
+        PROCESS.engine_client = self.engine_client
         try:
             result = await handler(self, request, raw_request, *args, **kwargs)
         except BaseException:
-            actions.inflight.pop(sidecar_id, None)
+            INFLIGHT.discard([a.key for a in client.admitted])
             raise
         n = getattr(request, "n", 1) or 1
         if hasattr(result, "__aiter__"):
-            return with_final_chunk(result, fetcher, n, chunk_object, actions, enabled=config.responses)
-        actions.inflight.pop(sidecar_id, None)
-        result_id = getattr(result, "id", None)
-        if not config.responses or result_id is None or not hasattr(result, "choices"):  # an error response
+            return with_final_chunk(result, fetcher, n, chunk_object, client, actions, enabled=config.responses)
+        try:
+            result_id = getattr(result, "id", None)
+            if not config.responses or result_id is None or not hasattr(result, "choices"):  # an error response
+                return result
+            field = await report_field(fetcher, actions, client, result_id, n)
+            if field is not None:
+                result.circuitwatch = field
             return result
-        summaries = await fetcher.summaries(choice_request_ids(result_id, n))
-        result.circuitwatch = attach(summaries, actions.aborted.pop(result_id, None))
-        return result
+        finally:
+            INFLIGHT.discard([a.key for a in client.admitted])
 
     return wrapper

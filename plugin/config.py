@@ -18,13 +18,6 @@ from circuitwatch.config_files import format_validation_error, read_mapping
 ENV_VAR = "CIRCUITWATCH_CONFIG"
 ADDITIONAL_CONFIG_KEY = "circuitwatch"
 
-# Per-request controls, passed by clients as `vllm_xargs` (vLLM copies them into SamplingParams.extra_args).
-XARG_MONITOR = "circuitwatch_monitor"  # true / false (or "1" / "0"): opt in or out
-XARG_LABELS = "circuitwatch_labels"  # a list of strings, or one comma-separated string
-XARG_TRACEPARENT = "circuitwatch_traceparent"
-XARG_TRACESTATE = "circuitwatch_tracestate"
-XARG_REQUEST_ID = "circuitwatch_request_id"  # stamped by the API-server side: the external id
-
 
 class PluginConfigError(ValueError):
     """The plugin is configured wrongly; the message names the source, the field and the reason."""
@@ -48,10 +41,48 @@ class SlotConfig(_Strict):
 class SidecarTarget(_Strict):
     address: str = "127.0.0.1:50061"
     tls_ca_file: Path | None = None
+    # Bearer tokens for the sidecar's roles: workers and the engine core stream codes (ingest); the API server
+    # fetches reports and follows circuit actions (read). auth_token_file serves both when the role's own
+    # file is not set.
     auth_token_file: Path | None = None
+    ingest_token_file: Path | None = None
+    read_token_file: Path | None = None
     # Back-off bounds for reconnecting to a down sidecar.
     reconnect_min_s: float = Field(0.2, gt=0)
     reconnect_max_s: float = Field(5.0, gt=0)
+
+    @property
+    def ingest_token(self) -> Path | None:
+        return self.ingest_token_file or self.auth_token_file
+
+    @property
+    def read_token(self) -> Path | None:
+        return self.read_token_file or self.auth_token_file
+
+
+class ClientControls(_Strict):
+    """What API clients may ask for per request in `vllm_xargs`. The client is the monitored party: nothing it
+    asks for switches monitoring off unless the operator allows it here."""
+
+    # circuitwatch_monitor: false under monitor: all / true under monitor: opt-in
+    opt_out: bool = False
+    opt_in: bool = True
+    # circuitwatch_labels: kept as "client:<label>", so they never pass for a reviewer's label
+    labels: bool = False
+    max_labels: int = Field(8, ge=0, le=64)
+    max_label_chars: int = Field(64, gt=0, le=256)
+    # Join the client's W3C trace (traceparent header or circuitwatch_traceparent): always, only for requests
+    # carrying the gateway token, or never (every report starts a new trace).
+    trace_context: Literal["always", "gateway", "never"] = "always"
+    # When set, HTTP clients' controls (opt-in/out, labels, trace_context: gateway) count only on requests
+    # whose `gateway_header` carries this token: the operator's gateway sets it, clients cannot.
+    gateway_token_file: Path | None = None
+    gateway_header: str = Field("x-circuitwatch-gateway", min_length=1)
+
+    def gateway_token(self) -> str | None:
+        if self.gateway_token_file is None:
+            return None
+        return _read_secret(self.gateway_token_file)
 
 
 class PluginConfig(_Strict):
@@ -61,6 +92,7 @@ class PluginConfig(_Strict):
     max_codes_per_token: int = Field(64, gt=0)
     sidecar: SidecarTarget = SidecarTarget()
     monitor: Literal["all", "opt-in"] = "all"
+    client_controls: ClientControls = ClientControls()
     # bypass: monitored requests never read the prefix cache, so every position is computed and encoded;
     # accept_gaps: they may, and the uncomputed positions are reported as gaps.
     prefix_cache: Literal["bypass", "accept_gaps"] = "bypass"
@@ -140,26 +172,19 @@ def _load(additional_config: dict[str, Any] | None, env) -> PluginConfig | None:
         raise PluginConfigError(f"circuitwatch plugin config ({' + '.join(sources)}): {problems}") from None
 
 
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+_secrets: dict[tuple[Path, int], str] = {}
 
 
-def wants_monitoring(extra_args: dict[str, Any] | None, config: PluginConfig) -> bool:
-    """Per-request opt in/out (`vllm_xargs`), else the configured policy."""
-    value = (extra_args or {}).get(XARG_MONITOR)
-    if value is None:
-        return config.monitor == "all"
-    return _truthy(value)
-
-
-def request_labels(extra_args: dict[str, Any] | None) -> list[str]:
-    value = (extra_args or {}).get(XARG_LABELS)
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    if isinstance(value, list | tuple):
-        return [str(v) for v in value]
-    return [str(value)]
+def _read_secret(path: Path) -> str:
+    """A token file's content, re-read when the file changes (checked on every request: a stat, no read)."""
+    try:
+        key = (path, path.stat().st_mtime_ns)
+    except OSError as exc:
+        raise PluginConfigError(f"{path}: cannot read the token file ({exc.strerror})") from exc
+    if key not in _secrets:
+        token = path.read_text().strip()
+        if not token:
+            raise PluginConfigError(f"{path}: the token file is empty")
+        _secrets.clear()
+        _secrets[key] = token
+    return _secrets[key]

@@ -4,8 +4,8 @@ Nothing on vLLM's step path waits for the network: `submit` is a non-blocking en
 in code batches; when full, the oldest batch is dropped and its rows become gaps (back-pressure, or
 sidecar-unavailable while disconnected), sent as RequestGaps ahead of anything queued later, so the sidecar
 reports them instead of calling those tokens clean. Control messages (starts, finishes, gaps) are never
-dropped. A failed stream is
-reopened with exponential back-off and begins again with the manifest.
+dropped. A failed stream is reopened with exponential back-off and begins again with the manifest, then with
+what the sidecar may have lost with the old stream (resend.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.client import Backoff, bearer_metadata, open_channel, read_token
 
 from .config import SidecarTarget
+from .resend import ResendLog
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class Emitter:
         self._cv = threading.Condition()
         self._stopping = False
         self._step = 0
+        self.resend = ResendLog(self.counters)
         self._thread = threading.Thread(target=self._run, name="circuitwatch-emitter", daemon=True)
         self._thread.start()
 
@@ -86,10 +88,17 @@ class Emitter:
             self._cv.notify()
 
     def submit(self, message: pb.IngestMessage) -> None:
-        """A start or finish marker: always kept."""
+        """A start or finish marker: always kept (and remembered for a resend after a reconnect)."""
         with self._cv:
+            if message.HasField("start"):
+                self.resend.started(message.start)
             self._queue.append(_Item(message))
             self._cv.notify()
+
+    def forget(self, request_id: str) -> None:
+        """The request is over for this producer; its start is kept for a resend a little longer."""
+        with self._cv:
+            self.resend.forgotten(request_id, time.monotonic())
 
     @property
     def queue_depth(self) -> int:
@@ -126,6 +135,9 @@ class Emitter:
 
     def _messages(self, done: threading.Event) -> Iterator[pb.IngestMessage]:
         yield pb.IngestMessage(manifest=self.manifest)
+        with self._cv:
+            replay = self.resend.replay(time.monotonic())
+        yield from replay
         while True:
             with self._cv:
                 while not self._queue and not self._pending_gaps and not self._stopping and not done.is_set():
@@ -148,6 +160,8 @@ class Emitter:
                     self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)
                     continue
             self.counters[f"sent_{message.WhichOneof('kind')}"] += 1
+            with self._cv:
+                self.resend.sent(message, time.monotonic())
             yield message
 
     def _run(self) -> None:

@@ -16,10 +16,11 @@ from circuitwatch import __version__
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .config import XARG_REQUEST_ID, PluginConfig, wants_monitoring
+from .admission import Admission
+from .config import PluginConfig
 from .emitter import Emitter
 from .process import PROCESS
-from .request_ids import external_request_id
+from .request_ids import request_key
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,13 @@ class FinishNotifier:
 
     def request_freed(self, request) -> None:
         params = request.sampling_params
-        if params is None or not wants_monitoring(params.extra_args, self.config):
+        if params is None or not Admission.from_extra_args(params.extra_args, self.config).monitored:
             return
-        extra = params.extra_args or {}
         reason = request.get_finished_reason()
         self.emitter.submit(
             pb.IngestMessage(
                 finish=pb.RequestFinish(
-                    request_id=external_request_id(request.request_id, extra.get(XARG_REQUEST_ID)),
+                    request_id=request_key(request.request_id),
                     num_prompt_tokens=request.num_prompt_tokens,
                     num_generated_tokens=request.num_output_tokens,
                     # positions the model computed: the last sampled token never went through it

@@ -4,6 +4,11 @@
   WorkerPlugin, which installs taps. Shared by GPU and CPU workers and both model runners.
 - Worker.execute_model: open a tap step around the forward, then map rows, encode and emit.
 - V2 runner prepare_inputs: keep the step's InputBatch (it is otherwise a local of execute_model).
+- InputProcessor.assign_request_id (the process that accepts requests: API server or offline LLM): admission
+  (admission.py) decides, by the operator's policy, how each request is monitored, replacing whatever the
+  client put in vllm_xargs; InputProcessor.__init__ records the configuration it runs under.
+- The API server's middleware (vllm.entrypoints.launchers.app): every HTTP request runs with its client
+  context, so admission knows it serves a client, whatever endpoint the request came through.
 - Request.get_skip_reading_prefix_cache (engine core): monitored requests bypass prefix-cache reads.
 - VllmConfig.compute_hash: mix in the plugin configuration, so compiled artifacts traced without the
   taps (or with other taps) are never reused from vLLM's on-disk compile cache.
@@ -19,7 +24,8 @@ import hashlib
 import logging
 import os
 
-from .config import ENV_VAR, PluginConfig, load_plugin_config, wants_monitoring
+from .admission import Admission
+from .config import ENV_VAR, PluginConfig, load_plugin_config
 from .process import PROCESS
 
 log = logging.getLogger("circuitwatch.plugin")
@@ -38,9 +44,11 @@ def apply() -> None:
         load_plugin_config()  # a bad file fails start-up here, in the first process, with its reason
     _patch_worker()
     _patch_v2_runner()
+    _patch_admission()
     _patch_engine_core()
     _patch_config_hash()
     _patch_api_server()
+    _patch_http_context()
 
 
 def _patch_worker() -> None:
@@ -93,6 +101,46 @@ def _patch_v2_runner() -> None:
     V2Runner.prepare_inputs = prepare_inputs
 
 
+def _patch_admission() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    original_init = InputProcessor.__init__
+    original_assign = InputProcessor.assign_request_id
+
+    @functools.wraps(original_init)
+    def init(self, vllm_config, *args, **kwargs):
+        original_init(self, vllm_config, *args, **kwargs)
+        PROCESS.frontend_additional_config = vllm_config.additional_config
+
+    @functools.wraps(original_assign)
+    def assign_request_id(request) -> None:
+        original_assign(request)
+        config = load_plugin_config(PROCESS.frontend_additional_config)
+        if config is not None:
+            from .admission import admit_request
+
+            admission = admit_request(request, config)
+            if admission is not None and admission.monitored and _on_event_loop():
+                from .api_server import services
+
+                services(config)  # circuit actions can reach requests from every endpoint
+
+    InputProcessor.__init__ = init
+    InputProcessor.assign_request_id = staticmethod(assign_request_id)
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+    except Exception:  # not in every vLLM build
+        return
+    original_async_init = AsyncLLM.__init__
+
+    @functools.wraps(original_async_init)
+    def async_init(self, *args, **kwargs):
+        original_async_init(self, *args, **kwargs)
+        PROCESS.engine_client = self  # circuit actions abort through it
+
+    AsyncLLM.__init__ = async_init
+
+
 def _patch_engine_core() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.core import EngineCore
@@ -126,7 +174,7 @@ def _patch_engine_core() -> None:
         config = _engine_config()
         params = self.sampling_params
         bypass = config is not None and config.prefix_cache == "bypass" and params is not None
-        if bypass and wants_monitoring(params.extra_args, config):
+        if bypass and Admission.from_extra_args(params.extra_args, config).monitored:
             return True
         return original_skip(self)
 
@@ -166,6 +214,33 @@ def _patch_api_server() -> None:
     )
     for cls, name, kind in handlers:
         setattr(cls, name, monitored_handler(getattr(cls, name), kind))
+
+
+def _patch_http_context() -> None:
+    try:
+        import vllm.entrypoints.launchers.app as app_module
+    except Exception:  # a vLLM build without the HTTP server
+        return
+    original = app_module.init_entrypoints_middleware
+
+    @functools.wraps(original)
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        original(args, app, *rest, **kwargs)
+        from .admission import ClientContextMiddleware
+
+        app.add_middleware(ClientContextMiddleware)  # added last: outermost, sees every HTTP request first
+
+    app_module.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+def _on_event_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _is_encoding_rank() -> bool:

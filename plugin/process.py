@@ -18,11 +18,14 @@ if TYPE_CHECKING:
 @dataclass
 class PluginProcess:
     applied: bool = False  # the seams are in place (register() is called once per process, but may repeat)
+    # the accepting process (API server or offline LLM): the configuration its InputProcessor runs under
+    frontend_additional_config: dict | None = None
     # engine core: the engine's --additional-config and served model name, captured when EngineCore starts
     engine_additional_config: dict | None = None
     engine_model: str = ""
     finish_notifier: FinishNotifier | None = None
     # API server: report fetching for responses and the circuit-action listener, created at first use
+    engine_client: object | None = None  # what aborts go through (vLLM's AsyncLLM)
     report_fetcher: ReportFetcher | None = None
     action_listener: ActionListener | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)

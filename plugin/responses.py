@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,11 +20,14 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.client import Backoff, bearer_metadata, open_channel, read_token
 from circuitwatch.proto.names import severity_name, status_name
 
+from .admission import INFLIGHT, Admitted, ClientContext
 from .config import PluginConfig
-from .request_ids import choice_request_ids, parent_request_id
+from .process import PROCESS
+from .request_ids import bounded, choice_request_ids, client_request_id, parent_request_id
 
 log = logging.getLogger(__name__)
 EVIDENCE_POSITIONS = 8
+ABORTED_KEPT = 10_000  # aborted keys whose response has not picked up the reason yet
 
 
 def summarize(report: pb.Report) -> dict:
@@ -48,6 +52,7 @@ def summarize(report: pb.Report) -> dict:
             "positions_seen": coverage.positions_seen,
             "gaps": len(coverage.gaps),
         },
+        **({"notes": list(report.notes)} if report.notes else {}),
     }
 
 
@@ -69,7 +74,7 @@ class ReportFetcher:
         return self._stub
 
     def _metadata(self):
-        return bearer_metadata(read_token(self.config.sidecar.auth_token_file))
+        return bearer_metadata(read_token(self.config.sidecar.read_token))
 
     async def _one(self, request_id: str, deadline_s: float) -> dict:
         try:
@@ -105,17 +110,37 @@ def attach(summaries: list[dict], aborted_by: str | None = None) -> dict:
     return field
 
 
+def first_prompt(client: ClientContext | None, response_id: str) -> Admitted | None:
+    """The admitted engine request a response reports on: its first prompt (a completion request may carry
+    several; the others are in the sidecar under their own ids)."""
+    admitted = client.admitted if client is not None else []
+    wanted = bounded(response_id)
+    chosen = next((a for a in admitted if client_request_id(a.internal_id) == wanted), None)
+    return chosen or (admitted[0] if admitted else None)
+
+
+async def report_field(
+    fetcher: ReportFetcher, actions: ActionListener, client: ClientContext | None, response_id: str, n: int
+) -> dict | None:
+    """The `circuitwatch` object for a finished response; None when the request was not monitored."""
+    admitted = first_prompt(client, response_id)
+    if admitted is not None and not admitted.admission.monitored:
+        return None
+    key = admitted.key if admitted is not None else response_id  # not admitted here: the sidecar resolves it
+    summaries = await fetcher.summaries(choice_request_ids(key, n))
+    return attach(summaries, actions.aborted.pop(key, None))
+
+
 async def with_final_chunk(
     stream: AsyncIterator[str],
     fetcher: ReportFetcher,
     n: int,
     chunk_object: str,
-    actions: ActionListener | None = None,
+    client: ClientContext | None,
+    actions: ActionListener,
     enabled: bool = True,
 ) -> AsyncIterator[str]:
-    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`.
-
-    The request stays registered for circuit actions until its stream ends."""
+    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`."""
     response_id = model = None
     created = 0
     try:
@@ -127,32 +152,32 @@ async def with_final_chunk(
                 except ValueError:
                     pass
             if chunk.strip() == "data: [DONE]" and response_id is not None and enabled:
-                ids = choice_request_ids(response_id, n)
-                aborted_by = actions.aborted.pop(response_id, None) if actions is not None else None
-                final = {
-                    "id": response_id,
-                    "object": chunk_object,
-                    "created": created,
-                    "model": model,
-                    "choices": [],
-                    "circuitwatch": attach(await fetcher.summaries(ids), aborted_by),
-                }
-                yield f"data: {json.dumps(final)}\n\n"
+                field = await report_field(fetcher, actions, client, response_id, n)
+                if field is not None:
+                    final = {
+                        "id": response_id,
+                        "object": chunk_object,
+                        "created": created,
+                        "model": model,
+                        "choices": [],
+                        "circuitwatch": field,
+                    }
+                    yield f"data: {json.dumps(final)}\n\n"
             yield chunk
     finally:
-        if actions is not None and response_id is not None:
-            actions.inflight.pop(response_id, None)
+        if client is not None:
+            INFLIGHT.discard([a.key for a in client.admitted])
 
 
 class ActionListener:
-    """API-server side of circuit actions: follows the sidecar's WatchActions stream and aborts matching
-    in-flight requests through vLLM's normal abort path. One per process, started at the first monitored
-    request, on the server's event loop; it reconnects with back-off while the sidecar is away."""
+    """API-server side of circuit actions: follows the sidecar's WatchActions stream and aborts the request a
+    notice names (by its unique key, resolved to vLLM's exact internal ids at admission) through vLLM's normal
+    abort path. One per process, started at the first monitored request, on the server's event loop; it
+    reconnects with back-off while the sidecar is away."""
 
     def __init__(self, fetcher: ReportFetcher) -> None:
         self.fetcher = fetcher
-        self.inflight: dict[str, tuple[object, list[str]]] = {}  # sidecar id -> (engine client, vLLM ids)
-        self.aborted: dict[str, str] = {}  # sidecar id -> circuit that asked for it
+        self.aborted: OrderedDict[str, str] = OrderedDict()  # key -> circuit that asked for it
         self._task: asyncio.Task | None = None
 
     def ensure_running(self) -> None:
@@ -179,14 +204,16 @@ class ActionListener:
     async def _act(self, notice: pb.ActionNotice) -> None:
         if notice.action != "abort":
             return
-        request_id = parent_request_id(notice.request_id)  # a parallel-sampling child stops its whole request
-        target = self.inflight.get(request_id) or self.inflight.get(notice.request_id)
-        if target is None:
+        key = parent_request_id(notice.request_id)  # a parallel-sampling child stops its whole request
+        admitted = INFLIGHT.get(key) or INFLIGHT.get(notice.request_id)
+        engine_client = PROCESS.engine_client
+        if admitted is None or engine_client is None:
             return
-        engine_client, vllm_ids = target
-        self.aborted[request_id] = notice.circuit
-        log.warning("circuitwatch: aborting %s: circuit %s matched", request_id, notice.circuit)
+        self.aborted[admitted.key] = notice.circuit
+        while len(self.aborted) > ABORTED_KEPT:
+            self.aborted.popitem(last=False)
+        log.warning("circuitwatch: aborting %s: circuit %s matched", admitted.key, notice.circuit)
         try:
-            await engine_client.abort(vllm_ids)
+            await engine_client.abort(admitted.engine_ids(), internal=True)
         except Exception:
-            log.exception("circuitwatch: could not abort %s", request_id)
+            log.exception("circuitwatch: could not abort %s", admitted.key)

@@ -24,17 +24,10 @@ from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 
-from .config import (
-    XARG_REQUEST_ID,
-    XARG_TRACEPARENT,
-    XARG_TRACESTATE,
-    PluginConfig,
-    SlotConfig,
-    request_labels,
-    wants_monitoring,
-)
+from .admission import Admission
+from .config import PluginConfig, SlotConfig
 from .emitter import Emitter
-from .request_ids import external_request_id
+from .request_ids import client_request_id, request_key
 from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
 from .taps import TAPS, install_taps
 
@@ -52,7 +45,7 @@ class Slot:
 @dataclass
 class TrackedRequest:
     internal_id: str
-    external_id: str
+    external_id: str  # the sidecar's key (request_ids.request_key)
     monitored: bool
     num_prompt_tokens: int = 0
 
@@ -149,11 +142,11 @@ class WorkerPlugin:
             return tracked
         state = self._request_state(runner, internal_id)
         params = getattr(state, "sampling_params", None)
-        extra = getattr(params, "extra_args", None) or {}
+        admission = Admission.from_extra_args(getattr(params, "extra_args", None), self.config)
         tracked = TrackedRequest(
             internal_id,
-            external_request_id(internal_id, extra.get(XARG_REQUEST_ID)),
-            monitored=wants_monitoring(extra, self.config),
+            request_key(internal_id),
+            monitored=admission.monitored,
             num_prompt_tokens=int(getattr(state, "num_prompt_tokens", 0) or _v2_prompt_len(runner, internal_id)),
         )
         self.requests[internal_id] = tracked
@@ -169,15 +162,14 @@ class WorkerPlugin:
             pb.IngestMessage(
                 start=pb.RequestStart(
                     request_id=tracked.external_id,
+                    response_id=client_request_id(internal_id),
                     model=str(self.model_name),
                     arrival_unix_nanos=time.time_ns(),
                     num_prompt_tokens=tracked.num_prompt_tokens,
-                    labels=request_labels(extra),
-                    trace=pb.TraceContext(
-                        traceparent=str(extra.get(XARG_TRACEPARENT, "")),
-                        tracestate=str(extra.get(XARG_TRACESTATE, "")),
-                    ),
+                    labels=admission.labels,
+                    trace=pb.TraceContext(traceparent=admission.traceparent, tracestate=admission.tracestate),
                     gaps=gaps,
+                    notes=admission.notes,
                 )
             )
         )
@@ -185,8 +177,12 @@ class WorkerPlugin:
         return tracked
 
     def _forget(self, internal_id: str) -> None:
-        """The engine core sends the finish marker (it knows at once; workers learn a step later)."""
-        self.requests.pop(internal_id, None)
+        """The engine core sends the finish marker (it knows at once; workers learn a step later); the
+        emitter keeps the request's start a while longer, to resend it if the sidecar turns out to have lost
+        it."""
+        tracked = self.requests.pop(internal_id, None)
+        if tracked is not None and tracked.monitored:
+            self.emitter.forget(tracked.external_id)
 
     # --- encoding -------------------------------------------------------------------------------------
 

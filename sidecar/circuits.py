@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from circuitwatch.config_files import read_text, safe_yaml
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.names import SCOPES, SEVERITIES
 
@@ -95,12 +94,7 @@ def load_circuit_files(paths: list[Path], version: int = 0) -> CircuitSet:
 
 
 def parse_circuit_file(path: Path) -> list[Circuit]:
-    try:
-        document = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    document = safe_yaml(read_text(Path(path), ConfigError), str(path), ConfigError)
     return parse_circuits(document, str(path))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from circuitwatch.config_files import format_validation_error, read_mapping
 
@@ -35,6 +35,15 @@ class TelemetryConfig(_Strict):
     service_name: str = "circuitwatch-sidecar"
 
 
+class AuthConfig(_Strict):
+    """One bearer token file per role (see auth.py): producers hold the ingest token, dashboards and the
+    API-server side the read token, reviewers and operators the admin token."""
+
+    ingest_token_file: Path
+    read_token_file: Path
+    admin_token_file: Path
+
+
 class IndexConfig(_Strict):
     # Codes older than this are evicted (the "rolling" window queries run over).
     window_s: float = Field(600.0, gt=0)
@@ -52,7 +61,10 @@ class SidecarConfig(_Strict):
     # host:port to listen on; loopback by default, never all interfaces unless asked for.
     listen: str = "127.0.0.1:50061"
     tls: TlsConfig | None = None
-    # Bearer token required on every RPC except health checks; read from a file so it stays out of configs.
+    # Bearer tokens by role (auth.ingest/read/admin_token_file), required on every RPC except health checks,
+    # read from files so they stay out of configs. auth_token_file is one token for every role (simpler, and
+    # whoever holds it can forge reports): use one or the other.
+    auth: AuthConfig | None = None
     auth_token_file: Path | None = None
     circuits: list[Path] = Field(default_factory=list)
     evidence_dir: Path = Path("circuitwatch-evidence")
@@ -88,13 +100,37 @@ class SidecarConfig(_Strict):
             raise ValueError(f"expected host:port, got {value!r}")
         return value
 
-    def auth_token(self) -> str | None:
-        if self.auth_token_file is None:
-            return None
-        token = self.auth_token_file.read_text().strip()
-        if not token:
-            raise ConfigError(f"{self.auth_token_file}: auth token file is empty")
-        return token
+    @model_validator(mode="after")
+    def _one_auth_mode(self) -> SidecarConfig:
+        if self.auth is not None and self.auth_token_file is not None:
+            raise ValueError("auth and auth_token_file: give role tokens (auth) or one token for every role")
+        return self
+
+    def role_tokens(self) -> dict[str, str]:
+        """role -> token, read from the token files (empty: no authentication)."""
+        if self.auth_token_file is not None:
+            token = _read_token(self.auth_token_file, "auth_token_file")
+            return {"ingest": token, "read": token, "admin": token}
+        if self.auth is None:
+            return {}
+        tokens = {
+            role: _read_token(getattr(self.auth, f"{role}_token_file"), f"auth.{role}_token_file")
+            for role in ("ingest", "read", "admin")
+        }
+        for a, b in (("ingest", "read"), ("ingest", "admin"), ("read", "admin")):
+            if tokens[a] == tokens[b]:
+                raise ConfigError(f"auth: the {a} and {b} tokens are the same; each role needs its own token")
+        return tokens
+
+
+def _read_token(path: Path, field: str) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {field}: cannot read ({exc.strerror})") from None
+    if not token:
+        raise ConfigError(f"{path}: {field}: the token file is empty")
+    return token
 
 
 def load_config(path: Path | str) -> SidecarConfig:
@@ -116,6 +152,13 @@ def load_config(path: Path | str) -> SidecarConfig:
     }
     if config.auth_token_file is not None:
         updates["auth_token_file"] = resolve(config.auth_token_file) or config.auth_token_file
+    if config.auth is not None:
+        updates["auth"] = config.auth.model_copy(
+            update={
+                name: resolve(getattr(config.auth, name)) or getattr(config.auth, name)
+                for name in ("ingest_token_file", "read_token_file", "admin_token_file")
+            }
+        )
     if config.tls is not None:
         tls = config.tls
         updates["tls"] = tls.model_copy(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import grpc
 import numpy as np
@@ -21,6 +21,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from .circuits import CircuitSet, load_circuit_files
 from .config import ConfigError, SidecarConfig
 from .errors import MonitorError
+from .final_reports import FinalReports, one_request
 from .identify import Resolved, contrast
 from .index import RollingIndex
 from .keys import token_keys
@@ -37,8 +38,6 @@ from .telemetry import Telemetry
 from .watchers import ReportWatcher, Watchers
 
 log = logging.getLogger(__name__)
-
-RECENT_REPORTS = 10_000
 
 
 class SidecarCore:
@@ -65,8 +64,7 @@ class SidecarCore:
         self.producer_stats: dict[str, pb.ProducerStats] = {}  # latest per producer instance
         self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
         self._open: dict[str, RequestState] = {}
-        self._recent: OrderedDict[str, pb.Report] = OrderedDict()
-        self._waiters: dict[str, threading.Event] = {}
+        self.finals = FinalReports(store)
 
     # --- ingest ---------------------------------------------------------------------------------------
 
@@ -165,7 +163,7 @@ class SidecarCore:
         """Open state for a request, created on first sight; None if it is already final."""
         state = self._open.get(request_id)
         if state is None:
-            if request_id in self._recent or self.store.get(request_id) is not None:
+            if self.finals.get(request_id) is not None:
                 return None
             state = RequestState(request_id, self.requests.new_seq(), now)
             self._open[request_id] = state
@@ -179,15 +177,26 @@ class SidecarCore:
         require_request_id("start", start.request_id)
         with self.lock:
             state = self._state(start.request_id, stream, self.clock())
+            if start.resumed and (state is None or state.started):
+                self.counters["resumed_starts_known"] += 1  # this sidecar never lost the request
+                return
             if state is None:
                 return
+            state.started = True
+            if start.resumed:
+                self.counters["resumed_starts"] += 1
             state.model = start.model or state.model
             state.labels = list(start.labels)
             state.trace.CopyFrom(start.trace)
             state.producer_gaps.extend(start.gaps)
             state.num_prompt_tokens = start.num_prompt_tokens
+            state.notes = list(start.notes)
+            if start.response_id:
+                state.response_id = start.response_id
+                self.finals.opened(start.request_id, start.response_id)
             if start.arrival_unix_nanos:
                 state.arrival_ns = start.arrival_unix_nanos
+            self._finalize_if_covered(state)  # a finish (resent after an outage) may already wait for it
 
     def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
         require_request_id("finish", finish.request_id)
@@ -230,21 +239,15 @@ class SidecarCore:
     def _finalize(self, state: RequestState, finish: pb.RequestFinish | None) -> pb.Report:
         started = time.perf_counter_ns()
         report = self.reports.build(state, finish, self.circuits, self.clock())
-        self.store.put(report)  # durable before anyone sees it as final
+        self.finals.add(report)  # durable before anyone sees it as final
         record = self.requests.get(state.request_id)
         if record is not None:
             record.finalized(report)
         del self._open[state.request_id]
-        self._recent[state.request_id] = report
-        while len(self._recent) > RECENT_REPORTS:
-            self._recent.popitem(last=False)
         self.counters["reports"] += 1
         self.counters["flags"] += len(report.flags)
         self.counters["finalize_ns"] += time.perf_counter_ns() - started
         self.instruments.report(report, state.finish_received_ns)
-        event = self._waiters.pop(state.request_id, None)
-        if event is not None:
-            event.set()
         self.watchers.report_final(report)
         if record is not None and state.slots:
             self._index_request(state, record, report)
@@ -315,64 +318,50 @@ class SidecarCore:
 
     # --- reads ----------------------------------------------------------------------------------------
 
+    def resolve(self, request_id: str) -> list[str]:
+        """The requests an id names: itself when it is a request's key, else every request whose response id
+        (the id the API client knows) it is. Clients may reuse response ids; keys are unique."""
+        with self.lock:
+            is_open = request_id in self._open
+        return self.finals.resolve(request_id, is_open)
+
     def get_report(self, request_id: str, wait_ms: int) -> pb.Report:
         if not request_id:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        request_id = one_request(request_id, self.resolve(request_id))
         wait_ms = min(wait_ms, self.config.max_report_wait_ms)
         with self.lock:
-            report = self._final(request_id)
+            report = self.finals.get(request_id)
             if report is None:
-                event = self._waiters.setdefault(request_id, threading.Event())
+                event = self.finals.waiter(request_id)
         if report is not None:
-            return self._with_feedback(report)
+            return self.finals.with_feedback(report)
         if wait_ms:
             event.wait(wait_ms / 1000)
         with self.lock:
-            report = self._final(request_id)
+            report = self.finals.get(request_id)
             state = self._open.get(request_id)
             if report is None and state is None:
-                if not event.is_set() and self._waiters.get(request_id) is event:
-                    del self._waiters[request_id]
+                self.finals.drop_waiter(request_id, event)
                 raise MonitorError(grpc.StatusCode.NOT_FOUND, f"request {request_id!r} is unknown to this sidecar")
             if report is None:
                 return pb.Report(
                     request_id=request_id,
+                    response_id=state.response_id,
                     status=pb.REPORT_STATUS_PENDING,
                     model=state.model,
                     labels=state.labels,
                     trace=state.trace,
                     arrival_unix_nanos=state.arrival_ns,
+                    notes=state.notes,
                 )
-        return self._with_feedback(report)  # outside the lock: it may read the evidence store
-
-    def _final(self, request_id: str) -> pb.Report | None:
-        report = self._recent.get(request_id)
-        return report if report is not None else self.store.get(request_id)
-
-    def _with_feedback(self, report: pb.Report) -> pb.Report:
-        """The report as read by clients: with the label changes made after it was final (the store answers
-        from memory for the many requests that have none)."""
-        changes = self.store.feedback(report.request_id)
-        if not changes:
-            return report
-        answer = pb.Report()
-        answer.CopyFrom(report)  # the cached report stays as it was finalised
-        for unix_nanos, operation, label, author, note in changes:
-            answer.feedback.add(unix_nanos=unix_nanos, operation=operation, label=label, author=author, note=note)
-        return answer
+        return self.finals.with_feedback(report)  # outside the lock: it may read the evidence store
 
     def watch(self, flagged_only: bool) -> ReportWatcher:
         return self.watchers.watch_reports(flagged_only)
 
     def list_reports(self, request: pb.ListReportsRequest) -> list[pb.Report]:
-        reports = self.store.list(
-            request.window.start_unix_nanos,
-            request.window.end_unix_nanos,
-            list(request.request_ids),
-            request.flagged_only,
-            request.limit or 100,
-        )
-        return [self._with_feedback(r) for r in reports]
+        return self.finals.list(request)
 
     def query_requests(self, request: pb.QueryRequestsRequest) -> pb.QueryRequestsResponse:
         return self.queries.query_requests(request, self.circuits)
@@ -380,6 +369,7 @@ class SidecarCore:
     def contrast(self, request: pb.ContrastRequest) -> pb.ContrastResponse:
         """Which features separate the positive requests from the negative ones (see identify.py)."""
         started = time.perf_counter()
+        request = self._with_keys(request)
         scope = request.scope or pb.SCOPE_BOTH
         selectors = {"positives": request.positives, "negatives": request.negatives}
         if request.HasField("truth"):
@@ -405,6 +395,22 @@ class SidecarCore:
         self.counters["contrasts"] += 1
         return response
 
+    def _with_keys(self, request: pb.ContrastRequest) -> pb.ContrastRequest:
+        """The contrast with every selector id that is the response id of exactly one request replaced by that
+        request's key (ids naming several stay, and are reported unresolved)."""
+        selectors = [request.positives, request.negatives, request.truth.requests]
+        if not any(s.request_ids for s in selectors):
+            return request
+        copy = pb.ContrastRequest()
+        copy.CopyFrom(request)
+        for selector in (copy.positives, copy.negatives, copy.truth.requests):
+            ids = list(selector.request_ids)
+            if ids:
+                resolved = [(keys[0] if len(keys := self.resolve(i)) == 1 else i) for i in ids]
+                del selector.request_ids[:]
+                selector.request_ids.extend(resolved)
+        return copy
+
     def _request_index_numbers(self, seqs: np.ndarray) -> np.ndarray:
         """Sorted request-index numbers (ridx) of the requests with these sequence numbers, where indexed."""
         found = [r.ridx for s in seqs.tolist() if (r := self.requests.by_seq.get(s)) and r.ridx is not None]
@@ -419,8 +425,11 @@ class SidecarCore:
             if record.ridx is not None:
                 return "evicted from the request index (older than the window, or over index.request_index_budget_mb)"
             return "has no codes"
-        if self._final(request_id) is not None:
+        if self.finals.get(request_id) is not None:
             return "its codes have left the index window"
+        named = len(self.finals.resolve(request_id, is_open=False))
+        if named > 1:
+            return f"the response id of {named} requests: name one by its request id"
         return "unknown to this sidecar"
 
     def label(self, request: pb.LabelRequest) -> pb.LabelResponse:
@@ -429,11 +438,18 @@ class SidecarCore:
         response = pb.LabelResponse()
         audit = []
         now = self.clock()
+        resolved = {request_id: self.resolve(request_id) for request_id in dict.fromkeys(request.request_ids)}
         with self.lock:
-            for request_id in dict.fromkeys(request.request_ids):
+            for asked, keys in resolved.items():
+                if len(keys) > 1:
+                    response.unresolved.add(
+                        request_id=asked, reason=f"the response id of {len(keys)} requests: name one by its request id"
+                    )
+                    continue
+                request_id = keys[0] if keys else asked
                 state = self._open.get(request_id)
                 record = self.requests.get(request_id)
-                if state is None and record is None and self._final(request_id) is None:
+                if state is None and record is None and self.finals.get(request_id) is None:
                     response.unresolved.add(request_id=request_id, reason="unknown to this sidecar")
                     continue
                 if state is not None:  # its report, when final, carries the labels
@@ -449,7 +465,7 @@ class SidecarCore:
         return response
 
     def get_codes(self, request_id: str) -> pb.GetCodesResponse:
-        return self.queries.get_codes(request_id)
+        return self.queries.get_codes(one_request(request_id, self.resolve(request_id)))
 
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
         return self.queries.feature_stats(request)

@@ -109,6 +109,8 @@ class ReportBuilder:
         complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)
         report = pb.Report(
             request_id=state.request_id,
+            response_id=state.response_id,
+            notes=state.notes,
             status=pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE,
             model=(finish.model if finish is not None and finish.model else state.model),
             flags=flags,

@@ -67,6 +67,9 @@ class RequestState:
         self.seq = seq
         self.slots: dict[int, int] = {}  # producer slot -> gslot, from the producer's manifest
         self.model = ""
+        self.response_id = ""  # the id the API client knows it by (several requests may share one)
+        self.started = False  # a start arrived (a request may also begin with its codes or its finish)
+        self.notes: list[str] = []  # what admission refused or cut, carried into the report
         self.labels: list[str] = []
         self.trace = pb.TraceContext()
         self.arrival_ns = now

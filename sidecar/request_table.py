@@ -18,6 +18,8 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from .errors import MonitorError
 from .index import TimeWindow
 
+CLIENT_LABEL_PREFIX = "client:"  # labels the API client sent with its request (plugin admission namespaces them)
+
 
 @dataclass
 class RequestRecord:
@@ -106,6 +108,12 @@ def check_label_request(request: pb.LabelRequest) -> None:
         for i, label in enumerate(getattr(request, field_name)):
             if not label.strip():
                 raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}[{i}]: empty label")
+            if label.startswith(CLIENT_LABEL_PREFIX):
+                raise MonitorError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field_name}[{i}]: {label[:64]!r}: labels starting with {CLIENT_LABEL_PREFIX!r} are the API "
+                    "client's own (set at admission); a reviewer's label never uses that namespace",
+                )
     clash = set(request.add) & set(request.remove)
     if clash:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"labels {sorted(clash)} are both added and removed")

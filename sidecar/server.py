@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
-from .auth import BearerTokenInterceptor
+from .auth import RoleInterceptor
 from .config import SidecarConfig
 from .core import SidecarCore
 from .service import MonitorServicer
@@ -62,8 +62,8 @@ def start(config: SidecarConfig) -> RunningSidecar:
     core.instruments = telemetry.instruments(core.producer_stats)
     core.watchers.listeners.append(telemetry.report_finished)
     stopping = threading.Event()
-    token = config.auth_token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    tokens = config.role_tokens()
+    interceptors = [RoleInterceptor(tokens)] if tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="circuitwatch-rpc"),
         interceptors=interceptors,
@@ -106,7 +106,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
         host,
         port,
         "TLS" if config.tls else "plaintext",
-        "bearer token" if token else "no auth",
+        ("role tokens" if config.auth else "one bearer token for every role") if tokens else "no auth",
         len(core.circuits.circuits),
         store.path,
     )

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS reports (
     report BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reports_by_time ON reports (finalized_ns);
+-- response_id (contract revision 3) is added by _migrate() to stores written before it
 CREATE TABLE IF NOT EXISTS feedback (
     request_id TEXT NOT NULL,
     unix_nanos INTEGER NOT NULL,
@@ -47,8 +48,16 @@ class EvidenceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.executescript(SCHEMA)
+        self._migrate()
         # Requests with label changes: reading a report looks for feedback in SQLite only for these.
         self._relabelled = {row[0] for row in self._db.execute("SELECT DISTINCT request_id FROM feedback")}
+
+    def _migrate(self) -> None:
+        """Bring a store written by an earlier release up to this schema (additive changes only)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(reports)")}
+        if "response_id" not in columns:
+            self._db.execute("ALTER TABLE reports ADD COLUMN response_id TEXT NOT NULL DEFAULT ''")
+        self._db.execute("CREATE INDEX IF NOT EXISTS reports_by_response ON reports (response_id)")
 
     def put(self, report: pb.Report) -> None:
         """Commit the report; returns only once it is durable (per the synchronous setting)."""
@@ -59,14 +68,25 @@ class EvidenceStore:
             report.max_severity,
             int(len(report.flags) > 0),
             report.SerializeToString(),
+            report.response_id,
         )
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)", row)
+            self._db.execute(
+                "INSERT OR REPLACE INTO reports (request_id, finalized_ns, status, max_severity, flagged, report, "
+                "response_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
 
     def get(self, request_id: str) -> pb.Report | None:
         with self._lock:
             row = self._db.execute("SELECT report FROM reports WHERE request_id = ?", (request_id,)).fetchone()
         return pb.Report.FromString(row[0]) if row else None
+
+    def keys_for_response(self, response_id: str) -> list[str]:
+        """The request ids (keys) of the final reports a response id names."""
+        with self._lock:
+            rows = self._db.execute("SELECT request_id FROM reports WHERE response_id = ?", (response_id,)).fetchall()
+        return [row[0] for row in rows]
 
     def list(
         self,
@@ -75,6 +95,7 @@ class EvidenceStore:
         request_ids: list[str] | None = None,
         flagged_only: bool = False,
         limit: int = 100,
+        response_ids: list[str] | None = None,
     ) -> list[pb.Report]:
         """Newest first."""
         where, args = ["finalized_ns >= ?"], [start_ns]
@@ -84,6 +105,9 @@ class EvidenceStore:
         if request_ids:
             where.append(f"request_id IN ({','.join('?' * len(request_ids))})")
             args.extend(request_ids)
+        if response_ids:
+            where.append(f"response_id IN ({','.join('?' * len(response_ids))})")
+            args.extend(response_ids)
         if flagged_only:
             where.append("flagged = 1")
         query = f"SELECT report FROM reports WHERE {' AND '.join(where)} ORDER BY finalized_ns DESC LIMIT ?"

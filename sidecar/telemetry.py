@@ -143,6 +143,7 @@ class Telemetry:
         coverage = report.coverage
         attributes = {
             "gen_ai.request.id": report.request_id,
+            "gen_ai.response.id": report.response_id,
             "gen_ai.request.model": report.model,
             "circuitwatch.tokens.monitored": coverage.positions_seen,
             "circuitwatch.tokens.total": coverage.positions_total,

@@ -41,7 +41,7 @@ def report(stub, request_id: str, wait_ms: int = 10_000) -> pb.Report:
 def test_opt_in_labels_and_parallel_sampling(fixtures: FixturePaths, tmp_path: Path, monkeypatch) -> None:
     from vllm import SamplingParams
 
-    llm, stub, running = engine(fixtures, tmp_path, monkeypatch, monitor="opt-in")
+    llm, stub, running = engine(fixtures, tmp_path, monkeypatch, monitor="opt-in", client_controls={"labels": True})
     try:
         opted_in = SamplingParams(
             temperature=0,
@@ -53,7 +53,8 @@ def test_opt_in_labels_and_parallel_sampling(fixtures: FixturePaths, tmp_path: P
         outputs = llm.generate([{"prompt_token_ids": [1, 40, 50, 60]}] * 3, [opted_in, not_asked, siblings])
         monitored = report(stub, outputs[0].request_id)
         assert monitored.status == pb.REPORT_STATUS_COMPLETE
-        assert list(monitored.labels) == ["team-a", "eval"]
+        assert list(monitored.labels) == ["client:team-a", "client:eval"]  # the caller's, never a reviewer's
+        assert monitored.response_id == outputs[0].request_id and monitored.request_id != monitored.response_id
         with pytest.raises(grpc.RpcError) as info:
             report(stub, outputs[1].request_id, wait_ms=500)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND

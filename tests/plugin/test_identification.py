@@ -160,11 +160,7 @@ def test_planted_features_are_identified_saved_and_then_flag_new_requests(
     try:
 
         def send(llm, rows) -> list[str]:
-            params = []
-            for i in rows:
-                labels = ["truth:token"] if has_token[i] else []
-                labels += ["review:bad"] if i in positives else (["review:ok"] if i in negatives else [])
-                params.append(SamplingParams(temperature=0, max_tokens=1, extra_args={"circuitwatch_labels": labels}))
+            params = SamplingParams(temperature=0, max_tokens=1)
             outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in rows], params, use_tqdm=False)
             ids = [o.request_id for o in outputs]
             for request_id in ids:
@@ -172,7 +168,15 @@ def test_planted_features_are_identified_saved_and_then_flag_new_requests(
                 assert report.status == pb.REPORT_STATUS_COMPLETE
             return ids
 
-        send(llm, train)
+        sent = dict(zip(train, send(llm, train), strict=True))
+        # reviewers label after the fact (Label RPC); the ground truth is a label of its own
+        for label, chosen in (
+            ("truth:token", [i for i in train if has_token[i]]),
+            ("review:bad", [i for i in train if i in positives]),
+            ("review:ok", [i for i in train if i in negatives]),
+        ):
+            request = pb.LabelRequest(request_ids=[sent[i] for i in chosen], add=[label], author="test-reviewer")
+            assert stub.Label(request, timeout=30).updated == len(chosen)
         request = pb.ContrastRequest(
             positives=pb.RequestSelector(labels=["review:bad"]),
             negatives=pb.RequestSelector(labels=["review:ok"]),

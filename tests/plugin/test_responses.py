@@ -10,6 +10,7 @@ import subprocess
 import threading
 from concurrent import futures
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from circuitwatch.plugin.responses import ReportFetcher
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
-from support.plugin_harness import write_plugin_config
+from support.plugin_harness import feature_only_in, write_plugin_config
 from support.processes import free_port, start_sidecar, start_vllm, stop
 
 # matches every token: a term that never fires, negated
@@ -29,28 +30,6 @@ ALWAYS = "circuits:\n  - {name: always, severity: low, when: {not: {layer: 1, fe
 
 PROMPT_TO_STOP = "Keyword arguments and lambda forms can be combined in a call"
 PROMPT_TO_KEEP = "The import statement finds a module and loads it"
-
-
-def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
-    """A layer-1 feature (activation >= 1) somewhere in one prompt and nowhere in the other (independent
-    ground truth: transformers + the reference encoder), for an abort circuit that must hit one request."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from circuitwatch.fixtures.activations import residual_stream
-    from circuitwatch.kernels import ReferenceEncoder, load_sae
-
-    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
-    model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
-    encoder = ReferenceEncoder(load_sae(fixtures.topk_sae(1)))
-
-    def fired(text: str) -> torch.Tensor:
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        return (encoder.activations(residual_stream(model, ids, [1])[1][0]) >= 1.0).any(dim=0)
-
-    candidates = torch.nonzero(fired(present) & ~fired(absent)).flatten()
-    assert len(candidates), "no feature separates the two prompts"
-    return int(candidates[0])
 
 
 def start_sidecar_with_circuits(tmp_path: Path, port: int, extra_circuits: str = "") -> subprocess.Popen:
@@ -78,8 +57,8 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
     try:
         response = client.completions.create(model=model, prompt="The import statement", max_tokens=6, temperature=0)
         carried = response.model_extra["circuitwatch"]
-        report = stub.GetReport(pb.GetReportRequest(request_id=response.id, wait_ms=5000))
-        assert carried["request_id"] == response.id
+        report = stub.GetReport(pb.GetReportRequest(request_id=response.id, wait_ms=5000))  # a unique response id
+        assert carried["request_id"] == report.request_id and report.response_id == response.id
         assert carried["status"] == "complete"
         assert carried["coverage"]["positions_total"] == report.coverage.positions_total > 0
         assert [f["circuit"] for f in carried["flags"]] == ["always"]  # this prompt does not trip stop-it
@@ -94,12 +73,14 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         final = [c for c in chunks if (c.model_extra or {}).get("circuitwatch")]
         assert len(final) == 1 and final[0] is chunks[-1] and final[0].choices == []
         assert final[0].model_extra["circuitwatch"]["status"] == "complete"
-        assert final[0].model_extra["circuitwatch"]["request_id"] == chunks[0].id
+        assert final[0].model_extra["circuitwatch"]["request_id"].startswith(chunks[0].id + ".")
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the text is unaffected
 
         siblings = client.completions.create(model=model, prompt="A class", max_tokens=4, temperature=0.9, n=2, seed=1)
         per_choice = siblings.model_extra["circuitwatch"]["choices"]
-        assert [c["request_id"] for c in per_choice] == [f"0_{siblings.id}", f"1_{siblings.id}"]
+        key = per_choice[0]["request_id"].removeprefix("0_")
+        assert key.startswith(siblings.id + ".")
+        assert [c["request_id"] for c in per_choice] == [f"0_{key}", f"1_{key}"]
         assert all(c["status"] == "complete" for c in per_choice)
 
         # an abort circuit stops only its own request, through vLLM's abort path, and the response says why
@@ -119,17 +100,12 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 300
         assert "aborted_by" not in kept.model_extra["circuitwatch"]
 
-        opted_out = client.completions.create(
-            model=model, prompt="x", max_tokens=2, extra_body={"vllm_xargs": {"circuitwatch_monitor": False}}
-        )
-        assert "circuitwatch" not in (opted_out.model_extra or {})
-
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(10)
         response = client.completions.create(model=model, prompt="The import statement", max_tokens=6, temperature=0)
         assert response.choices[0].text  # served as usual
         assert response.model_extra["circuitwatch"]["status"] == "pending"
-        assert response.model_extra["circuitwatch"]["request_id"] == response.id
+        assert response.model_extra["circuitwatch"]["request_id"].startswith(response.id + ".")  # its unique key
     finally:
         stop(server)
         stop(sidecar)
@@ -173,6 +149,8 @@ def test_the_deadline_bounds_the_wait_and_gives_pending() -> None:
 
 
 def test_streaming_wrapper_inserts_one_chunk_before_done() -> None:
+    """The chunk names the request by the key admission gave it, not by the client-chosen response id."""
+    from circuitwatch.plugin.admission import Admission, Admitted, ClientContext
     from circuitwatch.plugin.responses import with_final_chunk
 
     class Fetcher:
@@ -183,10 +161,16 @@ def test_streaming_wrapper_inserts_one_chunk_before_done() -> None:
         yield 'data: {"id": "chatcmpl-a", "model": "m", "created": 5, "choices": []}\n\n'
         yield "data: [DONE]\n\n"
 
+    client = ClientContext({}, [Admitted("chatcmpl-a-0123abcd", Admission(monitored=True))])
+    actions = SimpleNamespace(aborted={})
+
     async def collect():
-        return [c async for c in with_final_chunk(stream(), Fetcher(), 1, "chat.completion.chunk")]
+        return [c async for c in with_final_chunk(stream(), Fetcher(), 1, "chat.completion.chunk", client, actions)]
 
     chunks = asyncio.run(collect())
     assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 3
     inserted = json.loads(chunks[1][len("data: ") :])
-    assert inserted["circuitwatch"]["request_id"] == "chatcmpl-a" and inserted["object"] == "chat.completion.chunk"
+    assert inserted["circuitwatch"]["request_id"] == "chatcmpl-a.0123abcd"
+    assert inserted["object"] == "chat.completion.chunk"
+    client.admitted[0] = Admitted("chatcmpl-a-0123abcd", Admission(monitored=False))
+    assert len(asyncio.run(collect())) == 2  # not monitored: no chunk added

@@ -1,6 +1,7 @@
 """The multi-process path: vLLM's OpenAI server (spawned engine core and worker) with the plugin, a sidecar
-process, the `openai` client. Codes equal ground truth; killing the sidecar never stops serving, and reports
-of requests served during the outage say incomplete with the gap."""
+process, the `openai` client. Codes equal ground truth; killing the sidecar never stops serving; and every
+request it cut gets a report, outage or not: what was lost with the sidecar is a SIDECAR_UNAVAILABLE gap, and
+the client's trace context and labels survive the restart."""
 
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ pytestmark = pytest.mark.vllm
 
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SIDECAR_CONFIG = "finish_grace_ms: 5000\n"  # a restarted sidecar waits this long for resent starts
 
 
-def complete(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> tuple[str, list[int]]:
-    """One completion; returns the sidecar's id for it and the full token sequence (prompt + generated).
+def complete(
+    client, model: str, request_id: str, prompt: list[int], max_tokens: int, headers=None, **extra
+) -> tuple[str, list[int]]:
+    """One completion; returns the sidecar's id for it (its unique key, as the response says) and the full token
+    sequence (prompt + generated).
 
     Request gt-0 carries a W3C traceparent header, gt-1 the same context through vllm_xargs."""
-    headers = {"X-Request-Id": request_id}
-    body = {"return_token_ids": True}
+    headers = {"X-Request-Id": request_id, **(headers or {})}
+    body = {"return_token_ids": True, **extra}
     if request_id == "gt-0":
         headers |= {"traceparent": TRACE, "tracestate": "vendor=a"}
     if request_id == "gt-1":
@@ -49,7 +54,37 @@ def complete(client, model: str, request_id: str, prompt: list[int], max_tokens:
     assert response.id == f"cmpl-{request_id}"
     prompt_ids = choice.model_extra.get("prompt_token_ids") or response.model_extra.get("prompt_token_ids")
     assert list(prompt_ids) == prompt
-    return response.id, list(prompt_ids) + list(choice.model_extra["token_ids"])
+    key = response.model_extra["circuitwatch"]["request_id"]
+    assert key.startswith(response.id + ".")
+    return key, list(prompt_ids) + list(choice.model_extra["token_ids"])
+
+
+def wait_until_open(stub, response_ids: list[str], timeout_s: float = 60) -> None:
+    """Until the sidecar holds every one of these requests open (their starts and first codes arrived)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            reports = [stub.GetReport(pb.GetReportRequest(request_id=r), timeout=5) for r in response_ids]
+        except grpc.RpcError:
+            time.sleep(0.05)
+            continue
+        if all(r.status == pb.REPORT_STATUS_PENDING for r in reports):
+            return
+        raise AssertionError("a request finished before the sidecar could be killed under it")
+    raise TimeoutError("the requests never reached the sidecar")
+
+
+def assert_reported_across_outage(stub, key: str, tokens: list[int]) -> int:
+    """A request served across a sidecar outage has a report; whatever it lacks is a SIDECAR_UNAVAILABLE gap,
+    and it kept its trace context and labels. Returns its status."""
+    report = stub.GetReport(pb.GetReportRequest(request_id=key, wait_ms=30_000), timeout=60)
+    assert report.status in (pb.REPORT_STATUS_COMPLETE, pb.REPORT_STATUS_INCOMPLETE), (key, report)
+    assert report.coverage.positions_total == len(tokens) - 1, (key, report.coverage)
+    assert {g.reason for g in report.coverage.gaps} <= {pb.GAP_REASON_SIDECAR_UNAVAILABLE}, (key, report.coverage)
+    if report.status == pb.REPORT_STATUS_INCOMPLETE:
+        assert report.coverage.gaps, report.coverage
+    assert report.trace.traceparent == TRACE and list(report.labels) == ["client:kept"], (key, report)
+    return report.status
 
 
 def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path: Path) -> None:
@@ -57,8 +92,10 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
     from transformers import AutoTokenizer
 
     sidecar_port, vllm_port = free_port(), free_port()
-    sidecar = start_sidecar(tmp_path, sidecar_port, "finish_grace_ms: 1000\n", log_name="sidecar.log")
-    plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, sidecar_port, queue_max_batches=2)
+    sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")
+    plugin_config = write_plugin_config(
+        tmp_path / "plugin.json", fixtures, sidecar_port, queue_max_batches=2, client_controls={"labels": True}
+    )
     config = json.loads(plugin_config.read_text())
     config["sidecar"]["reconnect_max_s"] = 0.5  # reconnect quickly once the sidecar is back
     plugin_config.write_text(json.dumps(config))
@@ -80,19 +117,55 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
             assert report.coverage.positions_total == len(tokens) - 1
             problems = truth.mismatches(tokens, codes_in_sidecar(stub, sidecar_id))
             assert not problems, (sidecar_id, problems[:5])
-            expected_trace = TRACE if sidecar_id in ("cmpl-gt-0", "cmpl-gt-1") else ""
+            expected_trace = TRACE if sidecar_id.startswith(("cmpl-gt-0.", "cmpl-gt-1.")) else ""
             assert report.trace.traceparent == expected_trace, sidecar_id
         assert stub.GetReport(pb.GetReportRequest(request_id="cmpl-gt-0")).trace.tracestate == "vendor=a"
 
-        # 2. the sidecar dies (SIGKILL): vLLM keeps serving every request
+        # 2. the sidecar dies (SIGKILL) while requests run: they finish, and once it is back each reports what
+        # was lost with it as SIDECAR_UNAVAILABLE (never MISSING), with the client's trace and labels
+        traced = {"traceparent": TRACE}
+        labels = {"vllm_xargs": {"circuitwatch_labels": ["kept"]}, "ignore_eos": True}
+        with ThreadPoolExecutor(4) as pool:
+            running = [
+                pool.submit(complete, client, model, f"cut-{i}", token_prompts[i], 400, headers=traced, **labels)
+                for i in range(4)
+            ]
+            wait_until_open(stub, [f"cmpl-cut-{i}" for i in range(4)])
+            sidecar.send_signal(signal.SIGKILL)
+            sidecar.wait(10)
+            time.sleep(1)
+            sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")
+            cut = [f.result() for f in running]
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
+        statuses = [assert_reported_across_outage(stub, key, tokens) for key, tokens in cut]
+        assert pb.REPORT_STATUS_INCOMPLETE in statuses, "the kill cut no request: the test did not test"
+
+        # 3. the sidecar freezes, every request finishes, then it is killed before any report is final: after
+        # the restart each request still has its report (nothing ends as "never seen")
+        sidecar.send_signal(signal.SIGSTOP)
+        with ThreadPoolExecutor(8) as pool:
+            frozen = list(
+                pool.map(
+                    lambda i: complete(client, model, f"frozen-{i}", token_prompts[i], 4, headers=traced, **labels),
+                    range(8),
+                )
+            )
+        sidecar.send_signal(signal.SIGKILL)
+        sidecar.wait(10)
+        sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
+        statuses = [assert_reported_across_outage(stub, key, tokens) for key, tokens in frozen]
+        assert set(statuses) == {pb.REPORT_STATUS_INCOMPLETE}
+
+        # 4. the sidecar is down (SIGKILL): vLLM keeps serving every request
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(10)
         with ThreadPoolExecutor(6) as pool:
             during = list(pool.map(lambda i: complete(client, model, f"outage-{i}", token_prompts[i], 16), range(6)))
         assert all(len(tokens) > len(token_prompts[i]) for i, (_, tokens) in enumerate(during))
 
-        # 3. the sidecar comes back: the queued finish markers and gap reports arrive; new requests are complete
-        sidecar = start_sidecar(tmp_path, sidecar_port, "finish_grace_ms: 1000\n", log_name="sidecar.log")
+        # 5. the sidecar comes back: the queued finish markers and gap reports arrive; new requests are complete
+        sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{sidecar_port}"))
         for attempt in range(5):  # once the plugin has reconnected (back-off <= 0.5 s), new requests are complete
             time.sleep(1)
@@ -107,8 +180,7 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
             assert report.status == pb.REPORT_STATUS_INCOMPLETE, (sidecar_id, report)
             assert report.coverage.positions_total == len(tokens) - 1
             assert report.coverage.positions_seen < report.coverage.positions_total
-            reasons = {g.reason for g in report.coverage.gaps}
-            assert pb.GAP_REASON_SIDECAR_UNAVAILABLE in reasons, (sidecar_id, report.coverage)
+            assert {g.reason for g in report.coverage.gaps} == {pb.GAP_REASON_SIDECAR_UNAVAILABLE}, report.coverage
     finally:
         stop(server)
         stop(sidecar)

@@ -15,8 +15,6 @@ from circuitwatch.plugin.config import (
     PluginConfigError,
     SidecarTarget,
     load_plugin_config,
-    request_labels,
-    wants_monitoring,
 )
 from circuitwatch.plugin.emitter import Emitter
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
@@ -69,17 +67,6 @@ def test_config_errors_name_source_field_and_reason(tmp_path: Path, text: str, m
     with pytest.raises(PluginConfigError, match=message) as info:
         load_plugin_config(None, env={"CIRCUITWATCH_CONFIG": str(path)})
     assert str(path) in str(info.value)
-
-
-def test_per_request_controls() -> None:
-    opt_in = SimpleNamespace(monitor="opt-in")
-    everything = SimpleNamespace(monitor="all")
-    assert wants_monitoring(None, everything) and not wants_monitoring(None, opt_in)
-    assert wants_monitoring({"circuitwatch_monitor": "true"}, opt_in)
-    assert wants_monitoring({"circuitwatch_monitor": 1}, opt_in)
-    assert not wants_monitoring({"circuitwatch_monitor": "0"}, everything)
-    assert request_labels({"circuitwatch_labels": "a, b,,c"}) == ["a", "b", "c"]
-    assert request_labels({"circuitwatch_labels": ["x", 2]}) == ["x", "2"]
 
 
 # --- row maps -------------------------------------------------------------------------------------------------

@@ -108,3 +108,25 @@ def prompts(tokenizer, count: int = 18) -> list[list[int]]:
         ids = tokenizer(docs[30 + i])["input_ids"]
         out.append(ids[: 3 + (i * 23) % 150])
     return out
+
+
+def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
+    """A layer-1 feature (activation >= 1) somewhere in one prompt and nowhere in the other (independent
+    ground truth: transformers + the reference encoder), for an abort circuit that must hit one request."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitwatch.fixtures.activations import residual_stream
+    from circuitwatch.kernels import ReferenceEncoder, load_sae
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
+    encoder = ReferenceEncoder(load_sae(fixtures.topk_sae(1)))
+
+    def fired(text: str) -> torch.Tensor:
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        return (encoder.activations(residual_stream(model, ids, [1])[1][0]) >= 1.0).any(dim=0)
+
+    candidates = torch.nonzero(fired(present) & ~fired(absent)).flatten()
+    assert len(candidates), "no feature separates the two prompts"
+    return int(candidates[0])
