@@ -112,3 +112,169 @@ def unpack_slice(message: RequestSlice, d_sae: int | None = None) -> SliceArrays
         feature_ids=feature_ids,
         activations=activations,
     )
+
+
+MAX_POSITION = 1 << 31  # positions and counts must fit the sidecar's uint32 token keys with room to add
+
+
+@dataclass(frozen=True)
+class BatchArrays:
+    """Every slice of a code batch decoded into shared arrays (one frombuffer per field for the whole batch).
+
+    Slice i holds rows row_start[i]:row_start[i + 1] and postings post_start[i]:post_start[i + 1];
+    row_offsets are global indices into feature_ids / activations.
+    """
+
+    request_ids: list[str]
+    slots: np.ndarray  # int64 [slices]
+    first_positions: np.ndarray  # int64 [slices]
+    phases: np.ndarray  # int64 [slices]
+    row_start: np.ndarray  # int64 [slices + 1]
+    post_start: np.ndarray  # int64 [slices + 1]
+    token_ids: np.ndarray  # uint32 [rows]
+    row_offsets: np.ndarray  # int64 [rows + 1]
+    feature_ids: np.ndarray  # uint32 [nnz]
+    activations: np.ndarray  # float16 [nnz]
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.token_ids)
+
+    def row_slices(self) -> np.ndarray:
+        """Slice index of every row."""
+        return np.repeat(np.arange(self.num_slices), np.diff(self.row_start))
+
+    def positions(self) -> np.ndarray:
+        """Absolute position of every row (int64)."""
+        owner = self.row_slices()
+        return self.first_positions[owner] + (np.arange(self.num_rows) - self.row_start[owner])
+
+
+_PHASES = frozenset((Phase.PHASE_PROMPT, Phase.PHASE_GENERATED))
+
+
+def _slice_error(i: int, message: RequestSlice, d_sae_of_slot: dict[int, int], max_position: int) -> None:
+    """Raise the WireFormatError that says what is wrong with slice i (only called when something is)."""
+    where = f"slices[{i}] request {message.request_id!r}"
+    if not message.request_id:
+        raise WireFormatError(f"slices[{i}]: slice without request_id")
+    if message.phase not in _PHASES:
+        raise WireFormatError(f"{where}: phase must be PROMPT or GENERATED")
+    if message.slot not in d_sae_of_slot:
+        raise WireFormatError(f"{where}: slot {message.slot} is not in the manifest")
+    n = message.num_rows
+    if message.first_position + n > max_position:
+        raise WireFormatError(
+            f"{where}: positions {message.first_position}..{message.first_position + n} exceed {max_position}"
+        )
+    nnz = len(message.feature_ids) // 4
+    for field, size, expected in (
+        ("token_ids", len(message.token_ids), 4 * n),
+        ("row_offsets", len(message.row_offsets), 4 * (n + 1)),
+        ("feature_ids", len(message.feature_ids), 4 * nnz),
+        ("activations", len(message.activations), 2 * nnz),
+    ):
+        if size != expected:
+            raise WireFormatError(f"{where}: {field} has {size} bytes, expected {expected} ({n} rows, {nnz} codes)")
+    raise WireFormatError(f"{where}: malformed")
+
+
+def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_POSITION) -> BatchArrays:
+    """Decode and validate every slice of a batch at once. A problem raises WireFormatError naming the slice
+    (`slices[i]`), its request and the field; nothing of a bad batch is returned."""
+    count = len(slices)
+    request_ids, slots, firsts, phases = (
+        [],
+        np.empty(count, np.int64),
+        np.empty(count, np.int64),
+        np.empty(count, np.int64),
+    )
+    rows, posts = np.empty(count, np.int64), np.empty(count, np.int64)
+    tokens, offsets, features, acts = [], [], [], []
+    phases_allowed = _PHASES
+    for i, message in enumerate(slices):
+        request_id = message.request_id
+        n = message.num_rows
+        first = message.first_position
+        slot = message.slot
+        phase = message.phase
+        token_bytes, offset_bytes = message.token_ids, message.row_offsets
+        feature_bytes, act_bytes = message.feature_ids, message.activations
+        nnz = len(feature_bytes) >> 2
+        if (
+            not request_id
+            or phase not in phases_allowed
+            or slot not in d_sae_of_slot
+            or first + n > max_position
+            or len(token_bytes) != 4 * n
+            or len(offset_bytes) != 4 * (n + 1)
+            or len(feature_bytes) != 4 * nnz
+            or len(act_bytes) != 2 * nnz
+        ):
+            _slice_error(i, message, d_sae_of_slot, max_position)
+        request_ids.append(request_id)
+        slots[i], firsts[i], phases[i], rows[i], posts[i] = slot, first, phase, n, nnz
+        tokens.append(token_bytes)
+        offsets.append(offset_bytes)
+        features.append(feature_bytes)
+        acts.append(act_bytes)
+    row_start = np.zeros(count + 1, np.int64)
+    np.cumsum(rows, out=row_start[1:])
+    post_start = np.zeros(count + 1, np.int64)
+    np.cumsum(posts, out=post_start[1:])
+    local = np.frombuffer(b"".join(offsets), dtype=U32).astype(np.int64)  # [rows + slices]
+    first_of_slice = row_start[:-1] + np.arange(count)  # where each slice's offsets begin in `local`
+    last_of_slice = first_of_slice + rows
+    bad = np.flatnonzero((local[first_of_slice] != 0) | (local[last_of_slice] != posts))
+    if len(bad):
+        i = int(bad[0])
+        raise WireFormatError(
+            f"slices[{i}] request {request_ids[i]!r}: row_offsets must start at 0 and end at {posts[i]}"
+        )
+    steps = np.diff(local)
+    steps[last_of_slice[:-1]] = 0  # across slice boundaries
+    if len(steps) and steps.min() < 0:
+        at = int(np.flatnonzero(steps < 0)[0])
+        i = int(np.searchsorted(first_of_slice, at, side="right") - 1)
+        raise WireFormatError(f"slices[{i}] request {request_ids[i]!r}: row_offsets must start at 0 and never decrease")
+    keep = np.ones(len(local), bool)
+    keep[last_of_slice] = False  # each slice's end offset; the next slice starts at 0 again
+    row_offsets = np.zeros(int(row_start[-1]) + 1, np.int64)
+    row_offsets[:-1] = local[keep] + np.repeat(post_start[:-1], rows)
+    row_offsets[-1] = post_start[-1]
+    feature_ids = np.frombuffer(b"".join(features), dtype=U32)
+    activations = np.frombuffer(b"".join(acts), dtype=F16)
+    if len(feature_ids):
+        d_sae = np.array([d_sae_of_slot[int(s)] for s in slots], np.int64)
+        too_large = feature_ids >= np.repeat(d_sae, posts)
+        if too_large.any():
+            at = int(np.flatnonzero(too_large)[0])
+            i = int(np.searchsorted(post_start, at, side="right") - 1)
+            raise WireFormatError(
+                f"slices[{i}] request {request_ids[i]!r}: feature id {int(feature_ids[at])} >= d_sae {d_sae[i]} "
+                f"of slot {int(slots[i])}"
+            )
+        finite = np.isfinite(activations)
+        if not finite.all():
+            at = int(np.flatnonzero(~finite)[0])
+            i = int(np.searchsorted(post_start, at, side="right") - 1)
+            raise WireFormatError(
+                f"slices[{i}] request {request_ids[i]!r}: activations hold {int((~finite).sum())} NaN or infinite "
+                "values"
+            )
+    return BatchArrays(
+        request_ids,
+        slots,
+        firsts,
+        phases,
+        row_start,
+        post_start,
+        np.frombuffer(b"".join(tokens), dtype=U32),
+        row_offsets,
+        feature_ids,
+        activations,
+    )

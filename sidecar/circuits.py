@@ -20,6 +20,7 @@ circuits:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.names import SCOPES, SEVERITIES
 
 from .config import ConfigError
-from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, terms_of
+from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, is_monotone, terms_of
 
 ACTIONS = ("", "abort")
 _CIRCUIT_KEYS = {"name", "description", "severity", "scope", "window", "min_tokens", "labels", "action", "when"}
@@ -48,9 +49,14 @@ class Circuit:
     description: str = ""
     source: str = ""
 
-    @property
-    def terms(self) -> list[Term]:
-        return terms_of(self.expression)
+    @cached_property
+    def terms(self) -> tuple[Term, ...]:
+        return tuple(terms_of(self.expression))
+
+    @cached_property
+    def monotone(self) -> bool:
+        """Can match only where one of its terms fired (no `not`)."""
+        return is_monotone(self.expression)
 
 
 @dataclass(frozen=True)

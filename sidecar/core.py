@@ -30,10 +30,10 @@ from .registry import SaeRegistry
 from .reports import ReportBuilder, is_covered
 from .request_index import RequestIndex, RequestMeta
 from .request_sets import request_feature_sets
-from .request_state import RequestState
+from .request_state import Chunk, RequestState, TermPlan
 from .request_table import RequestRecord, RequestTable, check_label_request, relabel
 from .store import EvidenceStore
-from .streams import Stream, decode_batch, open_stream, require_request_id
+from .streams import Stream, decode_batch, keep_slices, open_stream, require_request_id
 from .telemetry import Telemetry
 from .watchers import ReportWatcher, Watchers
 
@@ -65,6 +65,7 @@ class SidecarCore:
         self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
         self._open: dict[str, RequestState] = {}
         self.finals = FinalReports(store)
+        self._plans: dict[tuple[int, tuple[int, ...]], TermPlan] = {}
 
     # --- ingest ---------------------------------------------------------------------------------------
 
@@ -91,42 +92,99 @@ class SidecarCore:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "empty ingest message")
 
     def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
-        decoded = decode_batch(stream, batch)
+        """One code batch (one engine step: many requests, small slices) in whole-batch array operations; per
+        slice only the request's bookkeeping runs in Python."""
+        arrays = decode_batch(stream, batch)
         stream.last_step = batch.step
         stream.batches += 1
         if batch.HasField("stats"):
             self.producer_stats[stream.producer] = batch.stats
-        touched: dict[str, RequestState] = {}
         with self.lock:
             now = self.clock()
-            for arrays in decoded:
-                state = self._state(arrays.request_id, stream, now)
-                if state is None:
-                    self.counters["late_postings"] += len(arrays.feature_ids)
-                    continue
-                gslot = stream.slots[arrays.slot]
-                uids = self.index.append(
-                    token_keys(state.seq, arrays.positions),
-                    gslot,
-                    arrays.phase,
-                    arrays.token_ids,
-                    arrays.row_offsets,
-                    arrays.feature_ids,
-                    arrays.activations,
+            states: dict[str, RequestState | None] = {}
+            for request_id in arrays.request_ids:
+                if request_id not in states:
+                    states[request_id] = self._state(request_id, stream, now)
+            per_slice = [states[request_id] for request_id in arrays.request_ids]
+            live = np.array([state is not None for state in per_slice], bool)
+            if not live.all():
+                dead = np.flatnonzero(~live)
+                self.counters["late_postings"] += int(np.diff(arrays.post_start)[dead].sum())
+                if not live.any():
+                    return
+                arrays = keep_slices(arrays, np.flatnonzero(live))
+                per_slice = [s for s in per_slice if s is not None]
+            gslots = np.array([stream.slots[int(slot)] for slot in arrays.slots], np.int64)
+            row_slice = arrays.row_slices()
+            positions = arrays.positions()
+            seqs = np.array([state.seq for state in per_slice], np.int64)
+            uids = self.index.append(
+                token_keys(seqs[row_slice], positions),
+                gslots[row_slice],
+                arrays.phases[row_slice],
+                arrays.token_ids,
+                arrays.row_offsets,
+                arrays.feature_ids,
+                arrays.activations,
+            )
+            candidates = self._candidates(gslots, arrays)
+            counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
+            has_candidates = counted[arrays.post_start[1:]] > counted[arrays.post_start[:-1]]
+            replaced = []
+            row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
+            slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
+            for i, state in enumerate(per_slice):
+                r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
+                chunk = Chunk(
+                    positions[r0:r1],
+                    uids[r0:r1],
+                    arrays.token_ids[r0:r1],
+                    arrays.row_offsets[r0 : r1 + 1] - p0,
+                    arrays.feature_ids[p0:p1],
+                    arrays.activations[p0:p1],
                 )
-                replaced = state.add_slice(gslot, arrays, uids, now)
-                self.index.supersede(replaced)
-                touched[state.request_id] = state
-                self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
-                stream.postings += len(arrays.feature_ids)
-                self.counters["postings"] += len(arrays.feature_ids)
-                self.counters["rows"] += arrays.num_rows
+                gone = state.add_chunk(
+                    slice_gslots[i], chunk, slice_phases[i], now, candidates[p0:p1] if checks[i] else None
+                )
+                if gone is not None:
+                    replaced.append(gone)
+            if replaced:
+                self.index.supersede(np.concatenate(replaced))
+            postings = len(arrays.feature_ids)
+            stream.postings += postings
+            self.counters["postings"] += postings
+            self.counters["rows"] += arrays.num_rows
             self.counters["batches"] += 1
-            self.instruments.postings.add(sum(len(a.feature_ids) for a in decoded))
-            for state in touched.values():
+            self.instruments.postings.add(postings)
+            for state in states.values():
+                if state is None:
+                    continue
+                self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
                 self._check_actions(state)
                 if state.pending_finish is not None:
                     self._finalize_if_covered(state)
+
+    def _candidates(self, gslots: np.ndarray, arrays) -> np.ndarray:
+        """bool per code of the batch: does some circuit term name its feature (in its SAE)?"""
+        candidates = np.zeros(len(arrays.feature_ids), bool)
+        counts = np.diff(arrays.post_start)
+        for gslot in np.unique(gslots).tolist():
+            wanted = self._plan_for([gslot]).wanted.get(gslot)
+            if wanted is None or not wanted.any():
+                continue
+            mine = np.repeat(gslots == gslot, counts)
+            candidates[mine] = wanted[arrays.feature_ids[mine]]
+        return candidates
+
+    def _plan_for(self, gslots: list[int]) -> TermPlan:
+        """The term plan of the current circuit set for these SAEs (shared by every request that has them)."""
+        key = (self.circuits.version, tuple(gslots))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 1024 or any(k[0] != self.circuits.version for k in self._plans):
+                self._plans.clear()
+            plan = self._plans[key] = TermPlan.build(self.circuits, self.registry, gslots)
+        return plan
 
     def _check_actions(self, state: RequestState) -> None:
         """Circuits with an action (abort) are evaluated as codes arrive; a match is announced once."""
@@ -137,12 +195,13 @@ class SidecarCore:
         num_prompt = state.num_prompt_tokens or state.first_generated_position(
             default=int(seen[-1]) + 1 if len(seen) else 0
         )
+        evaluator = state.evaluator(num_prompt, seen)
         for circuit in circuits:
-            positions = state.evaluate(circuit, num_prompt, seen)
+            positions = evaluator.matches(circuit)
             if len(positions) >= circuit.min_tokens:
                 state.actions_sent.add(circuit.name)
                 self.counters["actions"] += 1
-                log.warning("circuit %s asks to %s request %s", circuit.name, circuit.action, state.request_id)
+                log.warning("circuit %s asks to %s request %r", circuit.name, circuit.action, state.request_id)
                 self.watchers.action(
                     pb.ActionNotice(
                         request_id=state.request_id,
@@ -170,7 +229,7 @@ class SidecarCore:
             state.model = stream.manifest.model
         if stream.slots and state.slots != stream.slots:
             state.bind(stream.slots)
-        state.ensure_plan(self.circuits, self.registry)
+        state.ensure_plan(self._plan_for, self.circuits.version)
         return state
 
     def _start(self, stream: Stream, start: pb.RequestStart) -> None:
@@ -238,6 +297,7 @@ class SidecarCore:
 
     def _finalize(self, state: RequestState, finish: pb.RequestFinish | None) -> pb.Report:
         started = time.perf_counter_ns()
+        state.ensure_plan(self._plan_for, self.circuits.version)
         report = self.reports.build(state, finish, self.circuits, self.clock())
         self.finals.add(report)  # durable before anyone sees it as final
         record = self.requests.get(state.request_id)
@@ -276,6 +336,7 @@ class SidecarCore:
     def tick(self) -> None:
         """Periodic: evict the index, finalise requests idle past the timeout, forget evicted request ids."""
         now = self.clock()
+        self.index.seal_due(now)
         self.index.evict(now)
         timeout_ns = int(self.config.request_timeout_s * 1e9)
         with self.lock:

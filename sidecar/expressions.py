@@ -5,6 +5,7 @@ where each feature term fires.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -122,6 +123,45 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
         return merged[starts[counts >= node.n]]
 
     return walk(expr).astype(KEY_DTYPE, copy=False)
+
+
+def evaluate_dense(
+    expr: Expr, term_mask: Callable[[Term], np.ndarray], universe: np.ndarray, window: int = 1
+) -> np.ndarray:
+    """`evaluate` over one request's positions as bool masks (position p at index p): the same semantics, at
+    the cost of a few vectorised operations on short arrays per node. `term_mask` gives where a term fired
+    (already in scope); `universe` is every position in scope."""
+
+    def leaf(term: Term) -> np.ndarray:
+        mask = term_mask(term)
+        if window > 1 and mask.any():  # fired anywhere in [p - W + 1, p]
+            fired = np.concatenate(([0], np.cumsum(mask, dtype=np.int64)))
+            spread = fired[1:] - fired[np.maximum(np.arange(1, len(mask) + 1) - window, 0)] > 0
+            mask = spread & universe
+        return mask
+
+    def walk(node: Expr) -> np.ndarray:
+        if isinstance(node, Term):
+            return leaf(node)
+        if isinstance(node, Not):
+            return universe & ~walk(node.item)
+        parts = [walk(item) for item in node.items]
+        if isinstance(node, All):
+            return np.logical_and.reduce(parts)
+        if isinstance(node, AnyOf):
+            return np.logical_or.reduce(parts)
+        return np.sum(parts, axis=0) >= node.n
+
+    return walk(expr)
+
+
+def is_monotone(expr: Expr) -> bool:
+    """Without `not`: the expression can hold only where one of its terms fired."""
+    if isinstance(expr, Term):
+        return True
+    if isinstance(expr, Not):
+        return False
+    return all(is_monotone(item) for item in expr.items)
 
 
 # --- wire form -------------------------------------------------------------------------------------------

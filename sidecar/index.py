@@ -98,6 +98,13 @@ class _ActiveSegment:
         self.num_rows = 0
         self.num_postings = 0
 
+    def snapshot(self) -> _ActiveSegment:
+        """What it holds now, as a copy that later appends do not change (taken under the index lock)."""
+        copy = _ActiveSegment(self.base_uid, self.t_start)
+        copy.t_end, copy.num_rows, copy.num_postings = self.t_end, self.num_rows, self.num_postings
+        copy.rows, copy.postings = list(self.rows), list(self.postings)
+        return copy
+
     def seal(self) -> TokenSegment:
         if self.rows:
             keys, gslot, phase, tokens, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
@@ -182,6 +189,7 @@ class RollingIndex:
         self.sealed: list[TokenSegment] = []
         self._active = _ActiveSegment(0, clock())
         self._active_view: TokenSegment | None = None
+        self._sealing: tuple[_ActiveSegment, TokenSegment | None] | None = None  # swapped out, being sorted
         self.superseded = BitMap64()
         self._superseded_array = np.empty(0, np.int64)
         self.evicted_segments = 0
@@ -192,32 +200,36 @@ class RollingIndex:
     def append(
         self,
         keys: np.ndarray,
-        gslot: int,
-        phase: int,
+        gslots: int | np.ndarray,
+        phases: int | np.ndarray,
         token_ids: np.ndarray,
         row_offsets: np.ndarray,
         feature_ids: np.ndarray,
         activations: np.ndarray,
     ) -> np.ndarray:
-        """Add rows (one per key) and their codes; returns the rows' uids."""
+        """Add rows (one per key) and their codes; returns the rows' uids. `gslots` and `phases` are per row
+        (or one value for all); row i's codes are feature_ids[row_offsets[i] - row_offsets[0] :
+        row_offsets[i + 1] - row_offsets[0]]."""
         with self._lock:
             now = self.clock()
-            self._maybe_seal(now, len(keys))
+            n = len(keys)
+            self._maybe_seal(now, n)
             active = self._active
             first_row = active.num_rows
-            n = len(keys)
+            row_gslots = np.broadcast_to(np.asarray(gslots, np.uint16), (n,))
             active.rows.append(
                 (
                     np.asarray(keys, dtype=KEY_DTYPE),
-                    np.full(n, gslot, np.uint16),
-                    np.full(n, phase, np.uint8),
+                    np.array(row_gslots),
+                    np.array(np.broadcast_to(np.asarray(phases, np.uint8), (n,))),
                     np.asarray(token_ids, np.uint32),
                     np.full(n, now, np.int64),
                 )
             )
-            counts = np.diff(row_offsets.astype(np.int64))
+            counts = np.diff(np.asarray(row_offsets, np.int64))
             rows = np.repeat(np.arange(first_row, first_row + n, dtype=np.uint32), counts)
-            active.postings.append((rows, term_code(gslot, feature_ids), np.asarray(activations, np.float16)))
+            codes = term_code(np.repeat(row_gslots, counts), feature_ids)
+            active.postings.append((rows, codes, np.asarray(activations, np.float16)))
             active.num_rows += n
             active.num_postings += len(feature_ids)
             active.t_end = now
@@ -234,21 +246,42 @@ class RollingIndex:
                 self._superseded_array = np.asarray(self.superseded.to_array(), dtype=np.int64)
 
     def _maybe_seal(self, now: int, incoming_rows: int) -> None:
+        """On the ingest path only when the active segment cannot take more rows (row ids are 24 bits) or has
+        grown far past its size because maintenance is behind: sealing sorts, so it belongs to seal_due()."""
         active = self._active
-        full = (
-            active.num_postings >= self.segment_max_postings
-            or active.num_rows + incoming_rows >= MAX_SEGMENT_ROWS
-            or now - active.t_start >= self.segment_ns
+        hard = (
+            active.num_rows + incoming_rows >= MAX_SEGMENT_ROWS or active.num_postings >= 4 * self.segment_max_postings
         )
-        if full and active.num_rows:
+        if hard and active.num_rows:
             self.sealed.append(active.seal())
             self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
             self._active_view = None
-        self.evict(now)
+            self.evict(now)
+
+    def seal_due(self, now: int | None = None) -> bool:
+        """Seal the active segment once it is old (segment_s) or large (segment_max_postings); the maintenance
+        thread calls this. The segment is swapped out under the lock and sorted outside it, so ingest never
+        waits for the sort; queries meanwhile read it as they read the active segment."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            active = self._active
+            due = active.num_postings >= self.segment_max_postings or now - active.t_start >= self.segment_ns
+            if not active.num_rows or not due or self._sealing is not None:
+                return False
+            self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
+            self._active_view = None
+            self._sealing = (active, None)
+        segment = active.seal()
+        with self._lock:
+            self.sealed.append(segment)
+            self._sealing = None
+        self.evict(now)  # a new segment may take the index over its budget
+        return True
 
     def seal(self) -> None:
+        """Seal whatever the active segment holds, now (tests and benches)."""
         with self._lock:
-            self._maybe_seal(self.clock() + self.segment_ns, 0)
+            self._maybe_seal(self.clock(), MAX_SEGMENT_ROWS)
 
     def evict(self, now: int | None = None) -> None:
         """Drop segments past the window, then the oldest while over the memory budget."""
@@ -268,11 +301,27 @@ class RollingIndex:
     # --- reading --------------------------------------------------------------------------------------
 
     def segments(self, window: TimeWindow | None = None) -> list[TokenSegment]:
+        """Sealed segments, then the one being sealed and the active one as read-only views (built outside
+        the lock from a snapshot of what they held, and cached until they change)."""
         with self._lock:
-            if self._active.num_rows and self._active_view is None:
-                self._active_view = self._active.seal()
-            segments = list(self.sealed) + ([self._active_view] if self._active.num_rows else [])
-        return [s for s in segments if window is None or window.overlaps(s)]
+            sealed = list(self.sealed)
+            pending = []
+            if self._sealing is not None:
+                pending.append(("sealing", self._sealing[0], self._sealing[1]))
+            if self._active.num_rows:
+                pending.append(("active", self._active, self._active_view))
+            snapshots = [(kind, seg.snapshot(), view) for kind, seg, view in pending]
+        views = []
+        for kind, snapshot, view in snapshots:
+            if view is None or view.num_rows != snapshot.num_rows:
+                view = snapshot.seal()
+                with self._lock:
+                    if kind == "active" and self._active.num_rows == snapshot.num_rows:
+                        self._active_view = view
+                    elif kind == "sealing" and self._sealing is not None and self._sealing[0].base_uid == view.base_uid:
+                        self._sealing = (self._sealing[0], view)
+            views.append(view)
+        return [s for s in sealed + views if window is None or window.overlaps(s)]
 
     @property
     def oldest_time(self) -> int | None:

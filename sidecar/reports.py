@@ -44,6 +44,8 @@ def is_covered(state: RequestState, finish: pb.RequestFinish) -> bool:
     """Whether every position the finish announced has codes or a declared gap in every slot."""
     if not state.slots:
         return False
+    if state.seen_prefix() >= finish.num_positions:  # the common case, without looking at positions
+        return True
     seen = state.seen_positions()
     gaps = [*finish.gaps, *state.producer_gaps]
     return not any(
@@ -62,6 +64,12 @@ class _Coverage:
 
 
 def _coverage(state: RequestState, finish: pb.RequestFinish | None) -> _Coverage:
+    if finish is not None and state.slots and state.seen_prefix() >= finish.num_positions:
+        # every announced position has codes in every slot: nothing is missing, nothing to look up
+        total = finish.num_positions
+        gaps = [g for g in (*finish.gaps, *state.producer_gaps) if g.end > g.start]
+        everything = np.arange(total, dtype=np.int64)
+        return _Coverage(total, finish.num_prompt_tokens, gaps, everything, everything)
     seen = state.seen_positions()
     if finish is not None:
         total, num_prompt = finish.num_positions, finish.num_prompt_tokens
@@ -97,13 +105,14 @@ class ReportBuilder:
         self.max_evidence_tokens = max_evidence_tokens
 
     def build(self, state: RequestState, finish: pb.RequestFinish | None, circuits: CircuitSet, now: int) -> pb.Report:
-        state.ensure_plan(circuits, self.registry)
+        """The final report (the state's term plan must be current: the core ensures it)."""
         coverage = _coverage(state, finish)
         gslot_to_slot = {g: s for s, g in state.slots.items()}
+        evaluator = state.evaluator(coverage.num_prompt, coverage.anywhere)
         flags = [
             flag
             for circuit in circuits.circuits
-            if (flag := self._flag(state, circuit, coverage, gslot_to_slot)) is not None
+            if (flag := self._flag(state, circuit, evaluator.matches(circuit), coverage, gslot_to_slot)) is not None
         ]
         total = coverage.total
         complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)
@@ -132,9 +141,13 @@ class ReportBuilder:
         return report
 
     def _flag(
-        self, state: RequestState, circuit: Circuit, coverage: _Coverage, gslot_to_slot: dict[int, int]
+        self,
+        state: RequestState,
+        circuit: Circuit,
+        positions: np.ndarray,
+        coverage: _Coverage,
+        gslot_to_slot: dict[int, int],
     ) -> pb.Flag | None:
-        positions = state.evaluate(circuit, coverage.num_prompt, coverage.anywhere)
         if len(positions) < circuit.min_tokens:
             return None
         flag = pb.Flag(

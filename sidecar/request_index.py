@@ -15,6 +15,7 @@ Request numbers ("ridx") are dense, in finalisation order.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -161,7 +162,10 @@ class RequestIndex:
                 batch = list(self._unreduced)
             if not batch:
                 return 0
-            reduced = [(ridx, reduce()) for ridx, reduce in batch]
+            reduced = []
+            for ridx, reduce in batch:
+                reduced.append((ridx, reduce()))
+                time.sleep(0)  # let ingest in between: this runs on the maintenance thread, beside the GIL's owner
             with lock:
                 for ridx, sets in reduced:
                     for mode, channel in self.channels.items():

@@ -1,60 +1,83 @@
 """One open request inside the sidecar: its codes as they arrive, and the circuit terms matched incrementally,
-so that evaluating a circuit at finish (reports.py) or for an action touches only the hits, not every code."""
+so that evaluating a circuit at finish (reports.py) or for an action touches only the hits, not every code.
+
+Codes are kept as chunks: views into the decoded batch arrays they arrived in (no copy per slice), concatenated
+once when the request is final.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.codec import SliceArrays
 
 from .circuits import Circuit, CircuitSet
-from .expressions import Term, evaluate
+from .expressions import Term, evaluate, evaluate_dense
 from .keys import KEY_DTYPE, key_positions, token_keys
 from .registry import SaeRegistry
 from .request_sets import SlotCodes
 
-
-@dataclass
-class _Rows:
-    """Rows of one slice of one SAE slot, with the uids the index gave them."""
-
-    positions: np.ndarray  # int64
-    uids: np.ndarray  # int64
-    token_ids: np.ndarray  # uint32
+GENERATED = pb.PHASE_GENERATED
+DENSE_POSITIONS = 1 << 16  # requests up to this many positions evaluate circuits on dense position masks
+MERGE_FANOUT = 16  # chunks of one level merge into one of the next: few objects, each row copied log16(n) times
+_NONE = np.empty(0, np.int64)
 
 
-@dataclass
-class _Hits:
-    """Where one term fired in this request so far (appended per slice)."""
+@dataclass(frozen=True)
+class Chunk:
+    """The rows of one slice in one SAE slot, with the uids the index gave them (arrays are views)."""
 
-    positions: list[np.ndarray] = field(default_factory=list)
-    uids: list[np.ndarray] = field(default_factory=list)
-    activations: list[np.ndarray] = field(default_factory=list)
+    positions: np.ndarray  # int64 [rows]
+    uids: np.ndarray  # int64 [rows]
+    tokens: np.ndarray  # uint32 [rows]
+    offsets: np.ndarray  # int64 [rows + 1], starting at 0, into features / acts
+    features: np.ndarray  # uint32 [nnz]
+    acts: np.ndarray  # float16 [nnz]
+    level: int = 0  # how many times chunks were merged into it
 
 
-@dataclass
+def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
+    """One chunk holding the rows of several, in order."""
+    counts = np.concatenate([np.diff(c.offsets) for c in chunks])
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return Chunk(
+        np.concatenate([c.positions for c in chunks]),
+        np.concatenate([c.uids for c in chunks]),
+        np.concatenate([c.tokens for c in chunks]),
+        offsets,
+        np.concatenate([c.features for c in chunks]),
+        np.concatenate([c.acts for c in chunks]),
+        level,
+    )
+
+
+@dataclass(frozen=True)
 class TermPlan:
-    """For one circuit-set version and one request's slots: which terms each gslot can satisfy."""
+    """For one circuit-set version and one set of SAE slots: which terms each (gslot, feature) can satisfy.
+    Shared by every request with those slots (the core caches them)."""
 
     version: int
-    by_gslot: dict[int, list[Term]]
-    features: dict[int, np.ndarray]  # gslot -> sorted feature ids of interest
+    terms: dict[int, dict[int, tuple[Term, ...]]]  # gslot -> feature -> terms on it
+    wanted: dict[int, np.ndarray]  # gslot -> bool [d_sae]: is the feature in some term
 
     @classmethod
     def build(cls, circuits: CircuitSet, registry: SaeRegistry, gslots: list[int]) -> TermPlan:
-        by_gslot: dict[int, list[Term]] = {g: [] for g in gslots}
-        for circuit in circuits.circuits:
-            for term in circuit.terms:
-                for gslot in registry.resolve(term, among=gslots):
-                    if term not in by_gslot[gslot]:
-                        by_gslot[gslot].append(term)
-        features = {
-            g: np.unique(np.array([t.feature for t in terms], dtype=np.uint32)) for g, terms in by_gslot.items()
-        }
-        return cls(circuits.version, by_gslot, features)
+        terms: dict[int, dict[int, dict[Term, None]]] = {g: {} for g in gslots}
+        for term in dict.fromkeys(t for circuit in circuits.circuits for t in circuit.terms):
+            for gslot in registry.resolve(term, among=gslots):
+                if term.feature < registry.identities[gslot].d_sae:
+                    terms[gslot].setdefault(term.feature, {})[term] = None
+        wanted = {}
+        for gslot, by_feature in terms.items():
+            mask = np.zeros(registry.identities[gslot].d_sae, bool)
+            mask[list(by_feature)] = True
+            wanted[gslot] = mask
+        frozen = {g: {f: tuple(ts) for f, ts in by_feature.items()} for g, by_feature in terms.items()}
+        return cls(circuits.version, frozen, wanted)
 
 
 class RequestState:
@@ -74,13 +97,15 @@ class RequestState:
         self.trace = pb.TraceContext()
         self.arrival_ns = now
         self.last_activity_ns = now
-        self.rows: dict[int, list[_Rows]] = {}
-        self.slices: dict[int, list[SliceArrays]] = {}
+        self.chunks: dict[int, list[Chunk]] = {}
         self.superseded: set[int] = set()
         self._latest_uid: dict[int, np.ndarray] = {}  # gslot -> uid of each position's latest row (-1: none)
+        self._seen: dict[int, np.ndarray] | None = None
+        self._prefix: dict[int, int] = {}  # gslot -> every position below it has codes (in-order arrival)
         self.plan: TermPlan | None = None
-        self.hits: dict[tuple[int, Term], _Hits] = {}
+        self.hits: dict[Term, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}  # (gslot, pos, uid, act)
         self.postings = 0
+        self.nbytes = 0  # what its codes and position map hold (the open-request memory budget counts it)
         self._first_generated: int | None = None
         self.producer_gaps: list[pb.Gap] = []
         self.pending_finish: pb.RequestFinish | None = None
@@ -94,153 +119,229 @@ class RequestState:
         self.slots = dict(slots)
         self.plan = None
 
-    def add_slice(self, gslot: int, arrays: SliceArrays, uids: np.ndarray, now: int) -> np.ndarray:
-        """Record a slice; returns uids of rows it replaced (same position encoded again)."""
+    def add_chunk(
+        self, gslot: int, chunk: Chunk, phase: int, now: int, candidates: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Record one slice's rows; returns uids of rows it replaced (same position encoded again), or None.
+        `candidates` marks codes whose feature some circuit term names (None: there are none)."""
         self.last_activity_ns = now
-        positions = arrays.positions.astype(np.int64)
-        replaced = np.empty(0, np.int64)
-        if len(positions):
-            latest = self._latest_uid.get(gslot, np.empty(0, np.int64))
-            if len(latest) <= positions[-1]:
-                grown = np.full(max(int(positions[-1]) + 1, 2 * len(latest)), -1, np.int64)
-                grown[: len(latest)] = latest
-                latest = self._latest_uid[gslot] = grown
-            previous = latest[positions]
-            replaced = previous[previous >= 0]
-            latest[positions] = uids
-            self.superseded.update(replaced.tolist())
-        self.rows.setdefault(gslot, []).append(_Rows(positions, uids, arrays.token_ids))
-        self.slices.setdefault(gslot, []).append(arrays)
-        self.postings += len(arrays.feature_ids)
-        if arrays.phase == pb.PHASE_GENERATED and arrays.num_rows:
-            first = arrays.first_position
-            self._first_generated = first if self._first_generated is None else min(self._first_generated, first)
-        if self.plan is not None:
-            self._match_terms(gslot, arrays, uids)
+        positions = chunk.positions
+        replaced = None
+        n = len(positions)
+        if n:
+            latest = self._latest_uid.get(gslot)
+            first, end = int(positions[0]), int(positions[-1]) + 1
+            if latest is None or len(latest) < end:
+                old = _NONE if latest is None else latest
+                latest = np.full(max(end, 2 * len(old)), -1, np.int64)
+                latest[: len(old)] = old
+                self.nbytes += latest.nbytes - old.nbytes
+                self._latest_uid[gslot] = latest
+            if n == 1:
+                previous = int(latest[first])
+                if previous >= 0:
+                    replaced = np.array([previous], np.int64)
+                    self.superseded.add(previous)
+                latest[first] = chunk.uids[0]
+            else:
+                previous = latest[positions]
+                if (previous >= 0).any():
+                    replaced = previous[previous >= 0]
+                    self.superseded.update(replaced.tolist())
+                latest[positions] = chunk.uids
+            if phase == GENERATED and (self._first_generated is None or first < self._first_generated):
+                self._first_generated = first
+        chunks = self.chunks.setdefault(gslot, [])
+        chunks.append(chunk)
+        while len(chunks) >= MERGE_FANOUT and all(c.level == chunks[-1].level for c in chunks[-MERGE_FANOUT:]):
+            merged = merge_chunks(chunks[-MERGE_FANOUT:], chunks[-1].level + 1)
+            del chunks[-MERGE_FANOUT:]
+            chunks.append(merged)
+        self._seen = None
+        if n and self._prefix.get(gslot, 0) == int(positions[0]):  # the common case: codes arrive in order
+            self._prefix[gslot] = int(positions[0]) + n
+        self.postings += len(chunk.features)
+        self.nbytes += 24 * n + 6 * len(chunk.features) + 200
+        if self.plan is not None and candidates is not None:
+            self._match_terms(gslot, chunk, candidates)
         return replaced
 
-    def ensure_plan(self, circuits: CircuitSet, registry: SaeRegistry) -> None:
+    def ensure_plan(self, plan_for: Callable[[list[int]], TermPlan], version: int) -> None:
         """Match terms of the current circuit set; after a reload, re-match everything received so far."""
-        if self.plan is not None and self.plan.version == circuits.version:
+        if self.plan is not None and self.plan.version == version:
             return
-        self.plan = TermPlan.build(circuits, registry, sorted(set(self.slots.values())))
+        self.plan = plan_for(sorted(set(self.slots.values())))
         self.hits = {}
-        for gslot, slices in self.slices.items():
-            for arrays, rows in zip(slices, self.rows[gslot], strict=True):
-                self._match_terms(gslot, arrays, rows.uids)
+        for gslot, chunks in self.chunks.items():
+            for chunk in chunks:
+                self._match_terms(gslot, chunk, None)
 
-    def _match_terms(self, gslot: int, arrays: SliceArrays, uids: np.ndarray) -> None:
+    def _match_terms(self, gslot: int, chunk: Chunk, candidates: np.ndarray | None) -> None:
         assert self.plan is not None
-        wanted = self.plan.features.get(gslot)
-        if wanted is None or not len(wanted) or not len(arrays.feature_ids):
+        by_feature = self.plan.terms.get(gslot)
+        if not by_feature or not len(chunk.features):
             return
-        candidate = np.isin(arrays.feature_ids, wanted)
-        if not candidate.any():
+        if candidates is None:
+            candidates = self.plan.wanted[gslot][chunk.features]
+        at = np.flatnonzero(candidates)
+        if not len(at):
             return
-        row_of = np.repeat(np.arange(arrays.num_rows), np.diff(arrays.row_offsets.astype(np.int64)))[candidate]
-        features = arrays.feature_ids[candidate]
-        acts = arrays.activations[candidate].astype(np.float32)
-        present = set(np.unique(features).tolist())
-        for term in self.plan.by_gslot[gslot]:
-            if term.feature not in present:
-                continue
-            select = (features == term.feature) & (acts >= term.min_activation)
-            if select.any():
-                rows = row_of[select]
-                hits = self.hits.setdefault((gslot, term), _Hits())
-                hits.positions.append(arrays.first_position + rows.astype(np.int64))
-                hits.uids.append(uids[rows])
-                hits.activations.append(acts[select])
+        features = chunk.features[at]
+        acts = chunk.acts[at].astype(np.float32)
+        rows = np.searchsorted(chunk.offsets, at, side="right") - 1
+        for feature in np.unique(features).tolist():
+            on_feature = features == feature
+            for term in by_feature[feature]:
+                select = on_feature & (acts >= term.min_activation) if term.min_activation > 0 else on_feature
+                if select.any():
+                    hit_rows = rows[select]
+                    hit = (gslot, chunk.positions[hit_rows], chunk.uids[hit_rows], acts[select])
+                    self.hits.setdefault(term, []).append(hit)
 
-    # --- finalisation ---------------------------------------------------------------------------------
+    # --- reading, at finish ---------------------------------------------------------------------------
 
     def first_generated_position(self, default: int) -> int:
         return default if self._first_generated is None else self._first_generated
 
+    def _superseded_array(self) -> np.ndarray:
+        return np.fromiter(self.superseded, np.int64, len(self.superseded))
+
     def term_hits_in(self, gslot: int, term: Term) -> tuple[np.ndarray, np.ndarray]:
         """(positions, activations) where a term fired in one slot, superseded rows left out."""
-        hits = self.hits.get((gslot, term))
-        if hits is None or not hits.positions:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        positions, uids, acts = (np.concatenate(x) for x in (hits.positions, hits.uids, hits.activations))
+        found = [h for h in self.hits.get(term, ()) if h[0] == gslot]
+        return self._without_superseded(found)
+
+    def term_positions(self, term: Term) -> np.ndarray:
+        """Positions where a term fired in any of the request's slots (superseded rows left out; repeats)."""
+        return self._without_superseded(self.hits.get(term, []))[0]
+
+    def _without_superseded(self, found: list) -> tuple[np.ndarray, np.ndarray]:
+        if not found:
+            return _NONE, np.empty(0, np.float32)
+        if len(found) == 1:
+            _, positions, uids, acts = found[0]
+        else:
+            positions, uids, acts = (np.concatenate([h[i] for h in found]) for i in (1, 2, 3))
         if self.superseded:
-            keep = ~np.isin(uids, np.fromiter(self.superseded, np.int64))
+            keep = ~np.isin(uids, self._superseded_array())
             positions, acts = positions[keep], acts[keep]
         return positions, acts
 
-    def _term_hits(self, term: Term) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, activations) of a term's hits over all of the request's slots."""
-        found = [self.term_hits_in(gslot, t) for gslot, t in self.hits if t == term]
-        if not found:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        return np.concatenate([p for p, _ in found]), np.concatenate([a for _, a in found])
-
     def latest_codes(self) -> dict[int, SlotCodes]:
         """Per gslot, every row's codes with superseded rows (re-encoded positions) left out."""
-        superseded = np.fromiter(self.superseded, np.int64, len(self.superseded))
         out = {}
-        for gslot, slices in self.slices.items():
-            positions, offsets, features, acts = [], [np.zeros(1, np.int64)], [], []
-            total = 0
-            for arrays, rows in zip(slices, self.rows[gslot], strict=True):
-                keep = ~np.isin(rows.uids, superseded) if len(superseded) else np.ones(len(rows.uids), bool)
-                counts = np.diff(arrays.row_offsets.astype(np.int64))
+        superseded = self._superseded_array()
+        for gslot, chunks in self.chunks.items():
+            positions = np.concatenate([c.positions for c in chunks])
+            counts = np.concatenate([np.diff(c.offsets) for c in chunks])
+            features = np.concatenate([c.features for c in chunks])
+            acts = np.concatenate([c.acts for c in chunks]).astype(np.float32)
+            if len(superseded):
+                keep = ~np.isin(np.concatenate([c.uids for c in chunks]), superseded)
                 posting_keep = np.repeat(keep, counts)
-                positions.append(rows.positions[keep])
-                offsets.append(total + np.cumsum(counts[keep]))
-                total += int(counts[keep].sum())
-                features.append(arrays.feature_ids[posting_keep])
-                acts.append(arrays.activations[posting_keep].astype(np.float32))
-            out[gslot] = SlotCodes(
-                np.concatenate(positions), np.concatenate(offsets), np.concatenate(features), np.concatenate(acts)
-            )
+                positions, counts = positions[keep], counts[keep]
+                features, acts = features[posting_keep], acts[posting_keep]
+            offsets = np.zeros(len(counts) + 1, np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            out[gslot] = SlotCodes(positions, offsets, features, acts)
         return out
 
+    def seen_prefix(self) -> int:
+        """Every position below this has codes in every slot (0 when some slot has none, or codes arrived out
+        of order: then ask seen_positions)."""
+        if not self.slots or set(self._prefix) != set(self.slots.values()):
+            return 0
+        return min(self._prefix.values())
+
     def seen_positions(self) -> dict[int, np.ndarray]:
-        """Per gslot, sorted unique positions that have codes."""
-        return {
-            gslot: np.unique(np.concatenate([r.positions for r in rows])) if rows else np.empty(0, np.int64)
-            for gslot, rows in self.rows.items()
-        }
+        """Per gslot, sorted unique positions that have codes (cached until the next chunk)."""
+        if self._seen is None:
+            self._seen = {
+                gslot: np.unique(np.concatenate([c.positions for c in chunks])) if chunks else _NONE
+                for gslot, chunks in self.chunks.items()
+            }
+        return self._seen
 
     def token_ids_at(self, positions: np.ndarray) -> np.ndarray:
         """Token id at each position (0 where no slot has a row for it)."""
-        all_positions = np.concatenate([r.positions for rows in self.rows.values() for r in rows] or [np.empty(0)])
-        all_tokens = np.concatenate([r.token_ids for rows in self.rows.values() for r in rows] or [np.empty(0)])
+        chunks = [c for cs in self.chunks.values() for c in cs]
+        if not chunks or not len(positions):
+            return np.zeros(len(positions), np.int64)
+        all_positions = np.concatenate([c.positions for c in chunks])
+        all_tokens = np.concatenate([c.tokens for c in chunks])
         order = np.argsort(all_positions, kind="stable")
         all_positions, all_tokens = all_positions[order], all_tokens[order]
-        found = np.searchsorted(all_positions, positions)
-        found = np.minimum(found, max(0, len(all_positions) - 1))
-        ok = (
-            (len(all_positions) > 0) & (all_positions[found] == positions)
-            if len(all_positions)
-            else np.zeros(len(positions), bool)
-        )
-        return np.where(ok, all_tokens[found] if len(all_tokens) else 0, 0).astype(np.int64)
+        found = np.minimum(np.searchsorted(all_positions, positions), len(all_positions) - 1)
+        return np.where(all_positions[found] == positions, all_tokens[found], 0).astype(np.int64)
 
-    def evaluate(self, circuit: Circuit, num_prompt_tokens: int, seen: np.ndarray) -> np.ndarray:
-        """Positions where the circuit matches (scope applied)."""
-        source = _RequestKeys(self, circuit.scope, num_prompt_tokens, seen)
+    def evaluator(self, num_prompt_tokens: int, seen: np.ndarray) -> CircuitEvaluator:
+        """Evaluates circuits over this request's tokens, sharing each term's positions across circuits."""
+        return CircuitEvaluator(self, num_prompt_tokens, seen)
+
+
+class CircuitEvaluator:
+    """Positions where circuits match in one request. Terms are looked up once for all circuits; a circuit
+    without `not` whose terms never fired is skipped without evaluating it."""
+
+    def __init__(self, state: RequestState, num_prompt_tokens: int, seen: np.ndarray) -> None:
+        self.state, self.num_prompt, self.seen = state, num_prompt_tokens, seen
+        self.size = int(seen[-1]) + 1 if len(seen) else 0
+        self._positions: dict[Term, np.ndarray] = {}
+        self._masks: dict[tuple, np.ndarray] = {}
+
+    def matches(self, circuit: Circuit) -> np.ndarray:
+        """Sorted positions where the circuit matches (scope applied)."""
+        if circuit.monotone and not any(t in self.state.hits for t in circuit.terms):
+            return _NONE
+        if self.size <= DENSE_POSITIONS:
+            universe = self._universe_mask(circuit.scope)
+            mask = evaluate_dense(
+                circuit.expression, lambda t: self._term_mask(t, circuit.scope), universe, circuit.window
+            )
+            return np.flatnonzero(mask)
+        source = _RequestKeys(self, circuit.scope)
         return key_positions(evaluate(circuit.expression, source, circuit.window))
 
+    def term_positions(self, term: Term) -> np.ndarray:
+        if term not in self._positions:
+            self._positions[term] = np.unique(self.state.term_positions(term))
+        return self._positions[term]
 
-def _in_scope(positions: np.ndarray, scope: int, num_prompt_tokens: int) -> np.ndarray:
-    if scope == pb.SCOPE_PROMPT:
-        return positions[positions < num_prompt_tokens]
-    if scope == pb.SCOPE_GENERATED:
-        return positions[positions >= num_prompt_tokens]
-    return positions
+    def scoped(self, positions: np.ndarray, scope: int) -> np.ndarray:
+        if scope == pb.SCOPE_PROMPT:
+            return positions[positions < self.num_prompt]
+        if scope == pb.SCOPE_GENERATED:
+            return positions[positions >= self.num_prompt]
+        return positions
+
+    def _universe_mask(self, scope: int) -> np.ndarray:
+        key = ("universe", scope)
+        if key not in self._masks:
+            mask = np.zeros(self.size, bool)
+            mask[self.scoped(self.seen, scope)] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def _term_mask(self, term: Term, scope: int) -> np.ndarray:
+        key = (term, scope)
+        if key not in self._masks:
+            mask = np.zeros(self.size, bool)
+            positions = self.scoped(self.term_positions(term), scope)
+            mask[positions[positions < self.size]] = True
+            self._masks[key] = mask
+        return self._masks[key]
 
 
 class _RequestKeys:
-    def __init__(self, state: RequestState, scope: int, num_prompt_tokens: int, seen: np.ndarray) -> None:
-        self.state, self.scope, self.num_prompt = state, scope, num_prompt_tokens
-        self.seen = seen
+    """The key-based source for requests too long for dense masks."""
+
+    def __init__(self, evaluator: CircuitEvaluator, scope: int) -> None:
+        self.evaluator, self.scope = evaluator, scope
 
     def term_keys(self, term: Term) -> np.ndarray:
-        positions, _ = self.state._term_hits(term)
-        positions = _in_scope(np.unique(positions), self.scope, self.num_prompt)
-        return token_keys(self.state.seq, positions)
+        positions = self.evaluator.scoped(self.evaluator.term_positions(term), self.scope)
+        return token_keys(self.evaluator.state.seq, positions)
 
     def universe(self) -> np.ndarray:
-        return token_keys(self.state.seq, _in_scope(self.seen, self.scope, self.num_prompt)).astype(KEY_DTYPE)
+        positions = self.evaluator.scoped(self.evaluator.seen, self.scope)
+        return token_keys(self.evaluator.state.seq, positions).astype(KEY_DTYPE)

@@ -6,9 +6,10 @@ touches the core's state, and answered with INVALID_ARGUMENT naming the field an
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.codec import SliceArrays, WireFormatError, unpack_slice
+from circuitwatch.proto.codec import BatchArrays, WireFormatError, unpack_batch
 
 from .errors import MonitorError
 from .registry import SaeIdentity, SaeRegistry
@@ -58,24 +59,39 @@ def open_stream(manifest: pb.Manifest, registry: SaeRegistry) -> Stream:
     return Stream(manifest, slots, d_sae)
 
 
-def decode_batch(stream: Stream, batch: pb.CodeBatch) -> list[SliceArrays]:
+def decode_batch(stream: Stream, batch: pb.CodeBatch) -> BatchArrays:
     """Every slice of a code batch, decoded and validated as a whole before any of it is applied."""
     if batch.step <= stream.last_step:
         raise MonitorError(
             grpc.StatusCode.INVALID_ARGUMENT, f"code batch step {batch.step} after step {stream.last_step}"
         )
-    decoded = []
-    for i, message in enumerate(batch.slices):
-        if message.slot not in stream.slots:
-            raise MonitorError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"slices[{i}] request {message.request_id!r}: slot {message.slot} is not in the manifest",
-            )
-        try:
-            decoded.append(unpack_slice(message, d_sae=stream.d_sae[message.slot]))
-        except WireFormatError as exc:
-            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"slices[{i}]: {exc}") from None
-    return decoded
+    try:
+        return unpack_batch(batch.slices, stream.d_sae)
+    except WireFormatError as exc:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
+    """The batch with only some of its slices (sorted indices), e.g. without requests already final."""
+    rows = np.diff(arrays.row_start)[keep]
+    posts = np.diff(arrays.post_start)[keep]
+    row_index = np.concatenate([np.arange(arrays.row_start[i], arrays.row_start[i + 1]) for i in keep])
+    post_index = np.concatenate([np.arange(arrays.post_start[i], arrays.post_start[i + 1]) for i in keep])
+    row_start = np.concatenate(([0], np.cumsum(rows)))
+    post_start = np.concatenate(([0], np.cumsum(posts)))
+    counts = np.diff(arrays.row_offsets)[row_index]
+    return BatchArrays(
+        [arrays.request_ids[i] for i in keep],
+        arrays.slots[keep],
+        arrays.first_positions[keep],
+        arrays.phases[keep],
+        row_start,
+        post_start,
+        arrays.token_ids[row_index],
+        np.concatenate(([0], np.cumsum(counts))),
+        arrays.feature_ids[post_index],
+        arrays.activations[post_index],
+    )
 
 
 def require_request_id(kind: str, request_id: str) -> None:

@@ -353,6 +353,7 @@ def test_requests_leave_the_identification_window(tmp_path: Path) -> None:
         core.ingest(stream, message)
     core.tick()
     clock.now += 11 * 10**9
+    core.tick()  # the maintenance thread runs every 0.5 s: it seals and evicts the old codes
     for message in with_labels(new, new_labels, np.random.default_rng(3))[1:]:
         if message.WhichOneof("kind") == "codes":
             message.codes.step += 10_000

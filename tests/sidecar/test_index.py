@@ -31,6 +31,7 @@ def test_segments_seal_by_age_and_lookups_span_them() -> None:
     for seq in range(1, 6):
         add(index, seq, [[1, 2], [2], [3]])
         clock.now += 2 * 10**9
+        index.seal_due()
     add(index, 9, [[2]])
     assert len(index.sealed) == 5
     keys = index.term_keys([0], 2, 0.0, None, None)
@@ -47,6 +48,7 @@ def test_eviction_by_window_and_by_memory_budget() -> None:
     for seq in range(1, 11):
         add(index, seq, [[seq % 4]] * 100)
         clock.now += 10**9
+        index.seal_due()
     index.evict()
     assert {int(k >> np.uint64(32)) for s in index.segments() for k in s.row_keys[:1]} <= set(range(5, 11))
     assert index.evicted_segments >= 4
@@ -55,6 +57,7 @@ def test_eviction_by_window_and_by_memory_budget() -> None:
     for seq in range(1, 11):
         add(budget, seq, [[seq % 4]] * 100)
         clock.now += 10**9
+        budget.seal_due()
     budget.evict()
     assert len(budget.sealed) <= 3
     assert sum(s.nbytes for s in budget.sealed) <= budget.memory_budget_bytes
@@ -67,6 +70,7 @@ def test_superseded_rows_are_invisible() -> None:
     index = RollingIndex(window_s=100, segment_s=1, clock=clock)
     old = add(index, 1, [[7], [8]])
     clock.now += 2 * 10**9
+    index.seal_due()
     add(index, 1, [[8], [8]])
     index.supersede(old)
     assert index.term_keys([0], 7, 0.0, None, None).tolist() == []
@@ -111,7 +115,8 @@ def test_every_lookup_equals_a_brute_force_recount() -> None:
             index.supersede(np.array([r[5] for r in earlier], np.int64))
             rows.append((key, gslot, phase, int(tokens[i]), clock.now, int(uids[i]), codes[i]))
         if step % 7 == 6:
-            clock.now += 2 * 10**9  # the next append seals the active segment
+            clock.now += 2 * 10**9
+            index.seal_due()  # what the maintenance thread does between steps
     assert len(index.sealed) >= 4 and index.segments()[-1] not in index.sealed  # sealed + active view
     live = [r for r in rows if r[5] not in superseded]
     times = sorted({r[4] for r in rows})
