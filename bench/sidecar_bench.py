@@ -450,6 +450,77 @@ def decode_through_grpc(steps: int, steps_per_s: float | None = None) -> tuple[f
             running.stop(1)
 
 
+def random_circuits(rng: np.random.Generator, count: int, dense: bool) -> list[dict]:
+    """Circuits as operators write them: one to three terms over both layers, all / any / at_least, some with
+    a co-occurrence window, a few with `not`. Features drawn uniformly (as circuits name specific features), or
+    by density (`dense`: the heavy end, where most circuits fire in a long request)."""
+    circuits = []
+    weights = DENSITIES / DENSITIES.sum() if dense else None
+    for i in range(count):
+        terms = [
+            {"layer": int(rng.choice(LAYERS)), "feature": int(rng.choice(D_SAE, p=weights))}
+            for _ in range(int(rng.integers(1, 4)))
+        ]
+        kind = rng.choice(["single", "all", "any", "at_least", "not"], p=[0.3, 0.3, 0.2, 0.1, 0.1])
+        if kind == "single" or len(terms) == 1:
+            when = terms[0]
+        elif kind == "at_least":
+            when = {"at_least": {"n": 2, "of": terms}}
+        elif kind == "not":
+            when = {"all": [terms[0], {"not": terms[1]}]}
+        else:
+            when = {kind: terms}
+        circuit = {"name": f"c{i}", "when": when}
+        if rng.random() < 0.2:
+            circuit["window"] = int(rng.integers(2, 16))
+        circuits.append(circuit)
+    return circuits
+
+
+def circuits_section() -> None:
+    """Report cost against the number of circuits: one 512-position request (k = 64, 2 slots) finalised under
+    250 to 2,000 circuits. Evaluation shares term lookups across circuits and skips circuits whose terms never
+    fired, so the cost grows at most linearly (it grew ~n^2.8 before: 2,000 circuits took 10 s)."""
+    rng = np.random.default_rng(11)
+    traffic = decode_steps(np.random.default_rng(3), 520)  # request d-0 runs alone from step 0 to 385
+    print("\nreport for one 512-position request (k=64, 2 slots) under many circuits (median of 5):")
+    print(
+        f"{'features':<9} {'circuits':>9} {'flagged':>8} {'evaluate ms':>12} {'report ms':>10} "
+        f"{'report ms/circuit':>18}"
+    )
+    for dense in (False, True):
+        for count in (250, 1000, 2000):
+            with tempfile.TemporaryDirectory() as tmp:
+                core = SidecarCore(SidecarConfig(evidence_dir=Path(tmp)), EvidenceStore(Path(tmp)))
+                circuits = parse_circuits({"circuits": random_circuits(rng, count, dense)}, "bench")
+                core.set_circuits(type(core.circuits)(tuple(circuits)))
+                codes_stream = core.open_stream(decode_manifest())
+                finish = None
+                for codes, finishes in traffic:
+                    core.ingest(codes_stream, codes)
+                    finish = next((f for f in finishes if f.finish.request_id == "d-0"), finish)
+                    if finish is not None:
+                        break
+                state = core._open["d-0"]
+                state.ensure_plan(core._plan_for, core.circuits.version)
+                evaluate, report_ms = [], []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    evaluator = state.evaluator(DECODE_PROMPT, np.arange(DECODE_POSITIONS))
+                    for circuit in core.circuits.circuits:
+                        evaluator.matches(circuit)
+                    t1 = time.perf_counter()
+                    report = core.reports.build(state, finish.finish, core.circuits, core.clock())
+                    evaluate.append((t1 - t0) * 1e3)
+                    report_ms.append((time.perf_counter() - t1) * 1e3)
+                ms = statistics.median(report_ms)
+                print(
+                    f"{'density' if dense else 'uniform':<9} {count:>9} {len(report.flags):>8} "
+                    f"{statistics.median(evaluate):>12.1f} {ms:>10.1f} {ms / count:>18.4f}"
+                )
+    print("target: 2,000 circuits evaluated over a 512-token request <= 20 ms")
+
+
 def decode_section(steps: int) -> None:
     traffic = decode_steps(np.random.default_rng(7), steps)
     postings = sum(len(s.feature_ids) // 4 for codes, _ in traffic for s in codes.codes.slices)
@@ -485,9 +556,13 @@ def main() -> None:
     parser.add_argument("--postings", type=float, default=50e6)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--decode-steps", type=int, default=3000)
-    parser.add_argument("--only", choices=("bulk", "decode"))
+    parser.add_argument("--only", choices=("bulk", "decode", "circuits"))
     args = parser.parse_args()
-    if args.only != "bulk":
+    if args.only in (None, "circuits"):
+        circuits_section()
+        if args.only == "circuits":
+            return
+    if args.only in (None, "decode"):
         decode_section(args.decode_steps)
         if args.only == "decode":
             return

@@ -32,6 +32,8 @@ from .config import ConfigError
 from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, is_monotone, terms_of
 
 ACTIONS = ("", "abort")
+MAX_FEATURE = (1 << 28) - 1  # feature ids are 28 bits in the index
+MAX_WINDOW = 1 << 16  # hard bound at parse time; limits.max_circuit_window is the configured one
 _CIRCUIT_KEYS = {"name", "description", "severity", "scope", "window", "min_tokens", "labels", "action", "when"}
 _TERM_KEYS = {"feature", "slot", "layer", "sae", "min_activation"}
 
@@ -132,7 +134,7 @@ def _circuit(item: Any, where: _Where, source: str) -> Circuit:
         expression=_expression(item["when"], where / "when"),
         severity=_choice(item.get("severity", "medium"), SEVERITIES, where / "severity"),
         scope=_choice(item.get("scope", "both"), SCOPES, where / "scope"),
-        window=_positive_int(item.get("window", 1), where / "window"),
+        window=_positive_int(item.get("window", 1), where / "window", MAX_WINDOW),
         min_tokens=_positive_int(item.get("min_tokens", 1), where / "min_tokens"),
         labels=_labels(item.get("labels", []), where / "labels"),
         action=_action(item.get("action", ""), where / "action"),
@@ -178,8 +180,8 @@ def _term(node: dict[str, Any], where: _Where) -> Term:
     if ("slot" in node) == ("layer" in node):
         raise where.error("a feature term needs exactly one of slot or layer")
     feature = node["feature"]
-    if isinstance(feature, bool) or not isinstance(feature, int) or feature < 0:
-        raise (where / "feature").error(f"expected a feature id (int >= 0), got {feature!r}")
+    if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature <= MAX_FEATURE:
+        raise (where / "feature").error(f"expected a feature id (int from 0 to {MAX_FEATURE}), got {feature!r}")
     target = "slot" if "slot" in node else "layer"
     value = node[target]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -199,9 +201,9 @@ def _choice(value: Any, choices: dict[str, int], where: _Where) -> int:
     return choices[value.lower()]
 
 
-def _positive_int(value: Any, where: _Where) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise where.error(f"expected an integer >= 1, got {value!r}")
+def _positive_int(value: Any, where: _Where, maximum: int = 1 << 31) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise where.error(f"expected an integer from 1 to {maximum}, got {value!r}")
     return value
 
 
@@ -218,3 +220,31 @@ def _action(value: Any, where: _Where) -> str:
     if value not in ACTIONS:
         raise where.error(f"expected abort or none, got {value!r}")
     return value
+
+
+def check_circuits(circuits: CircuitSet, registry, limits, unknown_terms: str) -> list[str]:
+    """Circuits checked against the limits and the SAEs registered so far. A term that can never fire (its
+    feature is beyond the d_sae of every SAE it names) is an error; a term naming no registered SAE is an error
+    or a warning (`unknown_terms`: SAEs connect after start-up). Returns the warnings."""
+    warnings = []
+    for circuit in circuits.circuits:
+        where = f"{circuit.source}: circuit {circuit.name!r}"
+        if circuit.window > limits.max_circuit_window:
+            raise ConfigError(f"{where}: window {circuit.window} is more than limits.max_circuit_window")
+        for term in circuit.terms:
+            gslots = registry.resolve(term)
+            if not gslots:
+                if not registry.live():  # nothing connected yet (start-up): nothing to check against
+                    continue
+                problem = f"{where}: {term.describe()}: no SAE registered for it yet"
+                if unknown_terms == "error":
+                    raise ConfigError(problem + " (unknown_circuit_terms: error)")
+                warnings.append(problem)
+                continue
+            largest = max(registry.identities[g].d_sae for g in gslots)
+            if term.feature >= largest:
+                raise ConfigError(
+                    f"{where}: {term.describe()}: can never fire: feature {term.feature} >= d_sae {largest} of every "
+                    "SAE it names"
+                )
+    return warnings

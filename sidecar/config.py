@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import stat
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from circuitwatch.config_files import format_validation_error, read_mapping
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -30,8 +36,10 @@ class TelemetryConfig(_Strict):
 
     traces: bool = True
     metrics: bool = True
-    # Serve Prometheus metrics on this port (on the listen host); 0: off.
+    # Serve Prometheus metrics on this port; 0: off. The endpoint has no authentication, so it binds to
+    # loopback unless told otherwise (scrape through a local agent, or set the host knowingly).
     prometheus_port: int = Field(0, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
     service_name: str = "circuitwatch-sidecar"
 
 
@@ -57,6 +65,38 @@ class IndexConfig(_Strict):
     request_index_budget_mb: float = Field(1024.0, gt=0)
 
 
+class LimitsConfig(_Strict):
+    """Bounds on what any caller can make the sidecar hold or do (see the README's sidecar limits)."""
+
+    # Concurrent long-lived calls per kind; past the bound a call gets RESOURCE_EXHAUSTED at once. Unary reads
+    # and health checks run on their own `read_workers` threads, so held streams never starve them.
+    ingest_streams: int = Field(16, gt=0)
+    watch_streams: int = Field(16, gt=0)  # WatchReports and WatchActions
+    report_waits: int = Field(64, gt=0)  # GetReport calls waiting for a report at once
+    read_workers: int = Field(8, gt=0)
+    # Per request: positions (codes, finish markers and gaps past it are refused), declared gaps, id length.
+    max_positions: int = Field(1 << 20, gt=0, le=1 << 31)
+    max_gaps_per_request: int = Field(4096, gt=0)
+    max_request_id_bytes: int = Field(512, gt=0)
+    # SAEs: per manifest, features per SAE, and features over every SAE registered (contrast arrays scale
+    # with it).
+    max_slots_per_manifest: int = Field(64, gt=0)
+    max_d_sae: int = Field(1 << 20, gt=0, le=1 << 28)
+    max_total_features: int = Field(1 << 22, gt=0)
+    # Open requests (their codes wait in memory until the report is final): beyond either bound the least
+    # recently active are finalised early, incomplete, with a SIDECAR_LIMIT gap.
+    open_requests_mb: float = Field(1024.0, gt=0)
+    max_open_requests: int = Field(100_000, gt=0)
+    # Label calls.
+    max_label_ids: int = Field(10_000, gt=0)
+    max_labels_per_call: int = Field(64, gt=0)
+    max_label_chars: int = Field(256, gt=0)
+    max_note_chars: int = Field(2048, gt=0)
+    max_label_changes_per_request: int = Field(1000, gt=0)
+    # Circuits: the longest co-occurrence window.
+    max_circuit_window: int = Field(4096, gt=0)
+
+
 class SidecarConfig(_Strict):
     # host:port to listen on; loopback by default, never all interfaces unless asked for.
     listen: str = "127.0.0.1:50061"
@@ -78,12 +118,24 @@ class SidecarConfig(_Strict):
     finish_grace_ms: float = Field(2000.0, ge=0)
     # Longest GetReport wait a client may ask for.
     max_report_wait_ms: int = Field(30_000, ge=0)
-    # Messages above this are rejected with INVALID_ARGUMENT (gRPC's own hard limit sits above it).
-    max_message_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    # Messages above this are refused by gRPC before they are read into memory (RESOURCE_EXHAUSTED).
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, le=1 << 30)
     # Evidence positions kept per flag in a report.
     max_evidence_tokens: int = Field(32, gt=0)
-    workers: int = Field(16, gt=0)
+    limits: LimitsConfig = LimitsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    # Final reports older than this leave the evidence store (the maintenance thread deletes them); and at
+    # most this many are kept, oldest deleted first.
+    evidence_retention_s: float = Field(30 * 86400.0, gt=0)
+    evidence_max_reports: int = Field(10_000_000, gt=0)
+    # A reload (SIGHUP, ReloadCircuits) or start-up that leaves no circuit at all is refused unless allowed:
+    # an empty or comment-only file would otherwise switch monitoring off silently.
+    allow_empty_circuits: bool = False
+    # Circuit terms naming a feature no registered SAE of that layer/slot has: "error" refuses the circuit
+    # file, "warn" logs it (SAEs connect after start-up, so a term may refer to one not seen yet).
+    unknown_circuit_terms: Literal["warn", "error"] = "warn"
+    # Bearer tokens over plaintext on a non-loopback address cross the network in clear: refused unless set.
+    allow_plaintext_tokens: bool = False
 
     @field_validator("evidence_synchronous")
     @classmethod
@@ -104,7 +156,19 @@ class SidecarConfig(_Strict):
     def _one_auth_mode(self) -> SidecarConfig:
         if self.auth is not None and self.auth_token_file is not None:
             raise ValueError("auth and auth_token_file: give role tokens (auth) or one token for every role")
+        tokens = self.auth is not None or self.auth_token_file is not None
+        if tokens and self.tls is None and not self.allow_plaintext_tokens and not is_loopback(self.listen):
+            raise ValueError(
+                f"listen {self.listen}: bearer tokens without tls would cross the network in clear; configure tls "
+                "(or set allow_plaintext_tokens: true on a network you trust)"
+            )
         return self
+
+    @property
+    def thread_count(self) -> int:
+        """Server threads: every long-lived kind at its bound, plus the readers' own."""
+        limits = self.limits
+        return limits.ingest_streams + limits.watch_streams + limits.report_waits + limits.read_workers
 
     def role_tokens(self) -> dict[str, str]:
         """role -> token, read from the token files (empty: no authentication)."""
@@ -123,11 +187,26 @@ class SidecarConfig(_Strict):
         return tokens
 
 
+def is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _read_token(path: Path, field: str) -> str:
     try:
+        mode = path.stat().st_mode
         token = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{path}: {field}: cannot read ({exc.strerror})") from None
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{path}: {field}: writable by group or others (chmod 600): anyone could replace the token")
+    if mode & stat.S_IROTH:
+        log.warning("%s: %s: readable by every user on this machine (chmod 600)", path, field)
     if not token:
         raise ConfigError(f"{path}: {field}: the token file is empty")
     return token

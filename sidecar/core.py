@@ -1,5 +1,6 @@
 """The sidecar's core: ingest producer streams, keep each open request's state, finalise its report, and answer
-reads (reports, queries, contrasts, labels) over the same data.
+reads (reports, queries) over the same data. Periodic maintenance (maintenance.py) and the reviewer's calls,
+Contrast and Label (review.py), work over this core's state under its lock.
 
 Everything here is callable in process, so every rule is testable without a network; the gRPC servicer
 (service.py) is a thin shell, and errors carry the gRPC status they map to (errors.py). One lock guards request
@@ -18,22 +19,33 @@ import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .circuits import CircuitSet, load_circuit_files
+from .circuits import CircuitSet, check_circuits, load_circuit_files
 from .config import ConfigError, SidecarConfig
-from .errors import MonitorError
+from .errors import MonitorError, check_enum
 from .final_reports import FinalReports, one_request
-from .identify import Resolved, contrast
 from .index import RollingIndex
 from .keys import token_keys
+from .maintenance import Maintenance
 from .queries import IndexQueries
 from .registry import SaeRegistry
-from .reports import ReportBuilder, is_covered
+from .reports import ReportBuilder, error_report, is_covered, merge_gaps
 from .request_index import RequestIndex, RequestMeta
 from .request_sets import request_feature_sets
 from .request_state import Chunk, RequestState, TermPlan
-from .request_table import RequestRecord, RequestTable, check_label_request, relabel
+from .request_table import RequestRecord, RequestTable
+from .review import Review
 from .store import EvidenceStore
-from .streams import Stream, decode_batch, keep_slices, open_stream, require_request_id
+from .streams import (
+    Stream,
+    check_finish,
+    check_gaps,
+    check_start,
+    decode_batch,
+    keep_slices,
+    open_stream,
+    request_id_ok,
+    shown,
+)
 from .telemetry import Telemetry
 from .watchers import ReportWatcher, Watchers
 
@@ -53,9 +65,11 @@ class SidecarCore:
             idx.window_s, idx.segment_s, idx.segment_max_postings, idx.memory_budget_mb * 2**20, clock=clock
         )
         self.request_index = RequestIndex(int(idx.window_s * 1e9), int(idx.request_index_budget_mb * 2**20))
-        self.registry = SaeRegistry()
-        self.circuits = load_circuit_files(config.circuits, version=1)
+        self.limits = config.limits
         self.counters: Counter[str] = Counter()
+        self.registry = SaeRegistry(max_total_features=self.limits.max_total_features)
+        self._reload_lock = threading.Lock()
+        self.circuits = self._load_circuits(version=1)
         self.lock = threading.RLock()
         self.requests = RequestTable()
         self.queries = IndexQueries(self.index, self.registry, self.requests, clock)
@@ -66,18 +80,23 @@ class SidecarCore:
         self._open: dict[str, RequestState] = {}
         self.finals = FinalReports(store)
         self._plans: dict[tuple[int, tuple[int, ...]], TermPlan] = {}
+        self.maintenance = Maintenance(self)
+        self.review = Review(self)
 
     # --- ingest ---------------------------------------------------------------------------------------
 
     def open_stream(self, manifest: pb.Manifest) -> Stream:
-        stream = open_stream(manifest, self.registry)
+        stream = open_stream(manifest, self.registry, self.limits)
         self.counters["streams"] += 1
         kind = f"a stream with {len(stream.slots)} slots" if stream.slots else "a control stream"
-        log.info("producer %s (%s) opened %s", manifest.instance_id, manifest.producer, kind)
+        log.info("producer %r (%r) opened %s", manifest.instance_id, manifest.producer, kind)
         return stream
 
     def ingest(self, stream: Stream, message: pb.IngestMessage) -> None:
         kind = message.WhichOneof("kind")
+        if not stream.active and kind != "manifest":
+            stream.active = True
+            self.registry.mark_used(stream.slots.values())  # from now on its SAEs may be referenced anywhere
         if kind == "codes":
             self._ingest_codes(stream, message.codes)
         elif kind == "start":
@@ -94,7 +113,7 @@ class SidecarCore:
     def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
         """One code batch (one engine step: many requests, small slices) in whole-batch array operations; per
         slice only the request's bookkeeping runs in Python."""
-        arrays = decode_batch(stream, batch)
+        arrays = decode_batch(stream, batch, self.limits)
         stream.last_step = batch.step
         stream.batches += 1
         if batch.HasField("stats"):
@@ -216,7 +235,7 @@ class SidecarCore:
     def _finalize_if_covered(self, state: RequestState) -> None:
         """A finished request whose announced positions all have codes or declared gaps is final now."""
         if state.pending_finish is not None and is_covered(state, state.pending_finish):
-            self._finalize(state, state.pending_finish)
+            self.finalize(state, state.pending_finish)
 
     def _state(self, request_id: str, stream: Stream, now: int) -> RequestState | None:
         """Open state for a request, created on first sight; None if it is already final."""
@@ -224,6 +243,8 @@ class SidecarCore:
         if state is None:
             if self.finals.get(request_id) is not None:
                 return None
+            if len(self._open) >= self.limits.max_open_requests:
+                self.end_least_active(len(self._open) - self.limits.max_open_requests + 1, "max_open_requests")
             state = RequestState(request_id, self.requests.new_seq(), now)
             self._open[request_id] = state
             state.model = stream.manifest.model
@@ -233,7 +254,7 @@ class SidecarCore:
         return state
 
     def _start(self, stream: Stream, start: pb.RequestStart) -> None:
-        require_request_id("start", start.request_id)
+        check_start(start, self.limits)
         with self.lock:
             state = self._state(start.request_id, stream, self.clock())
             if start.resumed and (state is None or state.started):
@@ -247,7 +268,7 @@ class SidecarCore:
             state.model = start.model or state.model
             state.labels = list(start.labels)
             state.trace.CopyFrom(start.trace)
-            state.producer_gaps.extend(start.gaps)
+            self._add_gaps(state, start.gaps)
             state.num_prompt_tokens = start.num_prompt_tokens
             state.notes = list(start.notes)
             if start.response_id:
@@ -258,7 +279,7 @@ class SidecarCore:
             self._finalize_if_covered(state)  # a finish (resent after an outage) may already wait for it
 
     def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
-        require_request_id("finish", finish.request_id)
+        check_finish(finish, self.limits)
         with self.lock:
             state = self._state(finish.request_id, stream, self.clock())
             if state is None:
@@ -269,24 +290,43 @@ class SidecarCore:
             state.pending_finish = finish
             state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
             if finish.num_positions == 0:
-                self._finalize(state, finish)
+                self.finalize(state, finish)
             else:
                 self._finalize_if_covered(state)
 
     def _gaps(self, stream: Stream, message: pb.RequestGaps) -> None:
-        require_request_id("gaps", message.request_id)
+        request_id_ok(message.request_id, "gaps.request_id", self.limits)
+        check_gaps(message.request_id, message.gaps, "gaps.gaps", self.limits)
         with self.lock:
             state = self._state(message.request_id, stream, self.clock())
             if state is None:
                 return
-            state.producer_gaps.extend(message.gaps)
+            self._add_gaps(state, message.gaps)
             self._finalize_if_covered(state)
 
+    def _add_gaps(self, state: RequestState, gaps) -> None:
+        """Declared gaps, merged with the request's earlier ones; more distinct ranges than the bound is an error
+        (a producer declares ranges, not positions)."""
+        if not gaps:
+            return
+        merged = merge_gaps([*state.producer_gaps, *gaps])
+        if len(merged) > self.limits.max_gaps_per_request:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request {shown(state.request_id)}: {len(merged)} distinct gap ranges, more than "
+                f"limits.max_gaps_per_request ({self.limits.max_gaps_per_request})",
+            )
+        state.producer_gaps = merged
+
     def close_stream(self, stream: Stream | None, error: str | None = None) -> None:
-        """A producer stream ended; its open requests stay open (the producer may reconnect and go on)."""
+        """A producer stream ended; its open requests stay open (the producer may reconnect and go on). SAEs
+        only its manifest ever named are retired."""
         if stream is not None:
+            retired = self.registry.release(stream.slots.values())
+            if retired:
+                self.counters["saes_retired"] += retired
             log.info(
-                "producer %s stream closed%s: %d batches, %d postings",
+                "producer %r stream closed%s: %d batches, %d postings",
                 stream.manifest.instance_id,
                 f" ({error})" if error else "",
                 stream.batches,
@@ -295,10 +335,19 @@ class SidecarCore:
 
     # --- finalisation ---------------------------------------------------------------------------------
 
-    def _finalize(self, state: RequestState, finish: pb.RequestFinish | None) -> pb.Report:
+    def finalize(
+        self, state: RequestState, finish: pb.RequestFinish | None, ended: int = pb.GAP_REASON_STREAM_ENDED
+    ) -> pb.Report:
+        """Make the request's report final. Never raises for a bad request: a report that cannot be built
+        becomes one that claims nothing and says why (the request is reported either way)."""
         started = time.perf_counter_ns()
-        state.ensure_plan(self._plan_for, self.circuits.version)
-        report = self.reports.build(state, finish, self.circuits, self.clock())
+        try:
+            state.ensure_plan(self._plan_for, self.circuits.version)
+            report = self.reports.build(state, finish, self.circuits, self.clock(), ended)
+        except Exception as exc:
+            log.exception("report of %s could not be built; reported as a SIDECAR_ERROR gap", shown(state.request_id))
+            self.counters["report_errors"] += 1
+            report = error_report(state, finish, f"{type(exc).__name__}: {exc}", self.clock())
         self.finals.add(report)  # durable before anyone sees it as final
         record = self.requests.get(state.request_id)
         if record is not None:
@@ -312,6 +361,26 @@ class SidecarCore:
         if record is not None and state.slots:
             self._index_request(state, record, report)
         return report
+
+    def end_least_active(self, count: int, setting: str) -> None:
+        """Finalise the `count` least recently active open requests now: incomplete, with SIDECAR_LIMIT gaps
+        over what had not arrived (under the lock)."""
+        for state in sorted(self._open.values(), key=lambda s: s.last_activity_ns)[:count]:
+            state.notes.append(f"finalised early: the sidecar's open requests were over limits.{setting}")
+            self.counters["requests_ended_by_limits"] += 1
+            self.finalize(state, state.pending_finish, ended=pb.GAP_REASON_SIDECAR_LIMIT)
+        if count:
+            log.warning("open requests over limits.%s: %d finalised early", setting, count)
+
+    def open_states(self) -> list[RequestState]:
+        """The open requests (under the lock)."""
+        return list(self._open.values())
+
+    def open_state(self, request_id: str) -> RequestState | None:
+        return self._open.get(request_id)
+
+    def is_open(self, request_id: str) -> bool:
+        return request_id in self._open
 
     def _index_request(self, state: RequestState, record: RequestRecord, report: pb.Report) -> None:
         """Number the final request in the request-level index; its feature sets are computed later, off the
@@ -331,51 +400,19 @@ class SidecarCore:
             [f.circuit for f in report.flags],
         )
 
-    # --- maintenance ----------------------------------------------------------------------------------
+    # --- maintenance (maintenance.py) ------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Periodic: evict the index, finalise requests idle past the timeout, forget evicted request ids."""
-        now = self.clock()
-        self.index.seal_due(now)
-        self.index.evict(now)
-        timeout_ns = int(self.config.request_timeout_s * 1e9)
-        with self.lock:
-            for state in [
-                s for s in self._open.values() if s.pending_finish is not None and now >= s.finish_deadline_ns
-            ]:
-                log.warning(
-                    "request %s: codes announced by its finish did not all arrive; finalised incomplete",
-                    state.request_id,
-                )
-                self._finalize(state, state.pending_finish)
-            for state in [s for s in self._open.values() if now - s.last_activity_ns > timeout_ns]:
-                log.warning(
-                    "request %s saw no finish within %.0fs: finalised incomplete", state.request_id, timeout_ns / 1e9
-                )
-                self._finalize(state, None)
-            oldest = self.index.oldest_time
-            horizon = now - self.index.window_ns if oldest is None else min(oldest, now - self.index.window_ns)
-            self.requests.forget_before(horizon)
-        self.maintain_request_index(now)
+        self.maintenance.tick()
 
     def maintain_request_index(self, now: int | None = None) -> None:
-        """Reduce and seal finished requests into the request-level index (outside the lock), then evict."""
-        self.request_index.seal(self.lock)
-        with self.lock:
-            early = self.request_index.evict(self.clock() if now is None else now)
-            if early:
-                self.counters["requests_evicted_for_budget"] += early
-                log.warning(
-                    "request index over index.request_index_budget_mb: %d requests left contrast queries before the "
-                    "end of the window",
-                    early,
-                )
+        self.maintenance.maintain_request_index(now)
 
     def shutdown(self) -> None:
         """Finalise every open request as incomplete (the stream ended) so nothing is left unreported."""
         with self.lock:
             for state in list(self._open.values()):
-                self._finalize(state, state.pending_finish)
+                self.finalize(state, state.pending_finish)  # never raises: a bad one gets an error report
 
     # --- reads ----------------------------------------------------------------------------------------
 
@@ -387,8 +424,7 @@ class SidecarCore:
         return self.finals.resolve(request_id, is_open)
 
     def get_report(self, request_id: str, wait_ms: int) -> pb.Report:
-        if not request_id:
-            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        request_id_ok(request_id, "request_id", self.limits)
         request_id = one_request(request_id, self.resolve(request_id))
         wait_ms = min(wait_ms, self.config.max_report_wait_ms)
         with self.lock:
@@ -425,125 +461,59 @@ class SidecarCore:
         return self.finals.list(request)
 
     def query_requests(self, request: pb.QueryRequestsRequest) -> pb.QueryRequestsResponse:
+        check_enum(request.scope, pb.Scope, "scope")
         return self.queries.query_requests(request, self.circuits)
 
     def contrast(self, request: pb.ContrastRequest) -> pb.ContrastResponse:
-        """Which features separate the positive requests from the negative ones (see identify.py)."""
-        started = time.perf_counter()
-        request = self._with_keys(request)
-        scope = request.scope or pb.SCOPE_BOTH
-        selectors = {"positives": request.positives, "negatives": request.negatives}
-        if request.HasField("truth"):
-            selectors["truth.requests"] = request.truth.requests
-        matching_seqs = {
-            name: self.queries.expression_seqs(name, selector.expression, scope, request.window)
-            for name, selector in selectors.items()
-            if selector.HasField("expression")
-        }
-        self.request_index.reduce(self.lock)  # requests final before this query are all counted
-        with self.lock:
-            view = self.request_index.view()
-            why_not = {
-                rid: self._not_indexed_reason(rid)
-                for selector in selectors.values()
-                for rid in selector.request_ids
-                if rid not in view.ridx_by_id
-            }
-            expressions = {name: self._request_index_numbers(seqs) for name, seqs in matching_seqs.items()}
-            loaded = frozenset(self.circuits.names)
-        response = contrast(request, view, self.registry, Resolved(why_not, expressions, loaded), self.clock())
-        response.elapsed_ms = (time.perf_counter() - started) * 1e3
-        self.counters["contrasts"] += 1
-        return response
-
-    def _with_keys(self, request: pb.ContrastRequest) -> pb.ContrastRequest:
-        """The contrast with every selector id that is the response id of exactly one request replaced by that
-        request's key (ids naming several stay, and are reported unresolved)."""
-        selectors = [request.positives, request.negatives, request.truth.requests]
-        if not any(s.request_ids for s in selectors):
-            return request
-        copy = pb.ContrastRequest()
-        copy.CopyFrom(request)
-        for selector in (copy.positives, copy.negatives, copy.truth.requests):
-            ids = list(selector.request_ids)
-            if ids:
-                resolved = [(keys[0] if len(keys := self.resolve(i)) == 1 else i) for i in ids]
-                del selector.request_ids[:]
-                selector.request_ids.extend(resolved)
-        return copy
-
-    def _request_index_numbers(self, seqs: np.ndarray) -> np.ndarray:
-        """Sorted request-index numbers (ridx) of the requests with these sequence numbers, where indexed."""
-        found = [r.ridx for s in seqs.tolist() if (r := self.requests.by_seq.get(s)) and r.ridx is not None]
-        return np.unique(np.array(found, np.int64))
-
-    def _not_indexed_reason(self, request_id: str) -> str:
-        """Why a request id named in a contrast is not in the request-level index."""
-        if request_id in self._open:
-            return "not finished yet"
-        record = self.requests.get(request_id)
-        if record is not None:
-            if record.ridx is not None:
-                return "evicted from the request index (older than the window, or over index.request_index_budget_mb)"
-            return "has no codes"
-        if self.finals.get(request_id) is not None:
-            return "its codes have left the index window"
-        named = len(self.finals.resolve(request_id, is_open=False))
-        if named > 1:
-            return f"the response id of {named} requests: name one by its request id"
-        return "unknown to this sidecar"
+        """Which features separate the positive requests from the negative ones (review.py, identify.py)."""
+        return self.review.contrast(request)
 
     def label(self, request: pb.LabelRequest) -> pb.LabelResponse:
-        """Attach or remove labels after the fact; the change is audited in the evidence store."""
-        check_label_request(request)
-        response = pb.LabelResponse()
-        audit = []
-        now = self.clock()
-        resolved = {request_id: self.resolve(request_id) for request_id in dict.fromkeys(request.request_ids)}
-        with self.lock:
-            for asked, keys in resolved.items():
-                if len(keys) > 1:
-                    response.unresolved.add(
-                        request_id=asked, reason=f"the response id of {len(keys)} requests: name one by its request id"
-                    )
-                    continue
-                request_id = keys[0] if keys else asked
-                state = self._open.get(request_id)
-                record = self.requests.get(request_id)
-                if state is None and record is None and self.finals.get(request_id) is None:
-                    response.unresolved.add(request_id=request_id, reason="unknown to this sidecar")
-                    continue
-                if state is not None:  # its report, when final, carries the labels
-                    state.labels = relabel(state.labels, request.add, request.remove)
-                if record is not None:
-                    record.labels = tuple(relabel(record.labels, request.add, request.remove))
-                    if record.ridx is not None:
-                        self.request_index.relabel(record.ridx, list(request.add), list(request.remove))
-                for operation, labels in (("add", request.add), ("remove", request.remove)):
-                    audit += [(request_id, now, operation, label, request.author, request.note) for label in labels]
-                response.updated += 1
-        self.store.add_feedback(audit)
-        return response
+        """Attach or remove labels after the fact, audited (review.py)."""
+        return self.review.label(request)
 
     def get_codes(self, request_id: str) -> pb.GetCodesResponse:
+        request_id_ok(request_id, "request_id", self.limits)
         return self.queries.get_codes(one_request(request_id, self.resolve(request_id)))
 
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
+        check_enum(request.scope, pb.Scope, "scope")
         return self.queries.feature_stats(request)
 
     # --- circuits -------------------------------------------------------------------------------------
 
     def reload_circuits(self) -> pb.ReloadCircuitsResponse:
-        try:
-            circuits = load_circuit_files(self.config.circuits, version=self.circuits.version + 1)
-        except ConfigError as exc:
-            log.error("circuit reload refused, keeping %d circuits: %s", len(self.circuits.circuits), exc)
-            self.counters["reload_failures"] += 1
-            return pb.ReloadCircuitsResponse(ok=False, error=str(exc), circuits=self.circuits.names)
-        with self.lock:
-            self.circuits = circuits
+        """Re-read the circuit files (SIGHUP, ReloadCircuits). Never raises: a file that cannot be used leaves
+        the current circuits active and the answer says why. Reloads are serialised, so two at once cannot
+        share a version."""
+        with self._reload_lock:
+            try:
+                circuits = self._load_circuits(version=self.circuits.version + 1)
+            except Exception as exc:  # ConfigError, or anything a broken file provokes: the sidecar stays up
+                error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+                log.error("circuit reload refused, keeping %d circuits: %s", len(self.circuits.circuits), error)
+                self.counters["reload_failures"] += 1
+                return pb.ReloadCircuitsResponse(ok=False, error=error[:2000], circuits=self.circuits.names)
+            with self.lock:
+                self.circuits = circuits
         log.info("circuits reloaded: %s", ", ".join(circuits.names) or "(none)")
         return pb.ReloadCircuitsResponse(ok=True, circuits=circuits.names)
+
+    def _load_circuits(self, version: int) -> CircuitSet:
+        """The configured circuit files, checked against the limits and the SAEs registered so far."""
+        circuits = load_circuit_files(self.config.circuits, version=version)
+        if self.config.circuits and not circuits.circuits and not self.config.allow_empty_circuits:
+            files = ", ".join(str(p) for p in self.config.circuits)
+            if version > 1 and self.circuits.circuits:  # a reload would switch every circuit off
+                raise ConfigError(
+                    f"{files}: no circuit at all: the reload would stop monitoring every circuit "
+                    "(set allow_empty_circuits: true if that is meant)"
+                )
+            log.warning("%s: no circuit at all yet: reports are made, nothing can be flagged", files)
+        for warning in check_circuits(circuits, self.registry, self.limits, self.config.unknown_circuit_terms):
+            log.warning("%s", warning)
+            self.counters["circuit_warnings"] += 1
+        return circuits
 
     def set_circuits(self, circuits: CircuitSet) -> None:
         with self.lock:

@@ -11,3 +11,10 @@ class MonitorError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def check_enum(value: int, enum, field: str) -> None:
+    """A wire enum value this sidecar knows (0, unspecified, takes the default)."""
+    if value not in enum.values():
+        names = ", ".join(enum.keys())
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: unknown value {value} (known: {names})")

@@ -241,7 +241,7 @@ def _limit(value: int, default: int, field: str) -> int:
 
 
 def _gslots(slots, registry: SaeRegistry) -> list[int]:
-    every = list(range(len(registry.identities)))
+    every = registry.live()
     if not slots:
         return every
     chosen = []

@@ -12,9 +12,9 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 
-from .circuits import CircuitSet
+from .circuits import MAX_FEATURE, CircuitSet
 from .errors import MonitorError
-from .expressions import ExpressionError, Term, evaluate, from_proto
+from .expressions import Expr, ExpressionError, Term, evaluate, from_proto, terms_of
 from .index import RollingIndex, TimeWindow
 from .keys import key_positions, key_requests, run_starts
 from .registry import SaeRegistry
@@ -58,10 +58,7 @@ class IndexQueries:
                 raise MonitorError(grpc.StatusCode.NOT_FOUND, f"circuit {request.circuit!r} is not loaded")
             expr, scope, window, min_tokens = circuit.expression, circuit.scope, circuit.window, circuit.min_tokens
         elif what == "expression":
-            try:
-                expr = from_proto(request.expression)
-            except ExpressionError as exc:
-                raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            expr = self.expression(request.expression, "expression")
             scope, window, min_tokens = pb.SCOPE_BOTH, 1, 1
         else:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "give a circuit name or an expression")
@@ -96,12 +93,25 @@ class IndexQueries:
 
     def expression_seqs(self, name: str, expression: pb.Expr, scope: int, window: pb.TimeRange) -> np.ndarray:
         """Sequence numbers of the requests whose codes match an expression anywhere in the window."""
-        try:
-            expr = from_proto(expression)
-        except ExpressionError as exc:
-            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}.expression: {exc}") from None
+        expr = self.expression(expression, f"{name}.expression")
         keys = evaluate(expr, IndexKeys(self.index, self.registry, self.window(window), scope), 1)
         return np.unique(key_requests(keys))
+
+    def expression(self, message: pb.Expr, field: str) -> Expr:
+        """An expression from a caller, every term's feature within the d_sae of the SAEs it names."""
+        try:
+            expr = from_proto(message, field)
+        except ExpressionError as exc:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        for term in terms_of(expr):
+            gslots = self.registry.resolve(term)
+            largest = max((self.registry.identities[g].d_sae for g in gslots), default=MAX_FEATURE + 1)
+            if term.feature >= largest:
+                raise MonitorError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field}: {term.describe()}: feature {term.feature} >= d_sae {largest} of every SAE it names",
+                )
+        return expr
 
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
         gslots = self.registry.resolve(Term(feature=0, slot=request.slot, sae=request.sae or None))

@@ -67,33 +67,92 @@ class SaeIdentity:
 
 
 class SaeRegistry:
-    """Every distinct SAE identity seen on any stream, numbered in registration order (its gslot). Append-only,
-    so a gslot and its term base never change while the sidecar runs."""
+    """Every distinct SAE identity seen on any stream, numbered (its gslot). A gslot and its term range never
+    change once codes have used them. An SAE that only ever appeared in manifests (no stream sent anything for
+    it) is retired when its last stream closes, and its gslot and term range are reused: a producer cannot
+    fill the registry with junk manifests."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_gslots: int = MAX_GSLOTS, max_total_features: int = 1 << 22) -> None:
         self._lock = threading.Lock()
+        self.max_gslots = max_gslots
+        self.max_total_features = max_total_features
         self._by_identity: dict[SaeIdentity, int] = {}
         self.identities: list[SaeIdentity] = []
         self.producer_slot: list[int] = []
         # Dense "term ids" for the request-level index: gslot g's features are term_bases[g] + feature.
         self.term_bases: list[int] = []
         self.num_terms = 0
+        self._capacity: list[int] = []  # size of each gslot's term range
+        self._holders: list[int] = []  # open streams whose manifest names it
+        self._used: list[bool] = []  # some stream sent more than its manifest
+        self._retired: list[bool] = []
 
     def register(self, identity: SaeIdentity, producer_slot: int) -> int:
+        """The gslot of an SAE a stream's manifest names (the stream holds it until release)."""
         with self._lock:
-            if identity not in self._by_identity:
-                if len(self.identities) >= MAX_GSLOTS:
-                    raise ValueError(f"more than {MAX_GSLOTS} distinct SAEs registered")
-                self._by_identity[identity] = len(self.identities)
-                self.identities.append(identity)
-                self.producer_slot.append(producer_slot)
-                self.term_bases.append(self.num_terms)
-                self.num_terms += identity.d_sae
-            return self._by_identity[identity]
+            gslot = self._by_identity.get(identity)
+            if gslot is None:
+                gslot = self._allocate(identity, producer_slot)
+            self._holders[gslot] += 1
+            return gslot
+
+    def _allocate(self, identity: SaeIdentity, producer_slot: int) -> int:
+        fitting = [g for g, retired in enumerate(self._retired) if retired and self._capacity[g] >= identity.d_sae]
+        if fitting:
+            gslot = min(fitting, key=lambda g: self._capacity[g])
+        else:
+            if self.num_terms + identity.d_sae > self.max_total_features:
+                raise ValueError(
+                    f"registering d_sae {identity.d_sae} would take the features of all registered SAEs past "
+                    f"limits.max_total_features ({self.max_total_features})"
+                )
+            reusable = [g for g, retired in enumerate(self._retired) if retired]
+            if reusable:
+                gslot = reusable[0]
+            elif len(self.identities) >= self.max_gslots:
+                raise ValueError(f"more than {self.max_gslots} distinct SAEs registered")
+            else:
+                gslot = len(self.identities)
+                for column, value in ((self.identities, None), (self.producer_slot, 0), (self.term_bases, 0)):
+                    column.append(value)
+                for column, value in ((self._capacity, 0), (self._holders, 0), (self._used, False)):
+                    column.append(value)
+                self._retired.append(False)
+            self.term_bases[gslot] = self.num_terms
+            self._capacity[gslot] = identity.d_sae
+            self.num_terms += identity.d_sae
+        self.identities[gslot] = identity
+        self.producer_slot[gslot] = producer_slot
+        self._retired[gslot] = False
+        self._used[gslot] = False
+        self._by_identity[identity] = gslot
+        return gslot
+
+    def mark_used(self, gslots) -> None:
+        """A stream sent more than its manifest: these SAEs may now be referenced anywhere; never reused."""
+        with self._lock:
+            for gslot in gslots:
+                self._used[gslot] = True
+
+    def release(self, gslots) -> int:
+        """A stream closed; SAEs no open stream names and nothing ever used are retired. Returns how many."""
+        retired = 0
+        with self._lock:
+            for gslot in gslots:
+                self._holders[gslot] -= 1
+                if self._holders[gslot] == 0 and not self._used[gslot]:
+                    del self._by_identity[self.identities[gslot]]
+                    self._retired[gslot] = True
+                    retired += 1
+        return retired
+
+    def live(self) -> list[int]:
+        """Every gslot that is not retired."""
+        return [g for g, retired in enumerate(self._retired) if not retired]
 
     def resolve(self, term: Term, among: list[int] | None = None) -> list[int]:
         """gslots a term refers to, optionally only among some (a request's own slots)."""
-        candidates = range(len(self.identities)) if among is None else among
+        candidates = self.live() if among is None else among
         found = []
         for gslot in candidates:
             identity = self.identities[gslot]

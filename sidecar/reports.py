@@ -15,7 +15,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import Circuit, CircuitSet
 from .registry import SaeRegistry
-from .request_state import RequestState
+from .request_state import CircuitEvaluator, RequestState
 
 OPEN_ENDED = 0xFFFFFFFF  # Gap.end when the request's length is unknown (it never finished)
 ALL_SLOTS = 0xFFFFFFFF  # Gap.slot when a gap covers every slot
@@ -26,14 +26,38 @@ def missing_ranges(total: int, seen: np.ndarray, known: list[tuple[int, int]]) -
     """Half-open ranges of [0, total) neither seen nor already explained by a known gap."""
     covered = np.zeros(total, dtype=bool)
     covered[seen[seen < total]] = True
-    for start, end in known:
-        covered[max(0, start) : min(total, end)] = True
+    if known:  # every known range at once: +1 where it starts, -1 where it ends
+        bounds = np.clip(np.array(known, dtype=np.int64), 0, total)
+        depth = np.zeros(total + 1, np.int64)
+        np.add.at(depth, bounds[:, 0], 1)
+        np.add.at(depth, bounds[:, 1], -1)
+        covered |= np.cumsum(depth[:-1]) > 0
     if covered.all():
         return []
     edges = np.diff(np.concatenate(([1], covered.astype(np.int8), [1])))
     starts = np.flatnonzero(edges == -1)
     ends = np.flatnonzero(edges == 1)
     return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def merge_gaps(gaps) -> list[pb.Gap]:
+    """Gaps with overlapping or adjacent ranges of the same slot and reason merged into one."""
+    by_kind: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for gap in gaps:
+        if gap.end > gap.start:
+            by_kind.setdefault((gap.slot, gap.reason), []).append((gap.start, gap.end))
+    merged = []
+    for (slot, reason), ranges in sorted(by_kind.items()):
+        ranges.sort()
+        start, end = ranges[0]
+        for a, b in ranges[1:]:
+            if a <= end:
+                end = max(end, b)
+            else:
+                merged.append(pb.Gap(slot=slot, start=start, end=end, reason=reason))
+                start, end = a, b
+        merged.append(pb.Gap(slot=slot, start=start, end=end, reason=reason))
+    return merged
 
 
 def _gaps_of_slot(gaps: list[pb.Gap], slot: int) -> list[tuple[int, int]]:
@@ -63,7 +87,7 @@ class _Coverage:
     anywhere: np.ndarray  # positions with codes in some slot
 
 
-def _coverage(state: RequestState, finish: pb.RequestFinish | None) -> _Coverage:
+def _coverage(state: RequestState, finish: pb.RequestFinish | None, ended: int) -> _Coverage:
     if finish is not None and state.slots and state.seen_prefix() >= finish.num_positions:
         # every announced position has codes in every slot: nothing is missing, nothing to look up
         total = finish.num_positions
@@ -79,8 +103,8 @@ def _coverage(state: RequestState, finish: pb.RequestFinish | None) -> _Coverage
         total = max((int(p[-1]) + 1 for p in seen.values() if len(p)), default=0)
         num_prompt = state.first_generated_position(default=total)
         gaps = [*state.producer_gaps]
-        gaps += [pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=pb.GAP_REASON_STREAM_ENDED) for s in state.slots]
-        missing_reason = pb.GAP_REASON_STREAM_ENDED
+        gaps += [pb.Gap(slot=s, start=total, end=OPEN_ENDED, reason=ended) for s in state.slots]
+        missing_reason = ended
     gaps = [g for g in gaps if g.end > g.start]  # an empty range says nothing: never report it
     if not state.slots and total:
         # no codes ever arrived: no SAE is known for this request, so the gap covers every slot
@@ -104,15 +128,23 @@ class ReportBuilder:
         self.registry = registry
         self.max_evidence_tokens = max_evidence_tokens
 
-    def build(self, state: RequestState, finish: pb.RequestFinish | None, circuits: CircuitSet, now: int) -> pb.Report:
-        """The final report (the state's term plan must be current: the core ensures it)."""
-        coverage = _coverage(state, finish)
+    def build(
+        self,
+        state: RequestState,
+        finish: pb.RequestFinish | None,
+        circuits: CircuitSet,
+        now: int,
+        ended: int = pb.GAP_REASON_STREAM_ENDED,
+    ) -> pb.Report:
+        """The final report (the state's term plan must be current: the core ensures it). Without a finish, what
+        did not arrive is a gap of reason `ended`."""
+        coverage = _coverage(state, finish, ended)
         gslot_to_slot = {g: s for s, g in state.slots.items()}
         evaluator = state.evaluator(coverage.num_prompt, coverage.anywhere)
         flags = [
             flag
             for circuit in circuits.circuits
-            if (flag := self._flag(state, circuit, evaluator.matches(circuit), coverage, gslot_to_slot)) is not None
+            if (flag := self._flag(evaluator, circuit, evaluator.matches(circuit), coverage, gslot_to_slot)) is not None
         ]
         total = coverage.total
         complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)
@@ -142,7 +174,7 @@ class ReportBuilder:
 
     def _flag(
         self,
-        state: RequestState,
+        evaluator: CircuitEvaluator,
         circuit: Circuit,
         positions: np.ndarray,
         coverage: _Coverage,
@@ -158,12 +190,12 @@ class ReportBuilder:
             matching_tokens=len(positions),
         )
         evidence = positions[: self.max_evidence_tokens]
-        flag.evidence.extend(self._evidence(state, circuit, evidence, coverage.num_prompt, gslot_to_slot))
+        flag.evidence.extend(self._evidence(evaluator, circuit, evidence, coverage.num_prompt, gslot_to_slot))
         return flag
 
     def _evidence(
         self,
-        state: RequestState,
+        evaluator: CircuitEvaluator,
         circuit: Circuit,
         matched: np.ndarray,
         num_prompt: int,
@@ -172,25 +204,47 @@ class ReportBuilder:
         """The circuit's feature hits inside each matched position's window, grouped by the token they hit."""
         by_position: dict[int, list[pb.FeatureHit]] = {}
         for term in circuit.terms:
-            for gslot in self.registry.resolve(term, among=sorted(gslot_to_slot)):
-                positions, acts = state.term_hits_in(gslot, term)
-                if not len(positions):
-                    continue
-                after = np.searchsorted(matched, positions, side="left")
-                inside = after < len(matched)
-                inside[inside] &= matched[after[inside]] - circuit.window + 1 <= positions[inside]
-                for position, act in zip(positions[inside].tolist(), acts[inside].tolist(), strict=True):
-                    by_position.setdefault(position, []).append(
-                        pb.FeatureHit(slot=gslot_to_slot[gslot], feature=term.feature, activation=act)
-                    )
+            gslots, positions, acts = evaluator.term_hits(term)
+            if not len(positions):
+                continue
+            after = np.searchsorted(matched, positions, side="left")
+            inside = after < len(matched)
+            inside[inside] &= matched[after[inside]] - circuit.window + 1 <= positions[inside]
+            for gslot, position, act in zip(
+                gslots[inside].tolist(), positions[inside].tolist(), acts[inside].tolist(), strict=True
+            ):
+                by_position.setdefault(position, []).append(
+                    pb.FeatureHit(slot=gslot_to_slot[gslot], feature=term.feature, activation=act)
+                )
         ordered = sorted(by_position)
-        token_ids = state.token_ids_at(np.asarray(ordered, dtype=np.int64)) if ordered else []
+        token_ids = evaluator.token_ids_at(np.asarray(ordered, dtype=np.int64)).tolist() if ordered else []
         return [
             pb.EvidenceToken(
                 position=p,
-                token_id=int(t),
+                token_id=t,
                 phase=pb.PHASE_PROMPT if p < num_prompt else pb.PHASE_GENERATED,
                 hits=by_position[p],
             )
             for p, t in zip(ordered, token_ids, strict=True)
         ]
+
+
+def error_report(state: RequestState, finish: pb.RequestFinish | None, error: str, now: int) -> pb.Report:
+    """The report of a request whose report could not be built: it claims nothing (every position of every
+    slot is a SIDECAR_ERROR gap) and says why, so the request is still reported, never left open."""
+    total = finish.num_positions if finish is not None else 0
+    return pb.Report(
+        request_id=state.request_id,
+        response_id=state.response_id,
+        status=pb.REPORT_STATUS_INCOMPLETE,
+        model=state.model,
+        coverage=pb.Coverage(
+            positions_total=total,
+            gaps=[pb.Gap(slot=ALL_SLOTS, start=0, end=OPEN_ENDED, reason=pb.GAP_REASON_SIDECAR_ERROR)],
+        ),
+        labels=state.labels,
+        trace=state.trace,
+        arrival_unix_nanos=state.arrival_ns,
+        finalized_unix_nanos=now,
+        notes=[*state.notes, f"the sidecar could not build this report: {error}"[:500]],
+    )

@@ -15,7 +15,7 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import Circuit, CircuitSet
-from .expressions import Term, evaluate, evaluate_dense
+from .expressions import All, AnyOf, Term, evaluate, evaluate_dense
 from .keys import KEY_DTYPE, key_positions, token_keys
 from .registry import SaeRegistry
 from .request_sets import SlotCodes
@@ -61,23 +61,25 @@ class TermPlan:
     Shared by every request with those slots (the core caches them)."""
 
     version: int
-    terms: dict[int, dict[int, tuple[Term, ...]]]  # gslot -> feature -> terms on it
+    terms: dict[int, dict[int, tuple[tuple[int, float], ...]]]  # gslot -> feature -> (term id, min activation)
     wanted: dict[int, np.ndarray]  # gslot -> bool [d_sae]: is the feature in some term
+    term_ids: dict[Term, int]  # every term of the circuit set, numbered
 
     @classmethod
     def build(cls, circuits: CircuitSet, registry: SaeRegistry, gslots: list[int]) -> TermPlan:
-        terms: dict[int, dict[int, dict[Term, None]]] = {g: {} for g in gslots}
-        for term in dict.fromkeys(t for circuit in circuits.circuits for t in circuit.terms):
+        term_ids = {t: i for i, t in enumerate(dict.fromkeys(t for c in circuits.circuits for t in c.terms))}
+        terms: dict[int, dict[int, dict[tuple[int, float], None]]] = {g: {} for g in gslots}
+        for term, term_id in term_ids.items():
             for gslot in registry.resolve(term, among=gslots):
                 if term.feature < registry.identities[gslot].d_sae:
-                    terms[gslot].setdefault(term.feature, {})[term] = None
+                    terms[gslot].setdefault(term.feature, {})[(term_id, term.min_activation)] = None
         wanted = {}
         for gslot, by_feature in terms.items():
             mask = np.zeros(registry.identities[gslot].d_sae, bool)
             mask[list(by_feature)] = True
             wanted[gslot] = mask
         frozen = {g: {f: tuple(ts) for f, ts in by_feature.items()} for g, by_feature in terms.items()}
-        return cls(circuits.version, frozen, wanted)
+        return cls(circuits.version, frozen, wanted, term_ids)
 
 
 class RequestState:
@@ -103,7 +105,9 @@ class RequestState:
         self._seen: dict[int, np.ndarray] | None = None
         self._prefix: dict[int, int] = {}  # gslot -> every position below it has codes (in-order arrival)
         self.plan: TermPlan | None = None
-        self.hits: dict[Term, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}  # (gslot, pos, uid, act)
+        # term hits, one entry per slice with any: (term ids, gslot, positions, uids, activations), and the ids
+        self.hits: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.hit_terms: set[int] = set()
         self.postings = 0
         self.nbytes = 0  # what its codes and position map hold (the open-request memory budget counts it)
         self._first_generated: int | None = None
@@ -171,7 +175,7 @@ class RequestState:
         if self.plan is not None and self.plan.version == version:
             return
         self.plan = plan_for(sorted(set(self.slots.values())))
-        self.hits = {}
+        self.hits, self.hit_terms = [], set()
         for gslot, chunks in self.chunks.items():
             for chunk in chunks:
                 self._match_terms(gslot, chunk, None)
@@ -188,15 +192,21 @@ class RequestState:
             return
         features = chunk.features[at]
         acts = chunk.acts[at].astype(np.float32)
-        rows = np.searchsorted(chunk.offsets, at, side="right") - 1
+        ids, picked = [], []
         for feature in np.unique(features).tolist():
-            on_feature = features == feature
-            for term in by_feature[feature]:
-                select = on_feature & (acts >= term.min_activation) if term.min_activation > 0 else on_feature
-                if select.any():
-                    hit_rows = rows[select]
-                    hit = (gslot, chunk.positions[hit_rows], chunk.uids[hit_rows], acts[select])
-                    self.hits.setdefault(term, []).append(hit)
+            on_feature = np.flatnonzero(features == feature)
+            for term_id, minimum in by_feature[feature]:
+                select = on_feature[acts[on_feature] >= minimum] if minimum > 0 else on_feature
+                if len(select):
+                    ids.append(np.full(len(select), term_id, np.int64))
+                    picked.append(select)
+        if not picked:
+            return
+        picked_at = np.concatenate(picked)
+        rows = np.searchsorted(chunk.offsets, at[picked_at], side="right") - 1
+        term_ids = np.concatenate(ids)
+        self.hits.append((term_ids, gslot, chunk.positions[rows], chunk.uids[rows], acts[picked_at]))
+        self.hit_terms.update(np.unique(term_ids).tolist())
 
     # --- reading, at finish ---------------------------------------------------------------------------
 
@@ -205,27 +215,6 @@ class RequestState:
 
     def _superseded_array(self) -> np.ndarray:
         return np.fromiter(self.superseded, np.int64, len(self.superseded))
-
-    def term_hits_in(self, gslot: int, term: Term) -> tuple[np.ndarray, np.ndarray]:
-        """(positions, activations) where a term fired in one slot, superseded rows left out."""
-        found = [h for h in self.hits.get(term, ()) if h[0] == gslot]
-        return self._without_superseded(found)
-
-    def term_positions(self, term: Term) -> np.ndarray:
-        """Positions where a term fired in any of the request's slots (superseded rows left out; repeats)."""
-        return self._without_superseded(self.hits.get(term, []))[0]
-
-    def _without_superseded(self, found: list) -> tuple[np.ndarray, np.ndarray]:
-        if not found:
-            return _NONE, np.empty(0, np.float32)
-        if len(found) == 1:
-            _, positions, uids, acts = found[0]
-        else:
-            positions, uids, acts = (np.concatenate([h[i] for h in found]) for i in (1, 2, 3))
-        if self.superseded:
-            keep = ~np.isin(uids, self._superseded_array())
-            positions, acts = positions[keep], acts[keep]
-        return positions, acts
 
     def latest_codes(self) -> dict[int, SlotCodes]:
         """Per gslot, every row's codes with superseded rows (re-encoded positions) left out."""
@@ -262,17 +251,15 @@ class RequestState:
             }
         return self._seen
 
-    def token_ids_at(self, positions: np.ndarray) -> np.ndarray:
-        """Token id at each position (0 where no slot has a row for it)."""
+    def token_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions sorted, their token ids) over every slot's rows."""
         chunks = [c for cs in self.chunks.values() for c in cs]
-        if not chunks or not len(positions):
-            return np.zeros(len(positions), np.int64)
-        all_positions = np.concatenate([c.positions for c in chunks])
-        all_tokens = np.concatenate([c.tokens for c in chunks])
-        order = np.argsort(all_positions, kind="stable")
-        all_positions, all_tokens = all_positions[order], all_tokens[order]
-        found = np.minimum(np.searchsorted(all_positions, positions), len(all_positions) - 1)
-        return np.where(all_positions[found] == positions, all_tokens[found], 0).astype(np.int64)
+        if not chunks:
+            return _NONE, _NONE
+        positions = np.concatenate([c.positions for c in chunks])
+        tokens = np.concatenate([c.tokens for c in chunks])
+        order = np.argsort(positions, kind="stable")
+        return positions[order], tokens[order].astype(np.int64)
 
     def evaluator(self, num_prompt_tokens: int, seen: np.ndarray) -> CircuitEvaluator:
         """Evaluates circuits over this request's tokens, sharing each term's positions across circuits."""
@@ -280,32 +267,87 @@ class RequestState:
 
 
 class CircuitEvaluator:
-    """Positions where circuits match in one request. Terms are looked up once for all circuits; a circuit
-    without `not` whose terms never fired is skipped without evaluating it."""
+    """Positions where circuits match in one request. Every hit of every term is gathered once, into one
+    [terms, positions] mask when the request is short enough, so each circuit costs a few operations on its
+    terms' rows; a circuit without `not` whose terms never fired is skipped without evaluating it."""
 
     def __init__(self, state: RequestState, num_prompt_tokens: int, seen: np.ndarray) -> None:
         self.state, self.num_prompt, self.seen = state, num_prompt_tokens, seen
         self.size = int(seen[-1]) + 1 if len(seen) else 0
-        self._positions: dict[Term, np.ndarray] = {}
         self._masks: dict[tuple, np.ndarray] = {}
+        self._tokens: tuple[np.ndarray, np.ndarray] | None = None
+        self._gather()
+
+    def _gather(self) -> None:
+        """Every hit in flat arrays ordered by term (superseded rows left out), and one mask row per term."""
+        plan, hits = self.state.plan, self.state.hits
+        self._term_ids = plan.term_ids if plan is not None else {}
+        if not hits:
+            self._row = {}
+            self._bounds = np.zeros(1, np.int64)
+            self._gslots = self._positions = _NONE
+            self._acts = np.empty(0, np.float32)
+            self._matrix = np.zeros((0, self.size), bool)
+            return
+        lengths = [len(h[0]) for h in hits]
+        owner = np.concatenate([h[0] for h in hits])
+        gslots = np.repeat(np.array([h[1] for h in hits], np.int64), lengths)
+        positions, uids, acts = (np.concatenate([h[k] for h in hits]) for k in (2, 3, 4))
+        if self.state.superseded:
+            keep = ~np.isin(uids, self.state._superseded_array())
+            owner, gslots, positions, acts = owner[keep], gslots[keep], positions[keep], acts[keep]
+        order = np.argsort(owner, kind="stable")
+        owner, self._gslots, self._positions, self._acts = owner[order], gslots[order], positions[order], acts[order]
+        present = np.unique(owner)
+        self._row = dict(zip(present.tolist(), range(len(present)), strict=True))  # term id -> row
+        rows = np.searchsorted(present, owner)
+        self._bounds = np.searchsorted(rows, np.arange(len(present) + 1))
+        self._matrix = np.zeros((len(present), self.size if self.size <= DENSE_POSITIONS else 0), bool)
+        if self._matrix.shape[1]:
+            inside = self._positions < self.size
+            self._matrix[rows[inside], self._positions[inside]] = True
+
+    def _row_of(self, term: Term) -> int | None:
+        term_id = self._term_ids.get(term)
+        return None if term_id is None else self._row.get(term_id)
+
+    def term_hits(self, term: Term) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gslots, positions, activations) of a term's hits."""
+        row = self._row_of(term)
+        if row is None:
+            return _NONE, _NONE, np.empty(0, np.float32)
+        a, b = self._bounds[row], self._bounds[row + 1]
+        return self._gslots[a:b], self._positions[a:b], self._acts[a:b]
+
+    def token_ids_at(self, positions: np.ndarray) -> np.ndarray:
+        """Token id at each position (0 where no slot has a row for it)."""
+        if self._tokens is None:
+            self._tokens = self.state.token_table()
+        known, tokens = self._tokens
+        if not len(known) or not len(positions):
+            return np.zeros(len(positions), np.int64)
+        found = np.minimum(np.searchsorted(known, positions), len(known) - 1)
+        return np.where(known[found] == positions, tokens[found], 0)
 
     def matches(self, circuit: Circuit) -> np.ndarray:
         """Sorted positions where the circuit matches (scope applied)."""
-        if circuit.monotone and not any(t in self.state.hits for t in circuit.terms):
+        if circuit.monotone and not any(self._row_of(t) is not None for t in circuit.terms):
             return _NONE
         if self.size <= DENSE_POSITIONS:
-            universe = self._universe_mask(circuit.scope)
-            mask = evaluate_dense(
-                circuit.expression, lambda t: self._term_mask(t, circuit.scope), universe, circuit.window
-            )
+            expr, scope = circuit.expression, circuit.scope
+            if circuit.window == 1 and isinstance(expr, Term):  # the common shapes, without the general walk
+                return np.flatnonzero(self._term_mask(expr, scope))
+            if circuit.window == 1 and isinstance(expr, All | AnyOf) and all(isinstance(i, Term) for i in expr.items):
+                combine = np.logical_and if isinstance(expr, All) else np.logical_or
+                return np.flatnonzero(combine.reduce([self._term_mask(t, scope) for t in expr.items]))
+            universe = self._universe_mask(scope)
+            mask = evaluate_dense(expr, lambda t: self._term_mask(t, scope), universe, circuit.window)
             return np.flatnonzero(mask)
         source = _RequestKeys(self, circuit.scope)
         return key_positions(evaluate(circuit.expression, source, circuit.window))
 
     def term_positions(self, term: Term) -> np.ndarray:
-        if term not in self._positions:
-            self._positions[term] = np.unique(self.state.term_positions(term))
-        return self._positions[term]
+        return np.unique(self.term_hits(term)[1])
 
     def scoped(self, positions: np.ndarray, scope: int) -> np.ndarray:
         if scope == pb.SCOPE_PROMPT:
@@ -323,12 +365,14 @@ class CircuitEvaluator:
         return self._masks[key]
 
     def _term_mask(self, term: Term, scope: int) -> np.ndarray:
+        row = self._row_of(term)
+        if row is None:  # never fired
+            return np.zeros(self.size, bool)
+        if scope == pb.SCOPE_BOTH or scope == pb.SCOPE_UNSPECIFIED:
+            return self._matrix[row]
         key = (term, scope)
         if key not in self._masks:
-            mask = np.zeros(self.size, bool)
-            positions = self.scoped(self.term_positions(term), scope)
-            mask[positions[positions < self.size]] = True
-            self._masks[key] = mask
+            self._masks[key] = self._matrix[row] & self._universe_mask(scope)
         return self._masks[key]
 
 

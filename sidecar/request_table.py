@@ -15,6 +15,7 @@ import grpc
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
+from .config import LimitsConfig
 from .errors import MonitorError
 from .index import TimeWindow
 
@@ -98,22 +99,42 @@ def relabel(labels: Iterable[str], add: Iterable[str], remove: Iterable[str]) ->
     return kept + [label for label in add if label not in kept]
 
 
-def check_label_request(request: pb.LabelRequest) -> None:
-    """A Label call names requests and at least one change, no empty label, nothing both added and removed."""
+def check_label_request(request: pb.LabelRequest, limits: LimitsConfig) -> None:
+    """A Label call names requests and at least one change, each label non-empty, printable and bounded,
+    nothing both added and removed, and stays within the call bounds."""
     if not request.request_ids:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "request_ids: at least one request id is required")
+    if len(request.request_ids) > limits.max_label_ids:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request_ids: {len(request.request_ids)}, more than limits.max_label_ids ({limits.max_label_ids})",
+        )
     if not request.add and not request.remove:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "add / remove: give at least one label")
+    if len(request.add) + len(request.remove) > limits.max_labels_per_call:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"add / remove: more than limits.max_labels_per_call ({limits.max_labels_per_call}) labels",
+        )
     for field_name in ("add", "remove"):
         for i, label in enumerate(getattr(request, field_name)):
             if not label.strip():
                 raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}[{i}]: empty label")
+            if len(label) > limits.max_label_chars or not label.isprintable():
+                raise MonitorError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field_name}[{i}]: a label is printable text of at most limits.max_label_chars "
+                    f"({limits.max_label_chars}) characters",
+                )
             if label.startswith(CLIENT_LABEL_PREFIX):
                 raise MonitorError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{field_name}[{i}]: {label[:64]!r}: labels starting with {CLIENT_LABEL_PREFIX!r} are the API "
                     "client's own (set at admission); a reviewer's label never uses that namespace",
                 )
+    for field_name, limit in (("author", 256), ("note", limits.max_note_chars)):
+        if len(getattr(request, field_name)) > limit:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field_name}: more than {limit} characters")
     clash = set(request.add) & set(request.remove)
     if clash:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"labels {sorted(clash)} are both added and removed")

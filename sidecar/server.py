@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
 from .auth import RoleInterceptor
-from .config import SidecarConfig
+from .config import ConfigError, SidecarConfig
 from .core import SidecarCore
 from .service import MonitorServicer
 from .store import EvidenceStore
@@ -25,8 +27,8 @@ from .telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Monitor"].full_name
-HARD_MESSAGE_LIMIT = 256 * 1024 * 1024  # above config.max_message_bytes, so oversize gets our clearer error
 TICK_S = 0.5
+STOP_TIMEOUT_S = 10.0  # past the grace, stop() goes on without waiting for stuck calls
 
 
 @dataclass
@@ -46,7 +48,8 @@ class RunningSidecar:
             return
         self.stopping.set()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
+        if not self.server.stop(grace_s).wait(STOP_TIMEOUT_S):
+            log.warning("gRPC calls still running %.0fs after the stop; finalising without them", STOP_TIMEOUT_S)
         self._ticker.join(timeout=2)
         self.core.shutdown()
         self.telemetry.shutdown()  # after the drain: spans of the reports finalised just now are flushed
@@ -55,34 +58,36 @@ class RunningSidecar:
 
 
 def start(config: SidecarConfig) -> RunningSidecar:
+    """Everything a configuration can get wrong (token files, TLS files, circuit files) fails here, before
+    anything starts, with a ConfigError naming the file and the reason."""
+    tokens = config.role_tokens()
+    credentials = _server_credentials(config)
     store = EvidenceStore(config.evidence_dir, config.evidence_synchronous)
-    core = SidecarCore(config, store)
+    try:
+        core = SidecarCore(config, store)
+    except BaseException:
+        store.close()
+        raise
     host = config.listen.rpartition(":")[0]
-    telemetry = Telemetry.start(config.telemetry, host)
+    telemetry = Telemetry.start(config.telemetry)
     core.instruments = telemetry.instruments(core.producer_stats)
     core.watchers.listeners.append(telemetry.report_finished)
     stopping = threading.Event()
-    tokens = config.role_tokens()
     interceptors = [RoleInterceptor(tokens)] if tokens else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="circuitwatch-rpc"),
+        futures.ThreadPoolExecutor(max_workers=config.thread_count, thread_name_prefix="circuitwatch-rpc"),
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", HARD_MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", HARD_MESSAGE_LIMIT),
+            # refused by gRPC before the message is read into memory
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", max(config.max_message_bytes, 64 * 1024 * 1024)),
         ],
     )
-    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(core, stopping), server)
+    pb_grpc.add_MonitorServicer_to_server(MonitorServicer(core, stopping, config.limits), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if config.tls is not None:
-        tls = config.tls
-        credentials = grpc.ssl_server_credentials(
-            [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
-            root_certificates=tls.client_ca_file.read_bytes() if tls.client_ca_file else None,
-            require_client_auth=tls.client_ca_file is not None,
-        )
+    if credentials is not None:
         port = server.add_secure_port(config.listen, credentials)
     else:
         port = server.add_insecure_port(config.listen)
@@ -113,13 +118,40 @@ def start(config: SidecarConfig) -> RunningSidecar:
     return RunningSidecar(server, core, store, telemetry, port, health_servicer, stopping, ticker)
 
 
+def _server_credentials(config: SidecarConfig) -> grpc.ServerCredentials | None:
+    if config.tls is None:
+        return None
+    tls = config.tls
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file, "tls.key_file"), _read(tls.cert_file, "tls.cert_file"))],
+        root_certificates=_read(tls.client_ca_file, "tls.client_ca_file") if tls.client_ca_file else None,
+        require_client_auth=tls.client_ca_file is not None,
+    )
+
+
+def _read(path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {field}: cannot read ({exc.strerror})") from None
+
+
 def serve(config: SidecarConfig) -> None:
-    """Run until SIGTERM/SIGINT; SIGHUP reloads the circuit files."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the circuit files (a bad file never stops the sidecar)."""
     running = start(config)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    signal.signal(signal.SIGHUP, lambda *_: running.core.reload_circuits())
+    # The handlers only record the signal: a handler that took a lock (Event.set) could deadlock against the
+    # main thread holding the same lock when the signal arrives.
+    stop_requests: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: stop_requests.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _: stop_requests.append(signum))
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=running.core.reload_circuits, daemon=True).start())
     print(f"circuitwatch sidecar listening on port {running.port}", flush=True)
-    done.wait()
+    while not stop_requests:
+        time.sleep(0.2)
+    log.info("%s: draining", signal.Signals(stop_requests[0]).name)
     running.stop()
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if stuck:  # e.g. a gRPC thread wedged by a broken stream: everything is durable, do not wait for it
+        log.warning("%d threads still running after the drain (%s); exiting anyway", len(stuck), stuck[0].name)
+        logging.shutdown()
+        os._exit(0)

@@ -1,10 +1,17 @@
 """The gRPC servicer of the `Monitor` service: a thin shell mapping SidecarCore calls and errors onto RPCs and
-status codes."""
+status codes, and bounding how many long-lived calls of each kind may run at once.
+
+Ingest streams, watches and waiting GetReport calls hold a server thread for as long as they last; each kind
+has its own bound (limits.*), past which a new call gets RESOURCE_EXHAUSTED at once. The server's thread pool
+is sized to every bound plus `limits.read_workers`, so held streams never starve health checks and reads.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -13,44 +20,63 @@ from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
+from .config import LimitsConfig
 from .core import SidecarCore
 from .errors import MonitorError
 
 log = logging.getLogger(__name__)
 
 
+class CallSlots:
+    """At most `limit` calls of one kind at once; `enter` fails fast instead of queueing."""
+
+    def __init__(self, kind: str, setting: str, limit: int) -> None:
+        self.kind, self.setting, self.limit = kind, setting, limit
+        self._free = threading.BoundedSemaphore(limit)
+
+    @contextlib.contextmanager
+    def enter(self, context: grpc.ServicerContext):
+        if not self._free.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.limit} {self.kind} already open (limits.{self.setting}); try again later",
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class MonitorServicer(pb_grpc.MonitorServicer):
-    def __init__(self, core: SidecarCore, stopping=None) -> None:
+    def __init__(self, core: SidecarCore, stopping=None, limits: LimitsConfig | None = None) -> None:
         self.core = core
         self._stopping = stopping  # threading.Event set at shutdown: watch streams end
+        limits = limits or LimitsConfig()
+        self._ingest = CallSlots("Ingest streams", "ingest_streams", limits.ingest_streams)
+        self._watches = CallSlots("watch streams", "watch_streams", limits.watch_streams)
+        self._waits = CallSlots("waiting GetReport calls", "report_waits", limits.report_waits)
 
     def Ingest(self, request_iterator: Iterator[pb.IngestMessage], context: grpc.ServicerContext) -> pb.IngestAck:
         stream = None
-        limit = self.core.config.max_message_bytes
         error = None
-        try:
-            for message in request_iterator:
-                size = message.ByteSize()
-                if size > limit:
-                    raise MonitorError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"ingest message of {size} bytes exceeds max_message_bytes {limit}",
-                    )
-                if stream is None:
-                    if message.WhichOneof("kind") != "manifest":
-                        raise MonitorError(
-                            grpc.StatusCode.INVALID_ARGUMENT, "the first ingest message must be a manifest"
-                        )
-                    stream = self.core.open_stream(message.manifest)
-                    continue
-                self.core.ingest(stream, message)
-        except MonitorError as exc:
-            error = str(exc)
-            self.core.counters["ingest_rejected"] += 1
-            log.warning("ingest rejected: %s", exc)
-            context.abort(exc.code, str(exc))
-        finally:
-            self.core.close_stream(stream, error)
+        with self._ingest.enter(context):
+            try:
+                for message in request_iterator:
+                    if stream is None:
+                        if message.WhichOneof("kind") != "manifest":
+                            raise MonitorError(
+                                grpc.StatusCode.INVALID_ARGUMENT, "the first ingest message must be a manifest"
+                            )
+                        stream = self.core.open_stream(message.manifest)
+                        continue
+                    self.core.ingest(stream, message)
+            except MonitorError as exc:
+                error = str(exc)
+                self.core.counters["ingest_rejected"] += 1
+                log.warning("ingest rejected: %s", error.encode("unicode_escape").decode())
+                context.abort(exc.code, error)
+            finally:
+                self.core.close_stream(stream, error)
         return pb.IngestAck(
             contract_version=CONTRACT_VERSION,
             batches=stream.batches if stream else 0,
@@ -61,32 +87,36 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext) -> pb.Report:
         remaining = context.time_remaining()
         wait_ms = request.wait_ms if remaining is None else min(request.wait_ms, max(0, int(remaining * 1000) - 5))
-        return self._call(context, self.core.get_report, request.request_id, wait_ms)
+        if not wait_ms:
+            return self._call(context, self.core.get_report, request.request_id, 0)
+        with self._waits.enter(context):
+            return self._call(context, self.core.get_report, request.request_id, wait_ms)
 
     def ListReports(self, request: pb.ListReportsRequest, context: grpc.ServicerContext) -> pb.ListReportsResponse:
         return pb.ListReportsResponse(reports=self._call(context, self.core.list_reports, request))
 
     def WatchReports(self, request: pb.WatchReportsRequest, context: grpc.ServicerContext) -> Iterator[pb.Report]:
-        watcher = self.core.watchers.watch_reports(request.flagged_only)
-        try:
-            while context.is_active() and not (self._stopping and self._stopping.is_set()):
-                try:
-                    yield watcher.queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-        finally:
-            self.core.watchers.unwatch_reports(watcher)
+        with self._watches.enter(context):
+            watcher = self.core.watchers.watch_reports(request.flagged_only)
+            try:
+                yield from self._drain(watcher.queue, context)
+            finally:
+                self.core.watchers.unwatch_reports(watcher)
 
     def WatchActions(self, request: pb.WatchActionsRequest, context: grpc.ServicerContext) -> Iterator[pb.ActionNotice]:
-        watcher = self.core.watchers.watch_actions()
-        try:
-            while context.is_active() and not (self._stopping and self._stopping.is_set()):
-                try:
-                    yield watcher.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-        finally:
-            self.core.watchers.unwatch_actions(watcher)
+        with self._watches.enter(context):
+            watcher = self.core.watchers.watch_actions()
+            try:
+                yield from self._drain(watcher, context)
+            finally:
+                self.core.watchers.unwatch_actions(watcher)
+
+    def _drain(self, source: queue.Queue, context: grpc.ServicerContext):
+        while context.is_active() and not (self._stopping and self._stopping.is_set()):
+            try:
+                yield source.get(timeout=0.2)
+            except queue.Empty:
+                continue
 
     def QueryRequests(
         self, request: pb.QueryRequestsRequest, context: grpc.ServicerContext

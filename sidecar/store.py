@@ -13,6 +13,8 @@ from pathlib import Path
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
+PRUNE_BATCH = 5000
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
     request_id TEXT PRIMARY KEY,
@@ -117,10 +119,43 @@ class EvidenceStore:
 
     def add_feedback(self, rows: list[tuple[str, int, str, str, str, str]]) -> None:
         """Label changes (request_id, unix_nanos, 'add' | 'remove', label, author, note): an audit trail, never
-        rewritten, so a report's evidence stays as it was finalised."""
+        rewritten, so a report's evidence stays as it was finalised. One transaction: all rows or none."""
         with self._lock:
-            self._db.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", rows)
+            with self._db:  # a transaction (the connection autocommits otherwise)
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT INTO feedback VALUES (?, ?, ?, ?, ?, ?)", rows)
             self._relabelled.update(row[0] for row in rows)
+
+    def feedback_count(self, request_id: str) -> int:
+        if request_id not in self._relabelled:
+            return 0
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM feedback WHERE request_id = ?", (request_id,)).fetchone()[0]
+
+    def prune(self, before_ns: int, max_reports: int) -> int:
+        """Delete reports finalised before `before_ns`, then the oldest past `max_reports`, with their feedback,
+        a batch per transaction (readers wait at most one batch). Returns how many reports went."""
+        deleted = 0
+        while True:
+            with self._lock, self._db:
+                self._db.execute("BEGIN")
+                rows = self._db.execute(
+                    "SELECT request_id FROM reports WHERE finalized_ns < ? ORDER BY finalized_ns LIMIT ?",
+                    (before_ns, PRUNE_BATCH),
+                ).fetchall()
+                if not rows:
+                    excess = self._db.execute("SELECT COUNT(*) FROM reports").fetchone()[0] - max_reports
+                    if excess > 0:
+                        rows = self._db.execute(
+                            "SELECT request_id FROM reports ORDER BY finalized_ns LIMIT ?", (min(excess, PRUNE_BATCH),)
+                        ).fetchall()
+                if not rows:
+                    return deleted
+                ids = [(r[0],) for r in rows]
+                self._db.executemany("DELETE FROM reports WHERE request_id = ?", ids)
+                self._db.executemany("DELETE FROM feedback WHERE request_id = ?", ids)
+                self._relabelled.difference_update(r[0] for r in rows)
+            deleted += len(rows)
 
     def feedback(self, request_id: str) -> list[tuple[int, str, str, str, str]]:
         """(unix_nanos, operation, label, author, note), oldest first."""

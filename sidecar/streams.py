@@ -11,10 +11,13 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import BatchArrays, WireFormatError, unpack_batch
 
+from .config import LimitsConfig
 from .errors import MonitorError
 from .registry import SaeIdentity, SaeRegistry
 
-MAX_D_SAE = 1 << 28  # the index packs feature ids into 28 bits
+OPEN_ENDED = 0xFFFFFFFF  # Gap.end of a gap that runs to the end of the request
+
+MANIFEST_STRING_CHARS = 256  # every string a manifest carries (names, hashes, model, producer)
 
 
 class Stream:
@@ -24,6 +27,7 @@ class Stream:
         self.manifest = manifest
         self.slots = slots  # producer slot -> gslot
         self.d_sae = d_sae
+        self.active = False  # sent more than its manifest
         self.last_step = -1
         self.batches = 0
         self.postings = 0
@@ -34,41 +38,115 @@ class Stream:
         return self.manifest.instance_id or "unknown"
 
 
-def open_stream(manifest: pb.Manifest, registry: SaeRegistry) -> Stream:
+def open_stream(manifest: pb.Manifest, registry: SaeRegistry, limits: LimitsConfig) -> Stream:
     """Validate a manifest and register its SAEs; a manifest without slots opens a control stream."""
     if manifest.contract_version < 1:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "manifest: contract_version must be >= 1")
+    for name in ("producer", "model", "instance_id"):
+        _bounded(getattr(manifest, name), f"manifest.{name}")
+    if len(manifest.slots) > limits.max_slots_per_manifest:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"manifest: {len(manifest.slots)} slots, more than limits.max_slots_per_manifest "
+            f"({limits.max_slots_per_manifest})",
+        )
     slots: dict[int, int] = {}
     d_sae: dict[int, int] = {}
     for i, slot in enumerate(manifest.slots):
         where = f"manifest.slots[{i}] (slot {slot.slot})"
-        if slot.slot in slots:
+        if slot.slot in d_sae:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: slot number used twice")
         for name in ("name", "architecture", "weights_hash", "hook_point"):
             if not getattr(slot, name):
                 raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {name} is required")
+        for name in ("name", "architecture", "weights_hash", "hook_point", "selection", "source_format"):
+            _bounded(getattr(slot, name), f"{where}.{name}")
         if slot.d_in == 0 or slot.d_sae == 0:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: d_in and d_sae must be > 0")
-        if slot.d_sae > MAX_D_SAE:
-            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: d_sae {slot.d_sae} exceeds 2^28")
+        if slot.d_sae > limits.max_d_sae:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}: d_sae {slot.d_sae} is more than limits.max_d_sae ({limits.max_d_sae})",
+            )
+        d_sae[slot.slot] = slot.d_sae
+    for i, slot in enumerate(manifest.slots):  # register only a manifest that is valid as a whole
         try:
             slots[slot.slot] = registry.register(SaeIdentity.from_proto(slot), slot.slot)
         except ValueError as exc:
+            registry.release(list(slots.values()))
+            where = f"manifest.slots[{i}] (slot {slot.slot})"
             raise MonitorError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{where}: {exc}") from None
-        d_sae[slot.slot] = slot.d_sae
     return Stream(manifest, slots, d_sae)
 
 
-def decode_batch(stream: Stream, batch: pb.CodeBatch) -> BatchArrays:
+def _bounded(value: str, field: str) -> None:
+    if len(value) > MANIFEST_STRING_CHARS:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {len(value)} characters, more than {MANIFEST_STRING_CHARS}"
+        )
+
+
+def request_id_ok(request_id: str, field: str, limits: LimitsConfig) -> str:
+    """A request id named by a caller: non-empty and at most limits.max_request_id_bytes (UTF-8)."""
+    if not request_id:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: a request id is required")
+    if len(request_id) * 4 > limits.max_request_id_bytes and len(request_id.encode()) > limits.max_request_id_bytes:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field}: request id {shown(request_id)} is longer than limits.max_request_id_bytes "
+            f"({limits.max_request_id_bytes})",
+        )
+    return request_id
+
+
+def shown(request_id: str) -> str:
+    """A request id as error messages and logs quote it: escaped, and cut short when long."""
+    return repr(request_id if len(request_id) <= 80 else request_id[:80] + "...")
+
+
+def decode_batch(stream: Stream, batch: pb.CodeBatch, limits: LimitsConfig) -> BatchArrays:
     """Every slice of a code batch, decoded and validated as a whole before any of it is applied."""
     if batch.step <= stream.last_step:
         raise MonitorError(
             grpc.StatusCode.INVALID_ARGUMENT, f"code batch step {batch.step} after step {stream.last_step}"
         )
     try:
-        return unpack_batch(batch.slices, stream.d_sae)
+        arrays = unpack_batch(batch.slices, stream.d_sae, limits.max_positions)
     except WireFormatError as exc:
         raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    for i, request_id in enumerate(arrays.request_ids):
+        request_id_ok(request_id, f"slices[{i}].request_id", limits)
+    return arrays
+
+
+def check_finish(finish: pb.RequestFinish, limits: LimitsConfig) -> None:
+    request_id_ok(finish.request_id, "finish.request_id", limits)
+    if finish.num_positions > limits.max_positions:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"finish of {shown(finish.request_id)}: num_positions {finish.num_positions} is more than "
+            f"limits.max_positions ({limits.max_positions})",
+        )
+    check_gaps(finish.request_id, finish.gaps, "finish.gaps", limits)
+    _bounded(finish.model, "finish.model")
+    _bounded(finish.finish_reason, "finish.finish_reason")
+
+
+def check_gaps(request_id: str, gaps, field: str, limits: LimitsConfig) -> None:
+    """Gaps end after they start, inside the position bound (or open-ended), at most max_gaps_per_request."""
+    if len(gaps) > limits.max_gaps_per_request:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{field} of {shown(request_id)}: {len(gaps)} gaps, more than limits.max_gaps_per_request "
+            f"({limits.max_gaps_per_request})",
+        )
+    for i, gap in enumerate(gaps):
+        if gap.end < gap.start or (gap.end > limits.max_positions and gap.end != OPEN_ENDED):
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}[{i}] of {shown(request_id)}: [{gap.start}, {gap.end}) is not a range inside "
+                f"limits.max_positions ({limits.max_positions})",
+            )
 
 
 def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
@@ -94,6 +172,22 @@ def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
     )
 
 
-def require_request_id(kind: str, request_id: str) -> None:
-    if not request_id:
-        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"request {kind} without request_id")
+def check_start(start: pb.RequestStart, limits: LimitsConfig) -> None:
+    request_id_ok(start.request_id, "start.request_id", limits)
+    _bounded(start.model, "start.model")
+    check_gaps(start.request_id, start.gaps, "start.gaps", limits)
+    for field, values in (("labels", start.labels), ("notes", start.notes)):
+        if len(values) > 64 or any(len(v) > 1024 for v in values):
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"start.{field} of {shown(start.request_id)}: at most 64, of at most 1024 characters each",
+            )
+    for field, value in (("response_id", start.response_id), ("traceparent", start.trace.traceparent)):
+        if len(value) > limits.max_request_id_bytes:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"start.{field} of {shown(start.request_id)}: too long"
+            )
+    if len(start.trace.tracestate) > 1024:
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"start.trace.tracestate of {shown(start.request_id)}: too long"
+        )

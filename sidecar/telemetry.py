@@ -69,7 +69,7 @@ class Telemetry:
     meter_provider: MeterProvider | None
 
     @classmethod
-    def start(cls, config: TelemetryConfig, listen_host: str) -> Telemetry:
+    def start(cls, config: TelemetryConfig) -> Telemetry:
         resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
         tracer_provider = None
         if config.traces and _endpoint_set("TRACES"):
@@ -84,9 +84,9 @@ class Telemetry:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
             from prometheus_client import start_http_server
 
-            start_http_server(config.prometheus_port, addr=listen_host)
+            start_http_server(config.prometheus_port, addr=config.prometheus_host)
             readers.append(PrometheusMetricReader())
-            log.info("Prometheus metrics on http://%s:%d/metrics", listen_host, config.prometheus_port)
+            log.info("Prometheus metrics on http://%s:%d/metrics", config.prometheus_host, config.prometheus_port)
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
         return cls(tracer_provider, meter_provider)
 

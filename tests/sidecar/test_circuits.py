@@ -137,7 +137,7 @@ def test_ad_hoc_expression_query(served) -> None:
         ),
         (
             {"circuits": [{"name": "x", "window": 0, "when": {"layer": 1, "feature": 1}}]},
-            r"window: expected an integer >= 1",
+            r"window: expected an integer from 1 to 65536",
         ),
         (
             {"circuits": [{"name": "x", "min_tokens": "2", "when": {"layer": 1, "feature": 1}}]},

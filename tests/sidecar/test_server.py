@@ -268,7 +268,7 @@ def _bad_slice() -> pb.RequestSlice:
         ),
         (
             [pb.IngestMessage(manifest=manifest()), pb.IngestMessage(finish=pb.RequestFinish())],
-            "finish without request_id",
+            "finish.request_id: a request id is required",
         ),
         ([pb.IngestMessage(manifest=manifest()), pb.IngestMessage(manifest=manifest())], "one manifest"),
     ],
@@ -291,9 +291,11 @@ def test_malformed_input_is_rejected_and_server_keeps_serving(tmp_path: Path, st
         assert client.report("good").status == pb.REPORT_STATUS_COMPLETE
 
 
-def test_oversized_message_is_invalid_argument(tmp_path: Path) -> None:
+def test_oversized_messages_are_refused_before_they_are_read(tmp_path: Path) -> None:
+    """gRPC refuses a message over max_message_bytes from its length prefix, before reading it into memory; the
+    server keeps serving. (The bound used to be checked after gRPC had parsed up to 256 MB.)"""
     request = SyntheticRequest.random(np.random.default_rng(10), "big")
-    with running_sidecar(tmp_path, max_message_bytes=200) as (_, client):
+    with running_sidecar(tmp_path, max_message_bytes=200) as (running, client):
         with pytest.raises(grpc.RpcError) as info:
             client.ingest(
                 [
@@ -301,8 +303,13 @@ def test_oversized_message_is_invalid_argument(tmp_path: Path) -> None:
                     pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=[request.slice(0, 0, request.num_prompt)] * 4)),
                 ]
             )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "exceeds max_message_bytes 200" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in info.value.details()
+        assert running.core.counters["batches"] == 0  # nothing of it reached the sidecar
+        small = SyntheticRequest("small", num_prompt=1, num_positions=1, tokens=[1])
+        small.codes = {0: [{1: 1.0}], 1: [{2: 1.0}]}
+        client.ingest(messages([small], np.random.default_rng(1)))
+        assert client.report("small").status == pb.REPORT_STATUS_COMPLETE
 
 
 def test_gaps_are_reported_never_hidden(tmp_path: Path) -> None:
