@@ -1,4 +1,5 @@
-"""`circuitwatch` command line: run the sidecar; identify circuits and label requests through it."""
+"""`circuitwatch` command line: run the sidecar; identify circuits, label requests and read SAE health through
+it; calibrate an SAE's fidelity baseline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from circuitwatch.commands import COMMANDS, add_identify_parser, add_label_parser
+from circuitwatch.commands import COMMANDS, PARSERS
 from circuitwatch.commands import run as run_client_command
 
 
@@ -17,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sidecar = sub.add_parser("sidecar", help="run the gRPC sidecar (index, circuits, reports)")
     sidecar.add_argument("--config", type=Path, required=True, help="sidecar YAML configuration")
-    add_identify_parser(sub)
-    add_label_parser(sub)
+    for add_parser in PARSERS:
+        add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

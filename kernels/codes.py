@@ -21,6 +21,17 @@ class Codes:
 
     ids: torch.Tensor  # int32 [rows, width]
     values: torch.Tensor  # float32 [rows, width]
+    # fidelity (kernels/fidelity.py), on the encoder's device: relative reconstruction error per row (None
+    # when the SAE has no decoder) and the input row's L2 norm (inf/NaN/0 for rows no SAE can read)
+    errors: torch.Tensor | None = None  # float32 [rows]
+    norms: torch.Tensor | None = None  # float32 [rows]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """bool [rows]: the input row was finite and not all zero (its codes mean something)."""
+        if self.norms is None:
+            return torch.ones(self.ids.shape[0], dtype=torch.bool, device=self.ids.device)
+        return torch.isfinite(self.norms) & (self.norms > 0)
 
     @property
     def num_rows(self) -> int:

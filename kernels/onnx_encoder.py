@@ -1,6 +1,9 @@
 """The ONNX Runtime encoder backend: the whole encoder (normalisation, b_dec, MatMul/Add, the architecture's
 activation rule, selection) as one ONNX graph with fixed output shapes, so JumpReLU thresholds and inactive
-slots need no data-dependent shapes: inactive slots come out as id -1.
+slots need no data-dependent shapes: inactive slots come out as id -1. The same graph measures fidelity
+(kernels/fidelity.py): each row's input norm and, where the SAE has a decoder, the relative error of the
+reconstruction from the selected codes (a Gather of `width` decoder rows per token), and it empties the codes of
+rows no SAE can read.
 
 The graph is built with onnx.helper (no tracing) and cached next to the SAE (or in the user cache when the SAE
 directory is read-only), keyed by the SAE's weights hash and the selection. CPU execution provider here; CUDA
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18  # Reduce* take axes as an input from 18 on
 IR_VERSION = 9  # what ONNX Runtime releases of the last years all read (onnx may write newer by default)
+GRAPH_VERSION = 2  # part of the cache key: 2 added fidelity (norms, errors) and emptied unreadable rows
 
 
 def _graph(sae: Sae, selection: CodeSelection):
@@ -44,7 +48,14 @@ def _graph(sae: Sae, selection: CodeSelection):
         nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    x = "x"
+    # rows no SAE can read (NaN, infinite, all zero) are encoded from a finite stand-in and emptied at the end
+    axes_last = const("axes_last", np.array([-1], np.int64))
+    n2 = node("ReduceSumSquare", ["x", axes_last], "n2", keepdims=0)
+    node("Sqrt", [n2], "norms")
+    finite = node("Not", [node("Or", [node("IsNaN", [n2], "n2_nan"), node("IsInf", [n2], "n2_inf")], "n2_bad")], "ok")
+    valid = node("And", [finite, node("Greater", [n2, const("zero_n2", np.float32(0))], "nonzero")], "valid")
+    valid_col = node("Unsqueeze", [valid, axes_last], "valid_col")
+    x = node("Where", [valid_col, "x", const("stand_in", np.float32(1))], "x_safe")
     if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
         norm = node("ReduceL2", [x, const("axes", np.array([-1], np.int64))], "norm", keepdims=1)
         x = node("Mul", [node("Div", [x, norm], "unit"), const("sqrt_d_in", np.float32(spec.d_in**0.5))], "rescaled")
@@ -55,8 +66,10 @@ def _graph(sae: Sae, selection: CodeSelection):
         unbiased = node("Div", [var, const("n_minus_1", np.float32(spec.d_in - 1))], "var")
         std = node("Add", [node("Sqrt", [unbiased], "std"), const("eps", np.float32(LAYER_NORM_EPS))], "std_eps")
         x = node("Div", [centred, std], "normed")
+    normalized = x
+    b_dec = const("b_dec", w.b_dec.numpy())
     if spec.apply_b_dec_to_input:
-        x = node("Sub", [x, const("b_dec", w.b_dec.numpy())], "sae_in")
+        x = node("Sub", [x, b_dec], "sae_in")
     W_enc = const("W_enc", w.W_enc.numpy())
     if spec.architecture is Architecture.GATED:
         gate = node(
@@ -104,21 +117,60 @@ def _graph(sae: Sae, selection: CodeSelection):
             sorted=1,
         )
     )
-    active = node("Greater", ["top_values", const("zero_out", np.float32(0))], "active")
+    positive = node("Greater", ["top_values", const("zero_out", np.float32(0))], "positive")
+    active = node("And", [positive, valid_col], "active")
     node(
         "Where",
         [active, node("Cast", ["top_ids"], "ids32", to=TensorProto.INT32), const("empty", np.int32(EMPTY_ID))],
         "ids",
     )
     node("Where", [active, "top_values", const("zero_value", np.float32(0))], "values")
+    outputs = [
+        helper.make_tensor_value_info("ids", TensorProto.INT32, ["rows", width]),
+        helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", width]),
+        helper.make_tensor_value_info("norms", TensorProto.FLOAT, ["rows"]),
+    ]
+    if sae.decoder is not None:
+        # x_hat = b_dec + sum_j values_j * W_dec[ids_j]: a gather of `width` decoder rows per token
+        rows = node(
+            "Gather",
+            [const("W_dec", sae.decoder.numpy()), node("Cast", ["top_ids"], "ids64", to=TensorProto.INT64)],
+            "dec_rows",
+            axis=0,
+        )
+        weights = node("Unsqueeze", ["values", axes_last], "values_col")
+        x_hat = node(
+            "Add",
+            [
+                node(
+                    "ReduceSum",
+                    [node("Mul", [rows, weights], "scaled_rows"), const("axis_width", np.array([1], np.int64))],
+                    "sum_rows",
+                    keepdims=0,
+                ),
+                b_dec,
+            ],
+            "x_hat",
+        )
+        residual = node(
+            "ReduceSumSquare", [node("Sub", [normalized, x_hat], "diff"), axes_last], "residual", keepdims=0
+        )
+        total = node("ReduceSumSquare", [normalized, axes_last], "total", keepdims=0)
+        ratio = node(
+            "Div",
+            [residual, node("Max", [total, const("tiny", np.float32(np.finfo(np.float32).tiny))], "total_safe")],
+            "ratio",
+        )
+        usable = node(
+            "And", [valid, node("Greater", [total, const("zero_total", np.float32(0))], "total_pos")], "usable"
+        )
+        node("Where", [usable, ratio, const("zero_error", np.float32(0))], "errors")
+        outputs.append(helper.make_tensor_value_info("errors", TensorProto.FLOAT, ["rows"]))
     graph = helper.make_graph(
         nodes,
         f"circuitwatch_encoder_{spec.architecture.value}",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", spec.d_in])],
-        [
-            helper.make_tensor_value_info("ids", TensorProto.INT32, ["rows", width]),
-            helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", width]),
-        ],
+        outputs,
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="circuitwatch")
@@ -128,7 +180,8 @@ def _graph(sae: Sae, selection: CodeSelection):
 
 
 def cache_path(sae: Sae, selection: CodeSelection) -> Path:
-    key = hashlib.sha256(f"{sae.weights_hash}|{selection.describe()}|{OPSET}".encode()).hexdigest()[:16]
+    identity = f"{sae.weights_hash}|{sae.decoder_hash}|{selection.describe()}|{OPSET}|{GRAPH_VERSION}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     beside = sae.spec.path / ".circuitwatch"
     if os.access(sae.spec.path, os.W_OK):
         return beside / f"encoder-{key}.onnx"
@@ -161,6 +214,7 @@ class OnnxEncoder:
             str(path), options, providers=[p for p in providers if p in ort.get_available_providers()]
         )
         self.width = self.session.get_outputs()[0].shape[1]
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.path = path
 
     def encode(self, x: torch.Tensor) -> Codes:
@@ -170,29 +224,42 @@ class OnnxEncoder:
             )
         width = self.selection.width
         if x.shape[0] == 0:
-            return Codes(torch.full((0, width), EMPTY_ID, dtype=torch.int32), torch.zeros(0, width))
+            errors = torch.zeros(0) if self.sae.decoder is not None else None
+            return Codes(
+                torch.full((0, width), EMPTY_ID, dtype=torch.int32), torch.zeros(0, width), errors, torch.zeros(0)
+            )
         if self.device.type == "cuda":
             return self._encode_cuda(x)
-        ids, values = self.session.run(None, {"x": x.detach().to(torch.float32).cpu().numpy()})
-        return _pad(torch.from_numpy(ids), torch.from_numpy(values), width)
+        results = self.session.run(None, {"x": x.detach().to(torch.float32).cpu().numpy()})
+        out = {name: torch.from_numpy(array) for name, array in zip(self.outputs, results, strict=True)}
+        return _pad(out["ids"], out["values"], width, out.get("errors"), out["norms"])
 
     def _encode_cuda(self, x: torch.Tensor) -> Codes:
         """IO binding: the input stays on the GPU, outputs land in torch CUDA tensors."""
         x = x.detach().to(torch.float32).contiguous()
-        ids = torch.empty((x.shape[0], self.width), dtype=torch.int32, device=x.device)
-        values = torch.empty((x.shape[0], self.width), dtype=torch.float32, device=x.device)
+        rows = x.shape[0]
+        out = {
+            "ids": torch.empty((rows, self.width), dtype=torch.int32, device=x.device),
+            "values": torch.empty((rows, self.width), dtype=torch.float32, device=x.device),
+            "norms": torch.empty(rows, dtype=torch.float32, device=x.device),
+        }
+        if "errors" in self.outputs:
+            out["errors"] = torch.empty(rows, dtype=torch.float32, device=x.device)
         binding = self.session.io_binding()
         index = x.device.index or 0
         binding.bind_input("x", "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
-        binding.bind_output("ids", "cuda", index, np.int32, tuple(ids.shape), ids.data_ptr())
-        binding.bind_output("values", "cuda", index, np.float32, tuple(values.shape), values.data_ptr())
+        for name, tensor in out.items():
+            dtype = np.int32 if tensor.dtype == torch.int32 else np.float32
+            binding.bind_output(name, "cuda", index, dtype, tuple(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
-        return _pad(ids, values, self.selection.width)
+        return _pad(out["ids"], out["values"], self.selection.width, out.get("errors"), out["norms"])
 
 
-def _pad(ids: torch.Tensor, values: torch.Tensor, width: int) -> Codes:
+def _pad(
+    ids: torch.Tensor, values: torch.Tensor, width: int, errors: torch.Tensor | None, norms: torch.Tensor
+) -> Codes:
     if ids.shape[1] < width:
         pad = width - ids.shape[1]
         ids = torch.nn.functional.pad(ids, (0, pad), value=EMPTY_ID)
         values = torch.nn.functional.pad(values, (0, pad), value=0.0)
-    return Codes(ids, values)
+    return Codes(ids, values, errors, norms)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .codes import EMPTY_ID, Codes
+from .spec import Architecture
 
 
 class SelectionMode(enum.StrEnum):
@@ -77,3 +78,19 @@ def select_codes(activations: torch.Tensor, selection: CodeSelection) -> Codes:
         ids = torch.nn.functional.pad(ids, (0, pad), value=EMPTY_ID)
         values = torch.nn.functional.pad(values, (0, pad), value=0.0)
     return Codes(ids=ids, values=values)
+
+
+def selection_for(mode: str, k: int | None, sae, max_codes: int) -> CodeSelection:
+    """A slot's selection from its settings (`default`, `topk`, `threshold`, `argmax`); shared by the plugin
+    and `circuitwatch calibrate`, which must select codes exactly alike (the error is that of the codes)."""
+    if mode == "default":
+        if sae.spec.architecture is Architecture.TOPK and sae.spec.k:
+            return CodeSelection(SelectionMode.TOPK, sae.spec.k)
+        return CodeSelection(SelectionMode.THRESHOLD, max_codes)
+    if mode == "argmax":
+        return CodeSelection(SelectionMode.ARGMAX)
+    if mode == "topk":
+        return CodeSelection(SelectionMode.TOPK, k or sae.spec.k or max_codes)
+    if mode == "threshold":
+        return CodeSelection(SelectionMode.THRESHOLD, k or max_codes)
+    raise ValueError(f"unknown selection {mode!r} (supported: default, topk, threshold, argmax)")

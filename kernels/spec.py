@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,11 @@ class Sae:
     spec: SaeSpec
     weights: EncoderWeights
     weights_hash: str = field(default="")
+    # W_dec [d_sae, d_in] float32 in the scale of the activations the encoder emits: the reconstruction behind
+    # fidelity (kernels/fidelity.py). None where the SAE reconstructs something other than its input
+    # (transcoders). Kept out of weights_hash, which names what changes codes.
+    decoder: torch.Tensor | None = field(default=None, repr=False)
+    decoder_hash: str = field(default="")
 
     @property
     def name(self) -> str:
@@ -82,3 +88,48 @@ def weights_hash(spec: SaeSpec, weights: EncoderWeights) -> str:
         digest.update(f"|{name}:{list(array.shape)}|".encode())
         digest.update(array.tobytes())
     return f"blake2b:{digest.hexdigest()}"
+
+
+def decoder_hash(decoder: torch.Tensor) -> str:
+    """blake2b over the decoder matrix: a baseline is pinned to it as well as to the encoder."""
+    digest = hashlib.blake2b(digest_size=16)
+    array = decoder.detach().to(torch.float32).contiguous().numpy()
+    digest.update(f"W_dec:{list(array.shape)}|".encode())
+    digest.update(array.tobytes())
+    return f"blake2b:{digest.hexdigest()}"
+
+
+_HOOK_KINDS = {
+    "hook_resid_post": "resid_post",
+    "hook_resid_pre": "resid_pre",
+    "hook_resid_mid": "resid_mid",
+    "hook_mlp_out": "mlp_out",
+    "hook_attn_out": "attn_out",
+    "attn.hook_z": "attn_z",
+    "mlp": "mlp_out",
+    "self_attn": "attn_out",
+}
+
+
+def trained_tap(spec: SaeSpec) -> tuple[int | None, str | None]:
+    """(layer, hook point) the SAE was trained on, in the plugin's terms, as far as its files say.
+
+    The residual stream before block L is the one after block L - 1, so `blocks.L.hook_resid_pre` is
+    (L - 1, "resid_post"); `model.layers.L` and sparsify's `layers.L` are the output of layer L. Unknown parts
+    are None. Gemma Scope files name only the layer; the kind is read from a path naming the release (-res,
+    -mlp, -att)."""
+    name = spec.hook_name or ""
+    match = re.fullmatch(r"(?:model\.)?(?:blocks|layers)\.(\d+)(?:\.(.+))?", name)
+    if match:
+        layer, rest = int(match.group(1)), match.group(2)
+        kind = "resid_post" if rest is None else _HOOK_KINDS.get(rest, rest)
+        if kind == "resid_pre":
+            return (layer - 1, "resid_post") if layer > 0 else (None, "embeddings")
+        return layer, kind
+    if spec.source_format == "gemmascope":
+        path = str(spec.path)
+        kind = next(
+            (k for tag, k in (("-res", "resid_post"), ("-mlp", "mlp_out"), ("-att", "attn_out")) if tag in path), None
+        )
+        return spec.layer, kind
+    return spec.layer, None

@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 from .codes import EMPTY_ID, Codes
-from .reference import LAYER_NORM_EPS, default_selection
+from .fidelity import input_norms, normalize
+from .reference import check_input, default_selection, with_fidelity
 from .selection import CodeSelection
-from .spec import Architecture, Normalization, Sae
+from .spec import Architecture, Sae
 
 ARCH_CODES = {Architecture.STANDARD: 0, Architecture.JUMPRELU: 1, Architecture.TOPK: 2, Architecture.GATED: 3}
 NO_ID = 2**31 - 1
@@ -109,6 +110,7 @@ class TritonEncoder:
         self.device = torch.device(device)
         w = sae.weights
         self.weights = {name: t.to(self.device).contiguous() for name, t in w.named().items()}
+        self.decoder = sae.decoder.to(self.device).contiguous() if sae.decoder is not None else None
         if sae.spec.architecture is Architecture.GATED:
             self.weights["W_mag"] = (w.W_enc * torch.exp(w.r_mag)).to(self.device).contiguous()
         width = self.selection.width
@@ -117,20 +119,13 @@ class TritonEncoder:
         self.k = min(width, sae.spec.d_sae)
         self.kernel = _kernel()
 
-    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.sae.spec
-        x = x.to(device=self.device, dtype=torch.float32)
-        if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
-            x = x * (spec.d_in**0.5) / x.norm(dim=-1, keepdim=True)
-        elif spec.normalization is Normalization.LAYER_NORM:
-            x = x - x.mean(dim=-1, keepdim=True)
-            x = x / (x.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
-        return x.contiguous()
-
     def encode(self, x: torch.Tensor) -> Codes:
+        """The kernel selects the codes; fidelity (and emptying unreadable rows) is a torch gather after it."""
         spec = self.sae.spec
-        if x.ndim != 2 or x.shape[1] != spec.d_in:
-            raise ValueError(f"encoder {self.sae.name}: expected input [rows, {spec.d_in}], got {list(x.shape)}")
+        check_input(self.sae, x)
+        x = x.to(device=self.device, dtype=torch.float32)
+        norms, valid = input_norms(x)
+        x = torch.where(valid[:, None], x, 1.0)  # a finite stand-in for unreadable rows, emptied below
         rows, width = x.shape[0], self.selection.width
         ids = torch.full((rows, self.k), EMPTY_ID, dtype=torch.int32, device=self.device)
         values = torch.zeros((rows, self.k), dtype=torch.float32, device=self.device)
@@ -138,7 +133,7 @@ class TritonEncoder:
             w = self.weights
             gated = spec.architecture is Architecture.GATED
             self.kernel[((rows + self.BLOCK_M - 1) // self.BLOCK_M,)](
-                self._preprocess(x),
+                normalize(x, spec).contiguous(),
                 w["W_enc"],
                 w["W_mag"] if gated else w["W_enc"],
                 w["b_gate"] if gated else w["b_enc"],
@@ -161,4 +156,4 @@ class TritonEncoder:
         if self.k < width:
             ids = torch.nn.functional.pad(ids, (0, width - self.k), value=EMPTY_ID)
             values = torch.nn.functional.pad(values, (0, width - self.k), value=0.0)
-        return Codes(ids, values)
+        return with_fidelity(self.sae, x, Codes(ids, values), norms, valid, self.decoder, self.weights["b_dec"])

@@ -36,6 +36,26 @@ class SlotConfig(_Strict):
     # Code selection; defaults: the SAE's own k for TopK SAEs, else every active feature capped at max_codes.
     selection: Literal["default", "topk", "threshold", "argmax"] = "default"
     k: int | None = Field(None, gt=0)
+    # The fidelity baseline written by `circuitwatch calibrate`: default, `circuitwatch-baseline.json` next to
+    # the SAE when present. Pinned to the SAE, model and tap: a mismatch stops start-up.
+    baseline: Path | None = None
+    # Overrides the baseline's per-token error threshold (a token above it reads poorly).
+    error_threshold: float | None = Field(None, gt=0)
+    # Refuse an SAE whose files say it was trained on another layer or hook point than this slot taps.
+    check_sae_metadata: bool = True
+
+
+class WiringCheckConfig(_Strict):
+    """The start-up wiring check on each slot's first tokens (plugin/wiring.py)."""
+
+    enabled: bool = True
+    tokens: int = Field(256, gt=0)
+    # median error at or above: mis-wired, calibrated or not
+    max_error: float = Field(0.9, gt=0)
+    # median input norm off by this factor from calibration: mis-wired
+    norm_factor: float = Field(10.0, gt=1)
+    # median error this many times the calibration's: suspect
+    error_ratio: float = Field(1.3, gt=1)
 
 
 class SidecarTarget(_Strict):
@@ -101,6 +121,7 @@ class PluginConfig(_Strict):
     # The `circuitwatch` object in OpenAI responses, and how long the API server waits for the final report.
     responses: bool = True
     response_deadline_ms: float = Field(50.0, ge=0)
+    wiring_check: WiringCheckConfig = WiringCheckConfig()
 
     @model_validator(mode="after")
     def _distinct_slots(self) -> PluginConfig:
@@ -121,8 +142,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     data = read_mapping(path, PluginConfigError)
     base = path.resolve().parent
     for slot in data.get("slots") or []:
-        if isinstance(slot, dict) and isinstance(slot.get("sae"), str) and not Path(slot["sae"]).is_absolute():
-            slot["sae"] = str(base / slot["sae"])
+        for key in ("sae", "baseline"):
+            if isinstance(slot, dict) and isinstance(slot.get(key), str) and not Path(slot[key]).is_absolute():
+                slot[key] = str(base / slot[key])
     return data
 
 

@@ -30,22 +30,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class BuiltBatch:
+    """What a deferred build makes: the batch's slices, and gaps it found while packing (unreadable rows)."""
+
+    slices: list[pb.RequestSlice]
+    gaps: dict[str, list[pb.Gap]] = field(default_factory=dict)
+
+
+@dataclass
 class _Item:
     message: pb.IngestMessage | None
     # (request_id, slot, first_position, end_position) of every slice, to turn a dropped batch into gaps
     ranges: list[tuple[str, int, int, int]] = field(default_factory=list)
     # deferred code batches: built by the sending thread (waits for device copies, packs bytes)
-    build: Callable[[], list[pb.RequestSlice]] | None = None
+    build: Callable[[], BuiltBatch] | None = None
     step: int = 0
 
     @property
     def droppable(self) -> bool:
         return self.build is not None or self.message.WhichOneof("kind") == "codes"
-
-    def resolve(self, stats: pb.ProducerStats) -> pb.IngestMessage:
-        if self.build is None:
-            return self.message
-        return pb.IngestMessage(codes=pb.CodeBatch(step=self.step, slices=self.build(), stats=stats))
 
 
 class Emitter:
@@ -65,14 +68,13 @@ class Emitter:
         self._stopping = False
         self._step = 0
         self.resend = ResendLog(self.counters)
+        self.wiring: dict[int, pb.WiringCheck] = {}  # slot -> start-up wiring verdict (set on the sending thread)
         self._thread = threading.Thread(target=self._run, name="circuitwatch-emitter", daemon=True)
         self._thread.start()
 
     # --- producer side (vLLM's step path): never blocks on the network --------------------------------
 
-    def submit_deferred(
-        self, build: Callable[[], list[pb.RequestSlice]], ranges: list[tuple[str, int, int, int]]
-    ) -> None:
+    def submit_deferred(self, build: Callable[[], BuiltBatch], ranges: list[tuple[str, int, int, int]]) -> None:
         """A code batch whose slices `build` makes later, on the sending thread: the step path only enqueues.
 
         `ranges` (request, slot, first, end) say what the batch covers, so dropping it still reports the gap.
@@ -111,6 +113,7 @@ class Emitter:
             rows_dropped=self.counters["rows_dropped"],
             steps_encoded=self.counters["steps_encoded"],
             encode_ns=self.counters["encode_ns"],
+            wiring=list(self.wiring.values()),
         )
 
     def _report_lost(self, item: _Item, reason: int) -> None:
@@ -152,13 +155,20 @@ class Emitter:
                     if item.droppable:
                         self._batches_queued -= 1
                     message = None
-            if message is None:
+            if message is None and item.build is None:
+                message = item.message
+            elif message is None:
                 try:
-                    message = item.resolve(self.stats())  # outside the lock: may wait for a device copy
+                    built = item.build()  # outside the lock: may wait for a device copy
                 except Exception:
                     log.exception("circuitwatch: building a code batch failed; its rows are reported as gaps")
                     self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)
                     continue
+                message = pb.IngestMessage(codes=pb.CodeBatch(step=item.step, slices=built.slices, stats=self.stats()))
+                if built.gaps:
+                    with self._cv:
+                        for request_id, gaps in built.gaps.items():
+                            self._pending_gaps.setdefault(request_id, []).extend(gaps)
             self.counters[f"sent_{message.WhichOneof('kind')}"] += 1
             with self._cv:
                 self.resend.sent(message, time.monotonic())

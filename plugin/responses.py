@@ -52,8 +52,26 @@ def summarize(report: pb.Report) -> dict:
             "positions_seen": coverage.positions_seen,
             "gaps": len(coverage.gaps),
         },
+        **({"fidelity": _fidelity(report)} if report.fidelity else {}),
         **({"notes": list(report.notes)} if report.notes else {}),
     }
+
+
+def _fidelity(report: pb.Report) -> list[dict]:
+    """Per slot, how well its SAE read the request (the status is low_fidelity when one read it badly)."""
+    names = {s.slot: s.name for s in report.saes}
+    return [
+        {
+            "sae": names.get(f.slot, str(f.slot)),
+            "tokens": f.tokens,
+            "error_mean": round(f.error_mean, 4),
+            "error_max": round(f.error_max, 4),
+            "fraction_above_threshold": round(f.fraction_above_threshold, 4),
+            "error_threshold": round(f.error_threshold, 4),
+            "low_fidelity": f.low_fidelity,
+        }
+        for f in report.fidelity
+    ]
 
 
 def pending(request_id: str, reason: str) -> dict:

@@ -18,18 +18,22 @@ import numpy as np
 import torch
 
 from circuitwatch import __version__
-from circuitwatch.kernels import Codes, CodeSelection, ReferenceEncoder, Sae, SelectionMode, default_selection, load_sae
+from circuitwatch.kernels import Codes, ReferenceEncoder, Sae, SaeFormatError, load_sae
+from circuitwatch.kernels.baseline import FidelityBaseline, default_path, load_baseline, model_fingerprint
 from circuitwatch.kernels.encoders import make_encoder
+from circuitwatch.kernels.selection import selection_for
+from circuitwatch.kernels.spec import trained_tap
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 
 from .admission import Admission
-from .config import PluginConfig, SlotConfig
-from .emitter import Emitter
+from .config import PluginConfig, PluginConfigError, SlotConfig
+from .emitter import BuiltBatch, Emitter
 from .request_ids import client_request_id, request_key
 from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
 from .taps import TAPS, install_taps
+from .wiring import SlotWiringCheck
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,11 @@ class Slot:
     config: SlotConfig
     sae: Sae
     encoder: ReferenceEncoder  # or any backend with the same encode() and selection
+    baseline: FidelityBaseline | None = None
+    wiring: SlotWiringCheck | None = None
+
+    def describe(self) -> str:
+        return f"slot {self.number} ({self.sae.name} on layer {self.config.layer}, {self.config.hook_point})"
 
 
 @dataclass
@@ -50,14 +59,62 @@ class TrackedRequest:
     num_prompt_tokens: int = 0
 
 
-def _selection(slot: SlotConfig, sae: Sae, max_codes: int) -> CodeSelection:
-    if slot.selection == "default":
-        return default_selection(sae, max_codes)
-    if slot.selection == "argmax":
-        return CodeSelection(SelectionMode.ARGMAX)
-    if slot.selection == "topk":
-        return CodeSelection(SelectionMode.TOPK, slot.k or sae.spec.k or max_codes)
-    return CodeSelection(SelectionMode.THRESHOLD, slot.k or max_codes)
+def check_tap(number: int, slot: SlotConfig, sae: Sae) -> None:
+    """An SAE whose files say it was trained elsewhere than this slot taps is refused (unless the slot says
+    check_sae_metadata: false): its codes would be read from the wrong residual stream."""
+    layer, hook_point = trained_tap(sae.spec)
+    wrong = []
+    if layer is not None and layer != slot.layer:
+        wrong.append(f"layer {layer}")
+    if hook_point is not None and hook_point != slot.hook_point:
+        wrong.append(f"hook point {hook_point}")
+    if wrong and slot.check_sae_metadata:
+        where = f" ({sae.spec.hook_name})" if sae.spec.hook_name else ""
+        raise PluginConfigError(
+            f"slots[{number}]: SAE {sae.spec.path} was trained on {' and '.join(wrong)}{where}, but this slot taps "
+            f"layer {slot.layer} ({slot.hook_point}); fix the slot, or set check_sae_metadata: false if this is meant"
+        )
+
+
+def slot_baseline(number: int, slot: SlotConfig, sae: Sae, fingerprint: str) -> FidelityBaseline | None:
+    """The slot's calibration baseline: the configured file, else the one next to the SAE if present."""
+    path = slot.baseline or default_path(sae)
+    if slot.baseline is None and not path.is_file():
+        log.warning(
+            "circuitwatch: slots[%d] (%s) has no fidelity baseline: reports use the uncalibrated error threshold and "
+            "drift is not judged; run `circuitwatch calibrate`",
+            number,
+            sae.name,
+        )
+        return None
+    try:
+        return load_baseline(path, sae, slot.layer, slot.hook_point, fingerprint)
+    except SaeFormatError as exc:
+        raise PluginConfigError(f"slots[{number}].baseline: {exc}") from None
+
+
+def baseline_proto(baseline: FidelityBaseline | None, slot: SlotConfig) -> pb.FidelityBaseline | None:
+    if baseline is None:
+        if slot.error_threshold is None:
+            return None
+        return pb.FidelityBaseline(
+            source="the slot's error_threshold (uncalibrated)", error_threshold=slot.error_threshold
+        )
+    frequencies = np.asarray(baseline.firing_frequencies, "<f4")
+    return pb.FidelityBaseline(
+        source=f"circuitwatch calibrate: {baseline.documents} documents, {baseline.tokens} tokens ({baseline.text})"[
+            :1024
+        ],
+        error_threshold=slot.error_threshold or baseline.error_threshold,
+        error_mean=baseline.error.mean,
+        error_p50=baseline.error.p50,
+        error_p99=baseline.error.p99,
+        norm_mean=baseline.norm.mean,
+        norm_p50=baseline.norm.p50,
+        l0_mean=baseline.l0_mean,
+        tokens=baseline.tokens,
+        firing_frequencies=frequencies.tobytes(),
+    )
 
 
 class WorkerPlugin:
@@ -67,12 +124,23 @@ class WorkerPlugin:
     def __init__(self, config: PluginConfig, vllm_config, model: torch.nn.Module, device: torch.device) -> None:
         self.config = config
         hidden_size = vllm_config.model_config.get_hidden_size()
+        fingerprint = model_fingerprint(vllm_config.model_config.hf_config.to_dict())
         self.slots: list[Slot] = []
         for number, slot in enumerate(config.slots):
             sae = load_sae(slot.sae, slot.format, expected_d_in=hidden_size, name=slot.name)
-            selection = _selection(slot, sae, config.max_codes_per_token)
+            check_tap(number, slot, sae)
+            selection = selection_for(slot.selection, slot.k, sae, config.max_codes_per_token)
             encoder = make_encoder(sae, selection, config.encoder_backend, device)
-            self.slots.append(Slot(number, slot, sae, encoder))
+            baseline = slot_baseline(number, slot, sae, fingerprint)
+            if baseline is not None and baseline.selection != selection.describe():
+                raise PluginConfigError(
+                    f"slots[{number}].baseline: {baseline.path}: calibrated with selection {baseline.selection!r}, "
+                    f"this slot selects {selection.describe()!r}: calibrate again with the slot's selection"
+                )
+            self.slots.append(Slot(number, slot, sae, encoder, baseline))
+        for s in self.slots:
+            if config.wiring_check.enabled and s.sae.decoder is not None:
+                s.wiring = SlotWiringCheck(s.number, s.describe(), s.baseline, config.wiring_check)
         present = set(install_taps(model, [s.config.layer for s in self.slots]))
         self.slots = [s for s in self.slots if s.config.layer in present]
         self.model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
@@ -93,6 +161,8 @@ class WorkerPlugin:
                     weights_hash=s.sae.weights_hash,
                     selection=s.encoder.selection.describe(),
                     source_format=s.sae.spec.source_format,
+                    baseline=baseline_proto(s.baseline, s.config),
+                    decoder_hash=s.sae.decoder_hash,
                 )
                 for s in self.slots
             ],
@@ -217,15 +287,14 @@ class WorkerPlugin:
             + 1
         )
         bounds = np.concatenate(([0], breaks, [len(selected)]))
-        encoded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        encoded: list[tuple[Slot, Codes]] = []
         started = time.perf_counter_ns()
         for slot in self.slots:
             hidden = captured.get(slot.config.layer)
             if hidden is None:
                 continue
             index = torch.from_numpy(selected).to(hidden.device)
-            codes = slot.encoder.encode(hidden.index_select(0, index))
-            encoded.append((slot.number, *_to_host(codes.ids, codes.values)))
+            encoded.append((slot, _to_host(slot.encoder.encode(hidden.index_select(0, index)))))
         # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
         # event, then packs. The step path only launches kernels and enqueues.
         ready = _record_event(encoded)
@@ -234,50 +303,87 @@ class WorkerPlugin:
         external_ids = [t.external_id for t in tracked]
         runs = [(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
         ranges = [
-            (external_ids[owner[a]], number, int(positions[a]), int(positions[a]) + b - a)
-            for number, _, _ in encoded
+            (external_ids[owner[a]], slot.number, int(positions[a]), int(positions[a]) + b - a)
+            for slot, _ in encoded
             for a, b in runs
         ]
 
-        def build() -> list[pb.RequestSlice]:
+        def build() -> BuiltBatch:
+            """On the sending thread: pack each run of each slot; rows no SAE can read become INVALID_INPUT gaps
+            instead of codes, and the slot's valid rows feed its wiring check."""
             if ready is not None:
                 ready.synchronize()
-            slices = []
-            for number, ids, values in encoded:
-                offsets, feature_ids, activations = Codes(ids, values).to_csr()
-                for a, b in runs:
-                    start, end = int(offsets[a]), int(offsets[b])
-                    slices.append(
-                        pack_slice(
-                            external_ids[owner[a]],
-                            number,
-                            int(positions[a]),
-                            pb.PHASE_GENERATED if generated[a] else pb.PHASE_PROMPT,
-                            tokens[a:b],
-                            offsets[a : b + 1] - offsets[a],
-                            feature_ids[start:end],
-                            activations[start:end],
+            batch = BuiltBatch([])
+            for slot, codes in encoded:
+                offsets, feature_ids, activations = codes.to_csr()
+                errors = codes.errors.numpy() if codes.errors is not None else None
+                norms = codes.norms.numpy() if codes.norms is not None else None
+                valid = codes.valid.numpy()
+                if slot.wiring is not None and errors is not None:
+                    verdict = slot.wiring.add(errors[valid], norms[valid])
+                    if verdict is not None:
+                        self.emitter.wiring[slot.number] = verdict
+                for run_start, run_end in runs:
+                    request_id = external_ids[owner[run_start]]
+                    for a, b, readable in _valid_runs(valid, run_start, run_end):
+                        if not readable:
+                            gap = pb.Gap(
+                                slot=slot.number,
+                                start=int(positions[a]),
+                                end=int(positions[a]) + b - a,
+                                reason=pb.GAP_REASON_INVALID_INPUT,
+                            )
+                            batch.gaps.setdefault(request_id, []).append(gap)
+                            self.emitter.counters["rows_invalid_input"] += b - a
+                            continue
+                        start, end = int(offsets[a]), int(offsets[b])
+                        batch.slices.append(
+                            pack_slice(
+                                request_id,
+                                slot.number,
+                                int(positions[a]),
+                                pb.PHASE_GENERATED if generated[a] else pb.PHASE_PROMPT,
+                                tokens[a:b],
+                                offsets[a : b + 1] - offsets[a],
+                                feature_ids[start:end],
+                                activations[start:end],
+                                errors[a:b] if errors is not None else None,
+                                norms[a:b] if norms is not None else None,
+                            )
                         )
-                    )
-            return slices
+            return batch
 
         self.counters["rows_encoded"] += len(selected)
         self.emitter.submit_deferred(build, ranges)
 
 
-def _to_host(ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU tensors as they are; CUDA tensors copied without blocking into pinned host buffers."""
-    if ids.device.type != "cuda":
-        return ids, values
-    host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-    host_values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-    host_ids.copy_(ids, non_blocking=True)
-    host_values.copy_(values, non_blocking=True)
-    return host_ids, host_values
+def _to_host(codes: Codes) -> Codes:
+    """CPU codes as they are; CUDA tensors copied without blocking into pinned host buffers."""
+    if codes.ids.device.type != "cuda":
+        return codes
+
+    def copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return host
+
+    return Codes(copy(codes.ids), copy(codes.values), copy(codes.errors), copy(codes.norms))
+
+
+def _valid_runs(valid: np.ndarray, start: int, end: int) -> list[tuple[int, int, bool]]:
+    """[start, end) cut where row validity changes: (a, b, readable) pieces, usually just one."""
+    piece = valid[start:end]
+    if piece.all():
+        return [(start, end, True)]
+    cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1 + start
+    bounds = [start, *cuts.tolist(), end]
+    return [(a, b, bool(valid[a])) for a, b in itertools.pairwise(bounds)]
 
 
 def _record_event(encoded: list) -> torch.cuda.Event | None:
-    if not encoded or not torch.cuda.is_available() or not encoded[0][1].is_pinned():
+    if not encoded or not torch.cuda.is_available() or not encoded[0][1].ids.is_pinned():
         return None
     event = torch.cuda.Event()
     event.record()

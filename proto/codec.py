@@ -14,6 +14,7 @@ from .circuitwatch_pb2 import Phase, RequestSlice
 
 U32 = np.dtype("<u4")
 F16 = np.dtype("<f2")
+F32 = np.dtype("<f4")
 
 
 class WireFormatError(ValueError):
@@ -32,6 +33,8 @@ class SliceArrays:
     row_offsets: np.ndarray  # uint32 [rows + 1]
     feature_ids: np.ndarray  # uint32 [nnz]
     activations: np.ndarray  # float16 [nnz]
+    errors: np.ndarray | None = None  # float32 [rows]: reconstruction error per row, when measured
+    norms: np.ndarray | None = None  # float32 [rows]: input norm per row, when measured
 
     @property
     def num_rows(self) -> int:
@@ -51,6 +54,8 @@ def pack_slice(
     row_offsets: np.ndarray,
     feature_ids: np.ndarray,
     activations: np.ndarray,
+    errors: np.ndarray | None = None,
+    norms: np.ndarray | None = None,
 ) -> RequestSlice:
     token_ids = np.ascontiguousarray(token_ids, dtype=U32)
     row_offsets = np.ascontiguousarray(row_offsets, dtype=U32)
@@ -58,6 +63,12 @@ def pack_slice(
         raise ValueError(f"{request_id}: {len(row_offsets)} row offsets for {len(token_ids)} rows")
     if len(feature_ids) != len(activations) or int(row_offsets[-1]) != len(feature_ids):
         raise ValueError(f"{request_id}: offsets end at {row_offsets[-1]} but {len(feature_ids)} ids")
+    fidelity = {}
+    for name, values in (("reconstruction_errors", errors), ("input_norms", norms)):
+        if values is not None:
+            if len(values) != len(token_ids):
+                raise ValueError(f"{request_id}: {len(values)} {name} for {len(token_ids)} rows")
+            fidelity[name] = np.ascontiguousarray(values, dtype=F32).tobytes()
     return RequestSlice(
         request_id=request_id,
         slot=slot,
@@ -68,6 +79,7 @@ def pack_slice(
         row_offsets=row_offsets.tobytes(),
         feature_ids=np.ascontiguousarray(feature_ids, dtype=U32).tobytes(),
         activations=np.ascontiguousarray(activations, dtype=F16).tobytes(),
+        **fidelity,
     )
 
 
@@ -97,6 +109,8 @@ def unpack_slice(message: RequestSlice, d_sae: int | None = None) -> SliceArrays
     nnz = int(offsets[-1])
     feature_ids = _array(message, "feature_ids", U32, nnz)
     activations = _array(message, "activations", F16, nnz)
+    errors = _array(message, "reconstruction_errors", F32, rows) if message.reconstruction_errors else None
+    norms = _array(message, "input_norms", F32, rows) if message.input_norms else None
     if d_sae is not None and nnz and int(feature_ids.max()) >= d_sae:
         largest = int(feature_ids.max())
         raise WireFormatError(
@@ -111,6 +125,8 @@ def unpack_slice(message: RequestSlice, d_sae: int | None = None) -> SliceArrays
         row_offsets=offsets,
         feature_ids=feature_ids,
         activations=activations,
+        errors=errors,
+        norms=norms,
     )
 
 
@@ -135,6 +151,9 @@ class BatchArrays:
     row_offsets: np.ndarray  # int64 [rows + 1]
     feature_ids: np.ndarray  # uint32 [nnz]
     activations: np.ndarray  # float16 [nnz]
+    # per row, float32, NaN where the slice carried none; None when no slice of the batch carried any
+    errors: np.ndarray | None = None
+    norms: np.ndarray | None = None
 
     @property
     def num_slices(self) -> int:
@@ -177,6 +196,8 @@ def _slice_error(i: int, message: RequestSlice, d_sae_of_slot: dict[int, int], m
         ("row_offsets", len(message.row_offsets), 4 * (n + 1)),
         ("feature_ids", len(message.feature_ids), 4 * nnz),
         ("activations", len(message.activations), 2 * nnz),
+        ("reconstruction_errors", len(message.reconstruction_errors), 4 * n if message.reconstruction_errors else 0),
+        ("input_norms", len(message.input_norms), 4 * n if message.input_norms else 0),
     ):
         if size != expected:
             raise WireFormatError(f"{where}: {field} has {size} bytes, expected {expected} ({n} rows, {nnz} codes)")
@@ -195,6 +216,7 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
     )
     rows, posts = np.empty(count, np.int64), np.empty(count, np.int64)
     tokens, offsets, features, acts = [], [], [], []
+    errors, norms, measured = [], [], False
     phases_allowed = _PHASES
     for i, message in enumerate(slices):
         request_id = message.request_id
@@ -204,6 +226,7 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
         phase = message.phase
         token_bytes, offset_bytes = message.token_ids, message.row_offsets
         feature_bytes, act_bytes = message.feature_ids, message.activations
+        error_bytes, norm_bytes = message.reconstruction_errors, message.input_norms
         nnz = len(feature_bytes) >> 2
         if (
             not request_id
@@ -214,6 +237,8 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
             or len(offset_bytes) != 4 * (n + 1)
             or len(feature_bytes) != 4 * nnz
             or len(act_bytes) != 2 * nnz
+            or (error_bytes and len(error_bytes) != 4 * n)
+            or (norm_bytes and len(norm_bytes) != 4 * n)
         ):
             _slice_error(i, message, d_sae_of_slot, max_position)
         request_ids.append(request_id)
@@ -222,6 +247,10 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
         offsets.append(offset_bytes)
         features.append(feature_bytes)
         acts.append(act_bytes)
+        if error_bytes or norm_bytes:
+            measured = True
+        errors.append(error_bytes or _nan_bytes(n))
+        norms.append(norm_bytes or _nan_bytes(n))
     row_start = np.zeros(count + 1, np.int64)
     np.cumsum(rows, out=row_start[1:])
     post_start = np.zeros(count + 1, np.int64)
@@ -266,6 +295,18 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
                 f"slices[{i}] request {request_ids[i]!r}: activations hold {int((~finite).sum())} NaN or infinite "
                 "values"
             )
+    row_errors = row_norms = None
+    if measured:
+        row_errors, row_norms = np.frombuffer(b"".join(errors), F32), np.frombuffer(b"".join(norms), F32)
+        for field, values in (("reconstruction_errors", row_errors), ("input_norms", row_norms)):
+            bad = values < 0  # NaN compares False: NaN means "not measured"; infinities are refused
+            bad |= np.isinf(values)
+            if bad.any():
+                at = int(np.flatnonzero(bad)[0])
+                i = int(np.searchsorted(row_start, at, side="right") - 1)
+                raise WireFormatError(
+                    f"slices[{i}] request {request_ids[i]!r}: {field} holds negative or infinite values"
+                )
     return BatchArrays(
         request_ids,
         slots,
@@ -277,4 +318,10 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
         row_offsets,
         feature_ids,
         activations,
+        row_errors,
+        row_norms,
     )
+
+
+def _nan_bytes(rows: int) -> bytes:
+    return np.full(rows, np.nan, F32).tobytes()

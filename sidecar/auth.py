@@ -30,6 +30,7 @@ METHOD_ROLES = {
     "GetCodes": READ,
     "WatchActions": READ,
     "Contrast": READ,
+    "GetHealth": READ,
     "Label": ADMIN,
     "ReloadCircuits": ADMIN,
 }

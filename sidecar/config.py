@@ -97,6 +97,36 @@ class LimitsConfig(_Strict):
     max_circuit_window: int = Field(4096, gt=0)
 
 
+class FidelityConfig(_Strict):
+    """When a report is `low_fidelity` (sidecar/fidelity.py): in some slot, more than `low_fidelity_fraction`
+    of the tokens have a reconstruction error above the slot's threshold. The threshold is the producer's
+    calibration baseline (its 90th percentile), else `uncalibrated_error_threshold`; `error_thresholds`
+    overrides it per SAE (by name or weights-hash prefix)."""
+
+    low_fidelity_fraction: float = Field(0.5, ge=0, lt=1)
+    uncalibrated_error_threshold: float = Field(0.5, gt=0)
+    error_thresholds: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("error_thresholds")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, threshold in value.items():
+            if not threshold > 0:
+                raise ValueError(f"{name}: a threshold must be > 0, got {threshold}")
+        return value
+
+
+class DriftConfig(_Strict):
+    """The drift alarm (sidecar/drift.py) and its defaults."""
+
+    half_life_tokens: float = Field(20_000, gt=0)
+    min_tokens: float = Field(5_000, ge=0)
+    js_threshold: float = Field(0.1, gt=0, le=1)
+    error_ratio_threshold: float = Field(1.3, gt=1)
+    norm_ratio_threshold: float = Field(2.0, gt=1)
+    clear_fraction: float = Field(0.8, gt=0, le=1)
+
+
 class SidecarConfig(_Strict):
     # host:port to listen on; loopback by default, never all interfaces unless asked for.
     listen: str = "127.0.0.1:50061"
@@ -136,6 +166,8 @@ class SidecarConfig(_Strict):
     unknown_circuit_terms: Literal["warn", "error"] = "warn"
     # Bearer tokens over plaintext on a non-loopback address cross the network in clear: refused unless set.
     allow_plaintext_tokens: bool = False
+    fidelity: FidelityConfig = FidelityConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("evidence_synchronous")
     @classmethod

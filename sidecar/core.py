@@ -21,7 +21,9 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import CircuitSet, check_circuits, load_circuit_files
 from .config import ConfigError, SidecarConfig
+from .drift import DriftMonitor
 from .errors import MonitorError, check_enum
+from .fidelity import FidelityPolicy
 from .final_reports import FinalReports, one_request
 from .index import RollingIndex
 from .keys import token_keys
@@ -40,6 +42,7 @@ from .streams import (
     check_finish,
     check_gaps,
     check_start,
+    check_wiring,
     decode_batch,
     keep_slices,
     open_stream,
@@ -74,7 +77,10 @@ class SidecarCore:
         self.requests = RequestTable()
         self.queries = IndexQueries(self.index, self.registry, self.requests, clock)
         self.watchers = Watchers(self.counters)
-        self.reports = ReportBuilder(self.registry, config.max_evidence_tokens)
+        self.fidelity = FidelityPolicy(config.fidelity)
+        self.drift = DriftMonitor(config.drift, clock)
+        self.wiring: dict[int, dict[str, pb.WiringCheck]] = {}  # gslot -> producer instance -> latest check
+        self.reports = ReportBuilder(self.registry, config.max_evidence_tokens, self.fidelity)
         self.producer_stats: dict[str, pb.ProducerStats] = {}  # latest per producer instance
         self.instruments = Telemetry(None, None).instruments()  # no-op until the server starts telemetry
         self._open: dict[str, RequestState] = {}
@@ -87,6 +93,11 @@ class SidecarCore:
 
     def open_stream(self, manifest: pb.Manifest) -> Stream:
         stream = open_stream(manifest, self.registry, self.limits)
+        with self.lock:
+            for slot, gslot in stream.slots.items():
+                baseline = stream.baselines.get(slot)
+                self.fidelity.set_baseline(gslot, self.registry.identities[gslot], baseline)
+                self.drift.register(gslot, stream.d_sae[slot], baseline)
         self.counters["streams"] += 1
         kind = f"a stream with {len(stream.slots)} slots" if stream.slots else "a control stream"
         log.info("producer %r (%r) opened %s", manifest.instance_id, manifest.producer, kind)
@@ -118,6 +129,8 @@ class SidecarCore:
         stream.batches += 1
         if batch.HasField("stats"):
             self.producer_stats[stream.producer] = batch.stats
+            if batch.stats.wiring:
+                self._wiring_checks(stream, check_wiring(stream, batch.stats))
         with self.lock:
             now = self.clock()
             states: dict[str, RequestState | None] = {}
@@ -145,6 +158,8 @@ class SidecarCore:
                 arrays.row_offsets,
                 arrays.feature_ids,
                 arrays.activations,
+                arrays.errors,
+                arrays.norms,
             )
             candidates = self._candidates(gslots, arrays)
             counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
@@ -152,6 +167,7 @@ class SidecarCore:
             replaced = []
             row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
             slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
+            errors, norms = arrays.errors, arrays.norms
             for i, state in enumerate(per_slice):
                 r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
                 chunk = Chunk(
@@ -161,6 +177,8 @@ class SidecarCore:
                     arrays.row_offsets[r0 : r1 + 1] - p0,
                     arrays.feature_ids[p0:p1],
                     arrays.activations[p0:p1],
+                    errors=errors[r0:r1] if errors is not None else None,
+                    norms=norms[r0:r1] if norms is not None else None,
                 )
                 gone = state.add_chunk(
                     slice_gslots[i], chunk, slice_phases[i], now, candidates[p0:p1] if checks[i] else None
@@ -169,6 +187,7 @@ class SidecarCore:
                     replaced.append(gone)
             if replaced:
                 self.index.supersede(np.concatenate(replaced))
+            self._observe_drift(gslots, row_slice, arrays)
             postings = len(arrays.feature_ids)
             stream.postings += postings
             self.counters["postings"] += postings
@@ -182,6 +201,42 @@ class SidecarCore:
                 self._check_actions(state)
                 if state.pending_finish is not None:
                     self._finalize_if_covered(state)
+
+    def _observe_drift(self, gslots: np.ndarray, row_slice: np.ndarray, arrays) -> None:
+        """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""
+        row_gslots = gslots[row_slice]
+        posting_gslots = np.repeat(gslots, np.diff(arrays.post_start))
+        present = np.unique(gslots).tolist()
+        for gslot in present:
+            rows = row_gslots == gslot
+            errors = norms = None
+            if arrays.errors is not None:
+                measured = rows & ~np.isnan(arrays.errors) & ~np.isnan(arrays.norms)
+                errors, norms = arrays.errors[measured], arrays.norms[measured]
+            features = arrays.feature_ids[posting_gslots == gslot] if len(present) > 1 else arrays.feature_ids
+            self.drift.observe(gslot, features, int(rows.sum()), errors, norms)
+
+    def _wiring_checks(self, stream: Stream, checks: list[pb.WiringCheck]) -> None:
+        """A producer's latest wiring verdicts (relayed with its stats): shown by GetHealth; a mis-wired slot's
+        reports are low fidelity while the verdict stands. Logged and counted when a verdict changes."""
+        with self.lock:
+            for check in checks:
+                gslot = stream.slots[check.slot]
+                by_producer = self.wiring.setdefault(gslot, {})
+                previous = by_producer.get(stream.producer)
+                by_producer[stream.producer] = check
+                self.fidelity.wiring(gslot, stream.producer, check)
+                if previous is not None and previous.verdict == check.verdict:
+                    continue
+                self.counters[
+                    f"wiring_{pb.WiringVerdict.Name(check.verdict).removeprefix('WIRING_VERDICT_').lower()}"
+                ] += 1
+                if check.verdict == pb.WIRING_VERDICT_MISWIRED:
+                    log.error("producer %r reports a MIS-WIRED SAE: %s", stream.producer, check.detail)
+                elif check.verdict == pb.WIRING_VERDICT_SUSPECT:
+                    log.warning("producer %r reports suspect SAE wiring: %s", stream.producer, check.detail)
+                else:
+                    log.info("producer %r: SAE wiring as expected: %s", stream.producer, check.detail)
 
     def _candidates(self, gslots: np.ndarray, arrays) -> np.ndarray:
         """bool per code of the batch: does some circuit term name its feature (in its SAE)?"""
@@ -320,8 +375,13 @@ class SidecarCore:
 
     def close_stream(self, stream: Stream | None, error: str | None = None) -> None:
         """A producer stream ended; its open requests stay open (the producer may reconnect and go on). SAEs
-        only its manifest ever named are retired."""
+        only its manifest ever named are retired. Its wiring verdicts go with it: a producer that reconnects
+        relays them again with its stats, and one restarted with a fixed configuration is judged afresh."""
         if stream is not None:
+            with self.lock:
+                for gslot in stream.slots.values():
+                    self.wiring.get(gslot, {}).pop(stream.producer, None)
+                    self.fidelity.forget_producer(gslot, stream.producer)
             retired = self.registry.release(stream.slots.values())
             if retired:
                 self.counters["saes_retired"] += retired
@@ -390,7 +450,8 @@ class SidecarCore:
             request_id=state.request_id,
             arrival_ns=report.arrival_unix_nanos,
             finalized_ns=report.finalized_unix_nanos,
-            complete=report.status == pb.REPORT_STATUS_COMPLETE,
+            complete=report.status == pb.REPORT_STATUS_COMPLETE
+            or (report.status == pb.REPORT_STATUS_LOW_FIDELITY and not report.coverage.gaps),
         )
         num_prompt = report.num_prompt_tokens
         record.ridx = self.request_index.add(
@@ -479,6 +540,60 @@ class SidecarCore:
     def feature_stats(self, request: pb.FeatureStatsRequest) -> pb.FeatureStatsResponse:
         check_enum(request.scope, pb.Scope, "scope")
         return self.queries.feature_stats(request)
+
+    # --- health ---------------------------------------------------------------------------------------
+
+    def check_drift(self) -> None:
+        """Re-evaluate every SAE's drift state (maintenance tick; GetHealth)."""
+        with self.lock:
+            self.drift.check()
+
+    def health(self) -> pb.HealthResponse:
+        """Every SAE's state with its numbers, evaluated now."""
+        with self.lock:
+            self.drift.check()
+            slots = [self.slot_health(gslot) for gslot in sorted(self.drift.slots)]
+        d = self.config.drift
+        rule = (
+            f"drift: with at least {d.min_tokens:g} effective tokens (half-life {d.half_life_tokens:g}), alarm when "
+            f"JS divergence >= {d.js_threshold:g} bits, or error >= {d.error_ratio_threshold:g}x calibration, or "
+            f"input norm outside 1/{d.norm_ratio_threshold:g}..{d.norm_ratio_threshold:g}x calibration; it clears "
+            f"below {d.clear_fraction:g} of each threshold. A producer's wiring check can mark an SAE mis-wired."
+        )
+        return pb.HealthResponse(slots=slots, rule=rule)
+
+    def slot_health(self, gslot: int) -> pb.SlotHealth:
+        """One SAE's health (under the lock)."""
+        drift = self.drift.slots[gslot]
+        identity = self.registry.identities[gslot]
+        metrics = drift.metrics
+        health = pb.SlotHealth(
+            sae=identity.name,
+            weights_hash=identity.weights_hash,
+            layer=identity.layer,
+            hook_point=identity.hook_point,
+            state=drift.state,
+            reasons=drift.reasons,
+            since_unix_nanos=drift.since_ns,
+            tokens=metrics.get("tokens", 0.0),
+            js_divergence=metrics.get("js", 0.0),
+            error_mean=metrics.get("error_mean", 0.0),
+            error_ratio=metrics.get("error_ratio", 0.0),
+            norm_mean=metrics.get("norm_mean", 0.0),
+            norm_ratio=metrics.get("norm_ratio", 0.0),
+            dead_fraction=metrics.get("dead_fraction", 0.0),
+            dense_fraction=metrics.get("dense_fraction", 0.0),
+            l0_mean=metrics.get("l0_mean", 0.0),
+        )
+        if drift.baseline is not None:
+            health.baseline.CopyFrom(drift.baseline)
+            health.baseline.ClearField("firing_frequencies")
+        for producer, check in self.wiring.get(gslot, {}).items():
+            health.wiring[producer].CopyFrom(check)
+            if check.verdict == pb.WIRING_VERDICT_MISWIRED:
+                health.state = pb.SLOT_STATE_MISWIRED
+                health.reasons.append(f"{producer}: {check.detail}")
+        return health
 
     # --- circuits -------------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class TokenSegment:
     row_token: np.ndarray  # uint32 token id
     row_time: np.ndarray  # int64 ns
     row_uid: np.ndarray  # int64: rows were reordered by key, so uids are stored
+    row_fidelity: np.ndarray  # float32 [rows, 2]: reconstruction error and input norm (NaN: not measured)
     term_codes: np.ndarray  # uint64 unique (gslot << 28 | feature), sorted
     term_offsets: np.ndarray  # int64 [terms + 1] into post_rows / post_acts
     post_rows: np.ndarray  # uint32 row index
@@ -70,6 +71,7 @@ class TokenSegment:
             self.row_token,
             self.row_time,
             self.row_uid,
+            self.row_fidelity,
             self.term_codes,
         )
         return sum(a.nbytes for a in arrays) + self.term_offsets.nbytes + self.post_rows.nbytes + self.post_acts.nbytes
@@ -107,16 +109,19 @@ class _ActiveSegment:
 
     def seal(self) -> TokenSegment:
         if self.rows:
-            keys, gslot, phase, tokens, times = (np.concatenate(parts) for parts in zip(*self.rows, strict=True))
+            keys, gslot, phase, tokens, times, fidelity = (
+                np.concatenate(parts) for parts in zip(*self.rows, strict=True)
+            )
             rows, codes, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
             # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
             by_key = np.argsort(keys, kind="stable")
-            keys, gslot, phase, tokens, times = (
+            keys, gslot, phase, tokens, times, fidelity = (
                 keys[by_key],
                 gslot[by_key],
                 phase[by_key],
                 tokens[by_key],
                 times[by_key],
+                fidelity[by_key],
             )
             uids = self.base_uid + by_key.astype(np.int64)
             new_row = np.empty_like(by_key)
@@ -126,6 +131,7 @@ class _ActiveSegment:
             keys, gslot, phase, tokens, times = (
                 np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.uint32, np.int64)
             )
+            fidelity = np.empty((0, 2), np.float32)
             uids = np.empty(0, np.int64)
             rows, codes, acts = np.empty(0, np.uint32), np.empty(0, np.uint64), np.empty(0, np.float16)
         packed = (codes << np.uint64(ROW_BITS)) | rows.astype(np.uint64)
@@ -145,6 +151,7 @@ class _ActiveSegment:
             row_token=tokens,
             row_time=times,
             row_uid=uids,
+            row_fidelity=fidelity,
             term_codes=term_codes,
             term_offsets=offsets,
             post_rows=(packed & np.uint64(MAX_SEGMENT_ROWS - 1)).astype(np.uint32),
@@ -206,10 +213,13 @@ class RollingIndex:
         row_offsets: np.ndarray,
         feature_ids: np.ndarray,
         activations: np.ndarray,
+        errors: np.ndarray | None = None,
+        norms: np.ndarray | None = None,
     ) -> np.ndarray:
         """Add rows (one per key) and their codes; returns the rows' uids. `gslots` and `phases` are per row
         (or one value for all); row i's codes are feature_ids[row_offsets[i] - row_offsets[0] :
-        row_offsets[i + 1] - row_offsets[0]]."""
+        row_offsets[i + 1] - row_offsets[0]]. `errors` and `norms` (per row, NaN: not measured) are kept
+        beside the rows for GetCodes."""
         with self._lock:
             now = self.clock()
             n = len(keys)
@@ -224,6 +234,7 @@ class RollingIndex:
                     np.array(np.broadcast_to(np.asarray(phases, np.uint8), (n,))),
                     np.asarray(token_ids, np.uint32),
                     np.full(n, now, np.int64),
+                    _fidelity_columns(n, errors, norms),
                 )
             )
             counts = np.diff(np.asarray(row_offsets, np.int64))
@@ -397,8 +408,8 @@ class RollingIndex:
         return result
 
     def request_codes(self, seq: int) -> list[tuple[np.ndarray, ...]]:
-        """Per segment, (positions, gslot, phase, token, row_offsets, features, activations) of one request,
-        rows ordered by (gslot, position), superseded rows left out."""
+        """Per segment, (positions, gslot, phase, token, row_offsets, features, activations, fidelity) of one
+        request, rows ordered by (gslot, position), superseded rows left out."""
         lo_key, hi_key = request_key_range(seq)
         out = []
         for segment in self.segments():
@@ -433,6 +444,7 @@ class RollingIndex:
                     offsets,
                     features[by_row].astype(np.uint32),
                     acts[by_row],
+                    segment.row_fidelity[rows],
                 )
             )
         return out
@@ -474,3 +486,12 @@ def _has_uid_in(sorted_uids: np.ndarray, segment: TokenSegment) -> bool:
     """Whether any of the sorted uids belongs to a row of the segment (its uids are one contiguous range)."""
     lo, hi = np.searchsorted(sorted_uids, [segment.base_uid, segment.base_uid + segment.num_rows])
     return bool(hi > lo)
+
+
+def _fidelity_columns(rows: int, errors: np.ndarray | None, norms: np.ndarray | None) -> np.ndarray:
+    columns = np.full((rows, 2), np.nan, np.float32)
+    if errors is not None:
+        columns[:, 0] = errors
+    if norms is not None:
+        columns[:, 1] = norms
+    return columns

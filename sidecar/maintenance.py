@@ -1,6 +1,6 @@
 """The sidecar's periodic maintenance: sealing and evicting the token index, finalising requests whose finish
-deadline or timeout passed, keeping open requests within their budget, building the request-level index, and
-evidence retention.
+deadline or timeout passed, keeping open requests within their budget, building the request-level index,
+evidence retention, and the SAEs' drift states.
 
 It runs on its own thread (server.py), one tick at a time, over a SidecarCore: each step takes the core's lock
 only for as long as it changes shared state.
@@ -40,6 +40,7 @@ class Maintenance:
             ("forget requests", lambda: self.forget_old_requests(now)),
             ("request index", lambda: self.maintain_request_index(now)),
             ("evidence retention", lambda: self.prune_evidence(now)),
+            ("drift", core.check_drift),
         ):
             try:
                 step()

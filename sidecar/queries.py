@@ -153,6 +153,7 @@ class IndexQueries:
         counts = np.concatenate([np.diff(p[4].astype(np.int64)) for p in parts])
         features = np.concatenate([p[5] for p in parts])
         acts = np.concatenate([p[6] for p in parts])
+        fidelity = np.concatenate([p[7] for p in parts])
         starts = np.concatenate(([0], np.cumsum(counts)))
         order = np.lexsort((positions, gslots))
         slot_of = {gslot: self.registry.producer_slot[gslot] for gslot in np.unique(gslots).tolist()}
@@ -184,9 +185,18 @@ class IndexQueries:
                         offsets,
                         ids,
                         values,
+                        *_measured(fidelity[rows]),
                     )
                 )
                 run = []
             if i is not None:
                 run.append(i)
         return response
+
+
+def _measured(fidelity: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(errors, norms) of rows when every one of them was measured, else (None, None): a slice carries fidelity
+    for all its rows or none."""
+    if not len(fidelity) or np.isnan(fidelity).any():
+        return None, None
+    return fidelity[:, 0], fidelity[:, 1]

@@ -2,7 +2,8 @@
 when the finish never came): coverage with every gap explained, flags with their evidence, SAE identities.
 
 A report never calls tokens clean that it did not see: every position of every slot below the announced total
-has codes or a gap, and only then is the report COMPLETE.
+has codes or a gap, and only then is the report COMPLETE. Nor does it call tokens clean that its SAEs read
+badly: a slot whose tokens were mostly poorly reconstructed makes the report LOW_FIDELITY (fidelity.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import Circuit, CircuitSet
+from .fidelity import FidelityPolicy
 from .registry import SaeRegistry
 from .request_state import CircuitEvaluator, RequestState
 
@@ -124,9 +126,10 @@ def _coverage(state: RequestState, finish: pb.RequestFinish | None, ended: int) 
 class ReportBuilder:
     """Turns a request's open state into its final report; holds what every report needs to name SAEs."""
 
-    def __init__(self, registry: SaeRegistry, max_evidence_tokens: int) -> None:
+    def __init__(self, registry: SaeRegistry, max_evidence_tokens: int, fidelity: FidelityPolicy) -> None:
         self.registry = registry
         self.max_evidence_tokens = max_evidence_tokens
+        self.fidelity = fidelity
 
     def build(
         self,
@@ -148,11 +151,20 @@ class ReportBuilder:
         ]
         total = coverage.total
         complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)
+        fidelity = [
+            self.fidelity.summarize(gslot_to_slot[gslot], gslot, errors, norms)
+            for gslot, (errors, norms) in sorted(state.fidelity_rows().items())
+            if gslot in gslot_to_slot
+        ]
+        status = pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE
+        if any(f.low_fidelity for f in fidelity):
+            status = pb.REPORT_STATUS_LOW_FIDELITY
         report = pb.Report(
             request_id=state.request_id,
             response_id=state.response_id,
             notes=state.notes,
-            status=pb.REPORT_STATUS_COMPLETE if complete else pb.REPORT_STATUS_INCOMPLETE,
+            status=status,
+            fidelity=fidelity,
             model=(finish.model if finish is not None and finish.model else state.model),
             flags=flags,
             max_severity=max((f.severity for f in flags), default=pb.SEVERITY_UNSPECIFIED),

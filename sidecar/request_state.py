@@ -37,6 +37,8 @@ class Chunk:
     features: np.ndarray  # uint32 [nnz]
     acts: np.ndarray  # float16 [nnz]
     level: int = 0  # how many times chunks were merged into it
+    errors: np.ndarray | None = None  # float32 [rows], NaN where not measured; None: none measured
+    norms: np.ndarray | None = None  # float32 [rows], beside errors
 
 
 def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
@@ -44,6 +46,7 @@ def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
     counts = np.concatenate([np.diff(c.offsets) for c in chunks])
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
+    measured = any(c.errors is not None for c in chunks)
     return Chunk(
         np.concatenate([c.positions for c in chunks]),
         np.concatenate([c.uids for c in chunks]),
@@ -52,7 +55,13 @@ def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
         np.concatenate([c.features for c in chunks]),
         np.concatenate([c.acts for c in chunks]),
         level,
+        np.concatenate([_or_nan(c.errors, len(c.positions)) for c in chunks]) if measured else None,
+        np.concatenate([_or_nan(c.norms, len(c.positions)) for c in chunks]) if measured else None,
     )
+
+
+def _or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
+    return values if values is not None else np.full(rows, np.nan, np.float32)
 
 
 @dataclass(frozen=True)
@@ -165,7 +174,7 @@ class RequestState:
         if n and self._prefix.get(gslot, 0) == int(positions[0]):  # the common case: codes arrive in order
             self._prefix[gslot] = int(positions[0]) + n
         self.postings += len(chunk.features)
-        self.nbytes += 24 * n + 6 * len(chunk.features) + 200
+        self.nbytes += (32 if chunk.errors is not None else 24) * n + 6 * len(chunk.features) + 200
         if self.plan is not None and candidates is not None:
             self._match_terms(gslot, chunk, candidates)
         return replaced
@@ -233,6 +242,22 @@ class RequestState:
             offsets = np.zeros(len(counts) + 1, np.int64)
             np.cumsum(counts, out=offsets[1:])
             out[gslot] = SlotCodes(positions, offsets, features, acts)
+        return out
+
+    def fidelity_rows(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Per gslot, (errors, norms) of the latest row of each measured position (superseded rows left out)."""
+        out = {}
+        superseded = self._superseded_array() if self.superseded else None
+        for gslot, chunks in self.chunks.items():
+            measured = [c for c in chunks if c.errors is not None]
+            if not measured:
+                continue
+            errors = np.concatenate([c.errors for c in measured])
+            norms = np.concatenate([c.norms for c in measured])
+            keep = ~np.isnan(errors)
+            if superseded is not None:
+                keep &= ~np.isin(np.concatenate([c.uids for c in measured]), superseded)
+            out[gslot] = (errors[keep], norms[keep])
         return out
 
     def seen_prefix(self) -> int:

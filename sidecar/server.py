@@ -70,7 +70,10 @@ def start(config: SidecarConfig) -> RunningSidecar:
         raise
     host = config.listen.rpartition(":")[0]
     telemetry = Telemetry.start(config.telemetry)
-    core.instruments = telemetry.instruments(core.producer_stats)
+    core.instruments = telemetry.instruments(core.producer_stats, core.health)
+    core.drift.listeners.append(
+        lambda gslot, _drift, previous: telemetry.health_changed(core.slot_health(gslot), previous)
+    )
     core.watchers.listeners.append(telemetry.report_finished)
     stopping = threading.Event()
     interceptors = [RoleInterceptor(tokens)] if tokens else []

@@ -140,6 +140,9 @@ class MonitorServicer(pb_grpc.MonitorServicer):
     def Label(self, request: pb.LabelRequest, context: grpc.ServicerContext) -> pb.LabelResponse:
         return self._call(context, self.core.label, request)
 
+    def GetHealth(self, request: pb.GetHealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        return self._call(context, self.core.health)
+
     @staticmethod
     def _call(context: grpc.ServicerContext, fn, *args):
         try:

@@ -5,6 +5,8 @@ touches the core's state, and answered with INVALID_ARGUMENT naming the field an
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import numpy as np
 
@@ -32,6 +34,11 @@ class Stream:
         self.batches = 0
         self.postings = 0
         self.finished = 0
+        # producer slot -> its calibration baseline (absent: uncalibrated), and its latest wiring check
+        self.baselines: dict[int, pb.FidelityBaseline] = {
+            s.slot: s.baseline for s in manifest.slots if s.HasField("baseline")
+        }
+        self.wiring: dict[int, pb.WiringCheck] = {}
 
     @property
     def producer(self) -> str:
@@ -68,6 +75,9 @@ def open_stream(manifest: pb.Manifest, registry: SaeRegistry, limits: LimitsConf
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{where}: d_sae {slot.d_sae} is more than limits.max_d_sae ({limits.max_d_sae})",
             )
+        if slot.HasField("baseline"):
+            check_baseline(slot.baseline, slot.d_sae, f"{where}.baseline")
+        _bounded(slot.decoder_hash, f"{where}.decoder_hash")
         d_sae[slot.slot] = slot.d_sae
     for i, slot in enumerate(manifest.slots):  # register only a manifest that is valid as a whole
         try:
@@ -79,11 +89,51 @@ def open_stream(manifest: pb.Manifest, registry: SaeRegistry, limits: LimitsConf
     return Stream(manifest, slots, d_sae)
 
 
-def _bounded(value: str, field: str) -> None:
-    if len(value) > MANIFEST_STRING_CHARS:
-        raise MonitorError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {len(value)} characters, more than {MANIFEST_STRING_CHARS}"
-        )
+def check_baseline(baseline: pb.FidelityBaseline, d_sae: int, where: str) -> None:
+    """A baseline's numbers are finite and non-negative, its threshold positive, and its firing frequencies (if
+    any) one float32 per feature: it sets thresholds and the drift reference, so garbage must not get in."""
+    numbers = {
+        name: getattr(baseline, name)
+        for name in ("error_threshold", "error_mean", "error_p50", "error_p99", "norm_mean", "norm_p50", "l0_mean")
+    }
+    for name, value in numbers.items():
+        if not math.isfinite(value) or value < 0:
+            raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.{name}: {value} is not a finite value >= 0")
+    if baseline.error_threshold <= 0:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.error_threshold: must be > 0")
+    _bounded(baseline.source, f"{where}.source", limit=1024)
+    frequencies = baseline.firing_frequencies
+    if frequencies:
+        if len(frequencies) != 4 * d_sae:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}.firing_frequencies: {len(frequencies)} bytes, expected {4 * d_sae} (d_sae float32 values)",
+            )
+        values = np.frombuffer(frequencies, "<f4")
+        if not (np.isfinite(values).all() and (values >= 0).all() and (values <= 1).all()):
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{where}.firing_frequencies: values must be shares in 0..1"
+            )
+
+
+def check_wiring(stream: Stream, stats: pb.ProducerStats) -> list[pb.WiringCheck]:
+    """The producer's wiring checks this batch reports for the first time (valid ones only)."""
+    new = []
+    for i, check in enumerate(stats.wiring[: len(stream.slots) or 0]):
+        if check.slot not in stream.slots:
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"stats.wiring[{i}]: slot {check.slot} is not in the manifest"
+            )
+        _bounded(check.detail, f"stats.wiring[{i}].detail", limit=2048)
+        if stream.wiring.get(check.slot) != check:
+            stream.wiring[check.slot] = check
+            new.append(check)
+    return new
+
+
+def _bounded(value: str, field: str, limit: int = MANIFEST_STRING_CHARS) -> None:
+    if len(value) > limit:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {len(value)} characters, more than {limit}")
 
 
 def request_id_ok(request_id: str, field: str, limits: LimitsConfig) -> str:
@@ -169,6 +219,8 @@ def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
         np.concatenate(([0], np.cumsum(counts))),
         arrays.feature_ids[post_index],
         arrays.activations[post_index],
+        arrays.errors[row_index] if arrays.errors is not None else None,
+        arrays.norms[row_index] if arrays.norms is not None else None,
     )
 
 

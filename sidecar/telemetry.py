@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 SPAN_NAME = "circuitwatch.monitor"
 EVENT_NAME = "circuitwatch.circuit_match"
+DRIFT_SPAN_NAME = "circuitwatch.sae_health"
+DRIFT_EVENT_NAME = "circuitwatch.drift_alarm"
 EVIDENCE_POSITIONS = 16  # positions listed per match event
 
 
@@ -90,9 +92,10 @@ class Telemetry:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
         return cls(tracer_provider, meter_provider)
 
-    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None):
+    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None):
         """Metric instruments for the Monitor (no-ops when metrics are off). `producer_stats` (the Monitor's
-        latest stats per producer) feeds the plugin-side metrics: queue depth, drops, encoder time."""
+        latest stats per producer) feeds the plugin-side metrics: queue depth, drops, encoder time; `health`
+        (a callable returning the HealthResponse) feeds the per-SAE drift gauges."""
         from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 
         meter = (self.meter_provider or NoOpMeterProvider()).get_meter("circuitwatch.sidecar", __version__)
@@ -120,7 +123,31 @@ class Telemetry:
         meter.create_observable_counter(
             "circuitwatch.producer.steps_encoded", observe("steps_encoded"), unit="{step}", description="Steps encoded"
         )
+
+        def health_gauge(field: str):
+            def callback(_options: CallbackOptions):
+                if health is None:
+                    return []
+                observations = []
+                for slot in health().slots:
+                    value = getattr(slot, field) if field != "alarm" else int(slot.state in ALARM_STATES)
+                    observations.append(Observation(value, {"sae": slot.sae, "layer": slot.layer}))
+                return observations
+
+            return [callback]
+
+        for field, description in (
+            ("js_divergence", "Jensen-Shannon divergence of feature firings from calibration (bits)"),
+            ("error_ratio", "Mean reconstruction error / calibration's"),
+            ("norm_ratio", "Mean input norm / calibration's"),
+            ("dead_fraction", "Calibration-alive features now (almost) silent"),
+            ("alarm", "1 while the SAE drifts or is mis-wired"),
+        ):
+            meter.create_observable_gauge(f"circuitwatch.sae.{field}", health_gauge(field), description=description)
         return SidecarInstruments(
+            fidelity_error=meter.create_histogram(
+                "circuitwatch.fidelity.error", unit="1", description="Mean reconstruction error per request and slot"
+            ),
             flags=meter.create_counter("circuitwatch.flags", unit="{flag}", description="Circuit matches"),
             requests=meter.create_counter(
                 "circuitwatch.requests.monitored", unit="{request}", description="Finished reports"
@@ -153,6 +180,13 @@ class Telemetry:
             "circuitwatch.severity.max": severity_name(report.max_severity) if report.flags else "none",
             "circuitwatch.saes": [f"{s.name}@layer{s.layer}:{s.weights_hash}" for s in report.saes],
         }
+        if report.fidelity:
+            attributes |= {
+                "circuitwatch.fidelity.low": any(f.low_fidelity for f in report.fidelity),
+                "circuitwatch.fidelity.slots": [f.slot for f in report.fidelity],
+                "circuitwatch.fidelity.error_mean": [f.error_mean for f in report.fidelity],
+                "circuitwatch.fidelity.fraction_above_threshold": [f.fraction_above_threshold for f in report.fidelity],
+            }
         if report.labels:
             attributes["circuitwatch.labels"] = list(report.labels)
         span = tracer.start_span(
@@ -180,6 +214,28 @@ class Telemetry:
             span.set_status(Status(StatusCode.UNSET))
         span.end(end_time=max(report.finalized_unix_nanos, report.arrival_unix_nanos))
 
+    def health_changed(self, slot: pb.SlotHealth, previous: int) -> None:
+        """An SAE's alarm was raised or cleared: a span with one event, outside any trace. Other changes (warming
+        up, no baseline) are not events."""
+        if self.tracer_provider is None or (slot.state not in ALARM_STATES and previous not in ALARM_STATES):
+            return
+        tracer = self.tracer_provider.get_tracer("circuitwatch.sidecar", __version__)
+        state = pb.SlotState.Name(slot.state).removeprefix("SLOT_STATE_").lower()
+        attributes = {
+            "circuitwatch.sae": slot.sae,
+            "circuitwatch.sae.layer": slot.layer,
+            "circuitwatch.sae.weights_hash": slot.weights_hash,
+            "circuitwatch.sae.state": state,
+            "circuitwatch.sae.previous_state": pb.SlotState.Name(previous).removeprefix("SLOT_STATE_").lower(),
+            "circuitwatch.sae.js_divergence": slot.js_divergence,
+            "circuitwatch.sae.error_ratio": slot.error_ratio,
+            "circuitwatch.sae.norm_ratio": slot.norm_ratio,
+            "circuitwatch.sae.tokens": slot.tokens,
+            "circuitwatch.sae.reasons": list(slot.reasons),
+        }
+        with tracer.start_as_current_span(DRIFT_SPAN_NAME, kind=SpanKind.INTERNAL, attributes=attributes) as span:
+            span.add_event(DRIFT_EVENT_NAME if slot.state in ALARM_STATES else "circuitwatch.drift_cleared", attributes)
+
     def shutdown(self) -> None:
         for provider in (self.tracer_provider, self.meter_provider):
             if provider is not None:
@@ -189,8 +245,12 @@ class Telemetry:
                     log.exception("telemetry shutdown failed")
 
 
+ALARM_STATES = (pb.SLOT_STATE_DRIFT, pb.SLOT_STATE_MISWIRED)
+
+
 @dataclass
 class SidecarInstruments:
+    fidelity_error: object
     flags: object
     requests: object
     postings: object
@@ -202,6 +262,11 @@ class SidecarInstruments:
             self.flags.add(1, {"circuit": flag.circuit, "severity": severity_name(flag.severity)})
         status = status_name(report.status)
         self.requests.add(1, {"status": status, "model": report.model})
+        names = {s.slot: s.name for s in report.saes}
+        for slot in report.fidelity:
+            if slot.tokens:
+                attributes = {"sae": names.get(slot.slot, str(slot.slot)), "low_fidelity": slot.low_fidelity}
+                self.fidelity_error.record(slot.error_mean, attributes)
         if finish_received_ns:
             self.report_latency.record((report.finalized_unix_nanos - finish_received_ns) / 1e6)
             if report.finish_unix_nanos:

@@ -1,4 +1,5 @@
-"""The `circuitwatch` client commands that talk to a running sidecar: `identify` and `label`."""
+"""The `circuitwatch` commands besides `sidecar`: `identify`, `label` and `health` talk to a running sidecar;
+`calibrate` runs a model locally to write an SAE's fidelity baseline."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import sys
 
 import grpc
 
+from .calibrate import add_calibrate_parser, run_calibrate
 from .connection import UsageError
+from .health import add_health_parser, run_health
 from .identify import add_identify_parser, run_identify
 from .label import add_label_parser, run_label
 
-COMMANDS = {"identify": run_identify, "label": run_label}
+COMMANDS = {"identify": run_identify, "label": run_label, "health": run_health, "calibrate": run_calibrate}
+PARSERS = (add_identify_parser, add_label_parser, add_health_parser, add_calibrate_parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,4 +33,4 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-__all__ = ["COMMANDS", "add_identify_parser", "add_label_parser", "run"]
+__all__ = ["COMMANDS", "PARSERS", "run"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import SaeFormatError
-from ..spec import EncoderWeights, Sae, SaeSpec, weights_hash
+from ..spec import EncoderWeights, Sae, SaeSpec, decoder_hash, weights_hash
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -54,13 +55,29 @@ class ConfigAndWeights:
 
 
 def read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """The arrays of an .npz archive. Pickled or object data is never loaded (weights are plain arrays), and a
+    truncated, empty or foreign file is an error naming the file, never numpy's bare exception."""
     if not path.is_file():
         raise SaeFormatError(path, None, "file not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise SaeFormatError(path, None, f"not a readable .npz archive: truncated or damaged ({exc})") from None
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            reason = "not an .npz archive of arrays (it holds pickled data, which is never loaded for weights)"
+        else:
+            reason = f"not a readable .npz archive ({exc})"
+        raise SaeFormatError(path, None, reason) from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise SaeFormatError(path, None, "a single .npy array, not an .npz archive of named arrays")
+    try:
+        with archive:
             return {key: torch.from_numpy(np.array(archive[key])) for key in archive.files}
-    except (OSError, ValueError) as exc:
-        raise SaeFormatError(path, None, f"not a readable .npz archive ({exc})") from exc
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise SaeFormatError(
+            path, None, f"an array of the .npz archive cannot be read: truncated or damaged ({exc})"
+        ) from None
 
 
 def config_value(cfg: dict[str, Any], path: Path, key: str, kind: type, default: Any = ...) -> Any:
@@ -104,17 +121,31 @@ def matrix_shape(tensors: dict[str, torch.Tensor], key: str, path: Path) -> tupl
     return int(shape[0]), int(shape[1])
 
 
-def finish(spec: SaeSpec, weights: EncoderWeights, expected_d_in: int | None, cfg_path: Path) -> Sae:
+def finish(
+    spec: SaeSpec,
+    weights: EncoderWeights,
+    expected_d_in: int | None,
+    cfg_path: Path,
+    decoder: torch.Tensor | None = None,
+) -> Sae:
     if expected_d_in is not None and spec.d_in != expected_d_in:
         raise SaeFormatError(
             cfg_path, "d_in", f"SAE d_in {spec.d_in} differs from the model's hidden size {expected_d_in}"
         )
     if spec.k is not None and not 0 < spec.k <= spec.d_sae:
         raise SaeFormatError(cfg_path, "k", f"k={spec.k} must be in 1..d_sae ({spec.d_sae})")
-    return Sae(spec=spec, weights=weights, weights_hash=weights_hash(spec, weights))
+    return Sae(
+        spec=spec,
+        weights=weights,
+        weights_hash=weights_hash(spec, weights),
+        decoder=decoder,
+        decoder_hash=decoder_hash(decoder) if decoder is not None else "",
+    )
 
 
-def fold_decoder_norm(weights: EncoderWeights, W_dec: torch.Tensor) -> EncoderWeights:
-    """SAELens `rescale_acts_by_decoder_norm`: pre-activations scaled by each decoder row's norm."""
+def fold_decoder_norm(weights: EncoderWeights, W_dec: torch.Tensor) -> tuple[EncoderWeights, torch.Tensor]:
+    """SAELens `rescale_acts_by_decoder_norm`: pre-activations scaled by each decoder row's norm, so the emitted
+    activations are in that scale and reconstruct through unit-norm decoder rows. (encoder, decoder)."""
     norms = W_dec.norm(dim=1)
-    return EncoderWeights(W_enc=weights.W_enc * norms, b_enc=weights.b_enc * norms, b_dec=weights.b_dec)
+    folded = EncoderWeights(W_enc=weights.W_enc * norms, b_enc=weights.b_enc * norms, b_dec=weights.b_dec)
+    return folded, W_dec / norms.clamp_min(torch.finfo(torch.float32).tiny)[:, None]

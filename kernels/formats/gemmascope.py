@@ -45,6 +45,7 @@ def load(path: Path, expected_d_in: int | None = None, name: str | None = None) 
         b_dec=require(tensors, "b_dec", (d_in,), params),
         threshold=require(tensors, "threshold", (d_sae,), params),
     )
+    decoder = require(tensors, "W_dec", (d_sae, d_in), params)
     directory = params.parent
     layer_match = re.search(r"layer_(\d+)", str(directory))
     spec = SaeSpec(
@@ -57,4 +58,4 @@ def load(path: Path, expected_d_in: int | None = None, name: str | None = None) 
         apply_b_dec_to_input=False,
         layer=int(layer_match.group(1)) if layer_match else None,
     )
-    return finish(spec, weights, expected_d_in, params)
+    return finish(spec, weights, expected_d_in, params, decoder)

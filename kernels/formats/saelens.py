@@ -59,10 +59,11 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
             b_dec=b_dec,
             threshold=_threshold(tensors, d_sae, weights_path),
         )
+    decoder = require(tensors, "W_dec", (d_sae, d_in), weights_path)  # NaN anywhere fails here, used or not
     if architecture is Architecture.TOPK and config_value(
         cfg, cfg_path, "rescale_acts_by_decoder_norm", bool, default=False
     ):
-        weights = fold_decoder_norm(weights, require(tensors, "W_dec", (d_sae, d_in), weights_path))
+        weights, decoder = fold_decoder_norm(weights, decoder)
 
     spec = SaeSpec(
         name=name or directory.name,
@@ -77,7 +78,7 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         layer=_layer(cfg, hook_name),
         hook_name=hook_name,
     )
-    return finish(spec, weights, expected_d_in, cfg_path)
+    return finish(spec, weights, expected_d_in, cfg_path, decoder)
 
 
 def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[Architecture, int | None]:

@@ -1,7 +1,8 @@
 """EleutherAI sparsify SAEs: `<hookpoint>/cfg.json` + `<hookpoint>/sae.safetensors`, TopK.
 
 Formula from sparsify's SparseCoder: pre = relu((x - b_dec) @ encoder.weight.T + encoder.bias), then the k
-largest; transcoders (`transcode: true`) do not centre the input by b_dec.
+largest; x_hat = acts @ W_dec + b_dec. Transcoders (`transcode: true`) do not centre the input by b_dec, and
+their decoder predicts the MLP's output, so they carry no decoder for fidelity.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         b_enc=require(tensors, "encoder.bias", (num_latents,), weights_path),
         b_dec=require(tensors, "b_dec", (d_in,), weights_path),
     )
+    decoder = require(tensors, "W_dec", (num_latents, d_in), weights_path)
     layer_match = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", directory.name)
     spec = SaeSpec(
         name=name or directory.name,
@@ -55,4 +57,5 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         layer=int(layer_match.group(1)) if layer_match else None,
         hook_name=directory.name,
     )
-    return finish(spec, weights, expected_d_in, cfg_path)
+    # a transcoder's decoder predicts the MLP output, not its input: no reconstruction error to measure
+    return finish(spec, weights, expected_d_in, cfg_path, None if transcode else decoder)

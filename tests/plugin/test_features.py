@@ -18,7 +18,18 @@ from support.plugin_harness import write_plugin_config
 
 pytestmark = pytest.mark.vllm
 
-LONG_PROMPT = list(range(5, 305))  # 300 tokens: two full 128-token blocks can be cached
+
+@pytest.fixture(scope="module")
+def long_prompt(fixtures: FixturePaths) -> list[int]:
+    """300 tokens of help-topic text (two full 128-token blocks can be cached): text the fixture SAEs read
+    well, so the status reflects coverage alone (arbitrary token ids would rightly be low_fidelity)."""
+    from transformers import AutoTokenizer
+
+    from circuitwatch.fixtures.corpus import documents
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    prompt = next(ids for ids in (tokenizer(text)["input_ids"] for text in documents()) if len(ids) >= 300)
+    return prompt[:300]
 
 
 def engine(fixtures: FixturePaths, tmp_path: Path, monkeypatch, **plugin):
@@ -70,17 +81,19 @@ def test_opt_in_labels_and_parallel_sampling(fixtures: FixturePaths, tmp_path: P
 
 
 @pytest.mark.parametrize("policy", ["bypass", "accept_gaps"])
-def test_prefix_cache_policy(fixtures: FixturePaths, tmp_path: Path, monkeypatch, policy: str) -> None:
+def test_prefix_cache_policy(
+    fixtures: FixturePaths, tmp_path: Path, monkeypatch, policy: str, long_prompt: list[int]
+) -> None:
     from vllm import SamplingParams
 
     llm, stub, running = engine(fixtures, tmp_path, monkeypatch, prefix_cache=policy)
     try:
         params = SamplingParams(temperature=0, max_tokens=4)
-        first = llm.generate([{"prompt_token_ids": LONG_PROMPT}], params)[0]
-        second = llm.generate([{"prompt_token_ids": LONG_PROMPT}], params)[0]  # the same prompt again
+        first = llm.generate([{"prompt_token_ids": long_prompt}], params)[0]
+        second = llm.generate([{"prompt_token_ids": long_prompt}], params)[0]  # the same prompt again
         assert report(stub, first.request_id).status == pb.REPORT_STATUS_COMPLETE
         again = report(stub, second.request_id)
-        total = len(LONG_PROMPT) + len(second.outputs[0].token_ids) - 1
+        total = len(long_prompt) + len(second.outputs[0].token_ids) - 1
         assert again.coverage.positions_total == total
         if policy == "bypass":  # monitored requests never read the cache: every position computed and encoded
             assert again.status == pb.REPORT_STATUS_COMPLETE

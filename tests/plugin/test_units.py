@@ -16,7 +16,7 @@ from circuitwatch.plugin.config import (
     SidecarTarget,
     load_plugin_config,
 )
-from circuitwatch.plugin.emitter import Emitter
+from circuitwatch.plugin.emitter import BuiltBatch, Emitter
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
 from circuitwatch.plugin.taps import TAPS, install_taps
 from circuitwatch.proto import circuitwatch_pb2 as pb
@@ -167,7 +167,7 @@ def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
 def submit_slices(emitter: Emitter, slices: list[pb.RequestSlice]) -> None:
     """A code batch already packed, submitted the way the worker submits its deferred batches."""
     ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
-    emitter.submit_deferred(lambda: slices, ranges)
+    emitter.submit_deferred(lambda: BuiltBatch(slices), ranges)
 
 
 def test_emitter_counts_drops_during_an_outage_and_reports_them(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_deferred_batch_that_fails_to_build_becomes_an_encoder_error_gap(tmp_pat
             raise RuntimeError("device copy failed")
 
         emitter.submit_deferred(
-            lambda: [request.slice(0, 0, 3), request.slice(1, 0, 3)], [("broken", s, 0, 3) for s in (0, 1)]
+            lambda: BuiltBatch([request.slice(0, 0, 3), request.slice(1, 0, 3)]), [("broken", s, 0, 3) for s in (0, 1)]
         )
         emitter.submit_deferred(broken, [("broken", s, 3, 6) for s in (0, 1)])
         emitter.submit(pb.IngestMessage(finish=request.finish()))

@@ -108,3 +108,59 @@ def test_malformed_slices_name_request_and_field(mutate, message: str) -> None:
     with pytest.raises(WireFormatError, match=message) as info:
         unpack_slice(wire, d_sae=1024)
     assert "cmpl-x" in str(info.value)
+
+
+def _fidelity_slice(request_id: str, rows: int, errors=None, norms=None) -> pb.RequestSlice:
+    offsets = np.arange(rows + 1, dtype=np.uint32)
+    return pack_slice(
+        request_id,
+        0,
+        0,
+        pb.PHASE_PROMPT,
+        np.arange(rows),
+        offsets,
+        np.arange(rows),
+        np.ones(rows),
+        errors,
+        norms,
+    )
+
+
+def test_fidelity_round_trips_and_batches_mark_unmeasured_rows() -> None:
+    from circuitwatch.proto.codec import unpack_batch
+
+    measured = _fidelity_slice("a", 3, np.array([0.1, 0.2, 0.3]), np.array([5.0, 6.0, 7.0]))
+    arrays = unpack_slice(pb.RequestSlice.FromString(measured.SerializeToString()))
+    assert arrays.errors.tolist() == pytest.approx([0.1, 0.2, 0.3]) and arrays.norms.tolist() == [5.0, 6.0, 7.0]
+    assert measured.reconstruction_errors == np.array([0.1, 0.2, 0.3], "<f4").tobytes()
+    plain = _fidelity_slice("b", 2)
+    assert unpack_slice(plain).errors is None
+    batch = unpack_batch([measured, plain], {0: 8})
+    assert batch.errors[:3].tolist() == pytest.approx([0.1, 0.2, 0.3]) and np.isnan(batch.errors[3:]).all()
+    assert unpack_batch([plain], {0: 8}).errors is None  # an old producer: no fidelity at all
+
+
+@pytest.mark.parametrize(
+    ("errors", "norms", "message"),
+    [
+        (np.array([0.1, -0.5]), np.array([1.0, 1.0]), r"slices\[0\] request 'a': reconstruction_errors holds negative"),
+        (np.array([0.1, np.inf]), np.array([1.0, 1.0]), "reconstruction_errors holds negative or infinite"),
+        (np.array([0.1, 0.1]), np.array([1.0, -np.inf]), "input_norms holds negative or infinite"),
+    ],
+)
+def test_bad_fidelity_values_are_refused(errors, norms, message: str) -> None:
+    from circuitwatch.proto.codec import unpack_batch
+
+    with pytest.raises(WireFormatError, match=message):
+        unpack_batch([_fidelity_slice("a", 2, errors, norms)], {0: 8})
+
+
+def test_fidelity_of_the_wrong_length_is_refused() -> None:
+    from circuitwatch.proto.codec import unpack_batch
+
+    message = _fidelity_slice("a", 3, np.array([0.1, 0.2, 0.3]))
+    message.reconstruction_errors = message.reconstruction_errors[:8]
+    with pytest.raises(WireFormatError, match=r"reconstruction_errors has 8 bytes, expected 12"):
+        unpack_batch([message], {0: 8})
+    with pytest.raises(ValueError, match="2 reconstruction_errors for 3 rows"):
+        _fidelity_slice("a", 3, np.array([0.1, 0.2]))

@@ -146,7 +146,7 @@ def test_every_lookup_equals_a_brute_force_recount() -> None:
     for seq in range(1, 12):
         parts = index.request_codes(seq)
         got = {}
-        for positions, gslots, phases, tokens, offsets, features, acts in parts:
+        for positions, gslots, phases, tokens, offsets, features, acts, _fidelity in parts:
             for i, position in enumerate(positions.tolist()):
                 row = dict(
                     zip(

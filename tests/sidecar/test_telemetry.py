@@ -13,7 +13,7 @@ import pytest
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from support.otlp_receiver import grpc_receiver, http_receiver
+from support.otlp_receiver import attributes, grpc_receiver, http_receiver
 from support.processes import free_port
 from support.sidecar_harness import SyntheticRequest, brute_force_matches, manifest, running_sidecar
 
@@ -35,19 +35,6 @@ def traffic(rng: np.random.Generator) -> tuple[list[pb.IngestMessage], list[Synt
         messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices, stats=stats)))
         messages.append(pb.IngestMessage(finish=request.finish(finish_unix_nanos=time.time_ns())))
     return messages, requests
-
-
-def attributes(span) -> dict:
-    out = {}
-    for kv in span.attributes:
-        value = kv.value
-        kind = value.WhichOneof("value")
-        out[kv.key] = (
-            [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
-            if kind == "array_value"
-            else getattr(value, kind)
-        )
-    return out
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

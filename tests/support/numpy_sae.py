@@ -126,3 +126,31 @@ def code_mismatches(
                 side = "only in actual" if feature in got else "missing from actual"
                 problems.append(f"row {row} feature {feature} {side} (ground truth {activations[row, feature]:.6f})")
     return problems
+
+
+def reconstruction_errors(directory: Path, x: np.ndarray, activations: np.ndarray) -> np.ndarray:
+    """The relative squared error ||x - x_hat||^2 / ||x||^2 of the full decoder applied to `activations` (dense,
+    float64), in the SAE's normalised input space, read straight from the files of any of the three formats."""
+    x = x.astype(np.float64)
+    cfg_file = directory / "cfg.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if (directory / "sae_weights.safetensors").is_file():
+        w = load_file(str(directory / "sae_weights.safetensors"))
+    elif (directory / "sae.safetensors").is_file():
+        w = load_file(str(directory / "sae.safetensors"))
+    elif (directory / "params.npz").is_file():
+        with np.load(directory / "params.npz") as archive:
+            w = {k: archive[k] for k in archive.files}
+    else:
+        w = {k.replace("w_", "W_"): v for k, v in load_file(str(directory / "params.safetensors")).items()}
+    W_dec, b_dec = w["W_dec"].astype(np.float64), w["b_dec"].astype(np.float64)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        W_dec = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
+    norm = cfg.get("normalize_activations", "none")
+    if norm == "constant_norm_rescale":
+        x = x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
+    elif norm == "layer_norm":
+        x = x - x.mean(axis=1, keepdims=True)
+        x = x / (x.std(axis=1, ddof=1, keepdims=True) + 1e-5)
+    x_hat = activations @ W_dec + b_dec
+    return ((x - x_hat) ** 2).sum(axis=1) / (x**2).sum(axis=1)

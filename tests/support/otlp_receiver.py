@@ -107,3 +107,16 @@ def http_receiver() -> tuple[ThreadingHTTPServer, int, Collected]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1], collected
+
+
+def attributes(span) -> dict:
+    out = {}
+    for kv in span.attributes:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        out[kv.key] = (
+            [getattr(v, v.WhichOneof("value")) for v in value.array_value.values]
+            if kind == "array_value"
+            else getattr(value, kind)
+        )
+    return out

@@ -15,8 +15,8 @@ import torch
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.activations import residual_stream
 from circuitwatch.kernels import Architecture, ReferenceEncoder, load_sae
+from circuitwatch.kernels.selection import selection_for
 from circuitwatch.plugin.config import PluginConfig
-from circuitwatch.plugin.worker import _selection
 
 from .numpy_sae import code_mismatches
 
@@ -48,7 +48,12 @@ class GroundTruth:
         self.encoders = []
         for slot in config.slots:
             sae = load_sae(slot.sae, expected_d_in=128)
-            self.encoders.append((slot.layer, ReferenceEncoder(sae, _selection(slot, sae, config.max_codes_per_token))))
+            self.encoders.append(
+                (
+                    slot.layer,
+                    ReferenceEncoder(sae, selection_for(slot.selection, slot.k, sae, config.max_codes_per_token)),
+                )
+            )
 
     def mismatches(self, tokens: list[int], sidecar: dict[tuple[int, int], tuple[int, dict[int, float]]]) -> list[str]:
         """Problems comparing the sidecar's codes of one request with ground truth (empty: they agree)."""

@@ -1,0 +1,62 @@
+"""How well an SAE reads a token: the reconstruction error of the codes the monitor emits, and the size of the
+residual row it read.
+
+    error = ||x - x_hat||^2 / ||x||^2,   x_hat = b_dec + sum over the token's codes of activation * W_dec[feature]
+
+in the SAE's input space (after its normalisation, before b_dec centring). This is the relative squared error,
+not the fraction of variance unexplained: no dataset mean is subtracted, so it is defined for one token and
+needs no statistics. It is computed from the codes the monitor emits (top-k, or capped at max_codes), so it
+says how much of the token those codes explain: a gather of k decoder rows, tiny next to the encoder.
+
+A residual row that is NaN, infinite or all zero is invalid: no SAE can read it. Encoders empty its codes, and
+the producer reports its positions as an INVALID_INPUT gap, never as clean tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import Normalization, SaeSpec
+
+LAYER_NORM_EPS = 1e-5  # SAELens: x / (std + eps), std unbiased
+
+
+def normalize(x: torch.Tensor, spec: SaeSpec) -> torch.Tensor:
+    """The SAE's inference-time normalisation (SAELens `normalize_activations`), float32."""
+    x = x.to(torch.float32)
+    if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
+        return x * (spec.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+    if spec.normalization is Normalization.LAYER_NORM:
+        x = x - x.mean(dim=-1, keepdim=True)
+        return x / (x.std(dim=-1, keepdim=True) + LAYER_NORM_EPS)
+    return x
+
+
+def input_norms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2 norm of each row in float32, bool mask of the rows an SAE can read: finite and not all zero).
+
+    A finite row so large that its norm overflows float32 is unreadable too: every encoder would overflow."""
+    norms = x.to(torch.float32).norm(dim=-1)
+    return norms, torch.isfinite(norms) & (norms > 0)
+
+
+def reconstruction_errors(
+    sae_in: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, decoder: torch.Tensor, b_dec: torch.Tensor
+) -> torch.Tensor:
+    """Relative squared error per row of the reconstruction from fixed-width codes (id -1 = empty slot).
+
+    `sae_in` is the normalised input [rows, d_in]; `decoder` is W_dec [d_sae, d_in] in the activations'
+    scale. One embedding_bag: no [rows, width, d_in] intermediate."""
+    if ids.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.float32, device=sae_in.device)
+    active = ids >= 0
+    x_hat = torch.nn.functional.embedding_bag(
+        torch.where(active, ids, 0).to(torch.int64),
+        decoder,
+        per_sample_weights=torch.where(active, values, 0.0).to(decoder.dtype),
+        mode="sum",
+    )
+    x_hat = x_hat + b_dec
+    total = sae_in.square().sum(dim=-1)
+    residual = (sae_in - x_hat).square().sum(dim=-1)
+    return torch.where(total > 0, residual / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)

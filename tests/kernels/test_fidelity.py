@@ -1,0 +1,326 @@
+"""Fidelity in the encoders: every backend's per-token reconstruction error equals the full decoder applied in
+numpy to independently computed activations (tests/support/numpy_sae.py), on random SAEs of every architecture
+and normalisation and on the fixture SAEs with the fixture model's real activations; rows no SAE can read
+(NaN, infinite, all zero, overflowing) get no codes on every backend; the loaders' decoder and archive checks;
+where an SAE says it was trained; the calibration baseline file and its pins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from circuitwatch.fixtures import FixturePaths
+from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, write_sparsify
+from circuitwatch.kernels import CodeSelection, SaeFormatError, SelectionMode, load_sae
+from circuitwatch.kernels.baseline import load_baseline, measure, model_fingerprint
+from circuitwatch.kernels.encoders import make_encoder
+from circuitwatch.kernels.spec import trained_tap
+
+from support.numpy_sae import reconstruction_errors
+from support.random_saes import D_IN, D_SAE, fixture_cases, random_tensors
+
+BACKENDS = [b for b in os.environ.get("CIRCUITWATCH_TEST_BACKENDS", "torch,onnx").split(",") if b]
+TOLERANCE = 1e-4  # float32 encoders against float64 numpy
+
+
+def every_active_feature(sae) -> CodeSelection:
+    """A selection that keeps every active feature, so the codes' reconstruction is the full decoder's."""
+    if sae.spec.k:
+        return CodeSelection(SelectionMode.TOPK, sae.spec.k)
+    return CodeSelection(SelectionMode.THRESHOLD, sae.spec.d_sae)
+
+
+def dense(codes, d_sae: int) -> np.ndarray:
+    out = np.zeros((codes.num_rows, d_sae))
+    for row, features in enumerate(codes.rows()):
+        for feature, value in features.items():
+            out[row, feature] = value
+    return out
+
+
+def assert_errors_match(path: Path, sae, x: torch.Tensor, backend: str, reference) -> None:
+    codes = make_encoder(sae, every_active_feature(sae), backend).encode(x)
+    activations, margins = reference(path, x.numpy())
+    assert codes.errors is not None and codes.norms is not None
+    expected = reconstruction_errors(path, x.numpy(), activations)
+    # a feature on its firing boundary may flip in float32; its activation is then ~0 and moves the error by
+    # at most its decoder row times that: compare against the codes' own activations for those rows
+    flipped = (margins <= 1e-4).any(axis=1)
+    from_codes = reconstruction_errors(path, x.numpy(), dense(codes, sae.spec.d_sae))
+    got = codes.errors.numpy()
+    np.testing.assert_allclose(got[~flipped], expected[~flipped], rtol=1e-3, atol=TOLERANCE)
+    np.testing.assert_allclose(got, from_codes, rtol=1e-3, atol=TOLERANCE)
+    np.testing.assert_allclose(codes.norms.numpy(), np.linalg.norm(x.numpy().astype(np.float64), axis=1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_errors_equal_the_full_decoder_in_numpy(
+    tmp_path: Path, backend: str, architecture: str, normalize: str
+) -> None:
+    from support.numpy_sae import saelens_activations
+
+    k = 7 if architecture == "topk" else None
+    path = write_saelens(
+        tmp_path / "sae", architecture, random_tensors(3, architecture), k=k, normalize_activations=normalize
+    )
+    x = torch.from_numpy(np.random.default_rng(1).normal(size=(48, D_IN)).astype(np.float32) * 2)
+    assert_errors_match(path, load_sae(path), x, backend, saelens_activations)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_on_the_fixture_saes_with_real_activations(backend: str, fixtures: FixturePaths, real_residual) -> None:
+    """Every fixture SAE (three formats, four architectures), on its own layer's residual stream: a trained SAE
+    explains most of it."""
+    if backend == "triton":
+        pytest.skip("too large for the Triton interpreter; Triton's fidelity is the shared torch gather (above)")
+    for path, reference, layer in fixture_cases(fixtures):
+        sae = load_sae(path, expected_d_in=128)
+        x = real_residual[layer]
+        assert_errors_match(path, sae, x, backend, reference)
+        if sae.spec.architecture.value == "topk":
+            errors = make_encoder(sae, None, backend).encode(x).errors
+            assert float(errors.median()) < 0.5, f"{path}: a trained SAE should explain most of its layer"
+
+
+@pytest.fixture(scope="module")
+def real_residual(fixtures: FixturePaths) -> dict[int, torch.Tensor]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from circuitwatch.fixtures.activations import residual_stream
+    from circuitwatch.fixtures.corpus import documents
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
+    ids = torch.tensor([tokenizer(documents()[12])["input_ids"][:96]])
+    return {layer: acts[0] for layer, acts in residual_stream(model, ids, range(4)).items()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_unreadable_rows_get_no_codes_on_every_backend(tmp_path: Path, backend: str, normalize: str) -> None:
+    """NaN, infinite, all-zero and overflowing rows: no codes, error 0, marked invalid; the others unaffected
+    (the torch reference used to report 3.4e38 where ONNX and Triton reported inf)."""
+    path = write_saelens(tmp_path / "sae", "standard", random_tensors(4, "standard"), normalize_activations=normalize)
+    sae = load_sae(path)
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(8, D_IN)).astype(np.float32))
+    clean = make_encoder(sae, None, backend).encode(x.clone())
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3] = 0.0
+    x[4] = 1e30  # finite, but its squared norm overflows float32: no encoder reads it sensibly
+    codes = make_encoder(sae, None, backend).encode(x)
+    bad = [1, 2, 3, 4]
+    assert codes.valid.tolist() == [i not in bad for i in range(8)]
+    assert (codes.ids[bad] == -1).all() and (codes.values[bad] == 0).all()
+    assert (codes.errors[bad] == 0).all()
+    good = [0, 5, 6, 7]
+    assert torch.equal(codes.ids[good], clean.ids[good])
+    assert torch.allclose(codes.errors[good], clean.errors[good], atol=1e-6)
+
+
+def test_triton_fidelity_under_the_interpreter() -> None:
+    """The Triton backend's fidelity (a torch gather after the kernel), by the same cases, in a child process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CIRCUITWATCH_TEST_BACKENDS": "triton"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not interpreter"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parents[2],
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+# --- loading the decoder ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["saelens", "gemmascope", "sparsify"])
+def test_nan_in_the_decoder_fails_at_load(tmp_path: Path, writer: str) -> None:
+    """A NaN in a decoder row no code uses was loaded silently; the README promises NaN weights fail at load."""
+    tensors = random_tensors(5, "jumprelu" if writer == "gemmascope" else "standard")
+    tensors["W_dec"][D_SAE - 1, 0] = float("nan")
+    if writer == "saelens":
+        path, file = write_saelens(tmp_path / "sae", "standard", tensors), "sae_weights.safetensors"
+    elif writer == "gemmascope":
+        path, file = write_gemmascope(tmp_path / "layer_1" / "width_1k", tensors), "params.npz"
+    else:
+        path, file = write_sparsify(tmp_path / "layers.1", tensors, k=4), "sae.safetensors"
+    with pytest.raises(SaeFormatError, match=r"W_dec: 1 non-finite values") as info:
+        load_sae(path)
+    assert file in str(info.value)
+
+
+def test_rescaled_topk_decodes_through_unit_rows(tmp_path: Path) -> None:
+    """rescale_acts_by_decoder_norm: activations come out scaled by each row's norm, so the reconstruction uses
+    unit-norm rows (SAELens divides the activations back before W_dec)."""
+    from support.numpy_sae import saelens_activations
+
+    tensors = random_tensors(6, "topk")
+    tensors["W_dec"] = tensors["W_dec"] * torch.linspace(0.2, 3.0, D_SAE)[:, None]
+    path = write_saelens(tmp_path / "sae", "topk", tensors, k=6, extra_cfg={"rescale_acts_by_decoder_norm": True})
+    sae = load_sae(path)
+    assert torch.allclose(sae.decoder.norm(dim=1), torch.ones(D_SAE), atol=1e-5)
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(32, D_IN)).astype(np.float32))
+    assert_errors_match(path, sae, x, "torch", saelens_activations)
+
+
+def test_transcoders_have_no_decoder_for_fidelity(tmp_path: Path) -> None:
+    path = write_sparsify(tmp_path / "layers.2", random_tensors(7, "topk"), k=4, transcode=True)
+    sae = load_sae(path)
+    assert sae.decoder is None and sae.decoder_hash == ""
+    codes = make_encoder(sae, None, "torch").encode(torch.randn(4, D_IN))
+    assert codes.errors is None and codes.norms is not None
+
+
+def test_decoder_is_not_part_of_the_weights_hash(tmp_path: Path) -> None:
+    """The weights hash names what changes codes; the decoder has its own hash (a baseline pins both)."""
+    tensors = random_tensors(8, "standard")
+    a = load_sae(write_saelens(tmp_path / "a", "standard", tensors))
+    tensors["W_dec"] = tensors["W_dec"] * 2
+    b = load_sae(write_saelens(tmp_path / "b", "standard", tensors))
+    assert a.weights_hash == b.weights_hash and a.decoder_hash != b.decoder_hash
+
+
+# --- Gemma Scope archives that cannot be read ------------------------------------------------------------
+
+
+def _npz(tmp_path: Path) -> Path:
+    """The params.npz of a Gemma Scope SAE."""
+    return write_gemmascope(tmp_path / "layer_1" / "width_1k", random_tensors(9, "jumprelu"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate", r"truncated or damaged"),
+        ("empty", r"truncated or damaged"),
+        ("garbage", r"pickled data, which is never loaded"),
+        ("pickle", r"pickled data, which is never loaded"),
+        ("npy", r"a single \.npy array"),
+    ],
+)
+def test_unreadable_npz_names_the_file_and_never_suggests_pickle(tmp_path: Path, damage: str, reason: str) -> None:
+    params = _npz(tmp_path)
+    raw = params.read_bytes()
+    if damage == "truncate":
+        params.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        params.write_bytes(b"")
+    elif damage == "garbage":
+        params.write_bytes(b"\x80\x04\x95 these are not weights" * 10)
+    elif damage == "pickle":
+        import pickle
+
+        params.write_bytes(pickle.dumps({"W_enc": [1, 2, 3]}))
+    else:
+        with params.open("wb") as out:
+            np.save(out, np.zeros(3))
+    with pytest.raises(SaeFormatError) as info:
+        load_sae(params.parent)
+    message = str(info.value)
+    assert "params.npz" in message and "allow_pickle" not in message, message
+    assert __import__("re").search(reason, message), message
+
+
+def test_a_damaged_member_of_an_npz_names_the_file(tmp_path: Path) -> None:
+    params = _npz(tmp_path)
+    with zipfile.ZipFile(params, "a") as archive:
+        archive.writestr("threshold_extra.npy", b"\x93NUMPY broken header")
+    with pytest.raises(SaeFormatError, match=r"params\.npz"):
+        load_sae(params.parent)
+
+
+# --- where an SAE was trained ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hook_name", "expected"),
+    [
+        ("blocks.2.hook_resid_post", (2, "resid_post")),
+        ("blocks.3.hook_resid_pre", (2, "resid_post")),
+        ("blocks.0.hook_resid_pre", (None, "embeddings")),
+        ("blocks.2.hook_mlp_out", (2, "mlp_out")),
+        ("blocks.2.attn.hook_z", (2, "attn_z")),
+        ("model.layers.5", (5, "resid_post")),
+        ("layers.4.mlp", (4, "mlp_out")),
+    ],
+)
+def test_trained_tap_from_hook_names(tmp_path: Path, hook_name: str, expected: tuple) -> None:
+    path = write_saelens(tmp_path / "sae", "standard", random_tensors(10, "standard"))
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg.pop("hook_layer", None)
+    cfg["hook_name"] = hook_name
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    assert trained_tap(load_sae(path).spec) == expected
+
+
+def test_trained_tap_of_the_fixture_saes(fixtures: FixturePaths) -> None:
+    for layer in range(4):
+        assert trained_tap(load_sae(fixtures.topk_sae(layer)).spec) == (layer, "resid_post")
+        assert trained_tap(load_sae(fixtures.sparsify_sae(layer)).spec) == (layer, "resid_post")
+    assert trained_tap(load_sae(fixtures.gemmascope_npz).spec)[0] == 1
+
+
+# --- the baseline file -----------------------------------------------------------------------------------
+
+
+def _baseline(sae, **overrides):
+    rng = np.random.default_rng(0)
+    identity = {
+        "sae_name": sae.name,
+        "weights_hash": sae.weights_hash,
+        "decoder_hash": sae.decoder_hash,
+        "model": "m",
+        "model_fingerprint": model_fingerprint({"hidden_size": 24}),
+        "layer": 1,
+        "hook_point": "resid_post",
+        "selection": "threshold:max=64",
+        "text": "test",
+        "documents": 3,
+    } | overrides
+    return measure(
+        rng.random(100) * 0.3, rng.random(100) + 5, np.full(100, 4), rng.integers(0, D_SAE, 400), D_SAE, **identity
+    )
+
+
+def test_baseline_round_trip_and_pins(tmp_path: Path) -> None:
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(11, "standard")))
+    baseline = _baseline(sae)
+    assert baseline.tokens == 100 and abs(sum(baseline.firing_frequencies) - 4.0) < 1e-3  # 4 codes per token
+    path = tmp_path / "baseline.json"
+    path.write_text(baseline.to_json())
+    loaded = load_baseline(path, sae, 1, "resid_post", model_fingerprint({"hidden_size": 24}))
+    assert loaded.error_threshold == pytest.approx(baseline.error_threshold)
+    assert loaded.error.p50 == pytest.approx(baseline.error.p50)
+    cases = [
+        ({"layer": 2}, "layer"),
+        ({"hook_point": "mlp_out"}, "hook_point"),
+        ({"weights_hash": "blake2b:00"}, "weights_hash"),
+        ({"decoder_hash": "blake2b:00"}, "decoder_hash"),
+        ({"model_fingerprint": "blake2b:00"}, "model_fingerprint"),
+    ]
+    for overrides, field in cases:
+        path.write_text(_baseline(sae, **overrides).to_json())
+        with pytest.raises(SaeFormatError, match=rf"baseline.json: {field}:") as info:
+            load_baseline(path, sae, 1, "resid_post", model_fingerprint({"hidden_size": 24}))
+        assert "calibrate" in str(info.value)
+    path.write_text("{not json")
+    with pytest.raises(SaeFormatError, match=r"baseline\.json: not valid JSON"):
+        load_baseline(path, sae, 1, "resid_post")
+    data = json.loads(baseline.to_json())
+    data["error"]["p50"] = -1.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(SaeFormatError, match="negative or non-finite"):
+        load_baseline(path, sae, 1, "resid_post")
