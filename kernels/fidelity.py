@@ -56,7 +56,7 @@ def reconstruction_errors(
         per_sample_weights=torch.where(active, values, 0.0).to(decoder.dtype),
         mode="sum",
     )
-    x_hat = x_hat + b_dec
-    total = sae_in.square().sum(dim=-1)
-    residual = (sae_in - x_hat).square().sum(dim=-1)
+    diff = x_hat.add_(b_dec).sub_(sae_in)  # in place: no second [rows, d_in] temporary
+    residual = torch.linalg.vecdot(diff, diff, dim=-1)
+    total = torch.linalg.vecdot(sae_in, sae_in, dim=-1)
     return torch.where(total > 0, residual / total.clamp_min(torch.finfo(torch.float32).tiny), 0.0)

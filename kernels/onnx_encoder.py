@@ -1,9 +1,10 @@
 """The ONNX Runtime encoder backend: the whole encoder (normalisation, b_dec, MatMul/Add, the architecture's
 activation rule, selection) as one ONNX graph with fixed output shapes, so JumpReLU thresholds and inactive
-slots need no data-dependent shapes: inactive slots come out as id -1. The same graph measures fidelity
-(kernels/fidelity.py): each row's input norm and, where the SAE has a decoder, the relative error of the
-reconstruction from the selected codes (a Gather of `width` decoder rows per token), and it empties the codes of
-rows no SAE can read.
+slots need no data-dependent shapes: inactive slots come out as id -1. The same graph measures each row's
+input norm and empties the codes of rows no SAE can read. The reconstruction error (kernels/fidelity.py) is
+the torch embedding_bag after the session, as for the Triton kernel: ONNX has no gather-and-sum operator, and
+its Gather materialises [rows, width, d_in], which cost 14-30% of the encoder's time on CPU where the
+embedding_bag costs about 1% (bench/encoder_bench.py, `+fidelity`).
 
 The graph is built with onnx.helper (no tracing) and cached next to the SAE (or in the user cache when the SAE
 directory is read-only), keyed by the SAE's weights hash and the selection. CPU execution provider here; CUDA
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .codes import EMPTY_ID, Codes
-from .reference import LAYER_NORM_EPS, default_selection
+from .reference import LAYER_NORM_EPS, default_selection, with_fidelity
 from .selection import CodeSelection
 from .spec import Architecture, Normalization, Sae
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 18  # Reduce* take axes as an input from 18 on
 IR_VERSION = 9  # what ONNX Runtime releases of the last years all read (onnx may write newer by default)
-GRAPH_VERSION = 2  # part of the cache key: 2 added fidelity (norms, errors) and emptied unreadable rows
+# part of the cache key: 2 added fidelity (norms, errors) and emptied unreadable rows; 3 left errors to torch
+GRAPH_VERSION = 3
 
 
 def _graph(sae: Sae, selection: CodeSelection):
@@ -66,10 +68,8 @@ def _graph(sae: Sae, selection: CodeSelection):
         unbiased = node("Div", [var, const("n_minus_1", np.float32(spec.d_in - 1))], "var")
         std = node("Add", [node("Sqrt", [unbiased], "std"), const("eps", np.float32(LAYER_NORM_EPS))], "std_eps")
         x = node("Div", [centred, std], "normed")
-    normalized = x
-    b_dec = const("b_dec", w.b_dec.numpy())
     if spec.apply_b_dec_to_input:
-        x = node("Sub", [x, b_dec], "sae_in")
+        x = node("Sub", [x, const("b_dec", w.b_dec.numpy())], "sae_in")
     W_enc = const("W_enc", w.W_enc.numpy())
     if spec.architecture is Architecture.GATED:
         gate = node(
@@ -130,42 +130,6 @@ def _graph(sae: Sae, selection: CodeSelection):
         helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", width]),
         helper.make_tensor_value_info("norms", TensorProto.FLOAT, ["rows"]),
     ]
-    if sae.decoder is not None:
-        # x_hat = b_dec + sum_j values_j * W_dec[ids_j]: a gather of `width` decoder rows per token
-        rows = node(
-            "Gather",
-            [const("W_dec", sae.decoder.numpy()), node("Cast", ["top_ids"], "ids64", to=TensorProto.INT64)],
-            "dec_rows",
-            axis=0,
-        )
-        weights = node("Unsqueeze", ["values", axes_last], "values_col")
-        x_hat = node(
-            "Add",
-            [
-                node(
-                    "ReduceSum",
-                    [node("Mul", [rows, weights], "scaled_rows"), const("axis_width", np.array([1], np.int64))],
-                    "sum_rows",
-                    keepdims=0,
-                ),
-                b_dec,
-            ],
-            "x_hat",
-        )
-        residual = node(
-            "ReduceSumSquare", [node("Sub", [normalized, x_hat], "diff"), axes_last], "residual", keepdims=0
-        )
-        total = node("ReduceSumSquare", [normalized, axes_last], "total", keepdims=0)
-        ratio = node(
-            "Div",
-            [residual, node("Max", [total, const("tiny", np.float32(np.finfo(np.float32).tiny))], "total_safe")],
-            "ratio",
-        )
-        usable = node(
-            "And", [valid, node("Greater", [total, const("zero_total", np.float32(0))], "total_pos")], "usable"
-        )
-        node("Where", [usable, ratio, const("zero_error", np.float32(0))], "errors")
-        outputs.append(helper.make_tensor_value_info("errors", TensorProto.FLOAT, ["rows"]))
     graph = helper.make_graph(
         nodes,
         f"circuitwatch_encoder_{spec.architecture.value}",
@@ -210,12 +174,18 @@ class OnnxEncoder:
         providers.append("CPUExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ONNX Runtime's workers otherwise busy-wait after each run, taking the cores from the torch work that
+        # follows (the fidelity gather here, the model step in the plugin): on 2 shared cores that made the
+        # 16-row gather 3x slower than the encoder itself
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(path), options, providers=[p for p in providers if p in ort.get_available_providers()]
         )
         self.width = self.session.get_outputs()[0].shape[1]
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.path = path
+        self.decoder = sae.decoder.to(self.device) if sae.decoder is not None else None
+        self.b_dec = sae.weights.b_dec.to(device=self.device, dtype=torch.float32)
 
     def encode(self, x: torch.Tensor) -> Codes:
         if x.ndim != 2 or x.shape[1] != self.sae.spec.d_in:
@@ -228,23 +198,30 @@ class OnnxEncoder:
             return Codes(
                 torch.full((0, width), EMPTY_ID, dtype=torch.int32), torch.zeros(0, width), errors, torch.zeros(0)
             )
+        x = x.detach().to(torch.float32)
         if self.device.type == "cuda":
-            return self._encode_cuda(x)
-        results = self.session.run(None, {"x": x.detach().to(torch.float32).cpu().numpy()})
-        out = {name: torch.from_numpy(array) for name, array in zip(self.outputs, results, strict=True)}
-        return _pad(out["ids"], out["values"], width, out.get("errors"), out["norms"])
+            x = x.to(self.device).contiguous()
+            out = self._run_cuda(x)
+        else:
+            x = x.cpu()
+            results = self.session.run(None, {"x": x.numpy()})
+            out = {name: torch.from_numpy(array) for name, array in zip(self.outputs, results, strict=True)}
+        codes = _pad(out["ids"], out["values"], width)
+        norms = out["norms"]
+        valid = torch.isfinite(norms) & (norms > 0)
+        if self.decoder is None:
+            return Codes(codes.ids, codes.values, None, norms)
+        safe = torch.where(valid[:, None], x, 1.0)  # the graph already emptied unreadable rows' codes
+        return with_fidelity(self.sae, safe, codes, norms, valid, self.decoder, self.b_dec)
 
-    def _encode_cuda(self, x: torch.Tensor) -> Codes:
+    def _run_cuda(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """IO binding: the input stays on the GPU, outputs land in torch CUDA tensors."""
-        x = x.detach().to(torch.float32).contiguous()
         rows = x.shape[0]
         out = {
             "ids": torch.empty((rows, self.width), dtype=torch.int32, device=x.device),
             "values": torch.empty((rows, self.width), dtype=torch.float32, device=x.device),
             "norms": torch.empty(rows, dtype=torch.float32, device=x.device),
         }
-        if "errors" in self.outputs:
-            out["errors"] = torch.empty(rows, dtype=torch.float32, device=x.device)
         binding = self.session.io_binding()
         index = x.device.index or 0
         binding.bind_input("x", "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
@@ -252,14 +229,12 @@ class OnnxEncoder:
             dtype = np.int32 if tensor.dtype == torch.int32 else np.float32
             binding.bind_output(name, "cuda", index, dtype, tuple(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
-        return _pad(out["ids"], out["values"], self.selection.width, out.get("errors"), out["norms"])
+        return out
 
 
-def _pad(
-    ids: torch.Tensor, values: torch.Tensor, width: int, errors: torch.Tensor | None, norms: torch.Tensor
-) -> Codes:
+def _pad(ids: torch.Tensor, values: torch.Tensor, width: int) -> Codes:
     if ids.shape[1] < width:
         pad = width - ids.shape[1]
         ids = torch.nn.functional.pad(ids, (0, pad), value=EMPTY_ID)
         values = torch.nn.functional.pad(values, (0, pad), value=0.0)
-    return Codes(ids, values, errors, norms)
+    return Codes(ids, values)
