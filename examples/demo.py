@@ -1,10 +1,11 @@
 """`make demo`: circuitwatch end to end on CPU.
 
-Builds (or reuses) the fixtures, derives an example circuit from the fixture SAE, starts the sidecar and the
-vLLM OpenAI server with the plugin, sends real requests with the `openai` client (some trip the circuit, some
-don't) and prints each request's flags, coverage and trace span. Then the identification loop: reviewers label
-a few requests after the fact (`circuitwatch label`), `circuitwatch identify` finds the features that separate
-them and saves the top ones as a circuit the sidecar reloads, and new requests are flagged by it.
+Builds (or reuses) the fixtures, calibrates the monitored SAE (`circuitwatch calibrate`), derives an example
+circuit from it, starts the sidecar and the vLLM OpenAI server with the plugin, sends real requests with the
+`openai` client (some trip the circuit, some don't, one is byte soup the SAEs cannot read) and prints each
+request's flags, coverage, fidelity and trace span, then `circuitwatch health`. Then the identification loop:
+reviewers label a few requests after the fact (`circuitwatch label`), `circuitwatch identify` finds the features
+that separate them and saves the top ones as a circuit the sidecar reloads, and new requests are flagged by it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ REQUESTS = [
     ("chat", "How do I open a file and read it line by line?"),
     ("completion", "Keyword arguments and lambda forms can be combined:"),
     ("completion", "A class definition defines a class object; its"),
+    # nothing like the English the model and its SAEs learnt: the report says low_fidelity, never clean
+    ("completion", "ʁƞ¤ɮŘǢ¸ɐȟÍĈȝɓŭʧǸŦÉǞĪȼģǯɵȒůŽ§ȁɃėʀøɚƾŏǦʒƁɲĠȓƜśɬǭʐ¾ÙĹǿɢĞȾʃǷėƩɟƉȠŧˀ"),
 ]
 
 
@@ -179,10 +182,18 @@ def main() -> int:
     (WORK / "sidecar.yaml").write_text(
         f"listen: 127.0.0.1:{sidecar_port}\ncircuits: [circuits.yaml, identified.yaml]\nevidence_dir: evidence\n"
     )
+    log(f"calibrating the layer-{LAYER} SAE on the built-in sample (the other slot uses the baseline beside its SAE)")
+    baseline = WORK / f"baseline-layer{LAYER}.json"
+    cli("calibrate", "--model", str(fixtures.model), "--sae", str(sae_dir), "--layer", str(LAYER),
+        "--max-documents", "40", "--out", str(baseline))  # fmt: skip
     plugin = {
-        "slots": [{"layer": LAYER, "sae": str(sae_dir)}, {"layer": 1, "sae": str(fixtures.sparsify_sae(1))}],
+        "slots": [
+            {"layer": LAYER, "sae": str(sae_dir), "baseline": str(baseline.resolve())},
+            {"layer": 1, "sae": str(fixtures.sparsify_sae(1))},
+        ],
         "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
         "response_deadline_ms": 2000,  # the demo waits for final reports (default: 50 ms, then "pending")
+        "wiring_check": {"tokens": 64},  # judge the wiring on the first 64 tokens (default 256)
     }
     (WORK / "plugin.json").write_text(json.dumps(plugin, indent=2))
 
@@ -248,10 +259,18 @@ def main() -> int:
             seen, total = coverage.get("positions_seen", 0), coverage.get("positions_total", 0)
             print(f"  response: circuitwatch.status={carried['status']}, {seen}/{total} positions seen")
             print(f"  flags:    {flags or 'none'}")
+            fidelity = "; ".join(
+                f"{f['sae']} error {f['error_mean']:.2f}, {f['fraction_above_threshold']:.0%} of tokens above "
+                f"{f['error_threshold']:.2f}{' LOW' if f['low_fidelity'] else ''}"
+                for f in carried.get("fidelity", [])
+            )
+            print(f"  fidelity: {fidelity or 'not measured'}")
             span = spans.wait_for(carried["request_id"])  # the sidecar's unique key for this request
             print(f"  span:     {span}\n" if span else "  span:     (not exported yet)\n")
         flagged = stub.ListReports(pb.ListReportsRequest(flagged_only=True, limit=100)).reports
         log(f"sidecar holds {len(flagged)} flagged report(s): {', '.join(r.request_id for r in flagged)}")
+        log("each SAE's state: the start-up wiring check, and drift once enough tokens have been seen")
+        cli("health", "--target", f"127.0.0.1:{sidecar_port}")
         ok = identification_loop(client, model, stub, sidecar_port, run)
     finally:
         if server is not None:
