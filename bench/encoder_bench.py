@@ -35,18 +35,20 @@ GPU_SHAPES = [(4096, 65536)]
 K = 32
 
 
+def call_time(fn, device: torch.device) -> float:
+    """Seconds for one call, the device synchronised around it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    return statistics.median(call_time(fn, device) for _ in range(repeats))
 
 
 def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> float:
@@ -55,14 +57,8 @@ def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> f
     with_it(), without_it()  # warm-up
     a, b = [], []
     for _ in range(rounds):
-        for fn, samples in ((with_it, a), (without_it, b)):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples.append(time.perf_counter() - started)
+        a.append(call_time(with_it, device))
+        b.append(call_time(without_it, device))
     return statistics.median(a) / statistics.median(b) - 1
 
 

@@ -4,8 +4,6 @@ normalisation, exact ties, all-negative rows, k larger than the active features,
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from circuitwatch.kernels import CodeSelection, ReferenceEncoder, SelectionMode,
 from circuitwatch.kernels.encoders import make_encoder
 
 from support.random_saes import random_tensors
+from support.triton_child import assert_passes_under_interpreter, in_child
 
 # The Triton kernel is checked by the same cases in a child process (see test_triton_kernel_...): its
 # interpreter must be on before Triton is first imported, and must not leak into vLLM in this process.
@@ -122,20 +121,10 @@ def test_auto_picks_a_backend_by_measuring(tmp_path: Path, caplog) -> None:
     same_codes(sae, None, inputs(), encoder.name)
 
 
-@pytest.mark.skipif(os.environ.get("CIRCUITWATCH_TEST_BACKENDS") is not None, reason="already the child run")
+@pytest.mark.skipif(in_child(), reason="already the child run")
 def test_triton_kernel_matches_the_reference_under_the_interpreter() -> None:
     """No GPU here: every equivalence case above, for the fused Triton kernel, under TRITON_INTERPRET=1."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CIRCUITWATCH_TEST_BACKENDS": "triton"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=Path(__file__).parents[2],
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert_passes_under_interpreter(__file__, "triton")
 
 
 def test_triton_on_cpu_needs_the_interpreter(tmp_path: Path, monkeypatch) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from circuitwatch.kernels.spec import trained_tap
 
 from support.numpy_sae import reconstruction_errors
 from support.random_saes import D_IN, D_SAE, fixture_cases, random_tensors
+from support.triton_child import assert_passes_under_interpreter
 
 BACKENDS = [b for b in os.environ.get("CIRCUITWATCH_TEST_BACKENDS", "torch,onnx").split(",") if b]
 TOLERANCE = 1e-4  # float32 encoders against float64 numpy
@@ -130,17 +129,7 @@ def test_unreadable_rows_get_no_codes_on_every_backend(tmp_path: Path, backend: 
 
 def test_triton_fidelity_under_the_interpreter() -> None:
     """The Triton backend's fidelity (a torch gather after the kernel), by the same cases, in a child process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CIRCUITWATCH_TEST_BACKENDS": "triton"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton and not interpreter"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=Path(__file__).parents[2],
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "failed" not in result.stdout
+    assert_passes_under_interpreter(__file__, "triton and not interpreter")
 
 
 # --- loading the decoder ---------------------------------------------------------------------------------

@@ -34,16 +34,21 @@ def _topk_dense(pre: np.ndarray, k: int) -> Result:
     return _relu(out), margins
 
 
+def _normalized(x: np.ndarray, normalization: str) -> np.ndarray:
+    """SAELens's input normalisations: constant_norm_rescale, layer_norm (unbiased std), or none."""
+    if normalization == "constant_norm_rescale":
+        return x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
+    if normalization == "layer_norm":
+        x = x - x.mean(axis=1, keepdims=True)
+        return x / (x.std(axis=1, ddof=1, keepdims=True) + 1e-5)
+    return x
+
+
 def saelens_activations(directory: Path, x: np.ndarray) -> Result:
     cfg = json.loads((directory / "cfg.json").read_text())
     w = {k: v.astype(np.float64) for k, v in load_file(str(directory / "sae_weights.safetensors")).items()}
     x = x.astype(np.float64)
-    norm = cfg.get("normalize_activations", "none")
-    if norm == "constant_norm_rescale":
-        x = x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
-    elif norm == "layer_norm":
-        x = x - x.mean(axis=1, keepdims=True)
-        x = x / (x.std(axis=1, ddof=1, keepdims=True) + 1e-5)
+    x = _normalized(x, cfg.get("normalize_activations", "none"))
     if cfg.get("apply_b_dec_to_input", True):
         x = x - w["b_dec"]
     arch = cfg.get("architecture", "standard")
@@ -146,11 +151,6 @@ def reconstruction_errors(directory: Path, x: np.ndarray, activations: np.ndarra
     W_dec, b_dec = w["W_dec"].astype(np.float64), w["b_dec"].astype(np.float64)
     if cfg.get("rescale_acts_by_decoder_norm"):
         W_dec = W_dec / np.linalg.norm(W_dec, axis=1, keepdims=True)
-    norm = cfg.get("normalize_activations", "none")
-    if norm == "constant_norm_rescale":
-        x = x * np.sqrt(x.shape[1]) / np.linalg.norm(x, axis=1, keepdims=True)
-    elif norm == "layer_norm":
-        x = x - x.mean(axis=1, keepdims=True)
-        x = x / (x.std(axis=1, ddof=1, keepdims=True) + 1e-5)
+    x = _normalized(x, cfg.get("normalize_activations", "none"))
     x_hat = activations @ W_dec + b_dec
     return ((x - x_hat) ** 2).sum(axis=1) / (x**2).sum(axis=1)
