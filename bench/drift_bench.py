@@ -25,12 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from circuitwatch.commands.calibrate import read_documents
+from circuitwatch.calibration import calibrate
 from circuitwatch.fixtures import fixture_paths
 from circuitwatch.fixtures.activations import residual_stream
 from circuitwatch.fixtures.corpus import documents
 from circuitwatch.kernels import load_sae
-from circuitwatch.kernels.baseline import measure
 from circuitwatch.kernels.encoders import make_encoder
 from circuitwatch.kernels.selection import selection_for
 from circuitwatch.plugin.config import SlotConfig
@@ -74,12 +73,7 @@ def main() -> None:
     for slot in slots:
         sae = load_sae(slot.sae, expected_d_in=model.config.hidden_size)
         encoder = make_encoder(sae, selection_for(slot.selection, slot.k, sae, 64), "torch", "cpu")
-        errors, norms, l0, features = read_documents(model, tokenizer, encoder, slot.layer, texts[0::2], 256)
-        baseline = measure(
-            errors, norms, l0, features, sae.spec.d_sae, sae_name=sae.name, weights_hash="", decoder_hash="",
-            model="", model_fingerprint="", layer=slot.layer, hook_point="resid_post", selection="", text="",
-            documents=len(texts[0::2]),
-        )  # fmt: skip
+        baseline = calibrate(model, tokenizer, sae, encoder, slot.layer, texts[0::2], 256, model_name="fixture model")
         encoders.append(encoder)
         baselines.append((sae.spec.d_sae, baseline_proto(baseline, slot)))
         print(
