@@ -144,10 +144,11 @@ class ReportBuilder:
         coverage = _coverage(state, finish, ended)
         gslot_to_slot = {g: s for s, g in state.slots.items()}
         evaluator = state.evaluator(coverage.num_prompt, coverage.anywhere)
+        matched = evaluator.match_all(circuits)
         flags = [
             flag
-            for circuit in circuits.circuits
-            if (flag := self._flag(evaluator, circuit, evaluator.matches(circuit), coverage, gslot_to_slot)) is not None
+            for circuit, positions in zip(circuits.circuits, matched, strict=True)
+            if (flag := self._flag(evaluator, circuit, positions, coverage, gslot_to_slot)) is not None
         ]
         total = coverage.total
         complete = finish is not None and not coverage.gaps and (len(coverage.everywhere) == total or total == 0)

@@ -7,7 +7,7 @@ once when the request is final.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +15,14 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import Circuit, CircuitSet
-from .expressions import All, AnyOf, Term, evaluate, evaluate_dense
+from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, evaluate, evaluate_dense
 from .keys import KEY_DTYPE, key_positions, token_keys
 from .registry import SaeRegistry
 from .request_sets import SlotCodes
 
 GENERATED = pb.PHASE_GENERATED
 DENSE_POSITIONS = 1 << 16  # requests up to this many positions evaluate circuits on dense position masks
+FLAT_BATCH_CELLS = 1 << 22  # flat circuits are counted together in batches of at most this many (circuit, position)
 MERGE_FANOUT = 16  # chunks of one level merge into one of the next: few objects, each row copied log16(n) times
 _NONE = np.empty(0, np.int64)
 
@@ -73,6 +74,7 @@ class TermPlan:
     terms: dict[int, dict[int, tuple[tuple[int, float], ...]]]  # gslot -> feature -> (term id, min activation)
     wanted: dict[int, np.ndarray]  # gslot -> bool [d_sae]: is the feature in some term
     term_ids: dict[Term, int]  # every term of the circuit set, numbered
+    flat: FlatCircuits
 
     @classmethod
     def build(cls, circuits: CircuitSet, registry: SaeRegistry, gslots: list[int]) -> TermPlan:
@@ -88,7 +90,62 @@ class TermPlan:
             mask[list(by_feature)] = True
             wanted[gslot] = mask
         frozen = {g: {f: tuple(ts) for f, ts in by_feature.items()} for g, by_feature in terms.items()}
-        return cls(circuits.version, frozen, wanted, term_ids)
+        return cls(circuits.version, frozen, wanted, term_ids, FlatCircuits.of(circuits.circuits, term_ids))
+
+
+@dataclass(frozen=True)
+class FlatCircuits:
+    """The circuits that are one term, any / at_least of terms, or all of terms and negated terms, with or
+    without a token window: nearly every circuit operators write. They are evaluated together, as counts over
+    their terms' (spread) mask rows against a need, instead of one by one, so a report's cost grows with the
+    circuits' terms, not with a Python step per circuit. Deeper expressions take the general path."""
+
+    index: np.ndarray  # int64 [F]: position of each flat circuit in the circuit set
+    terms: np.ndarray  # int64 [F, most terms]: term ids, padded with -1
+    negated: np.ndarray  # bool [F, most terms]: the term is under `not` (must not fire)
+    need: np.ndarray  # int64 [F]: how many of its positive terms must fire at a position
+    window: np.ndarray  # int64 [F]: a term counts at p when it fired in [p - window + 1, p]
+    scope: np.ndarray  # int64 [F]: 0 both, 1 prompt, 2 generated
+
+    @classmethod
+    def of(cls, circuits: tuple[Circuit, ...], term_ids: dict[Term, int]) -> FlatCircuits:
+        index, rows, negated, need, window, scope = [], [], [], [], [], []
+        for i, circuit in enumerate(circuits):
+            shape = _flat_shape(circuit.expression)
+            if shape is None:
+                continue
+            items, signs, required = shape
+            index.append(i)
+            rows.append([term_ids[item] for item in items])
+            negated.append(signs)
+            need.append(required)
+            window.append(circuit.window)
+            scope.append(_SCOPE_ROW.get(circuit.scope, 0))
+        width = max((len(r) for r in rows), default=1)
+        terms = np.full((len(rows), width), -1, np.int64)
+        signs = np.zeros((len(rows), width), bool)
+        for i, (r, n) in enumerate(zip(rows, negated, strict=True)):
+            terms[i, : len(r)], signs[i, : len(n)] = r, n
+        as_array = lambda values: np.asarray(values, np.int64)  # noqa: E731
+        return cls(as_array(index), terms, signs, as_array(need), as_array(window), as_array(scope))
+
+
+def _flat_shape(expr: Expr) -> tuple[list[Term], list[bool], int] | None:
+    """(terms, negated per term, how many positive terms must fire), or None for a deeper expression."""
+    if isinstance(expr, Term):
+        return [expr], [False], 1
+    if isinstance(expr, AnyOf | AtLeast) and all(isinstance(item, Term) for item in expr.items):
+        return list(expr.items), [False] * len(expr.items), 1 if isinstance(expr, AnyOf) else expr.n
+    if isinstance(expr, All) and all(
+        isinstance(item, Term) or (isinstance(item, Not) and isinstance(item.item, Term)) for item in expr.items
+    ):
+        items = [item if isinstance(item, Term) else item.item for item in expr.items]
+        signs = [isinstance(item, Not) for item in expr.items]
+        return items, signs, signs.count(False)
+    return None
+
+
+_SCOPE_ROW = {pb.SCOPE_PROMPT: 1, pb.SCOPE_GENERATED: 2}
 
 
 class RequestState:
@@ -353,6 +410,79 @@ class CircuitEvaluator:
             return np.zeros(len(positions), np.int64)
         found = np.minimum(np.searchsorted(known, positions), len(known) - 1)
         return np.where(known[found] == positions, tokens[found], 0)
+
+    def match_all(self, circuits: CircuitSet) -> list[np.ndarray]:
+        """Sorted positions where each circuit matches (scope applied), in order: the flat circuits of the
+        current term plan together, the others one by one."""
+        plan = self.state.plan
+        found: list[np.ndarray | None] = [None] * len(circuits.circuits)
+        if plan is not None and plan.version == circuits.version and self._matrix.shape[1]:
+            for i, positions in self._flat_matches(plan.flat):
+                found[i] = positions
+        return [self.matches(c) if f is None else f for c, f in zip(circuits.circuits, found, strict=True)]
+
+    def _flat_matches(self, flat: FlatCircuits) -> Iterator[tuple[int, np.ndarray]]:
+        """(circuit index, positions) for every flat circuit: where the count of its positive terms firing (in
+        its window) reaches its need and none of its negated terms fires, among the positions in its scope. In
+        batches of at most FLAT_BATCH_CELLS circuit-positions, so long requests stay bounded."""
+        absent = len(self._row)
+        lookup = np.full(len(self._term_ids) + 1, absent, np.int64)  # the last entry serves the -1 padding
+        lookup[np.fromiter(self._row, np.int64, absent)] = np.fromiter(self._row.values(), np.int64, absent)
+        rows = lookup[flat.terms]
+        fired_somewhere = (rows != absent) & ~flat.negated
+        live = fired_somewhere.any(axis=1) | flat.negated.any(axis=1)  # without `not`, a silent circuit is done
+        for i in flat.index[~live].tolist():
+            yield i, _NONE
+        index = flat.index[live]
+        if not len(index):
+            return
+        rows, negated = rows[live], flat.negated[live]
+        need, window, scope = flat.need[live], flat.window[live], flat.scope[live]
+        matrix = np.vstack([self._matrix, np.zeros((1, self.size), bool)])
+        universes = np.stack([self._universe_mask(s) for s in (pb.SCOPE_BOTH, pb.SCOPE_PROMPT, pb.SCOPE_GENERATED)])
+        # without a window a term's raw row serves every scope (the scope is applied to the result); with one,
+        # a term counts within the scope only (a window does not reach across it): firings in [0, p) per scope
+        # (`running`), for the rows the windowed circuits name
+        windowed = window > 1
+        if windowed.any():  # only the rows windowed circuits name, renumbered
+            needed, renumbered = np.unique(rows[windowed], return_inverse=True)
+            rows = rows.copy()
+            rows[windowed] = renumbered.reshape(-1, rows.shape[1])
+            running = np.zeros((3, len(needed), self.size + 1), np.int32)
+            for used in np.unique(scope[windowed]).tolist():
+                np.cumsum(matrix[needed] & universes[used], axis=1, out=running[used, :, 1:])
+        ends = np.arange(1, self.size + 1)
+        batch = max(1, FLAT_BATCH_CELLS // self.size)
+        counter = np.uint8 if rows.shape[1] < 256 else np.int32
+        for group in (np.flatnonzero(~windowed), np.flatnonzero(windowed)):
+            for start in range(0, len(group), batch):
+                part = group[start : start + batch]
+                if window[part[0]] > 1:
+                    starts = np.maximum(ends[None, :] - window[part, None], 0)  # [circuits, positions]
+
+                    def fired_of(column: int, part=part, starts=starts) -> np.ndarray:
+                        counted = running[scope[part], rows[part, column]]  # [circuits, positions + 1]
+                        return counted[:, 1:] - np.take_along_axis(counted, starts, axis=1) > 0
+                else:
+
+                    def fired_of(column: int, part=part) -> np.ndarray:
+                        return matrix[rows[part, column]]
+
+                counts = np.zeros((len(part), self.size), counter)
+                vetoed = np.zeros((len(part), self.size), bool)
+                for column in range(rows.shape[1]):
+                    fired = fired_of(column)
+                    negated_here = negated[part, column]
+                    if not negated_here.any():
+                        counts += fired
+                        continue
+                    counts += fired & ~negated_here[:, None]
+                    vetoed |= fired & negated_here[:, None]
+                hit = (counts >= need[part, None]) & ~vetoed & universes[scope[part]]
+                circuit_of, positions = np.nonzero(hit)
+                bounds = np.searchsorted(circuit_of, np.arange(len(part) + 1))
+                for k, i in enumerate(index[part].tolist()):
+                    yield i, positions[bounds[k] : bounds[k + 1]]
 
     def matches(self, circuit: Circuit) -> np.ndarray:
         """Sorted positions where the circuit matches (scope applied)."""

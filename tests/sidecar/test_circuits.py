@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.sidecar import ConfigError
+from circuitwatch.sidecar import ConfigError, SidecarConfig
 from circuitwatch.sidecar.circuits import parse_circuits
 
 from support.sidecar_harness import SyntheticRequest, brute_force_matches, messages, running_sidecar
@@ -179,3 +179,58 @@ def test_labels_and_defaults() -> None:
     )
     assert circuit.labels == ("team=safety",)
     assert (circuit.scope, circuit.window, circuit.min_tokens, circuit.action) == (pb.SCOPE_BOTH, 1, 1, "")
+
+
+def random_expression(rng: np.random.Generator, depth: int = 0) -> dict:
+    """Terms, all / any / at_least / not, nested up to two levels, over both layers and 16 features."""
+    term = {"layer": int(rng.choice([1, 2])), "feature": int(rng.integers(0, 16))}
+    if rng.random() < 0.3:
+        term["min_activation"] = float(rng.choice([0.5, 1.5]))
+    kind = rng.choice(["term", "all", "any", "at_least", "not"], p=[0.3, 0.25, 0.2, 0.15, 0.1])
+    if kind == "term" or depth >= 2:
+        return term
+    if kind == "not":
+        return {"not": random_expression(rng, depth + 1)}
+    items = [random_expression(rng, depth + 1) for _ in range(int(rng.integers(1, 5)))]
+    if kind == "at_least":
+        return {"at_least": {"n": int(rng.integers(1, len(items) + 1)), "of": items}}
+    return {kind: items}
+
+
+def test_circuits_evaluated_together_equal_one_by_one(tmp_path: Path) -> None:
+    """The batched evaluation of flat circuits (request_state.FlatCircuits) against the general per-circuit
+    path, on 600 random circuits (windows, scopes, negations, nesting) over 30 random open requests."""
+    from circuitwatch.sidecar.circuits import CircuitSet
+    from circuitwatch.sidecar.core import SidecarCore
+    from circuitwatch.sidecar.store import EvidenceStore
+
+    rng = np.random.default_rng(12)
+    specs = []
+    for i in range(600):
+        spec = {"name": f"c{i}", "when": random_expression(rng)}
+        if rng.random() < 0.3:
+            spec["window"] = int(rng.integers(2, 6))
+        if rng.random() < 0.3:
+            spec["scope"] = str(rng.choice(["prompt", "generated"]))
+        specs.append(spec)
+    circuits = parse_circuits({"circuits": specs}, "random")
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    core.set_circuits(CircuitSet(tuple(circuits)))
+    requests = [SyntheticRequest.random(rng, f"req-{i}", d_sae=16) for i in range(30)]
+    stream = None
+    for message in messages(requests, rng):
+        if message.HasField("manifest"):
+            stream = core.open_stream(message.manifest)
+        elif message.HasField("codes"):
+            core.ingest(stream, message)
+    flat_seen = 0
+    for request in requests:
+        state = core._open[request.request_id]
+        state.ensure_plan(core._plan_for, core.circuits.version)
+        flat_seen += len(state.plan.flat.index)
+        evaluator = state.evaluator(request.num_prompt, np.arange(request.num_positions))
+        together = evaluator.match_all(core.circuits)
+        for circuit, positions in zip(core.circuits.circuits, together, strict=True):
+            one = evaluator.matches(circuit)
+            assert np.array_equal(positions, one), (request.request_id, circuit, positions, one)
+    assert 30 * 150 < flat_seen < 30 * 500, "too few flat or general circuits: a path would go untested"
