@@ -19,15 +19,25 @@ from support.processes import CLI, free_port, wait_serving
 from support.sidecar_harness import SyntheticRequest, manifest
 
 
-def test_process_lifecycle(tmp_path: Path) -> None:
+def sidecar_process(tmp_path: Path, circuits: str | None, stdout=subprocess.DEVNULL, text: bool = True):
+    """(`circuitwatch sidecar` on a free port with its evidence in tmp_path, its port); `circuits` is the text of
+    tmp_path/circuits.yaml (None: no circuit file); stderr is piped for the test to read."""
     port = free_port()
-    circuits = tmp_path / "circuits.yaml"
-    circuits.write_text("circuits:\n  - {name: first, when: {layer: 1, feature: 1}}\n")
+    listed = ""
+    if circuits is not None:
+        (tmp_path / "circuits.yaml").write_text(circuits)
+        listed = "circuits: [circuits.yaml]\n"
     config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n")
-    process = subprocess.Popen(
-        [*CLI, "sidecar", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    config.write_text(f"listen: 127.0.0.1:{port}\n{listed}evidence_dir: evidence\n")
+    command = [*CLI, "sidecar", "--config", str(config)]
+    return subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=text), port
+
+
+def test_process_lifecycle(tmp_path: Path) -> None:
+    process, port = sidecar_process(
+        tmp_path, "circuits:\n  - {name: first, when: {layer: 1, feature: 1}}\n", stdout=subprocess.PIPE
     )
+    circuits = tmp_path / "circuits.yaml"
     try:
         channel = wait_serving(port, process)
         stub = pb_grpc.MonitorStub(channel)
@@ -163,14 +173,8 @@ def test_every_bad_file_exits_2_with_one_line(tmp_path: Path, case: str) -> None
 def test_sighup_never_kills_the_sidecar_and_keeps_its_circuits(tmp_path: Path) -> None:
     """A reload of a circuit file with an invalid UTF-8 byte or a cyclic alias used to kill the sidecar (open
     requests unreported); an empty file reloaded fine with zero circuits (monitoring silently off)."""
-    port = free_port()
+    process, port = sidecar_process(tmp_path, "circuits:\n  - {name: first, when: {layer: 1, feature: 1}}\n")
     circuits = tmp_path / "circuits.yaml"
-    circuits.write_text("circuits:\n  - {name: first, when: {layer: 1, feature: 1}}\n")
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\ncircuits: [circuits.yaml]\nevidence_dir: evidence\n")
-    process = subprocess.Popen(
-        [*CLI, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
     try:
         stub = pb_grpc.MonitorStub(wait_serving(port, process))
         for broken in (b"circuits: [\xff]\n", b"circuits: &c [{name: x, when: *c}]\n", b"# nothing here\n", b""):
@@ -188,12 +192,7 @@ def test_sighup_never_kills_the_sidecar_and_keeps_its_circuits(tmp_path: Path) -
 def test_sigterm_stops_after_an_undecodable_frame(tmp_path: Path) -> None:
     """After an undecodable frame SIGTERM used to leave the process running; the good open request must still
     be finalised."""
-    port = free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: evidence\n")
-    process = subprocess.Popen(
-        [*CLI, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    process, port = sidecar_process(tmp_path, None, text=False)
     try:
         channel = wait_serving(port, process)
         garbage = channel.stream_unary(
