@@ -1,9 +1,9 @@
 """Measuring an SAE's fidelity baseline on calibration text with a Hugging Face model: shared by `circuitwatch
 calibrate`, the fixture build (which calibrates its SAEs the way a deployment would) and bench/drift_bench.py.
 
-The model runs in transformers, independent of vLLM: the residual stream after the slot's layer is what the
-plugin taps. Codes are selected exactly as the plugin selects them, because the error that matters is that of
-the codes the monitor emits.
+The model runs in transformers, independent of vLLM, read at the slot's tap (fixtures/activations.py). Codes
+are selected exactly as the plugin selects them, because the error that matters is that of the codes the
+monitor emits.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from circuitwatch.fixtures.activations import residual_stream
+from circuitwatch.fixtures.activations import activations_at
 from circuitwatch.fixtures.corpus import documents as built_in_documents
 from circuitwatch.kernels import ReferenceEncoder as Encoder
 from circuitwatch.kernels.baseline import FidelityBaseline, measure, model_fingerprint
+from circuitwatch.kernels.hook_points import Tap
 from circuitwatch.kernels.spec import Sae
 
 # The built-in calibration text: CPython's help topics, English technical prose that ships with every Python
@@ -25,15 +26,15 @@ __all__ = ["BUILT_IN_SAMPLE", "built_in_documents", "calibrate", "read_documents
 
 
 def read_documents(
-    model: Any, tokenizer: Any, encoder: Encoder, layer: int, documents: list[str], tokens_per_document: int
+    model: Any, tokenizer: Any, encoder: Encoder, tap: Tap, documents: list[str], tokens_per_document: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each document alone through the model (its first `tokens_per_document` tokens), the residual stream after
-    `layer` encoded: (errors, norms, L0 per readable token, the feature ids of every code)."""
+    """Each document alone through the model (its first `tokens_per_document` tokens), its activations at `tap`
+    encoded: (errors, norms, L0 per readable token, the feature ids of every code)."""
     device = next(model.parameters()).device
     errors, norms, l0, features = [], [], [], []
     for text in documents:
         encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=tokens_per_document)
-        hidden = residual_stream(model, encoded.input_ids.to(device), [layer])[layer][0]
+        hidden = activations_at(model, encoded.input_ids.to(device), [tap])[tap][0]
         codes = encoder.encode(hidden)
         valid = codes.valid.cpu().numpy()
         ids = codes.ids.cpu().numpy()[valid]
@@ -49,16 +50,15 @@ def calibrate(
     tokenizer: Any,
     sae: Sae,
     encoder: Encoder,
-    layer: int,
+    tap: Tap,
     documents: list[str],
     tokens_per_document: int = 128,
     *,
     model_name: str,
     text: str = BUILT_IN_SAMPLE,
-    hook_point: str = "resid_post",
 ) -> FidelityBaseline:
-    """The SAE's baseline at `layer` on `documents`, pinned to the SAE, the tap and the model's architecture."""
-    errors, norms, l0, features = read_documents(model, tokenizer, encoder, layer, documents, tokens_per_document)
+    """The SAE's baseline at `tap` on `documents`, pinned to the SAE, the tap and the model's architecture."""
+    errors, norms, l0, features = read_documents(model, tokenizer, encoder, tap, documents, tokens_per_document)
     return measure(
         errors,
         norms,
@@ -70,8 +70,9 @@ def calibrate(
         decoder_hash=sae.decoder_hash,
         model=model_name,
         model_fingerprint=model_fingerprint(model.config.to_dict()),
-        layer=layer,
-        hook_point=hook_point,
+        layer=tap.layer,
+        hook_point=str(tap.hook_point),
+        head=tap.head,
         selection=encoder.selection.describe(),
         text=text,
         documents=len(documents),

@@ -1,8 +1,8 @@
 """An SAE's fidelity baseline: how well it reads calibration text on the model it was made for.
 
 `circuitwatch calibrate` writes one next to the SAE (`circuitwatch-baseline.json`). It is pinned to the SAE
-(encoder and decoder hashes), the model (a fingerprint of its architecture config) and the tap (layer and hook
-point): a baseline for anything else is refused at load, never silently applied. The plugin reads it for the
+(encoder and decoder hashes), the model (a fingerprint of its architecture config) and the tap (layer, hook
+point and head): a baseline for anything else is refused at load, never silently applied. The plugin reads it for the
 start-up wiring check and sends it to the sidecar in the manifest, where it sets the per-token error threshold
 of reports and is the reference of the drift alarm.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SaeFormatError
+from .hook_points import HookPoint, Tap
 from .spec import Sae
 
 BASELINE_FILE = "circuitwatch-baseline.json"
@@ -86,6 +87,7 @@ class FidelityBaseline:
     l0_mean: float
     error_threshold: float
     firing_frequencies: list[float] = field(repr=False)  # per feature: share of calibration tokens it fired on
+    head: int | None = None  # attn_z taps of one head
     path: Path | None = None
 
     @property
@@ -124,9 +126,7 @@ def default_path(sae: Sae) -> Path:
     return sae.spec.path / BASELINE_FILE
 
 
-def load_baseline(
-    path: Path, sae: Sae, layer: int, hook_point: str, fingerprint: str | None = None
-) -> FidelityBaseline:
+def load_baseline(path: Path, sae: Sae, tap: Tap, fingerprint: str | None = None) -> FidelityBaseline:
     """Read a baseline and check it belongs to this SAE, tap and model; a mismatch names the file and field."""
     try:
         data = json.loads(Path(path).read_text())
@@ -146,9 +146,16 @@ def load_baseline(
     checks = (
         ("weights_hash", baseline.weights_hash, sae.weights_hash, "SAE encoder"),
         ("decoder_hash", baseline.decoder_hash, sae.decoder_hash, "SAE decoder"),
-        ("layer", baseline.layer, layer, "layer"),
-        ("hook_point", baseline.hook_point, hook_point, "hook point"),
     )
+    try:
+        calibrated = Tap(baseline.layer, HookPoint(baseline.hook_point), baseline.head)
+    except ValueError as exc:
+        raise SaeFormatError(path, "hook_point", f"{baseline.hook_point!r}: {exc}") from None
+    if calibrated.canonical() != tap.canonical():  # resid_pre of layer L is resid_post of layer L - 1
+        raise SaeFormatError(
+            path, "layer/hook_point/head", f"calibrated at {calibrated.label()} but this slot reads {tap.label()}: "
+            + recalibrate.format(what="tap")
+        )
     for name, found, expected, what in checks:
         if found != expected:
             raise SaeFormatError(

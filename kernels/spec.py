@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,9 @@ class SaeSpec:
     apply_b_dec_to_input: bool = False
     normalization: Normalization = Normalization.NONE
     layer: int | None = None  # from the file's metadata when it says
-    hook_name: str | None = None
+    hook_name: str | None = None  # as the file writes it; kernels/hook_points.py reads it
+    hook_head: int | None = None  # SAELens `hook_head_index`: a single attention head's slice of hook_z
+    transcoder: bool = False  # reads one place (the MLP input) and predicts another: codes, no reconstruction
 
 
 @dataclass(frozen=True)
@@ -97,39 +98,3 @@ def decoder_hash(decoder: torch.Tensor) -> str:
     digest.update(f"W_dec:{list(array.shape)}|".encode())
     digest.update(array.tobytes())
     return f"blake2b:{digest.hexdigest()}"
-
-
-_HOOK_KINDS = {
-    "hook_resid_post": "resid_post",
-    "hook_resid_pre": "resid_pre",
-    "hook_resid_mid": "resid_mid",
-    "hook_mlp_out": "mlp_out",
-    "hook_attn_out": "attn_out",
-    "attn.hook_z": "attn_z",
-    "mlp": "mlp_out",
-    "self_attn": "attn_out",
-}
-
-
-def trained_tap(spec: SaeSpec) -> tuple[int | None, str | None]:
-    """(layer, hook point) the SAE was trained on, in the plugin's terms, as far as its files say.
-
-    The residual stream before block L is the one after block L - 1, so `blocks.L.hook_resid_pre` is
-    (L - 1, "resid_post"); `model.layers.L` and sparsify's `layers.L` are the output of layer L. Unknown parts
-    are None. Gemma Scope files name only the layer; the kind is read from a path naming the release (-res,
-    -mlp, -att)."""
-    name = spec.hook_name or ""
-    match = re.fullmatch(r"(?:model\.)?(?:blocks|layers)\.(\d+)(?:\.(.+))?", name)
-    if match:
-        layer, rest = int(match.group(1)), match.group(2)
-        kind = "resid_post" if rest is None else _HOOK_KINDS.get(rest, rest)
-        if kind == "resid_pre":
-            return (layer - 1, "resid_post") if layer > 0 else (None, "embeddings")
-        return layer, kind
-    if spec.source_format == "gemmascope":
-        path = str(spec.path)
-        kind = next(
-            (k for tag, k in (("-res", "resid_post"), ("-mlp", "mlp_out"), ("-att", "attn_out")) if tag in path), None
-        )
-        return spec.layer, kind
-    return spec.layer, None

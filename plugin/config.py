@@ -27,10 +27,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+HookPointName = Literal["resid_pre", "resid_post", "attn_out", "attn_z", "mlp_in", "mlp_out"]
+
+
 class SlotConfig(_Strict):
-    layer: int = Field(ge=0, description="decoder layer whose output (residual stream after it) is tapped")
+    layer: int = Field(ge=0, description="decoder layer tapped")
     sae: Path
-    hook_point: Literal["resid_post"] = "resid_post"
+    # Where in the layer (kernels/hook_points.py). Unset: as the SAE's files say, else resid_post.
+    hook_point: HookPointName | None = None
+    # attn_z only: one attention head's slice (the SAE's `hook_head_index` when unset and the SAE names one)
+    head: int | None = Field(None, ge=0)
     format: Literal["auto", "saelens", "gemmascope", "sparsify"] = "auto"
     name: str | None = None
     # Code selection; defaults: the SAE's own k for TopK SAEs, else every active feature capped at max_codes.
@@ -41,8 +47,14 @@ class SlotConfig(_Strict):
     baseline: Path | None = None
     # Overrides the baseline's per-token error threshold (a token above it reads poorly).
     error_threshold: float | None = Field(None, gt=0)
-    # Refuse an SAE whose files say it was trained on another layer or hook point than this slot taps.
+    # Refuse an SAE whose files say it was trained on another layer, hook point or head than this slot taps.
     check_sae_metadata: bool = True
+
+    @model_validator(mode="after")
+    def _head_only_on_attn_z(self) -> SlotConfig:
+        if self.head is not None and self.hook_point not in (None, "attn_z"):
+            raise ValueError(f"head: only attn_z slots read one head, this slot's hook_point is {self.hook_point}")
+        return self
 
 
 class WiringCheckConfig(_Strict):
@@ -127,9 +139,11 @@ class PluginConfig(_Strict):
     def _distinct_slots(self) -> PluginConfig:
         seen = set()
         for i, slot in enumerate(self.slots):
-            key = (slot.layer, slot.hook_point, str(slot.sae))
+            key = (slot.layer, slot.hook_point, slot.head, str(slot.sae))
             if key in seen:
-                raise ValueError(f"slots[{i}] repeats layer {slot.layer} with the same SAE")
+                raise ValueError(
+                    f"slots[{i}] repeats layer {slot.layer} ({slot.hook_point or 'its hook point'}) with the same SAE"
+                )
             seen.add(key)
         return self
 

@@ -57,6 +57,8 @@ class FinishNotifier:
                     finish_unix_nanos=time.time_ns(),
                     model=self.model,
                     arrival_unix_nanos=int(getattr(request, "arrival_time", 0) * 1e9),
+                    # every configured slot, whichever worker encodes it (plugin/slots.py)
+                    slots=range(len(self.config.slots)),
                 )
             )
         )

@@ -60,12 +60,14 @@ def _patch_worker() -> None:
     def load_model(self, *args, **kwargs):
         result = original_load(self, *args, **kwargs)
         config = load_plugin_config(self.vllm_config.additional_config)
-        if config is not None and _is_encoding_rank():
-            from .worker import WorkerPlugin
+        if config is not None:
+            from .worker import worker_plugin
 
             runner = self.model_runner
-            self._circuitwatch = WorkerPlugin(config, self.vllm_config, runner.get_model(), runner.device)
-            runner._circuitwatch_plugin = self._circuitwatch
+            plugin = worker_plugin(config, self.vllm_config, runner.get_model(), runner.device, _parallelism(self))
+            if plugin is not None:
+                self._circuitwatch = plugin
+                runner._circuitwatch_plugin = plugin
         return result
 
     @functools.wraps(original_execute)
@@ -243,11 +245,14 @@ def _on_event_loop() -> bool:
     return True
 
 
-def _is_encoding_rank() -> bool:
-    """With tensor parallelism only rank 0 encodes: every rank holds the same residual stream."""
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
+def _parallelism(worker):
+    """This worker's tensor-parallel rank, and the attention heads the model has (plugin/slots.py)."""
+    from .slots import Parallelism
 
-        return get_tensor_model_parallel_rank() == 0
-    except Exception:
-        return True
+    heads = int(worker.vllm_config.model_config.hf_text_config.num_attention_heads)
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        return Parallelism(get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size(), heads)
+    except Exception:  # no parallel state: a single process
+        return Parallelism(0, 1, heads)

@@ -1,7 +1,8 @@
 """The plugin inside one vLLM worker: SAEs and encoders, taps, per-step row mapping, encoding, emission.
 
-Runs only on tensor-parallel rank 0 (other ranks hold the same residual stream). Every failure is logged
-and counted; nothing raises into vLLM's step.
+With tensor parallelism, rank 0 encodes every slot but per-head attn_z ones, which the rank holding the head
+encodes (plugin/slots.py); each encoding rank is a producer of its own. Every failure is logged and counted;
+nothing raises into vLLM's step.
 """
 
 from __future__ import annotations
@@ -18,37 +19,22 @@ import numpy as np
 import torch
 
 from circuitwatch import __version__
-from circuitwatch.kernels import Codes, ReferenceEncoder, Sae, SaeFormatError, load_sae
-from circuitwatch.kernels.baseline import FidelityBaseline, default_path, load_baseline, model_fingerprint
-from circuitwatch.kernels.encoders import make_encoder
-from circuitwatch.kernels.selection import selection_for
-from circuitwatch.kernels.spec import trained_tap
+from circuitwatch.kernels import Codes
+from circuitwatch.kernels.baseline import model_fingerprint
+from circuitwatch.kernels.hook_points import ModelShape
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice
 
 from .admission import Admission
-from .config import PluginConfig, PluginConfigError, SlotConfig
+from .config import PluginConfig
 from .emitter import BuiltBatch, Emitter
 from .request_ids import client_request_id, request_key
 from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
-from .taps import TAPS, install_taps
-from .wiring import SlotWiringCheck
+from .slots import Parallelism, Slot, build_slots, slot_proto
+from .taps import TAPS, Stream, decoder_layers, install_taps
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Slot:
-    number: int
-    config: SlotConfig
-    sae: Sae
-    encoder: ReferenceEncoder  # or any backend with the same encode() and selection
-    baseline: FidelityBaseline | None = None
-    wiring: SlotWiringCheck | None = None
-
-    def describe(self) -> str:
-        return f"slot {self.number} ({self.sae.name} on layer {self.config.layer}, {self.config.hook_point})"
 
 
 @dataclass
@@ -59,121 +45,47 @@ class TrackedRequest:
     num_prompt_tokens: int = 0
 
 
-def check_tap(number: int, slot: SlotConfig, sae: Sae) -> None:
-    """An SAE whose files say it was trained elsewhere than this slot taps is refused (unless the slot says
-    check_sae_metadata: false): its codes would be read from the wrong residual stream."""
-    layer, hook_point = trained_tap(sae.spec)
-    wrong = []
-    if layer is not None and layer != slot.layer:
-        wrong.append(f"layer {layer}")
-    if hook_point is not None and hook_point != slot.hook_point:
-        wrong.append(f"hook point {hook_point}")
-    if wrong and slot.check_sae_metadata:
-        where = f" ({sae.spec.hook_name})" if sae.spec.hook_name else ""
-        raise PluginConfigError(
-            f"slots[{number}]: SAE {sae.spec.path} was trained on {' and '.join(wrong)}{where}, but this slot taps "
-            f"layer {slot.layer} ({slot.hook_point}); fix the slot, or set check_sae_metadata: false if this is meant"
-        )
-
-
-def slot_baseline(number: int, slot: SlotConfig, sae: Sae, fingerprint: str) -> FidelityBaseline | None:
-    """The slot's calibration baseline: the configured file, else the one next to the SAE if present."""
-    path = slot.baseline or default_path(sae)
-    if slot.baseline is None and not path.is_file():
-        log.warning(
-            "circuitwatch: slots[%d] (%s) has no fidelity baseline: reports use the uncalibrated error threshold and "
-            "drift is not judged; run `circuitwatch calibrate`",
-            number,
-            sae.name,
-        )
-        return None
-    try:
-        return load_baseline(path, sae, slot.layer, slot.hook_point, fingerprint)
-    except SaeFormatError as exc:
-        raise PluginConfigError(f"slots[{number}].baseline: {exc}") from None
-
-
-def baseline_proto(baseline: FidelityBaseline | None, slot: SlotConfig) -> pb.FidelityBaseline | None:
-    if baseline is None:
-        if slot.error_threshold is None:
-            return None
-        return pb.FidelityBaseline(
-            source="the slot's error_threshold (uncalibrated)", error_threshold=slot.error_threshold
-        )
-    frequencies = np.asarray(baseline.firing_frequencies, "<f4")
-    return pb.FidelityBaseline(
-        source=f"circuitwatch calibrate: {baseline.documents} documents, {baseline.tokens} tokens ({baseline.text})"[
-            :1024
-        ],
-        error_threshold=slot.error_threshold or baseline.error_threshold,
-        error_mean=baseline.error.mean,
-        error_p50=baseline.error.p50,
-        error_p99=baseline.error.p99,
-        norm_mean=baseline.norm.mean,
-        norm_p50=baseline.norm.p50,
-        l0_mean=baseline.l0_mean,
-        tokens=baseline.tokens,
-        firing_frequencies=frequencies.tobytes(),
+def worker_plugin(
+    config: PluginConfig, vllm_config, model: torch.nn.Module, device: torch.device, parallel: Parallelism
+) -> WorkerPlugin | None:
+    """The plugin for this worker, or None on a tensor-parallel rank that encodes no slot (plugin/slots.py)."""
+    model_config = vllm_config.model_config
+    shape = ModelShape(
+        hidden_size=model_config.get_hidden_size(),
+        num_heads=int(model_config.hf_text_config.num_attention_heads),
+        head_dim=model_config.get_head_size(),
     )
+    fingerprint = model_fingerprint(model_config.hf_config.to_dict())
+    slots = build_slots(config, shape, len(decoder_layers(model)), fingerprint, device, parallel)
+    if not slots and parallel.rank != 0:
+        return None
+    return WorkerPlugin(config, vllm_config, model, slots)
 
 
 class WorkerPlugin:
     """The plugin in one worker: the slots' SAEs and encoders, the taps, and per step the row map, encoding and
     hand-off to the emitter. Every failure is logged and counted; nothing raises into vLLM's step."""
 
-    def __init__(self, config: PluginConfig, vllm_config, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, config: PluginConfig, vllm_config, model: torch.nn.Module, slots: list[Slot]) -> None:
         self.config = config
-        hidden_size = vllm_config.model_config.get_hidden_size()
-        fingerprint = model_fingerprint(vllm_config.model_config.hf_config.to_dict())
-        self.slots: list[Slot] = []
-        for number, slot in enumerate(config.slots):
-            sae = load_sae(slot.sae, slot.format, expected_d_in=hidden_size, name=slot.name)
-            check_tap(number, slot, sae)
-            selection = selection_for(slot.selection, slot.k, sae, config.max_codes_per_token)
-            encoder = make_encoder(sae, selection, config.encoder_backend, device)
-            baseline = slot_baseline(number, slot, sae, fingerprint)
-            if baseline is not None and baseline.selection != selection.describe():
-                raise PluginConfigError(
-                    f"slots[{number}].baseline: {baseline.path}: calibrated with selection {baseline.selection!r}, "
-                    f"this slot selects {selection.describe()!r}: calibrate again with the slot's selection"
-                )
-            self.slots.append(Slot(number, slot, sae, encoder, baseline))
-        for s in self.slots:
-            if config.wiring_check.enabled and s.sae.decoder is not None:
-                s.wiring = SlotWiringCheck(s.number, s.describe(), s.baseline, config.wiring_check)
-        present = set(install_taps(model, [s.config.layer for s in self.slots]))
-        self.slots = [s for s in self.slots if s.config.layer in present]
-        self.model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+        model_config = vllm_config.model_config
+        present = install_taps(model, [s.tap.stream() for s in slots])
+        self.slots = [s for s in slots if s.tap.stream() in present]
+        self.model_name = model_config.served_model_name or model_config.model
         self.manifest = pb.Manifest(
             contract_version=CONTRACT_VERSION,
             producer=f"circuitwatch-plugin/{__version__} vllm/{_vllm_version()}",
             model=str(self.model_name),
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
-            slots=[
-                pb.SaeSlot(
-                    slot=s.number,
-                    name=s.sae.name,
-                    architecture=s.sae.spec.architecture.value,
-                    layer=s.config.layer,
-                    hook_point=s.config.hook_point,
-                    d_in=s.sae.spec.d_in,
-                    d_sae=s.sae.spec.d_sae,
-                    weights_hash=s.sae.weights_hash,
-                    selection=s.encoder.selection.describe(),
-                    source_format=s.sae.spec.source_format,
-                    baseline=baseline_proto(s.baseline, s.config),
-                    decoder_hash=s.sae.decoder_hash,
-                )
-                for s in self.slots
-            ],
+            slots=[slot_proto(s) for s in self.slots],
         )
         self.emitter = Emitter(config.sidecar, self.manifest, config.queue_max_batches)
         self.requests: dict[str, TrackedRequest] = {}
         self.counters: Counter[str] = Counter()
         self.v2_batch = None  # set by the V2 runner patch
         log.info(
-            "circuitwatch: monitoring layers %s with %s, codes to %s",
-            [s.config.layer for s in self.slots],
+            "circuitwatch: monitoring %s with %s, codes to %s",
+            [s.tap.label() for s in self.slots],
             ", ".join(f"{s.sae.name} ({s.encoder.selection.describe()})" for s in self.slots),
             config.sidecar.address,
         )
@@ -263,7 +175,7 @@ class WorkerPlugin:
             raise RuntimeError("V2 runner step without a captured input batch")
         return rows_from_v2_batch(self.v2_batch)
 
-    def _encode_step(self, runner, captured: dict[int, torch.Tensor]) -> None:
+    def _encode_step(self, runner, captured: dict[Stream, torch.Tensor]) -> None:
         rows = self._rows(runner)
         tracked = [
             self._track(runner, rid, int(first)) for rid, first in zip(rows.req_ids, rows.first_computed, strict=True)
@@ -289,12 +201,11 @@ class WorkerPlugin:
         bounds = np.concatenate(([0], breaks, [len(selected)]))
         encoded: list[tuple[Slot, Codes]] = []
         started = time.perf_counter_ns()
+        index = torch.from_numpy(selected)
         for slot in self.slots:
-            hidden = captured.get(slot.config.layer)
-            if hidden is None:
-                continue
-            index = torch.from_numpy(selected).to(hidden.device)
-            encoded.append((slot, _to_host(slot.encoder.encode(hidden.index_select(0, index)))))
+            rows_in = slot.read(captured, index)
+            if rows_in is not None:
+                encoded.append((slot, _to_host(slot.encoder.encode(rows_in))))
         # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
         # event, then packs. The step path only launches kernels and enqueues.
         ready = _record_event(encoded)

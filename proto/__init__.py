@@ -5,4 +5,4 @@ The generated modules `circuitwatch_pb2` / `circuitwatch_pb2_grpc` are build out
 """
 
 # Minor revision of the v1 contract; see the header of circuitwatch.proto.
-CONTRACT_VERSION = 4
+CONTRACT_VERSION = 5

@@ -303,7 +303,7 @@ class SidecarCore:
             state = RequestState(request_id, self.requests.new_seq(), now)
             self._open[request_id] = state
             state.model = stream.manifest.model
-        if stream.slots and state.slots != stream.slots:
+        if stream.slots and not stream.slots.items() <= state.slots.items():
             state.bind(stream.slots)
         state.ensure_plan(self._plan_for, self.circuits.version)
         return state

@@ -29,6 +29,7 @@ class SaeIdentity:
     weights_hash: str
     selection: str
     source_format: str
+    head: int | None = None  # attn_z of one head
 
     @classmethod
     def from_proto(cls, slot: pb.SaeSlot) -> SaeIdentity:
@@ -42,10 +43,11 @@ class SaeIdentity:
             weights_hash=slot.weights_hash,
             selection=slot.selection,
             source_format=slot.source_format,
+            head=slot.head if slot.HasField("head") else None,
         )
 
     def to_proto(self, slot: int) -> pb.SaeSlot:
-        return pb.SaeSlot(
+        proto = pb.SaeSlot(
             slot=slot,
             name=self.name,
             architecture=self.architecture,
@@ -57,6 +59,15 @@ class SaeIdentity:
             selection=self.selection,
             source_format=self.source_format,
         )
+        if self.head is not None:
+            proto.head = self.head
+        return proto
+
+    @property
+    def tap_label(self) -> str:
+        """`L1.attn_z.h2`, as kernels/hook_points.Tap.label() writes it (the sidecar imports no kernels)."""
+        head = f".h{self.head}" if self.head is not None else ""
+        return f"L{self.layer}.{self.hook_point or 'resid_post'}{head}"
 
     def matches(self, selector: str | None) -> bool:
         """An SAE pin matches the name, or a prefix of the weights hash (with or without 'blake2b:')."""

@@ -68,7 +68,7 @@ def _gaps_of_slot(gaps: list[pb.Gap], slot: int) -> list[tuple[int, int]]:
 
 def is_covered(state: RequestState, finish: pb.RequestFinish) -> bool:
     """Whether every position the finish announced has codes or a declared gap in every slot."""
-    if not state.slots:
+    if not state.slots or not set(finish.slots) <= state.slots.keys():  # a producer has not been heard from
         return False
     if state.seen_prefix() >= finish.num_positions:  # the common case, without looking at positions
         return True
@@ -90,7 +90,8 @@ class _Coverage:
 
 
 def _coverage(state: RequestState, finish: pb.RequestFinish | None, ended: int) -> _Coverage:
-    if finish is not None and state.slots and state.seen_prefix() >= finish.num_positions:
+    unheard = sorted(set(finish.slots) - state.slots.keys()) if finish is not None else []
+    if finish is not None and state.slots and not unheard and state.seen_prefix() >= finish.num_positions:
         # every announced position has codes in every slot: nothing is missing, nothing to look up
         total = finish.num_positions
         gaps = [g for g in (*finish.gaps, *state.producer_gaps) if g.end > g.start]
@@ -111,6 +112,8 @@ def _coverage(state: RequestState, finish: pb.RequestFinish | None, ended: int) 
     if not state.slots and total:
         # no codes ever arrived: no SAE is known for this request, so the gap covers every slot
         gaps.append(pb.Gap(slot=ALL_SLOTS, start=0, end=total, reason=missing_reason))
+    if state.slots:  # announced slots no producer ever sent codes for: missing everywhere
+        gaps += [pb.Gap(slot=slot, start=0, end=total, reason=missing_reason) for slot in unheard if total]
     for slot, gslot in sorted(state.slots.items()):
         for start, end in missing_ranges(total, seen.get(gslot, _NONE), _gaps_of_slot(gaps, slot)):
             gaps.append(pb.Gap(slot=slot, start=start, end=end, reason=missing_reason))

@@ -185,8 +185,10 @@ class RequestState:
         self.actions_sent: set[str] = set()
 
     def bind(self, slots: dict[int, int]) -> None:
-        """(Re)attach to a producer stream's slot map; a reconnecting producer brings the same SAEs."""
-        self.slots = dict(slots)
+        """Attach a producer stream's slot map. Several producers may serve one request (under tensor
+        parallelism each rank encodes its own heads' slots, numbered from one config), so maps are merged; a
+        reconnecting producer brings the same SAEs under the same numbers."""
+        self.slots = {**self.slots, **slots}
         self.plan = None
 
     def add_chunk(

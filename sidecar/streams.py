@@ -19,6 +19,7 @@ from .registry import SaeIdentity, SaeRegistry
 
 OPEN_ENDED = 0xFFFFFFFF  # Gap.end of a gap that runs to the end of the request
 
+MAX_HEADS = 1 << 12  # attention heads per layer: far above any model's
 MANIFEST_STRING_CHARS = 256  # every string a manifest carries (names, hashes, model, producer)
 
 
@@ -70,6 +71,11 @@ def open_stream(manifest: pb.Manifest, registry: SaeRegistry, limits: LimitsConf
             _bounded(getattr(slot, name), f"{where}.{name}")
         if slot.d_in == 0 or slot.d_sae == 0:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: d_in and d_sae must be > 0")
+        if slot.HasField("head") and (slot.hook_point != "attn_z" or slot.head >= MAX_HEADS):
+            raise MonitorError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{where}: head {slot.head} needs hook_point attn_z and a head number below {MAX_HEADS}",
+            )
         if slot.d_sae > limits.max_d_sae:
             raise MonitorError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,6 +184,12 @@ def check_finish(finish: pb.RequestFinish, limits: LimitsConfig) -> None:
             f"limits.max_positions ({limits.max_positions})",
         )
     check_gaps(finish.request_id, finish.gaps, "finish.gaps", limits)
+    if len(finish.slots) > limits.max_slots_per_manifest or len(set(finish.slots)) != len(finish.slots):
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"finish of {shown(finish.request_id)}: slots must be distinct and at most "
+            f"limits.max_slots_per_manifest ({limits.max_slots_per_manifest})",
+        )
     _bounded(finish.model, "finish.model")
     _bounded(finish.finish_reason, "finish.finish_reason")
 

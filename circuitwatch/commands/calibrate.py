@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from circuitwatch.kernels.hook_points import HOOK_POINTS
+
 from .connection import UsageError
 
 SELECTIONS = ("default", "topk", "threshold", "argmax")
@@ -21,8 +23,13 @@ def add_calibrate_parser(sub) -> None:
     parser = sub.add_parser("calibrate", help="measure an SAE's fidelity on calibration text; write its baseline")
     parser.add_argument("--model", required=True, help="Hugging Face model directory (the model vLLM serves)")
     parser.add_argument("--sae", type=Path, required=True, help="SAE directory or file")
-    parser.add_argument("--layer", type=int, required=True, help="decoder layer whose output the slot taps")
-    parser.add_argument("--hook-point", default="resid_post", choices=("resid_post",))
+    parser.add_argument("--layer", type=int, required=True, help="the slot's decoder layer")
+    parser.add_argument(
+        "--hook-point",
+        choices=HOOK_POINTS,
+        help="the slot's hook point (default: as the SAE's files say, else resid_post)",
+    )
+    parser.add_argument("--head", type=int, help="attn_z of one attention head, as in the slot")
     parser.add_argument("--format", default="auto", help="SAE format (default: detect)")
     parser.add_argument("--selection", default="default", choices=SELECTIONS, help="as in the plugin's slot")
     parser.add_argument("--k", type=int, help="as in the plugin's slot")
@@ -94,8 +101,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from circuitwatch.kernels import load_sae
     from circuitwatch.kernels.baseline import default_path
     from circuitwatch.kernels.encoders import make_encoder
+    from circuitwatch.kernels.hook_points import ModelShape, TapMismatchError, resolve_tap
     from circuitwatch.kernels.selection import selection_for
-    from circuitwatch.kernels.spec import trained_tap
 
     documents, source = documents_from(args.text)
     documents = [d for d in documents if d.strip()][: args.max_documents]
@@ -107,19 +114,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     layers = model.config.num_hidden_layers
     if not 0 <= args.layer < layers:
         raise UsageError(f"--layer {args.layer}: the model has layers 0..{layers - 1}")
-    sae = load_sae(args.sae, args.format, expected_d_in=model.config.hidden_size)
-    trained_layer, trained_hook_point = trained_tap(sae.spec)
-    if not args.ignore_sae_metadata and (trained_layer, trained_hook_point) != (args.layer, args.hook_point):
-        if trained_layer is not None and trained_layer != args.layer:
-            raise UsageError(
-                f"--layer {args.layer}: the SAE {args.sae} was trained on layer {trained_layer} "
-                f"({sae.spec.hook_name or 'per its path'}); pass --ignore-sae-metadata if this is meant"
-            )
-        if trained_hook_point is not None and trained_hook_point != args.hook_point:
-            raise UsageError(
-                f"--hook-point {args.hook_point}: the SAE {args.sae} was trained on {trained_hook_point} "
-                f"({sae.spec.hook_name}); pass --ignore-sae-metadata if this is meant"
-            )
+    sae = load_sae(args.sae, args.format)
+    try:
+        tap = resolve_tap(sae.spec, args.layer, args.hook_point, args.head, check=not args.ignore_sae_metadata)
+    except TapMismatchError as exc:
+        raise UsageError(f"--layer/--hook-point/--head: {exc}; pass --ignore-sae-metadata if this is meant") from None
+    except ValueError as exc:
+        raise UsageError(f"--head {args.head}: {exc}") from None
+    shape = ModelShape.from_hf_config(model.config)
+    if sae.spec.d_in != shape.width(tap):
+        raise UsageError(
+            f"--sae {args.sae}: d_in {sae.spec.d_in} does not fit {tap.label()} ({shape.describe_width(tap)})"
+        )
+    if tap.head is not None and not 0 <= tap.head < shape.num_heads:
+        raise UsageError(f"--head {tap.head}: the model has heads 0..{shape.num_heads - 1}")
     encoder = make_encoder(sae, selection_for(args.selection, args.k, sae, args.max_codes), "torch", args.device)
     if sae.decoder is None:
         raise UsageError(f"--sae {args.sae}: no usable decoder (a transcoder?): fidelity cannot be measured")
@@ -128,12 +136,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         tokenizer,
         sae,
         encoder,
-        args.layer,
+        tap,
         documents,
         args.tokens_per_document,
         model_name=str(args.model),
         text=source,
-        hook_point=args.hook_point,
     )
     out = args.out or default_path(sae)
     try:
@@ -145,7 +152,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: cannot write ({exc.strerror})") from None
     e, n = baseline.error, baseline.norm
     print(
-        f"{sae.name} at layer {args.layer}: {baseline.tokens} tokens of {len(documents)} documents; reconstruction "
+        f"{sae.name} at {tap.label()}: {baseline.tokens} tokens of {len(documents)} documents; reconstruction "
         f"error p50 {e.p50:.3f} p90 {e.p90:.3f} p99 {e.p99:.3f}; input norm p50 {n.p50:.3g}; L0 {baseline.l0_mean:.1f}"
     )
     print(f"baseline written to {out}", file=sys.stderr)

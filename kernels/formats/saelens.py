@@ -31,15 +31,19 @@ def detect(directory: Path) -> bool:
 def load(directory: Path, expected_d_in: int | None = None, name: str | None = None) -> Sae:
     cfg_path, cfg, weights_path, tensors = FILES.read(directory)
 
-    architecture, k = _architecture(cfg, cfg_path)
+    architecture, k, transcoder = _architecture(cfg, cfg_path)
     d_in = config_value(cfg, cfg_path, "d_in", int)
     d_sae = config_value(cfg, cfg_path, "d_sae", int)
-    apply_b_dec = config_value(cfg, cfg_path, "apply_b_dec_to_input", bool, default=True)
+    # a transcoder's b_dec is the output's bias (d_out): it never centres the input
+    d_out = config_value(cfg, cfg_path, "d_out", int, default=d_in) if transcoder else d_in
+    apply_b_dec = not transcoder and config_value(cfg, cfg_path, "apply_b_dec_to_input", bool, default=True)
     normalization = _normalization(cfg, cfg_path)
     hook_name = _hook_name(cfg)
 
     W_enc = require(tensors, "W_enc", (d_in, d_sae), weights_path)
-    b_dec = require(tensors, "b_dec", (d_in,), weights_path)
+    b_dec = require(tensors, "b_dec", (d_out,), weights_path)
+    if transcoder:
+        b_dec = torch.zeros(d_in)  # the encoder's view: nothing to centre by
     if architecture is Architecture.GATED:
         b_gate = require(tensors, "b_gate", (d_sae,), weights_path)
         weights = EncoderWeights(
@@ -59,7 +63,7 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
             b_dec=b_dec,
             threshold=_threshold(tensors, d_sae, weights_path),
         )
-    decoder = require(tensors, "W_dec", (d_sae, d_in), weights_path)  # NaN anywhere fails here, used or not
+    decoder = require(tensors, "W_dec", (d_sae, d_out), weights_path)  # NaN anywhere fails here, used or not
     if architecture is Architecture.TOPK and config_value(
         cfg, cfg_path, "rescale_acts_by_decoder_norm", bool, default=False
     ):
@@ -77,15 +81,25 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         normalization=normalization,
         layer=_layer(cfg, hook_name),
         hook_name=hook_name,
+        hook_head=_head_index(cfg, cfg_path),
+        transcoder=transcoder,
     )
-    return finish(spec, weights, expected_d_in, cfg_path, decoder)
+    # a transcoder's decoder predicts another activation (the MLP's output): no reconstruction error to measure
+    return finish(spec, weights, expected_d_in, cfg_path, None if transcoder else decoder)
 
 
-def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[Architecture, int | None]:
-    """The v6 `architecture`, mapping pre-v6 configs the way SAELens itself does."""
+# SAELens transcoders encode like the SAE architecture they build on; their skip connection (skip_transcoder)
+# only changes the output
+_TRANSCODERS = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu"}
+
+
+def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[Architecture, int | None, bool]:
+    """(architecture, k, transcoder): the v6 `architecture`, mapping pre-v6 configs the way SAELens itself does."""
     activation_fn = cfg.get("activation_fn_str", cfg.get("activation_fn"))
     kwargs = cfg.get("activation_fn_kwargs") or {}
     raw = cfg.get("architecture", "standard")
+    transcoder = raw in _TRANSCODERS
+    raw = _TRANSCODERS.get(raw, raw)
     if activation_fn == "topk":
         raw = "topk"
     elif activation_fn not in (None, "relu"):
@@ -96,16 +110,16 @@ def _architecture(cfg: dict[str, Any], cfg_path: Path) -> tuple[Architecture, in
     try:
         architecture = Architecture(raw)
     except ValueError:
-        supported = ", ".join(a.value for a in Architecture)
+        supported = ", ".join([*(a.value for a in Architecture), *_TRANSCODERS])
         raise SaeFormatError(
             cfg_path, "architecture", f"unknown architecture {raw!r} (supported: {supported})"
         ) from None
     if architecture is not Architecture.TOPK:
-        return architecture, None
+        return architecture, None, transcoder
     if "k" in cfg:
-        return architecture, config_value(cfg, cfg_path, "k", int)
+        return architecture, config_value(cfg, cfg_path, "k", int), transcoder
     if "k" in kwargs:
-        return architecture, config_value(kwargs, cfg_path, "k", int)
+        return architecture, config_value(kwargs, cfg_path, "k", int), transcoder
     raise SaeFormatError(cfg_path, "k", "topk architecture without k (top-level or activation_fn_kwargs.k)")
 
 
@@ -132,6 +146,19 @@ def _hook_name(cfg: dict[str, Any]) -> str | None:
     for source, key in ((cfg, "hook_name"), (metadata, "hook_name"), (cfg, "hook_point")):
         if isinstance(source.get(key), str):
             return source[key]
+    return None
+
+
+def _head_index(cfg: dict[str, Any], cfg_path: Path) -> int | None:
+    """`hook_head_index`: the SAE reads one attention head's slice of hook_z."""
+    metadata = cfg.get("metadata") or {}
+    for source in (cfg, metadata):
+        value = source.get("hook_head_index")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SaeFormatError(cfg_path, "hook_head_index", f"expected a head number >= 0, got {value!r}")
+        return value
     return None
 
 

@@ -44,7 +44,7 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         b_dec=require(tensors, "b_dec", (d_in,), weights_path),
     )
     decoder = require(tensors, "W_dec", (num_latents, d_in), weights_path)
-    layer_match = re.fullmatch(r"(?:.*\.)?layers\.(\d+)", directory.name)
+    layer_match = re.search(r"(?:^|\.)layers\.(\d+)(?:\.|$)", directory.name)
     spec = SaeSpec(
         name=name or directory.name,
         architecture=Architecture.TOPK,
@@ -56,6 +56,7 @@ def load(directory: Path, expected_d_in: int | None = None, name: str | None = N
         apply_b_dec_to_input=not transcode,
         layer=int(layer_match.group(1)) if layer_match else None,
         hook_name=directory.name,
+        transcoder=transcode,
     )
     # a transcoder's decoder predicts the MLP output, not its input: no reconstruction error to measure
     return finish(spec, weights, expected_d_in, cfg_path, None if transcode else decoder)

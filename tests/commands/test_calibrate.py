@@ -17,6 +17,7 @@ from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.activations import residual_stream
 from circuitwatch.kernels import SaeFormatError, load_sae
 from circuitwatch.kernels.baseline import load_baseline, model_fingerprint
+from circuitwatch.kernels.hook_points import Tap
 
 from support import numpy_sae
 
@@ -52,7 +53,7 @@ def test_the_baseline_equals_an_independent_measurement(fixtures: FixturePaths, 
     errors, norms, fired = np.concatenate(errors), np.concatenate(norms), np.concatenate(fired)
 
     sae = load_sae(directory)
-    baseline = load_baseline(out, sae, 1, "resid_post", model_fingerprint(model.config.to_dict()))
+    baseline = load_baseline(out, sae, Tap(1), model_fingerprint(model.config.to_dict()))
     assert baseline.tokens == len(errors) and baseline.documents == 3
     assert baseline.text == f"{text}, {jsonl}"
     assert np.isclose(baseline.error.p50, np.median(errors), rtol=1e-3)
@@ -61,7 +62,7 @@ def test_the_baseline_equals_an_independent_measurement(fixtures: FixturePaths, 
     assert np.isclose(baseline.l0_mean, fired.sum(axis=1).mean())
     np.testing.assert_allclose(baseline.frequencies, fired.mean(axis=0), atol=1e-3)
     with pytest.raises(SaeFormatError, match=r"layer.*2"):
-        load_baseline(out, sae, 2, "resid_post")
+        load_baseline(out, sae, Tap(2))
 
 
 def test_the_default_sample_writes_next_to_the_sae(fixtures: FixturePaths, tmp_path: Path) -> None:
@@ -78,7 +79,10 @@ def test_the_default_sample_writes_next_to_the_sae(fixtures: FixturePaths, tmp_p
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (("--layer-from-test", "2"), "--layer 2: the SAE .* was trained on layer 1"),
+        (
+            ("--layer-from-test", "2"),
+            r"--layer/--hook-point/--head: SAE .* was trained on L1.resid_post .*, but the slot taps L2.resid_post",
+        ),
         (("--layer-from-test", "9"), "--layer 9: the model has layers 0..3"),
         (("--text", "missing.txt"), "--text .*missing.txt: cannot read"),
         (("--text", "bad.jsonl"), r"--text .*bad.jsonl:2: expected a JSON object with a 'text' string"),

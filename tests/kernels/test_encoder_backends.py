@@ -91,7 +91,7 @@ def test_fixture_saes_on_real_activations(fixtures: FixturePaths, backend: str) 
         sae = load_sae(path)
         # residual-stream-like rows: scaled like the fixture model's activations
         rows = 8 if backend == "triton" else 48  # the Triton interpreter is slow; the kernel is the same
-        x = torch.from_numpy(rng.normal(size=(rows, 128)).astype(np.float32) * 2.0)
+        x = torch.from_numpy(rng.normal(size=(rows, sae.spec.d_in)).astype(np.float32) * 2.0)
         same_codes(sae, None, x, backend, tol=1e-4)
 
 

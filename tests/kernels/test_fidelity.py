@@ -20,7 +20,7 @@ from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, w
 from circuitwatch.kernels import CodeSelection, SaeFormatError, SelectionMode, load_sae
 from circuitwatch.kernels.baseline import load_baseline, measure, model_fingerprint
 from circuitwatch.kernels.encoders import make_encoder
-from circuitwatch.kernels.spec import trained_tap
+from circuitwatch.kernels.hook_points import HookPoint, Tap
 
 from support.numpy_sae import reconstruction_errors
 from support.random_saes import D_IN, D_SAE, fixture_cases, random_tensors
@@ -82,9 +82,12 @@ def test_errors_on_the_fixture_saes_with_real_activations(backend: str, fixtures
     explains most of it."""
     if backend == "triton":
         pytest.skip("too large for the Triton interpreter; Triton's fidelity is the shared torch gather (above)")
-    for path, reference, layer in fixture_cases(fixtures):
-        sae = load_sae(path, expected_d_in=128)
-        x = real_residual[layer]
+    for path, reference, tap in fixture_cases(fixtures):
+        sae = load_sae(path)
+        x = real_residual[tap]
+        if sae.decoder is None:  # a transcoder reconstructs the MLP's output, not its input: no error to give
+            assert make_encoder(sae, None, backend).encode(x).errors is None, path
+            continue
         assert_errors_match(path, sae, x, backend, reference)
         if sae.spec.architecture.value == "topk":
             errors = make_encoder(sae, None, backend).encode(x).errors
@@ -92,16 +95,18 @@ def test_errors_on_the_fixture_saes_with_real_activations(backend: str, fixtures
 
 
 @pytest.fixture(scope="module")
-def real_residual(fixtures: FixturePaths) -> dict[int, torch.Tensor]:
+def real_residual(fixtures: FixturePaths) -> dict[Tap, torch.Tensor]:
+    """Each fixture SAE's own tap (residual stream or another hook point), read from transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuitwatch.fixtures.activations import residual_stream
+    from circuitwatch.fixtures.activations import activations_at
     from circuitwatch.fixtures.corpus import documents
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
     model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer(documents()[12])["input_ids"][:96]])
-    return {layer: acts[0] for layer, acts in residual_stream(model, ids, range(4)).items()}
+    taps = sorted({tap for _, _, tap in fixture_cases(fixtures)}, key=lambda t: t.label())
+    return {tap: acts[0] for tap, acts in activations_at(model, ids, taps).items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -231,37 +236,6 @@ def test_a_damaged_member_of_an_npz_names_the_file(tmp_path: Path) -> None:
         load_sae(params.parent)
 
 
-# --- where an SAE was trained ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("hook_name", "expected"),
-    [
-        ("blocks.2.hook_resid_post", (2, "resid_post")),
-        ("blocks.3.hook_resid_pre", (2, "resid_post")),
-        ("blocks.0.hook_resid_pre", (None, "embeddings")),
-        ("blocks.2.hook_mlp_out", (2, "mlp_out")),
-        ("blocks.2.attn.hook_z", (2, "attn_z")),
-        ("model.layers.5", (5, "resid_post")),
-        ("layers.4.mlp", (4, "mlp_out")),
-    ],
-)
-def test_trained_tap_from_hook_names(tmp_path: Path, hook_name: str, expected: tuple) -> None:
-    path = write_saelens(tmp_path / "sae", "standard", random_tensors(10, "standard"))
-    cfg = json.loads((path / "cfg.json").read_text())
-    cfg.pop("hook_layer", None)
-    cfg["hook_name"] = hook_name
-    (path / "cfg.json").write_text(json.dumps(cfg))
-    assert trained_tap(load_sae(path).spec) == expected
-
-
-def test_trained_tap_of_the_fixture_saes(fixtures: FixturePaths) -> None:
-    for layer in range(4):
-        assert trained_tap(load_sae(fixtures.topk_sae(layer)).spec) == (layer, "resid_post")
-        assert trained_tap(load_sae(fixtures.sparsify_sae(layer)).spec) == (layer, "resid_post")
-    assert trained_tap(load_sae(fixtures.gemmascope_npz).spec)[0] == 1
-
-
 # --- the baseline file -----------------------------------------------------------------------------------
 
 
@@ -290,12 +264,15 @@ def test_baseline_round_trip_and_pins(tmp_path: Path) -> None:
     assert baseline.tokens == 100 and abs(sum(baseline.firing_frequencies) - 4.0) < 1e-3  # 4 codes per token
     path = tmp_path / "baseline.json"
     path.write_text(baseline.to_json())
-    loaded = load_baseline(path, sae, 1, "resid_post", model_fingerprint({"hidden_size": 24}))
+    loaded = load_baseline(path, sae, Tap(1), model_fingerprint({"hidden_size": 24}))
     assert loaded.error_threshold == pytest.approx(baseline.error_threshold)
     assert loaded.error.p50 == pytest.approx(baseline.error.p50)
+    # the same stream under its other name: resid_pre of layer 2 is resid_post of layer 1
+    assert load_baseline(path, sae, Tap(2, HookPoint.RESID_PRE)).layer == 1
     cases = [
-        ({"layer": 2}, "layer"),
-        ({"hook_point": "mlp_out"}, "hook_point"),
+        ({"layer": 2}, "layer/hook_point/head"),
+        ({"hook_point": "mlp_out"}, "layer/hook_point/head"),
+        ({"hook_point": "attn_z", "head": 1}, "layer/hook_point/head"),
         ({"weights_hash": "blake2b:00"}, "weights_hash"),
         ({"decoder_hash": "blake2b:00"}, "decoder_hash"),
         ({"model_fingerprint": "blake2b:00"}, "model_fingerprint"),
@@ -303,13 +280,13 @@ def test_baseline_round_trip_and_pins(tmp_path: Path) -> None:
     for overrides, field in cases:
         path.write_text(_baseline(sae, **overrides).to_json())
         with pytest.raises(SaeFormatError, match=rf"baseline.json: {field}:") as info:
-            load_baseline(path, sae, 1, "resid_post", model_fingerprint({"hidden_size": 24}))
+            load_baseline(path, sae, Tap(1), model_fingerprint({"hidden_size": 24}))
         assert "calibrate" in str(info.value)
     path.write_text("{not json")
     with pytest.raises(SaeFormatError, match=r"baseline\.json: not valid JSON"):
-        load_baseline(path, sae, 1, "resid_post")
+        load_baseline(path, sae, Tap(1))
     data = json.loads(baseline.to_json())
     data["error"]["p50"] = -1.0
     path.write_text(json.dumps(data))
     with pytest.raises(SaeFormatError, match="negative or non-finite"):
-        load_baseline(path, sae, 1, "resid_post")
+        load_baseline(path, sae, Tap(1))

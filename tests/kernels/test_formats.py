@@ -12,6 +12,7 @@ import torch
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, write_sparsify
 from circuitwatch.kernels import CodeSelection, ReferenceEncoder, SelectionMode, load_sae
+from circuitwatch.kernels.hook_points import Tap, resolve_tap
 
 from support.numpy_sae import code_mismatches, gemmascope_activations, saelens_activations, sparsify_activations
 from support.random_saes import D_IN, D_SAE, fixture_cases, random_tensors
@@ -133,38 +134,41 @@ def test_weights_hash_identifies_encoding(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def real_activations(fixtures: FixturePaths) -> dict[int, np.ndarray]:
+def real_activations(fixtures: FixturePaths) -> dict[Tap, np.ndarray]:
+    """Every fixture SAE's own tap, read from transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuitwatch.fixtures.activations import residual_stream
+    from circuitwatch.fixtures.activations import activations_at
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
     model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
     text = "The import statement finds a module, loads and initializes it, and defines names in the local namespace."
     ids = torch.tensor([tokenizer(text)["input_ids"]])
-    return {layer: acts[0].numpy() for layer, acts in residual_stream(model, ids, range(4)).items()}
+    taps = sorted({tap for _, _, tap in fixture_cases(fixtures)}, key=lambda t: t.label())
+    return {tap: acts[0].numpy() for tap, acts in activations_at(model, ids, taps).items()}
 
 
-def test_fixture_saes_match_numpy(fixtures: FixturePaths, real_activations: dict[int, np.ndarray]) -> None:
+def test_fixture_saes_match_numpy(fixtures: FixturePaths, real_activations: dict[Tap, np.ndarray]) -> None:
     manifest = json.loads(fixtures.manifest.read_text())
     assert len(manifest["saes"]) == len(fixture_cases(fixtures))
-    for path, reference, layer in fixture_cases(fixtures):
-        sae = load_sae(path, expected_d_in=128)
-        assert sae.spec.layer == layer, path
+    for path, reference, tap in fixture_cases(fixtures):
+        sae = load_sae(path)
+        assert sae.spec.layer == tap.layer or sae.spec.layer is None, path
+        assert resolve_tap(sae.spec, tap.layer, None, None) == tap, path
         selection = (
             CodeSelection(SelectionMode.TOPK, sae.spec.k) if sae.spec.k else CodeSelection(SelectionMode.THRESHOLD, 64)
         )
-        check(path, reference, selection, real_activations[layer])
+        check(path, reference, selection, real_activations[tap])
 
 
 def test_same_sae_in_two_formats_gives_same_codes(
-    fixtures: FixturePaths, real_activations: dict[int, np.ndarray]
+    fixtures: FixturePaths, real_activations: dict[Tap, np.ndarray]
 ) -> None:
     """sparsify == SAELens topk (same weights), Gemma Scope == SAELens jumprelu (b_dec folded into b_enc)."""
     pairs = [(fixtures.topk_sae(layer), fixtures.sparsify_sae(layer), layer) for layer in range(4)]
     pairs.append((fixtures.derived_sae("jumprelu"), fixtures.gemmascope_npz, 1))
     for left, right, layer in pairs:
-        x = torch.from_numpy(real_activations[layer])
+        x = torch.from_numpy(real_activations[Tap(layer)])
         a = ReferenceEncoder(load_sae(left)).encode(x).rows()
         b = ReferenceEncoder(load_sae(right)).encode(x).rows()
         differing = [row for row, (ra, rb) in enumerate(zip(a, b, strict=True)) if ra.keys() != rb.keys()]

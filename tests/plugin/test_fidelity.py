@@ -226,7 +226,20 @@ def test_saes_on_a_model_they_were_not_made_for_are_miswired_and_every_report_is
     ("slot", "message"),
     [
         # the SAELens file says blocks.1 / model.layers.1: refused on layer 2
-        (lambda f, b: {"layer": 2, "sae": str(f.topk_sae(1))}, r"slots\[0\]: SAE .* was trained on layer 1"),
+        (
+            lambda f, b: {"layer": 2, "sae": str(f.topk_sae(1))},
+            r"slots\[0\]: SAE .*layer_1 was trained on L1.resid_post \(model.layers.1\), but the slot taps L2.resid_post",
+        ),
+        # right layer, wrong hook point: both named
+        (
+            lambda f, b: {"layer": 1, "hook_point": "mlp_out", "sae": str(f.tap_sae("attn_out"))},
+            r"slots\[0\]: SAE .* was trained on L1.attn_out \(blocks.1.hook_attn_out\), but the slot taps L1.mlp_out",
+        ),
+        # a per-head SAE on another head
+        (
+            lambda f, b: {"layer": 1, "hook_point": "attn_z", "head": 0, "sae": str(f.tap_sae("attn_z_head"))},
+            r"slots\[0\]: SAE .* was trained on head 2 .*, but the slot taps L1.attn_z.h0",
+        ),
         # the operator overrides the metadata check, but the baseline was measured on layer 2
         (
             lambda f, b: {
@@ -235,12 +248,13 @@ def test_saes_on_a_model_they_were_not_made_for_are_miswired_and_every_report_is
                 "check_sae_metadata": False,
                 "baseline": str(b[1]),
             },
-            r"slots\[0\]\.baseline: .*layer: 2 but this slot has 3",
+            r"slots\[0\]\.baseline: .*layer/hook_point/head: calibrated at L2.resid_post but this slot reads "
+            r"L3.resid_post",
         ),
     ],
-    ids=["sae-metadata", "baseline"],
+    ids=["sae-layer", "sae-hook-point", "sae-head", "baseline"],
 )
-def test_an_sae_for_another_layer_is_refused_at_start_naming_the_slot(
+def test_an_sae_for_another_tap_is_refused_at_start_naming_the_slot(
     fixtures: FixturePaths, tmp_path: Path, monkeypatch, baselines: list[Path], slot, message: str
 ) -> None:
     from vllm import LLM

@@ -16,29 +16,10 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.server import start
 
-from support.plugin_harness import GroundTruth, prompts, write_plugin_config
+from support.plugin_harness import ENGINE, GroundTruth, generate, prompts, write_plugin_config
 from support.sidecar_harness import codes_in_sidecar
 
 pytestmark = pytest.mark.vllm
-
-ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_batched_tokens": 64, "max_num_seqs": 32, "seed": 0}
-
-
-def generate(fixtures: FixturePaths, token_prompts, enforce_eager: bool, extra_engine: dict | None = None):
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(fixtures.model), enforce_eager=enforce_eager, **ENGINE, **(extra_engine or {}))
-    try:
-        params = [
-            SamplingParams(temperature=0.0, max_tokens=3 + (i * 5) % 19, min_tokens=1)
-            for i in range(len(token_prompts))
-        ]
-        outputs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params)
-    finally:
-        llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
-        del llm
-    return [(o.request_id, list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]
-
 
 @pytest.fixture(scope="module")
 def token_prompts(fixtures: FixturePaths):

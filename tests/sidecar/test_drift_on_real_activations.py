@@ -56,14 +56,15 @@ def test_help_topics_stay_ok_and_byte_soup_raises_the_alarm(fixtures: FixturePat
     from circuitwatch.fixtures.corpus import documents
     from circuitwatch.kernels import load_sae
     from circuitwatch.kernels.baseline import default_path, load_baseline
+    from circuitwatch.kernels.hook_points import Tap
     from circuitwatch.plugin.config import SlotConfig
-    from circuitwatch.plugin.worker import baseline_proto
+    from circuitwatch.plugin.slots import baseline_proto
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
     sae = load_sae(fixtures.topk_sae(1))
     slot = SlotConfig(layer=1, sae=fixtures.topk_sae(1))
     calibrated = manifest(layers=(1,), d_sae=sae.spec.d_sae)
-    calibrated.slots[0].baseline.CopyFrom(baseline_proto(load_baseline(default_path(sae), sae, 1, "resid_post"), slot))
+    calibrated.slots[0].baseline.CopyFrom(baseline_proto(load_baseline(default_path(sae), sae, Tap(1)), slot))
 
     rng = np.random.default_rng(0)
     prose = [ids[:200] for ids in (tokenizer(text)["input_ids"] for text in documents()[1::2]) if len(ids) >= 64]

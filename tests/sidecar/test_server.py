@@ -578,3 +578,65 @@ def test_an_empty_declared_gap_does_not_make_a_report_incomplete(tmp_path: Path)
         report = client.report("covered")
         assert report.status == pb.REPORT_STATUS_COMPLETE
         assert list(report.coverage.gaps) == []
+
+
+def test_one_request_served_by_two_producers(tmp_path: Path) -> None:
+    """Under tensor parallelism rank 0 encodes the residual slot and rank 1 the per-head slot of a head it holds
+    (plugin/slots.py): two streams, one config's slot numbers, one request. The report waits for both ranks'
+    codes and names both SAEs, the per-head one with its head."""
+    request = SyntheticRequest.random(np.random.default_rng(12), "two-ranks")
+    rank0 = manifest(layers=(1,))
+    rank1 = pb.Manifest()
+    rank1.CopyFrom(manifest(layers=(1, 1), hash_prefix="head"))
+    del rank1.slots[0]  # rank 1 sends slot 1 only
+    rank1.slots[0].hook_point, rank1.slots[0].head, rank1.slots[0].name = "attn_z", 2, "sae-l1-h2"
+    rank1.instance_id = "rank-1"
+    with running_sidecar(tmp_path) as (running, client):
+
+        def codes(slot: int) -> list[pb.IngestMessage]:
+            slices = [request.slice(slot, a, b) for a, b in request.chunks(5)]
+            return [pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices))]
+
+        start = pb.IngestMessage(start=pb.RequestStart(request_id="two-ranks", num_prompt_tokens=request.num_prompt))
+        client.ingest([pb.IngestMessage(manifest=rank0), start, *codes(0)])
+        # the engine core's finish names every configured slot
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=request.finish(slots=[0, 1]))])
+        assert client.report("two-ranks", wait_ms=0).status == pb.REPORT_STATUS_PENDING, "rank 1 is still missing"
+        client.ingest([pb.IngestMessage(manifest=rank1), start, *codes(1)])
+        report = client.report("two-ranks", wait_ms=0)
+        assert report.status == pb.REPORT_STATUS_COMPLETE, report.coverage
+        named = {(s.slot, s.hook_point, s.head if s.HasField("head") else None) for s in report.saes}
+        assert named == {(0, "resid_post", None), (1, "attn_z", 2)}
+        stored = codes_in_sidecar(client.stub, "two-ranks")
+        for slot in (0, 1):
+            assert [stored[(slot, p)][1] for p in range(request.num_positions)] == request.codes[slot]
+
+
+def test_a_producer_never_heard_from_is_a_gap_over_every_position(tmp_path: Path) -> None:
+    request = SyntheticRequest.random(np.random.default_rng(13), "rank-1-down")
+    with running_sidecar(tmp_path, finish_grace_ms=50) as (running, client):
+        slices = [request.slice(0, a, b) for a, b in request.chunks(5)]
+        client.ingest(
+            [
+                pb.IngestMessage(manifest=manifest(layers=(1,))),
+                pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)),
+            ]
+        )
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=request.finish(slots=[0, 1]))])
+        report = client.report("rank-1-down", wait_ms=3000)
+        while report.status == pb.REPORT_STATUS_PENDING:
+            report = client.report("rank-1-down", wait_ms=1000)
+        assert report.status == pb.REPORT_STATUS_INCOMPLETE
+        assert [(g.slot, g.start, g.end, g.reason) for g in report.coverage.gaps] == [
+            (1, 0, request.num_positions, pb.GAP_REASON_MISSING)
+        ]
+
+
+def test_a_head_needs_attn_z(tmp_path: Path) -> None:
+    bad = manifest(layers=(1,))
+    bad.slots[0].head = 0  # on resid_post
+    with running_sidecar(tmp_path) as (running, client):
+        with pytest.raises(grpc.RpcError) as info:
+            client.ingest([pb.IngestMessage(manifest=bad)])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "head 0 needs hook_point attn_z" in info.value.details()

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from circuitwatch.fixtures import FixturePaths
-from circuitwatch.fixtures.activations import residual_stream
+from circuitwatch.fixtures.activations import activations_at, residual_stream
 from circuitwatch.kernels import Architecture, ReferenceEncoder, load_sae
+from circuitwatch.kernels.hook_points import Tap
 from circuitwatch.kernels.selection import selection_for
 from circuitwatch.plugin.config import PluginConfig
 
@@ -40,29 +41,30 @@ def write_plugin_config(path: Path, fixtures: FixturePaths, sidecar_port: int, *
 
 
 class GroundTruth:
-    def __init__(self, fixtures: FixturePaths) -> None:
+    """`taps`: where each slot of `specs` reads, stated by the test (not derived from the plugin's resolution);
+    default: the three resid_post slots of slot_specs()."""
+
+    def __init__(self, fixtures: FixturePaths, specs: list[dict] | None = None, taps: list[Tap] | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
-        config = PluginConfig.model_validate({"slots": slot_specs(fixtures)})
-        self.encoders = []
-        for slot in config.slots:
-            sae = load_sae(slot.sae, expected_d_in=128)
-            self.encoders.append(
-                (
-                    slot.layer,
-                    ReferenceEncoder(sae, selection_for(slot.selection, slot.k, sae, config.max_codes_per_token)),
-                )
-            )
+        specs = specs or slot_specs(fixtures)
+        taps = taps or [Tap(spec["layer"]) for spec in specs]
+        config = PluginConfig.model_validate({"slots": specs})
+        self.encoders: list[tuple[Tap, ReferenceEncoder]] = []
+        for slot, tap in zip(config.slots, taps, strict=True):
+            sae = load_sae(slot.sae)
+            selection = selection_for(slot.selection, slot.k, sae, config.max_codes_per_token)
+            self.encoders.append((tap, ReferenceEncoder(sae, selection)))
 
     def mismatches(self, tokens: list[int], sidecar: dict[tuple[int, int], tuple[int, dict[int, float]]]) -> list[str]:
         """Problems comparing the sidecar's codes of one request with ground truth (empty: they agree)."""
         processed = len(tokens) - 1  # the last sampled token never goes through the model
         ids = torch.tensor([tokens[:processed]])
-        streams = residual_stream(self.model, ids, sorted({layer for layer, _ in self.encoders}))
+        streams = activations_at(self.model, ids, [tap for tap, _ in self.encoders])
         problems = []
-        for slot, (layer, encoder) in enumerate(self.encoders):
-            x = streams[layer][0]
+        for slot, (tap, encoder) in enumerate(self.encoders):
+            x = streams[tap][0]
             acts, margins = _activations_and_margins(encoder, x)
             got = []
             for position in range(processed):
@@ -121,7 +123,6 @@ def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from circuitwatch.fixtures.activations import residual_stream
     from circuitwatch.kernels import ReferenceEncoder, load_sae
 
     tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
@@ -135,3 +136,24 @@ def feature_only_in(fixtures: FixturePaths, present: str, absent: str) -> int:
     candidates = torch.nonzero(fired(present) & ~fired(absent)).flatten()
     assert len(candidates), "no feature separates the two prompts"
     return int(candidates[0])
+
+
+ENGINE = {"dtype": "float32", "max_model_len": 512, "max_num_batched_tokens": 64, "max_num_seqs": 32, "seed": 0}
+
+
+def generate(fixtures: FixturePaths, token_prompts, enforce_eager: bool, extra_engine: dict | None = None):
+    """Greedy generation of each token prompt through a real vLLM engine (shut down after); (request id, prompt,
+    generated) per request."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(fixtures.model), enforce_eager=enforce_eager, **ENGINE, **(extra_engine or {}))
+    try:
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=3 + (i * 5) % 19, min_tokens=1)
+            for i in range(len(token_prompts))
+        ]
+        outputs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
+        del llm
+    return [(o.request_id, list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outputs]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from circuitwatch.fixtures import FixturePaths
+from circuitwatch.fixtures.build import TAP_SAES
+from circuitwatch.kernels.hook_points import Tap
 
 from .numpy_sae import gemmascope_activations, saelens_activations, sparsify_activations
 
@@ -34,14 +36,18 @@ def random_tensors(seed: int, architecture: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def fixture_cases(fixtures: FixturePaths) -> list[tuple[Path, object, int]]:
-    """(SAE path, numpy reference, layer) for every fixture SAE."""
+def fixture_cases(fixtures: FixturePaths) -> list[tuple[Path, object, Tap]]:
+    """(SAE path, numpy reference, the tap it was trained on) for every fixture SAE."""
     cases = []
     for layer in range(4):
-        cases.append((fixtures.topk_sae(layer), saelens_activations, layer))
-        cases.append((fixtures.sparsify_sae(layer), sparsify_activations, layer))
+        cases.append((fixtures.topk_sae(layer), saelens_activations, Tap(layer)))
+        cases.append((fixtures.sparsify_sae(layer), sparsify_activations, Tap(layer)))
     for architecture in ("standard", "jumprelu", "gated"):
-        cases.append((fixtures.derived_sae(architecture), saelens_activations, 1))
-    cases.append((fixtures.gemmascope_npz, gemmascope_activations, 1))
-    cases.append((fixtures.gemmascope_safetensors, gemmascope_activations, 2))
+        cases.append((fixtures.derived_sae(architecture), saelens_activations, Tap(1)))
+    cases.append((fixtures.gemmascope_npz, gemmascope_activations, Tap(1)))
+    cases.append((fixtures.gemmascope_safetensors, gemmascope_activations, Tap(2)))
+    references = {"saelens": saelens_activations, "gemma": gemmascope_activations, "sparsify": sparsify_activations}
+    for name, (tap, directory) in TAP_SAES.items():
+        reference = next(r for prefix, r in references.items() if directory.startswith(prefix))
+        cases.append((fixtures.tap_sae(name), reference, tap))
     return cases
