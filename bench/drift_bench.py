@@ -28,10 +28,10 @@ import torch
 from circuitwatch.calibration import calibrate
 from circuitwatch.fixtures import fixture_paths
 from circuitwatch.fixtures.activations import residual_stream
-from circuitwatch.kernels.hook_points import Tap
 from circuitwatch.fixtures.corpus import documents
 from circuitwatch.kernels import load_sae
 from circuitwatch.kernels.encoders import make_encoder
+from circuitwatch.kernels.hook_points import Tap
 from circuitwatch.kernels.selection import selection_for
 from circuitwatch.plugin.config import SlotConfig
 from circuitwatch.plugin.slots import baseline_proto
@@ -74,7 +74,9 @@ def main() -> None:
     for slot in slots:
         sae = load_sae(slot.sae, expected_d_in=model.config.hidden_size)
         encoder = make_encoder(sae, selection_for(slot.selection, slot.k, sae, 64), "torch", "cpu")
-        baseline = calibrate(model, tokenizer, sae, encoder, Tap(slot.layer), texts[0::2], 256, model_name="fixture model")
+        baseline = calibrate(
+            model, tokenizer, sae, encoder, Tap(slot.layer), texts[0::2], 256, model_name="fixture model"
+        )
         encoders.append(encoder)
         baselines.append((sae.spec.d_sae, baseline_proto(baseline, slot)))
         print(

@@ -153,8 +153,9 @@ def load_baseline(path: Path, sae: Sae, tap: Tap, fingerprint: str | None = None
         raise SaeFormatError(path, "hook_point", f"{baseline.hook_point!r}: {exc}") from None
     if calibrated.canonical() != tap.canonical():  # resid_pre of layer L is resid_post of layer L - 1
         raise SaeFormatError(
-            path, "layer/hook_point/head", f"calibrated at {calibrated.label()} but this slot reads {tap.label()}: "
-            + recalibrate.format(what="tap")
+            path,
+            "layer/hook_point/head",
+            f"calibrated at {calibrated.label()} but this slot reads {tap.label()}: " + recalibrate.format(what="tap"),
         )
     for name, found, expected, what in checks:
         if found != expected:

@@ -22,6 +22,19 @@ SCOPE_NAMES = {value: name for name, value in SCOPES.items()}
 MODE_NAMES = {value: name for name, value in MODES.items()}
 
 
+HOOK_POINT_NAMES = ("resid_pre", "resid_post", "attn_out", "attn_z", "mlp_in", "mlp_out")
+
+
+def tap_label(layer: int, hook_point: str, head: int | None = None) -> str:
+    """`L1.attn_z.h2`: how the CLI, spans and metrics name where an SAE reads (kernels/hook_points.Tap.label)."""
+    return f"L{layer}.{hook_point or 'resid_post'}" + (f".h{head}" if head is not None else "")
+
+
+def message_tap_label(message) -> str:
+    """The tap label of a SaeSlot, SlotHealth or FeatureScore (each has layer, hook_point and optional head)."""
+    return tap_label(message.layer, message.hook_point, message.head if message.HasField("head") else None)
+
+
 def severity_name(value: int) -> str:
     return Severity.Name(value).removeprefix("SEVERITY_").lower()
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from circuitwatch.config_files import read_text, safe_yaml
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import SCOPES, SEVERITIES
+from circuitwatch.proto.names import HOOK_POINT_NAMES, SCOPES, SEVERITIES
 
 from .config import ConfigError
 from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, is_monotone, terms_of
@@ -35,7 +35,7 @@ ACTIONS = ("", "abort")
 MAX_FEATURE = (1 << 28) - 1  # feature ids are 28 bits in the index
 MAX_WINDOW = 1 << 16  # hard bound at parse time; limits.max_circuit_window is the configured one
 _CIRCUIT_KEYS = {"name", "description", "severity", "scope", "window", "min_tokens", "labels", "action", "when"}
-_TERM_KEYS = {"feature", "slot", "layer", "sae", "min_activation"}
+_TERM_KEYS = {"feature", "slot", "layer", "sae", "min_activation", "hook_point", "head"}
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,15 @@ def _term(node: dict[str, Any], where: _Where) -> Term:
     sae = node.get("sae")
     if sae is not None and (not isinstance(sae, str) or not sae):
         raise (where / "sae").error("expected an SAE name or weights-hash prefix")
-    return Term(feature=feature, min_activation=float(minimum), sae=sae, **{target: value})
+    hook_point = node.get("hook_point")
+    if hook_point is not None and hook_point not in HOOK_POINT_NAMES:
+        raise (where / "hook_point").error(f"expected one of {', '.join(HOOK_POINT_NAMES)}, got {hook_point!r}")
+    head = node.get("head")
+    if head is not None and (hook_point != "attn_z" or isinstance(head, bool) or not isinstance(head, int) or head < 0):
+        raise (where / "head").error(f"expected a head number >= 0 with hook_point attn_z, got {head!r}")
+    return Term(
+        feature=feature, min_activation=float(minimum), sae=sae, hook_point=hook_point, head=head, **{target: value}
+    )
 
 
 def _choice(value: Any, choices: dict[str, int], where: _Where) -> int:

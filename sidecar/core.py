@@ -572,6 +572,7 @@ class SidecarCore:
             weights_hash=identity.weights_hash,
             layer=identity.layer,
             hook_point=identity.hook_point,
+            head=identity.head,
             state=drift.state,
             reasons=drift.reasons,
             since_unix_nanos=drift.since_ns,

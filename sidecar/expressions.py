@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import HOOK_POINT_NAMES
 
 from .keys import KEY_DTYPE, intersect_sorted, run_starts, sorted_unique, subtract_sorted
 
@@ -25,9 +26,13 @@ class Term:
     layer: int | None = None
     sae: str | None = None
     min_activation: float = 0.0
+    hook_point: str | None = None  # with a layer: which of its taps
+    head: int | None = None
 
     def describe(self) -> str:
         where = f"slot {self.slot}" if self.slot is not None else f"layer {self.layer}"
+        if self.hook_point is not None:
+            where += f" {self.hook_point}" + (f" head {self.head}" if self.head is not None else "")
         pin = f" sae {self.sae}" if self.sae else ""
         return f"{where}{pin} feature {self.feature} >= {self.min_activation:g}"
 
@@ -180,12 +185,20 @@ def from_proto(message: pb.Expr, path: str = "expression") -> Expr:
             raise ExpressionError(f"{path}.feature: needs slot or layer")
         if term.min_activation < 0:
             raise ExpressionError(f"{path}.feature: min_activation must be >= 0")
+        if term.hook_point and term.hook_point not in HOOK_POINT_NAMES:
+            raise ExpressionError(
+                f"{path}.feature.hook_point: {term.hook_point[:40]!r} is not one of {HOOK_POINT_NAMES}"
+            )
+        if term.HasField("head") and term.hook_point != "attn_z":
+            raise ExpressionError(f"{path}.feature.head: only with hook_point attn_z")
         return Term(
             feature=term.feature,
             slot=term.slot if target == "slot" else None,
             layer=term.layer if target == "layer" else None,
             sae=term.sae or None,
             min_activation=term.min_activation,
+            hook_point=term.hook_point or None,
+            head=term.head if term.HasField("head") else None,
         )
     if kind in ("all", "any"):
         items = getattr(message, kind).items
@@ -210,6 +223,9 @@ def to_proto(expr: Expr) -> pb.Expr:
             term.slot = expr.slot
         else:
             term.layer = expr.layer or 0
+        term.hook_point = expr.hook_point or ""
+        if expr.head is not None:
+            term.head = expr.head
         return pb.Expr(feature=term)
     if isinstance(expr, All):
         return pb.Expr(all=pb.ExprList(items=[to_proto(i) for i in expr.items]))

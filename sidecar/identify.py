@@ -285,9 +285,10 @@ class _Terms:
         gslot = int(self.gslots(np.int64(term)))
         identity = self.registry.identities[gslot]
         a, b = int(scored.positives[term]), int(scored.negatives[term])
-        return pb.FeatureScore(
+        score = pb.FeatureScore(
             slot=self.registry.producer_slot[gslot],
             layer=identity.layer,
+            hook_point=identity.hook_point,
             sae=identity.name,
             weights_hash=identity.weights_hash,
             feature=term - int(self.bases[gslot]),
@@ -300,6 +301,9 @@ class _Terms:
             exclusive=a > 0 and b == 0,
             rank=rank,
         )
+        if identity.head is not None:
+            score.head = identity.head
+        return score
 
 
 def _pair_candidates(ranked: np.ndarray, gslots: list[int], terms: _Terms, per_slot: int) -> np.ndarray:
@@ -384,6 +388,8 @@ def _evaluate(
                 slot=feature.slot if feature.WhichOneof("target") == "slot" else None,
                 layer=feature.layer if feature.WhichOneof("target") == "layer" else None,
                 sae=feature.sae or None,
+                hook_point=feature.hook_point or None,
+                head=feature.head if feature.HasField("head") else None,
             )
             found = [g for g in registry.resolve(term, among=gslots) if feature.feature < registry.identities[g].d_sae]
             if not found:

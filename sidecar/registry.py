@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import tap_label
 
 from .expressions import Term
 
@@ -65,9 +66,7 @@ class SaeIdentity:
 
     @property
     def tap_label(self) -> str:
-        """`L1.attn_z.h2`, as kernels/hook_points.Tap.label() writes it (the sidecar imports no kernels)."""
-        head = f".h{self.head}" if self.head is not None else ""
-        return f"L{self.layer}.{self.hook_point or 'resid_post'}{head}"
+        return tap_label(self.layer, self.hook_point, self.head)
 
     def matches(self, selector: str | None) -> bool:
         """An SAE pin matches the name, or a prefix of the weights hash (with or without 'blake2b:')."""
@@ -170,6 +169,10 @@ class SaeRegistry:
             if term.slot is not None and self.producer_slot[gslot] != term.slot:
                 continue
             if term.layer is not None and identity.layer != term.layer:
+                continue
+            if term.hook_point is not None and (identity.hook_point or "resid_post") != term.hook_point:
+                continue
+            if term.head is not None and identity.head != term.head:
                 continue
             if identity.matches(term.sae):
                 found.append(gslot)

@@ -33,6 +33,14 @@ def match_rule(rule: str, terms: int) -> tuple[str, int]:
     return kind, int(n)
 
 
+def _term(feature: pb.FeatureScore) -> dict:
+    """A saved term names where its SAE reads, so a per-head circuit reads as one; the hash pins the SAE."""
+    term: dict = {"layer": feature.layer, "hook_point": feature.hook_point or "resid_post"}
+    if feature.HasField("head"):
+        term["head"] = feature.head
+    return term | {"feature": feature.feature, "sae": feature.weights_hash}
+
+
 def circuit_entry(
     name: str,
     features: list[pb.FeatureScore],
@@ -42,7 +50,7 @@ def circuit_entry(
     match: str,
 ) -> dict:
     """A circuit file entry: the features pinned to their SAE's weights hash, the query in the labels."""
-    terms = [{"layer": f.layer, "feature": f.feature, "sae": f.weights_hash} for f in features]
+    terms = [_term(f) for f in features]
     kind, n = match_rule(match, len(features))
     when = {"at_least": {"n": n, "of": terms}} if kind == "at_least" else {kind: terms}
     query = pb.ContrastRequest()

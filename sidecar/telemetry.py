@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from circuitwatch import __version__
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import severity_name, status_name
+from circuitwatch.proto.names import message_tap_label, severity_name, status_name
 
 from .config import TelemetryConfig
 
@@ -131,7 +131,9 @@ class Telemetry:
                 observations = []
                 for slot in health().slots:
                     value = getattr(slot, field) if field != "alarm" else int(slot.state in ALARM_STATES)
-                    observations.append(Observation(value, {"sae": slot.sae, "layer": slot.layer}))
+                    observations.append(
+                        Observation(value, {"sae": slot.sae, "layer": slot.layer, "tap": message_tap_label(slot)})
+                    )
                 return observations
 
             return [callback]
@@ -178,7 +180,7 @@ class Telemetry:
             "circuitwatch.coverage.gaps": len(coverage.gaps),
             "circuitwatch.circuits.matched": [f.circuit for f in report.flags],
             "circuitwatch.severity.max": severity_name(report.max_severity) if report.flags else "none",
-            "circuitwatch.saes": [f"{s.name}@layer{s.layer}:{s.weights_hash}" for s in report.saes],
+            "circuitwatch.saes": [f"{s.name}@{message_tap_label(s)}:{s.weights_hash}" for s in report.saes],
         }
         if report.fidelity:
             attributes |= {
@@ -224,6 +226,8 @@ class Telemetry:
         attributes = {
             "circuitwatch.sae": slot.sae,
             "circuitwatch.sae.layer": slot.layer,
+            "circuitwatch.sae.hook_point": slot.hook_point,
+            "circuitwatch.sae.tap": message_tap_label(slot),
             "circuitwatch.sae.weights_hash": slot.weights_hash,
             "circuitwatch.sae.state": state,
             "circuitwatch.sae.previous_state": pb.SlotState.Name(previous).removeprefix("SLOT_STATE_").lower(),

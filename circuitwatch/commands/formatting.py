@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import MODE_NAMES, SCOPE_NAMES
+from circuitwatch.proto.names import MODE_NAMES, SCOPE_NAMES, message_tap_label
 
 
 def _number(value: float) -> str:
@@ -18,12 +18,13 @@ def format_contrast(response: pb.ContrastResponse, top: int, cut: int) -> str:
         f"{response.negatives} ({response.negatives_incomplete} incomplete); scope {SCOPE_NAMES[response.scope]}, "
         f"mode {MODE_NAMES[response.mode]}; {response.features_seen} features seen; {response.elapsed_ms:.1f} ms",
         "",
-        f"{'rank':>4} {'layer':>5} {'slot':>4} {'sae':<16} {'feature':>7} {'pos':>6} {'neg':>6} {'recall':>7} "
+        f"{'rank':>4} {'tap':<15} {'slot':>4} {'sae':<16} {'feature':>7} {'pos':>6} {'neg':>6} {'recall':>7} "
         f"{'precis':>7} {'fpr':>7} {'exclus':>7}",
     ]
     for f in response.features[:top]:
         lines.append(
-            f"{f.rank:>4} {f.layer:>5} {f.slot:>4} {f.sae[:16]:<16} {f.feature:>7} {f.positives:>6} {f.negatives:>6} "
+            f"{f.rank:>4} {message_tap_label(f):<15} {f.slot:>4} {f.sae[:16]:<16} {f.feature:>7} {f.positives:>6} "
+            f"{f.negatives:>6} "
             f"{f.recall:>7.3f} {f.precision:>7.3f} {f.false_positive_rate:>7.3f} {f.exclusivity:>7.3f}"
             + ("  exclusive" if f.exclusive else "")
             + ("  <- cut" if f.rank == cut else "")
@@ -32,7 +33,8 @@ def format_contrast(response: pb.ContrastResponse, top: int, cut: int) -> str:
         lines += ["", "cross-layer pairs (upstream -> downstream, both on the same request)"]
         for p in response.pairs:
             lines.append(
-                f"  L{p.upstream.layer}:{p.upstream.feature} -> L{p.downstream.layer}:{p.downstream.feature}  "
+                f"  {message_tap_label(p.upstream)}:{p.upstream.feature} -> "
+                f"{message_tap_label(p.downstream)}:{p.downstream.feature}  "
                 f"pos {p.positives} neg {p.negatives}  edge {p.edge_score:.3f}"
             )
     if response.HasField("evaluation"):

@@ -10,6 +10,7 @@ import json
 from google.protobuf.json_format import MessageToDict
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import message_tap_label
 
 from .connection import Connection, add_connection_options
 
@@ -36,13 +37,14 @@ def _table(response: pb.HealthResponse) -> str:
     if not response.slots:
         return "no SAE has reached the sidecar yet"
     lines = [
-        f"{'sae':28} {'layer':>5} {'state':12} {'tokens':>9} {'js':>6} {'err':>6} {'err x':>6} {'norm x':>6} "
+        f"{'sae':28} {'tap':15} {'state':12} {'tokens':>9} {'js':>6} {'err':>6} {'err x':>6} {'norm x':>6} "
         f"{'dead':>5} {'dense':>5}"
     ]
     for s in response.slots:
         state = pb.SlotState.Name(s.state).removeprefix("SLOT_STATE_").lower()
         lines.append(
-            f"{s.sae[:28]:28} {s.layer:>5} {state:12} {s.tokens:>9.0f} {s.js_divergence:>6.3f} {s.error_mean:>6.3f} "
+            f"{s.sae[:28]:28} {message_tap_label(s):15} {state:12} {s.tokens:>9.0f} {s.js_divergence:>6.3f} "
+            f"{s.error_mean:>6.3f} "
             f"{s.error_ratio:>6.2f} {s.norm_ratio:>6.2f} {s.dead_fraction:>5.2f} {s.dense_fraction:>5.2f}"
         )
         lines += [f"    {reason}" for reason in s.reasons]

@@ -228,7 +228,8 @@ def test_saes_on_a_model_they_were_not_made_for_are_miswired_and_every_report_is
         # the SAELens file says blocks.1 / model.layers.1: refused on layer 2
         (
             lambda f, b: {"layer": 2, "sae": str(f.topk_sae(1))},
-            r"slots\[0\]: SAE .*layer_1 was trained on L1.resid_post \(model.layers.1\), but the slot taps L2.resid_post",
+            r"slots\[0\]: SAE .*layer_1 was trained on L1.resid_post \(model.layers.1\), "
+            r"but the slot taps L2.resid_post",
         ),
         # right layer, wrong hook point: both named
         (

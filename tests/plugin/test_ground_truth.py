@@ -21,6 +21,7 @@ from support.sidecar_harness import codes_in_sidecar
 
 pytestmark = pytest.mark.vllm
 
+
 @pytest.fixture(scope="module")
 def token_prompts(fixtures: FixturePaths):
     from transformers import AutoTokenizer

@@ -39,9 +39,7 @@ SLOTS = [
 
 
 def slot_specs(fixtures: FixturePaths) -> list[dict]:
-    return [
-        {**spec, "sae": str(fixtures.tap_sae(name) if name else fixtures.topk_sae(1))} for name, spec, _ in SLOTS
-    ]
+    return [{**spec, "sae": str(fixtures.tap_sae(name) if name else fixtures.topk_sae(1))} for name, spec, _ in SLOTS]
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +71,16 @@ def test_codes_at_every_hook_point_equal_ground_truth(
             tokens = prompt + generated
             assert report.status in (pb.REPORT_STATUS_COMPLETE, pb.REPORT_STATUS_LOW_FIDELITY), report.coverage
             assert report.coverage.positions_seen == len(tokens) - 1
-            described = [
-                (s.layer, s.hook_point, s.head if s.HasField("head") else None) for s in report.saes
+            described = [(s.layer, s.hook_point, s.head if s.HasField("head") else None) for s in report.saes]
+            assert described == [
+                (0, "resid_pre", None),
+                (1, "attn_out", None),
+                (1, "attn_z", None),
+                (1, "attn_z", 2),
+                (2, "mlp_out", None),
+                (2, "mlp_in", None),
+                (2, "resid_pre", None),
             ]
-            assert described == [(0, "resid_pre", None), (1, "attn_out", None), (1, "attn_z", None),
-                                 (1, "attn_z", 2), (2, "mlp_out", None), (2, "mlp_in", None), (2, "resid_pre", None)]
             found = ground_truth.mismatches(tokens, codes_in_sidecar(stub, request_id))
             if found:
                 problems[request_id] = found[:5]

@@ -210,3 +210,136 @@ def test_planted_features_are_identified_saved_and_then_flag_new_requests(
     finally:
         del llm
         running.stop(1)
+
+
+def plant_on_head(
+    fixtures: FixturePaths, out: Path, z: torch.Tensor, token_positions: torch.Tensor
+) -> tuple[Path, int, torch.Tensor]:
+    """A copy of the fixture's per-head SAE (layer 1, head 2) whose least used feature reads the direction that
+    best tells `token_positions` apart in that head's output, firing only above a clear gap in the scores (so
+    every firing activation is large, and always in the top k). Returns (directory, feature, fires per row)."""
+    sae_dir = fixtures.tap_sae("attn_z_head")
+    direction, bias, _ = fit_direction(z, token_positions)
+    scores = z.double() @ direction + bias
+    ranked = torch.sort(scores, descending=True).values
+    low, high = int(0.01 * len(ranked)), int(0.06 * len(ranked))  # fire on 1-6% of tokens, cut at the widest gap
+    gaps = ranked[low:high] - ranked[low + 1 : high + 1]
+    cut = low + int(torch.argmax(gaps))
+    threshold = float(ranked[cut] + ranked[cut + 1]) / 2
+    scale = PLANTED_ACTIVATION / (float(ranked[cut]) - threshold)
+    tensors = load_file(sae_dir / "sae_weights.safetensors")
+    usage = (ReferenceEncoder(load_sae(sae_dir)).activations(z) > 0).sum(0)
+    feature = int(torch.argmin(usage))
+    w_enc = (direction * scale).float()
+    tensors["W_enc"][:, feature] = w_enc
+    tensors["b_enc"][feature] = float(scale * (bias - threshold)) + float(tensors["b_dec"].double() @ w_enc.double())
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    directory = write_saelens(
+        out / "planted_head",
+        "topk",
+        tensors,
+        k=cfg["k"],
+        hook_name="blocks.1.attn.hook_z",
+        extra_cfg={"hook_head_index": 2, "reshape_activations": "hook_z"},
+    )
+    fires = ReferenceEncoder(load_sae(directory)).activations(z)[:, feature] > 0
+    return directory, feature, fires
+
+
+def test_a_planted_per_head_feature_is_identified_named_by_its_head_and_flags(
+    fixtures: FixturePaths, tmp_path: Path, monkeypatch
+) -> None:
+    """One planted feature in head 2's attention output (attn_z, before the output projection), beside a natural
+    residual SAE on the same layer. The contrast ranks it first and names its hook point and head, the saved
+    circuit's term says attn_z head 2, and the circuit flags exactly the new prompts where ground truth
+    (transformers' o_proj input, head 2's columns, reference encoder) says it fires."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from circuitwatch.commands.formatting import format_contrast
+    from circuitwatch.fixtures.activations import activations_at
+    from circuitwatch.kernels.hook_points import HookPoint, Tap
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    model = AutoModelForCausalLM.from_pretrained(fixtures.model, dtype=torch.float32).eval()
+    prompts = prompts_from_corpus(tokenizer, 160)
+    tokens = torch.tensor(prompts)
+    head, residual = Tap(1, HookPoint.ATTN_Z, 2), Tap(1)
+    found = activations_at(model, tokens, [head, residual])
+    z = found[head].reshape(-1, found[head].shape[-1])
+    flat = tokens.flatten()
+    # the feature leans on one token: the most frequent one that is still absent from most prompts
+    rare_enough = [t for t in range(4, int(flat.max()) + 1) if (tokens == t).any(1).float().mean() <= 0.4]
+    token = max(rare_enough, key=lambda t: int((flat == t).sum()))
+    directory, feature, fires = plant_on_head(fixtures, tmp_path, z, flat == token)
+    fired = fires.reshape(len(prompts), -1).any(1).numpy()
+    train, new = np.arange(0, 120), np.arange(120, 160)
+    positives = [i for i in train if fired[i]][::2]
+    negatives = [i for i in train if not fired[i]][::2]
+    assert len(positives) >= 4 and fired[new].any() and not fired[new].all(), "the planted feature is too rare"
+    # preconditions on the independent path: nothing natural, in either SAE, is as exclusive
+    natural = {
+        "head": ReferenceEncoder(load_sae(directory)).activations(z) > 0,
+        "residual": ReferenceEncoder(load_sae(fixtures.topk_sae(1))).activations(found[residual].reshape(-1, 128)) > 0,
+    }
+    for name, acts in natural.items():
+        carried = acts.reshape(len(prompts), -1, acts.shape[-1]).any(1).numpy()
+        exclusivity = carried[positives].mean(0) - carried[negatives].mean(0)
+        if name == "head":
+            assert exclusivity[feature] == 1.0
+            exclusivity = np.delete(exclusivity, feature)
+        assert (exclusivity < 1.0).all(), f"a natural {name} feature is as exclusive as the planted one"
+
+    circuits_file = tmp_path / "identified.yaml"
+    circuits_file.write_text("")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "evidence", circuits=[circuits_file]))
+    plugin = {
+        "slots": [{"layer": 1, "sae": str(fixtures.topk_sae(1))}, {"layer": 1, "sae": str(directory)}],
+        "sidecar": {"address": f"127.0.0.1:{running.port}"},
+    }
+    (tmp_path / "plugin.json").write_text(json.dumps(plugin))
+    monkeypatch.setenv("CIRCUITWATCH_CONFIG", str(tmp_path / "plugin.json"))
+    llm = LLM(model=str(fixtures.model), dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+    try:
+
+        def send(rows) -> list[str]:
+            params = SamplingParams(temperature=0, max_tokens=1)
+            outputs = llm.generate([{"prompt_token_ids": prompts[i]} for i in rows], params, use_tqdm=False)
+            ids = [o.request_id for o in outputs]
+            for request_id in ids:
+                report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=10_000), timeout=30)
+                assert report.status in (pb.REPORT_STATUS_COMPLETE, pb.REPORT_STATUS_LOW_FIDELITY)
+            return ids
+
+        sent = dict(zip(train, send(train), strict=True))
+        for label, chosen in (("review:bad", positives), ("review:ok", negatives)):
+            request = pb.LabelRequest(request_ids=[sent[i] for i in chosen], add=[label], author="test-reviewer")
+            assert stub.Label(request, timeout=30).updated == len(chosen)
+        request = pb.ContrastRequest(
+            positives=pb.RequestSelector(labels=["review:bad"]), negatives=pb.RequestSelector(labels=["review:ok"])
+        )
+        response = stub.Contrast(request, timeout=30)
+        top = response.features[0]
+        assert (top.slot, top.layer, top.hook_point, top.head, top.feature) == (1, 1, "attn_z", 2, feature)
+        assert top.exclusive and response.features[1].exclusivity < 1.0
+        assert " L1.attn_z.h2 " in format_contrast(response, top=3, cut=1).splitlines()[3]
+
+        entry = circuit_entry("planted-head", [top], request, response, "high", "all")
+        assert entry["when"]["all"][0] | {"sae": None} == {
+            "layer": 1,
+            "hook_point": "attn_z",
+            "head": 2,
+            "feature": feature,
+            "sae": None,
+        }
+        save_circuit(circuits_file, entry)
+        assert stub.ReloadCircuits(pb.ReloadCircuitsRequest(), timeout=10).circuits == ["planted-head"]
+        for i, request_id in zip(new, send(new), strict=True):
+            report = stub.GetReport(pb.GetReportRequest(request_id=request_id), timeout=30)
+            assert [f.circuit for f in report.flags] == (["planted-head"] if fired[i] else []), i
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        running.stop(1)
