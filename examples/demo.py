@@ -182,7 +182,7 @@ def main() -> int:
     (WORK / "sidecar.yaml").write_text(
         f"listen: 127.0.0.1:{sidecar_port}\ncircuits: [circuits.yaml, identified.yaml]\nevidence_dir: evidence\n"
     )
-    log(f"calibrating the layer-{LAYER} SAE on the built-in sample (the other slot uses the baseline beside its SAE)")
+    log(f"calibrating the layer-{LAYER} SAE on the built-in sample (the other slots use the baseline beside their SAE)")
     baseline = WORK / f"baseline-layer{LAYER}.json"
     cli("calibrate", "--model", str(fixtures.model), "--sae", str(sae_dir), "--layer", str(LAYER),
         "--max-documents", "40", "--out", str(baseline))  # fmt: skip
@@ -190,6 +190,8 @@ def main() -> int:
         "slots": [
             {"layer": LAYER, "sae": str(sae_dir), "baseline": str(baseline.resolve())},
             {"layer": 1, "sae": str(fixtures.sparsify_sae(1))},
+            # a non-residual slot: head 2's attention output (attn_z), hook point and head from the SAE's cfg.json
+            {"layer": 1, "sae": str(fixtures.tap_sae("attn_z_head"))},
         ],
         "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
         "response_deadline_ms": 2000,  # the demo waits for final reports (default: 50 ms, then "pending")

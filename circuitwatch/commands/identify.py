@@ -6,6 +6,7 @@ next request on."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ import yaml
 from google.protobuf import json_format
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import MODES, SCOPES
+from circuitwatch.proto.names import HOOK_POINT_NAMES, MODES, SCOPES
 
 from .connection import Connection, UsageError, add_connection_options
 from .formatting import format_contrast
@@ -52,7 +53,8 @@ def add_identify_parser(sub) -> None:
     parser.add_argument("--cut", type=int, default=5, help="top features forming the candidate circuit")
     parser.add_argument(
         "--truth-feature", action="append", default=[], metavar="LAYER:FEATURE",
-        help="a feature known to be the answer (repeat): adds ROC AUC and precision/recall at the cut",
+        help="a feature known to be the answer (repeat; 3:814, or L1.attn_z.h2:814 for one tap of the layer): "
+             "adds ROC AUC and precision/recall at the cut",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the sidecar's answer as JSON")
     save = parser.add_argument_group("saving the candidate circuit")
@@ -99,13 +101,23 @@ def parse_expression(text: str, option: str) -> pb.Expr:
     return to_proto(circuit.expression)
 
 
+# LAYER:FEATURE, or a tap as identify prints it (L1.attn_z.h2:FEATURE)
+_TRUTH_FEATURE = re.compile(r"(?:(\d+)|L(\d+)\.([a-z_]+?)(?:\.h(\d+))?):(\d+)")
+
+
 def _truth_features(values: list[str]) -> list[pb.FeatureTerm]:
     out = []
     for value in values:
-        layer, sep, feature = value.partition(":")
-        if not sep or not layer.isdigit() or not feature.isdigit():
-            raise UsageError(f"--truth-feature {value!r}: expected LAYER:FEATURE, e.g. 3:814")
-        out.append(pb.FeatureTerm(layer=int(layer), feature=int(feature)))
+        match = _TRUTH_FEATURE.fullmatch(value)
+        if not match or (match.group(3) is not None and match.group(3) not in HOOK_POINT_NAMES):
+            raise UsageError(
+                f"--truth-feature {value!r}: expected LAYER:FEATURE (3:814) or TAP:FEATURE (L1.attn_z.h2:814)"
+            )
+        bare_layer, layer, hook_point, head, feature = match.groups()
+        term = pb.FeatureTerm(layer=int(bare_layer or layer), feature=int(feature), hook_point=hook_point or "")
+        if head is not None:
+            term.head = int(head)
+        out.append(term)
     return out
 
 

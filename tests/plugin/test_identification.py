@@ -341,5 +341,4 @@ def test_a_planted_per_head_feature_is_identified_named_by_its_head_and_flags(
             assert [f.circuit for f in report.flags] == (["planted-head"] if fired[i] else []), i
     finally:
         llm.llm_engine.engine_core.shutdown()
-        del llm
         running.stop(1)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from circuitwatch.kernels.hook_points import HookPoint
 from circuitwatch.plugin.config import (
     PluginConfigError,
     SidecarTarget,
@@ -145,7 +146,7 @@ class _Model(torch.nn.Module):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
     model = _Model()
-    assert install_taps(model, [1]) == [1]
+    assert install_taps(model, [(1, HookPoint.RESID_POST)]) == {(1, HookPoint.RESID_POST)}
     run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     x = torch.randn(3, 4)
     run(x)  # a warm-up/profile-like call outside a step: nothing captured
@@ -158,7 +159,7 @@ def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
         with torch.no_grad():
             h = model.layers[0](y)
             expected = model.layers[1].linear(h[0] + h[1]) + (h[0] + h[1])
-        assert torch.allclose(captured[1], expected, atol=1e-6)
+        assert torch.allclose(captured[(1, HookPoint.RESID_POST)], expected, atol=1e-6)
 
 
 # --- the emitter ------------------------------------------------------------------------------------------------

@@ -155,6 +155,14 @@ def test_ad_hoc_expression_query(served) -> None:
             {"circuits": [{"name": "x", "exec": "rm -rf /", "when": {"layer": 1, "feature": 1}}]},
             r"unknown keys \['exec'\]",
         ),
+        (
+            {"circuits": [{"name": "x", "when": {"layer": 1, "hook_point": "hook_z", "feature": 1}}]},
+            r"circuits\[0\].when.hook_point: expected one of resid_pre, resid_post, attn_out, attn_z",
+        ),
+        (
+            {"circuits": [{"name": "x", "when": {"layer": 1, "hook_point": "mlp_out", "head": 1, "feature": 1}}]},
+            r"circuits\[0\].when.head: expected a head number >= 0 with hook_point attn_z",
+        ),
         ({"rules": []}, r"\(top level\): expected a mapping with one key, 'circuits'"),
     ],
 )
@@ -234,3 +242,36 @@ def test_circuits_evaluated_together_equal_one_by_one(tmp_path: Path) -> None:
             one = evaluator.matches(circuit)
             assert np.array_equal(positions, one), (request.request_id, circuit, positions, one)
     assert 30 * 150 < flat_seen < 30 * 500, "too few flat or general circuits: a path would go untested"
+
+
+def test_a_term_picks_one_of_several_taps_on_a_layer() -> None:
+    """Three SAEs read layer 1 (the residual stream, every head's attn_z, head 2's attn_z): a term names which."""
+    from circuitwatch.sidecar.registry import SaeIdentity, SaeRegistry
+
+    registry = SaeRegistry()
+    taps = [("resid_post", None), ("attn_z", None), ("attn_z", 2)]
+    for slot, (hook_point, head) in enumerate(taps):
+        identity = SaeIdentity(
+            f"sae{slot}", "topk", 1, hook_point, 32, 64, f"blake2b:{slot}", "topk:k=4", "saelens", head
+        )
+        registry.register(identity, slot)
+    [circuit] = parse_circuits(
+        {
+            "circuits": [
+                {
+                    "name": "three",
+                    "when": {
+                        "any": [
+                            {"layer": 1, "feature": 5},
+                            {"layer": 1, "hook_point": "attn_z", "feature": 5},
+                            {"layer": 1, "hook_point": "attn_z", "head": 2, "feature": 5},
+                            {"layer": 1, "hook_point": "resid_post", "feature": 5},
+                        ]
+                    },
+                }
+            ]
+        },
+        "taps.yaml",
+    )
+    resolved = [registry.resolve(term) for term in circuit.expression.items]
+    assert resolved == [[0, 1, 2], [1, 2], [2], [0]]

@@ -511,3 +511,15 @@ def test_client_commands_send_the_bearer_token(tmp_path: Path) -> None:
         assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
         accepted = subprocess.run([*command, "--token-file", str(token)], capture_output=True, text=True, timeout=60)
         assert accepted.returncode == 0, accepted.stderr
+
+
+def test_truth_features_name_a_layer_or_one_of_its_taps() -> None:
+    from circuitwatch.commands.connection import UsageError
+    from circuitwatch.commands.identify import _truth_features
+
+    plain, head = _truth_features(["3:814", "L1.attn_z.h2:17"])
+    assert (plain.layer, plain.hook_point, plain.HasField("head"), plain.feature) == (3, "", False, 814)
+    assert (head.layer, head.hook_point, head.head, head.feature) == (1, "attn_z", 2, 17)
+    for bad in ("L1.hook_z:3", "1.attn_z:3", "3"):
+        with pytest.raises(UsageError, match="expected LAYER:FEATURE"):
+            _truth_features([bad])

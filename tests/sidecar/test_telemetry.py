@@ -64,7 +64,8 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
             assert attrs["circuitwatch.tokens.total"] == request.num_positions
             assert attrs["circuitwatch.tokens.monitored"] == request.num_positions
             assert attrs["circuitwatch.coverage.status"] == "complete"
-            assert attrs["circuitwatch.saes"] == ["sae-l1@L1.resid_post:blake2b:h01", "sae-l2@L2.resid_post:blake2b:h02"]
+            expected_saes = ["sae-l1@L1.resid_post:blake2b:h01", "sae-l2@L2.resid_post:blake2b:h02"]
+            assert attrs["circuitwatch.saes"] == expected_saes
             matches = brute_force_matches({"layer": 1, "feature": 3}, request)
             assert attrs["circuitwatch.circuits.matched"] == (["f3"] if matches else [])
             assert attrs["circuitwatch.severity.max"] == ("high" if matches else "none")
