@@ -148,8 +148,25 @@ class PluginConfig(_Strict):
         return self
 
     def digest(self) -> str:
-        """Goes into vLLM's config hash, so compiled artifacts built without these taps are never reused."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        """Goes into vLLM's config hash, so compiled artifacts built without these taps are never reused. A slot
+        without hook_point takes it from its SAE's files, so their JSON configs are part of the digest too."""
+        digest = hashlib.sha256(self.model_dump_json().encode())
+        for slot in self.slots:
+            for config_file in _sae_config_files(slot.sae):
+                try:
+                    digest.update(config_file.name.encode() + b"\0" + config_file.read_bytes())
+                except OSError:  # loading the SAE fails later, naming the file
+                    continue
+        return digest.hexdigest()[:16]
+
+
+def _sae_config_files(sae: Path) -> list[Path]:
+    """The small JSON files that say where an SAE reads (cfg.json, config.json), not its weights or baseline."""
+    directory = sae if sae.is_dir() else sae.parent
+    try:
+        return sorted(p for p in directory.glob("*.json") if p.name != "circuitwatch-baseline.json" and p.is_file())
+    except OSError:
+        return []
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def test_unknown_architecture(tmp_path: Path) -> None:
         path,
         "cfg.json",
         "architecture",
-        r"unknown architecture 'matryoshka_matching_pursuit' \(supported: standard, jumprelu, topk, gated\)",
+        r"unknown architecture 'matryoshka_matching_pursuit' \(supported: standard, jumprelu, topk, gated, "
+        r"transcoder, skip_transcoder, jumprelu_transcoder\)",
     )
 
 

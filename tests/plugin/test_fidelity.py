@@ -16,7 +16,7 @@ import torch
 
 from circuitwatch.cli import main as cli_main
 from circuitwatch.fixtures import FixturePaths
-from circuitwatch.fixtures.activations import residual_stream
+from circuitwatch.fixtures.activations import activations_at
 from circuitwatch.fixtures.corpus import documents
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
@@ -73,12 +73,12 @@ def independent_fidelity(fixtures: FixturePaths, truth: GroundTruth, tokens: lis
     """Per slot, [positions, 2] (error, norm): transformers' residual stream; each format's numpy encoder, the
     codes the slot emits (its `width` strongest features), and the SAE's full decoder read from the files."""
     processed = tokens[:-1]  # the last sampled token never goes through the model
-    streams = residual_stream(truth.model, torch.tensor([processed]), [layer for layer, _ in truth.encoders])
+    streams = activations_at(truth.model, torch.tensor([processed]), [tap for tap, _ in truth.encoders])
     out = []
-    for (layer, encoder), spec, activations_of in zip(
+    for (tap, encoder), spec, activations_of in zip(
         truth.encoders, slot_specs(fixtures), NUMPY_ACTIVATIONS, strict=True
     ):
-        x = streams[layer][0].double().numpy()
+        x = streams[tap][0].double().numpy()
         directory = Path(spec["sae"])
         activations, _ = activations_of(directory, x)
         dense = np.zeros_like(activations)

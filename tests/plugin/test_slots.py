@@ -102,3 +102,26 @@ def test_every_head_at_once_is_refused_under_tensor_parallelism(fixtures: Fixtur
         r"parallelism 2 each rank holds 2: use per-head slots",
     ):
         slots([{"layer": 1, "sae": str(fixtures.tap_sae("attn_z"))}], Parallelism(1, 2, 4))
+
+
+def test_the_compile_cache_key_follows_the_hook_point_the_sae_names(tmp_path) -> None:
+    """A slot without hook_point reads where the SAE's cfg.json says: a changed cfg.json must change vLLM's
+    config hash, or a graph compiled with another set of taps would be reused and one slot would get no codes."""
+    import json
+
+    from circuitwatch.fixtures.sae_writers import write_saelens
+
+    from support.random_saes import random_tensors
+
+    directory = write_saelens(
+        tmp_path / "sae", "standard", random_tensors(1, "standard"), hook_name="blocks.1.hook_mlp_out"
+    )
+    config = PluginConfig.model_validate({"slots": [{"layer": 1, "sae": str(directory)}]})
+    before = config.digest()
+    cfg = json.loads((directory / "cfg.json").read_text())
+    cfg["metadata"]["hook_name"] = "blocks.1.hook_attn_out"
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    changed = config.digest()
+    assert changed != before
+    (directory / "circuitwatch-baseline.json").write_text("{}")  # a new baseline changes no tap
+    assert config.digest() == changed
