@@ -89,6 +89,8 @@ class KeySource(Protocol):
 def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
     """Keys of the tokens where `expr` holds. With window W > 1 a term holds at position p when its feature
     fired anywhere in [p - W + 1, p], so `all` means co-occurrence inside a W-token window."""
+    if window > 1:
+        return evaluate_windowed(expr, source, window)
     cache: dict[Term, np.ndarray] = {}
     lazy: list[np.ndarray] = []
 
@@ -100,11 +102,7 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
 
     def leaf(term: Term) -> np.ndarray:
         if term not in cache:
-            keys = source.term_keys(term)
-            if window > 1 and len(keys):
-                spread = (keys[:, None] + np.arange(window, dtype=KEY_DTYPE)[None, :]).ravel()
-                keys = intersect_sorted(sorted_unique(spread), universe())
-            cache[term] = keys
+            cache[term] = source.term_keys(term)
         return cache[term]
 
     def walk(node: Expr) -> np.ndarray:
@@ -128,6 +126,71 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
         return merged[starts[counts >= node.n]]
 
     return walk(expr).astype(KEY_DTYPE, copy=False)
+
+
+Intervals = tuple[np.ndarray, np.ndarray]  # (starts, ends), inclusive, sorted, disjoint and not adjacent
+
+
+def evaluate_windowed(expr: Expr, source: KeySource, window: int) -> np.ndarray:
+    """`evaluate` with a token window, on intervals of keys: a term that fired at k holds on [k, k + W - 1], so
+    each term is a few runs rather than W keys per firing, and `all`/`any`/`at_least` count how many of their
+    items cover each stretch. Keys become explicit only at a `not` and at the end, where the result is cut to
+    the tokens that exist (a window reaching past a request's last token, or into the other phase)."""
+    lazy: list[np.ndarray] = []
+    step = KEY_DTYPE(window - 1)
+
+    def universe() -> np.ndarray:
+        if not lazy:
+            lazy.append(source.universe())
+        return lazy[0]
+
+    def walk(node: Expr) -> Intervals:
+        if isinstance(node, Term):
+            keys = source.term_keys(node)
+            if not len(keys):
+                return keys, keys
+            first = np.concatenate(([True], keys[1:] - keys[:-1] > step + KEY_DTYPE(1)))
+            last = np.concatenate((first[1:], [True]))
+            return keys[first], keys[last] + step
+        if isinstance(node, Not):
+            keys = subtract_sorted(universe(), _keys_in(walk(node.item), universe()))
+            return keys, keys
+        parts = [walk(item) for item in node.items]
+        needed = len(parts) if isinstance(node, All) else node.n if isinstance(node, AtLeast) else 1
+        return _covered_by(parts, needed)
+
+    return _keys_in(walk(expr), universe()).astype(KEY_DTYPE, copy=False)
+
+
+def _covered_by(parts: list[Intervals], needed: int) -> Intervals:
+    """Where at least `needed` of the interval sets overlap: a sweep over their starts (+1) and ends (-1)."""
+    points = np.concatenate([p for starts, ends in parts for p in (starts, ends + KEY_DTYPE(1))])
+    if not len(points):
+        return points, points
+    steps = np.concatenate([np.full(len(starts), v, np.int64) for starts, _ in parts for v in (1, -1)])
+    order = np.argsort(points, kind="stable")
+    points, steps = points[order], steps[order]
+    first = run_starts(points)
+    at, depth = points[first], np.cumsum(np.add.reduceat(steps, first))
+    inside = depth >= needed  # on [at[i], at[i + 1] - 1]
+    before = np.concatenate(([False], inside[:-1]))
+    return at[inside & ~before], at[~inside & before] - KEY_DTYPE(1)
+
+
+def _keys_in(intervals: Intervals, universe: np.ndarray) -> np.ndarray:
+    """The keys of `universe` inside the intervals: by expanding them when they hold fewer keys than the
+    universe, else by looking each universe key up."""
+    starts, ends = intervals
+    if not len(starts) or not len(universe):
+        return universe[:0]
+    lengths = (ends - starts).astype(np.int64) + 1
+    total = int(lengths.sum())
+    if total <= len(universe):
+        offsets = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return intersect_sorted(np.repeat(starts, lengths) + offsets.astype(KEY_DTYPE), universe)
+    index = np.searchsorted(starts, universe, side="right") - 1
+    inside = (index >= 0) & (universe <= ends[np.maximum(index, 0)])
+    return universe[inside]
 
 
 def evaluate_dense(

@@ -186,3 +186,52 @@ def test_sorted_set_helpers_and_key_layout() -> None:
     assert key_requests(keys).tolist() == [3, 3, 70000] and key_positions(keys).tolist() == [0, 2**32 - 1, 5]
     first, end = request_key_range(3)
     assert first <= keys[0] < keys[1] < end <= keys[2]
+
+
+def test_windowed_evaluation_equals_brute_force_on_random_expressions() -> None:
+    """The interval evaluation of token windows (expressions.evaluate_windowed) against the definition, key by
+    key: a term holds at p when it fired in [p - W + 1, p] among existing tokens of p's request and scope."""
+    from circuitwatch.sidecar.expressions import All, AnyOf, AtLeast, Not, Term, evaluate
+    from circuitwatch.sidecar.keys import token_keys
+
+    rng = np.random.default_rng(7)
+
+    class Source:
+        def __init__(self) -> None:
+            lengths = rng.integers(1, 60, size=12)
+            self.all = np.concatenate([token_keys(seq, np.arange(n)) for seq, n in enumerate(lengths)])
+            self.fired = {
+                f: np.sort(rng.choice(self.all, size=int(rng.integers(0, 40)), replace=False)) for f in range(6)
+            }
+
+        def term_keys(self, term: Term) -> np.ndarray:
+            return self.fired[term.feature]
+
+        def universe(self) -> np.ndarray:
+            return self.all
+
+    def expression(depth: int):
+        if depth == 0 or rng.random() < 0.3:
+            return Term(feature=int(rng.integers(0, 6)), layer=1)
+        kind = rng.choice(["all", "any", "not", "at_least"])
+        if kind == "not":
+            return Not(expression(depth - 1))
+        items = tuple(expression(depth - 1) for _ in range(int(rng.integers(1, 4))))
+        if kind == "at_least":
+            return AtLeast(int(rng.integers(1, len(items) + 1)), items)
+        return All(items) if kind == "all" else AnyOf(items)
+
+    def holds(node, key: int, source: Source, window: int) -> bool:
+        if isinstance(node, Term):
+            fired = set(source.fired[node.feature].tolist())
+            return any(key - d in fired for d in range(window) if (key - d) >> 32 == key >> 32)
+        if isinstance(node, Not):
+            return not holds(node.item, key, source, window)
+        hits = sum(holds(item, key, source, window) for item in node.items)
+        needed = len(node.items) if isinstance(node, All) else node.n if isinstance(node, AtLeast) else 1
+        return hits >= needed
+
+    for case in range(150):
+        source, expr, window = Source(), expression(3), int(rng.integers(2, 12))
+        expected = [int(k) for k in source.all.tolist() if holds(expr, int(k), source, window)]
+        assert evaluate(expr, source, window).tolist() == expected, (case, expr, window)

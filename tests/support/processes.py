@@ -50,15 +50,21 @@ def start_sidecar(tmp_path: Path, port: int, extra_config: str = "", log_name: s
     return process
 
 
-def start_vllm(model: Path, tmp_path: Path, port: int, plugin_config: Path) -> subprocess.Popen:
-    """vLLM's OpenAI server (multi-process: spawned engine core and worker) with the plugin configured."""
-    env = {**os.environ, "CIRCUITWATCH_CONFIG": str(plugin_config), "VLLM_CPU_KVCACHE_SPACE": "1"}
+def start_vllm(
+    model: Path, tmp_path: Path, port: int, plugin_config: Path | None, engine_args: tuple[str, ...] = ()
+) -> subprocess.Popen:
+    """vLLM's OpenAI server (multi-process: spawned engine core and worker) with the plugin configured (None: the
+    plugin installed but not configured, so it does nothing)."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env.pop("CIRCUITWATCH_CONFIG", None)
+    if plugin_config is not None:
+        env["CIRCUITWATCH_CONFIG"] = str(plugin_config)
     command = [
         sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
         "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
         "--dtype", "float32", "--max-model-len", "512", "--max-num-batched-tokens", "64",
-        "--max-num-seqs", "32", "--seed", "0",
+        "--max-num-seqs", "32", "--seed", "0", *engine_args,
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stdout=open(tmp_path / "vllm.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
     deadline = time.monotonic() + 300

@@ -1,0 +1,385 @@
+"""Serving benchmark: what monitoring costs a vLLM deployment, against the floor the SAE encoders set.
+
+Variants: plugin off, on with the torch backend, on with ONNX Runtime; each in a fresh engine (its own process),
+alternating off/torch/onnx for --rounds rounds, compiled mode (vLLM's default), a real sidecar receiving codes.
+
+Models:
+- `llama7b-ratio`: a random-weight Llama whose SAE/model FLOP ratio is a 7-8B deployment's: 32 layers (as Llama
+  2/3 7-8B), intermediate 2.7x hidden, 16x-wide TopK SAEs (k 32) on two layers. The encoders then add 64 h^2
+  FLOPs per token to the model's ~24 h^2 per layer x 32 layers: 8.3%, whatever the hidden size (256 here, so
+  that it runs on these CPUs). Wiring checks are off (random SAEs on a random model read nothing well).
+- `fixture`: the 4-layer fixture model with its calibrated resid_post SAEs on layers 1 and 3 (a much larger
+  SAE/model ratio, 60%+), wiring check on.
+
+Offline (`LLM.generate`, in-process engine so the bench can see the plugin's steps): output tokens/s. The floor
+is the encoders alone on the same step shapes in the same process: every step's monitored row count is recorded,
+and after generation each slot's encoder runs again on rows of those counts. overhead / floor is the ratio the
+DESIGN target bounds (<= 1.3 with ONNX).
+
+Server (`--server`): vLLM's OpenAI server with concurrent `openai` clients: streaming TTFT and TPOT (p50/p99),
+non-streaming latency and how many responses still said `pending` at the plugin's response deadline.
+
+    .venv/bin/python bench/serving_bench.py [--model llama7b-ratio|fixture] [--rounds 2] [--server]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # support.processes: starting and stopping vLLM and the sidecar
+
+VARIANTS = ("off", "torch", "onnx")
+# Opt-in variants that take the cost apart:
+# - `onnx-unsent`: the sidecar unreachable, so nothing is packed or sent: the worker's own cost;
+# - `onnx-sink`: codes packed and sent to a gRPC endpoint in this process that drops the raw bytes unread: the
+#   worker's cost plus shipping, without the sidecar's CPU (which shares these two cores with vLLM).
+EXTRA_VARIANTS = ("onnx-unsent", "onnx-sink")
+PROMPTS, PROMPT_TOKENS, OUTPUT_TOKENS = 64, 128, 96
+
+
+# --- the models -------------------------------------------------------------------------------------------
+
+
+def llama7b_ratio(root: Path) -> tuple[Path, list[dict]]:
+    """A random Llama shaped like 7-8B models (32 layers), hidden 256, with random 16x SAEs on layers 10 and 21."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from circuitwatch.fixtures import build_fixtures
+    from circuitwatch.fixtures.sae_writers import write_saelens
+
+    fixtures = build_fixtures()
+    model_dir = root / "llama7b-ratio"
+    tokenizer = AutoTokenizer.from_pretrained(fixtures.model)
+    torch.manual_seed(0)
+    hidden = 256
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=688, num_hidden_layers=32,
+        num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        torch_dtype="float32",
+    )  # fmt: skip
+    LlamaForCausalLM(config).float().save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    slots = []
+    generator = torch.Generator().manual_seed(1)
+    for layer in (10, 21):
+        d_sae = 16 * hidden
+        tensors = {
+            "W_enc": torch.randn(hidden, d_sae, generator=generator) / hidden**0.5,
+            "b_enc": torch.zeros(d_sae),
+            "W_dec": torch.randn(d_sae, hidden, generator=generator) / hidden**0.5,
+            "b_dec": torch.zeros(hidden),
+        }
+        directory = write_saelens(root / f"sae_l{layer}", "topk", tensors, k=32, hook_name=f"model.layers.{layer}")
+        slots.append({"layer": layer, "sae": str(directory)})
+    return model_dir, slots
+
+
+def fixture_model(_root: Path) -> tuple[Path, list[dict]]:
+    from circuitwatch.fixtures import build_fixtures
+
+    fixtures = build_fixtures()
+    return fixtures.model, [
+        {"layer": 1, "sae": str(fixtures.topk_sae(1))},
+        {"layer": 3, "sae": str(fixtures.topk_sae(3))},
+    ]
+
+
+MODELS = {"llama7b-ratio": llama7b_ratio, "fixture": fixture_model}
+
+
+def prompts(model: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    from circuitwatch.fixtures.corpus import documents
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = [tokenizer(text)["input_ids"] for text in documents()[5:]]
+    return [doc[:PROMPT_TOKENS] for doc in ids if len(doc) >= PROMPT_TOKENS][:PROMPTS]
+
+
+def plugin_config(path: Path, slots: list[dict], backend: str, sidecar_port: int, wiring: bool) -> Path:
+    config = {
+        "slots": slots,
+        "encoder_backend": backend,
+        "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
+        "wiring_check": {"enabled": wiring},
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+# --- offline: one variant in its own process ----------------------------------------------------------------
+
+
+def offline_child(model: str, config: str | None) -> dict:
+    """Generate in an in-process engine; with the plugin, time its encoders alone on the recorded step shapes."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if config:
+        os.environ["CIRCUITWATCH_CONFIG"] = config
+    from vllm import LLM, SamplingParams
+
+    from circuitwatch.plugin.worker import WorkerPlugin
+
+    steps: list[int] = []
+    plugins: list[WorkerPlugin] = []
+    original = WorkerPlugin._encode_step
+
+    def recording(self, runner, captured):
+        before = self.counters["rows_encoded"]
+        original(self, runner, captured)
+        steps.append(self.counters["rows_encoded"] - before)
+        if not plugins:
+            plugins.append(self)
+
+    WorkerPlugin._encode_step = recording
+    llm = LLM(model=model, dtype="float32", max_model_len=512, max_num_batched_tokens=256, max_num_seqs=64, seed=0)
+    try:
+        token_prompts = prompts(Path(model))
+        params = SamplingParams(temperature=0, max_tokens=OUTPUT_TOKENS, min_tokens=OUTPUT_TOKENS, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": p} for p in token_prompts[:4]], params, use_tqdm=False)  # warm-up
+        steps.clear()
+        if plugins:
+            plugins[0].emitter.counters["encode_ns"] = 0
+        started = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in token_prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - started
+        result = {"seconds": elapsed, "tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
+        if plugins:
+            plugin = plugins[0]
+            result["encode_in_step_s"] = plugin.emitter.counters["encode_ns"] / 1e9
+            result["steps"] = len(steps)
+            result["floor_s"] = encoder_floor(plugin, steps)
+            result["emitter"] = {k: int(v) for k, v in plugin.emitter.counters.items() if isinstance(v, int | float)}
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return result
+
+
+def encoder_floor(plugin, steps: list[int]) -> float:
+    """Seconds the slots' encoders alone need for rows of the recorded step sizes (median of 3 replays)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = {n: torch.randn(n, plugin.slots[0].sae.spec.d_in, generator=generator) * 4 for n in set(steps) if n}
+    for slot in plugin.slots:  # warm-up
+        for x in list(inputs.values())[:4]:
+            slot.encoder.encode(x)
+    replays = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for n in steps:
+            if n:
+                for slot in plugin.slots:
+                    slot.encoder.encode(inputs[n])
+        replays.append(time.perf_counter() - started)
+    return statistics.median(replays)
+
+
+def target_port(variant: str, ports: dict[str, int]) -> tuple[str, int]:
+    """(encoder backend, the port its codes go to) of a variant: `unsent` to port 1, where nothing listens."""
+    backend, _, mode = variant.partition("-")
+    return backend, {"": ports["sidecar"], "unsent": 1, "sink": ports["sink"]}[mode]
+
+
+def start_sink():
+    """A gRPC endpoint for Monitor/Ingest that reads each message as raw bytes and drops it: codes leave the
+    worker as they would for a sidecar on other cores, and nothing here spends CPU decoding them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from circuitwatch.proto import circuitwatch_pb2 as pb
+
+    def ingest(messages, _context) -> bytes:
+        for _ in messages:
+            pass
+        return pb.IngestAck().SerializeToString()
+
+    handler = grpc.method_handlers_generic_handler(
+        "circuitwatch.v1.Monitor", {"Ingest": grpc.stream_unary_rpc_method_handler(ingest)}
+    )
+    server = grpc.server(ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def run_offline(model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool) -> dict:
+    backend, port = target_port(variant, ports)
+    config = None if variant == "off" else plugin_config(work / f"{variant}.json", slots, backend, port, wiring)
+    command = [sys.executable, __file__, "--child", str(model)] + ([str(config)] if config else [])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant}: child failed\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- server: the OpenAI API with concurrent clients -------------------------------------------------------------
+
+
+async def client_load(port: int, token_prompts: list[list[int]], concurrency: int) -> dict:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    model = (await client.models.list()).data[0].id
+    gate = asyncio.Semaphore(concurrency)
+    ttft, tpot, latency, pending = [], [], [], 0
+
+    async def streamed(prompt: list[int]) -> None:
+        async with gate:
+            started = time.perf_counter()
+            stream = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=OUTPUT_TOKENS, temperature=0, stream=True,
+                extra_body={"min_tokens": OUTPUT_TOKENS, "ignore_eos": True},
+            )  # fmt: skip
+            times = []
+            async for chunk in stream:
+                if chunk.choices:  # a token (its text may be empty: a random model's partial UTF-8); not the
+                    times.append(time.perf_counter())  # final `circuitwatch` chunk, whose choices are empty
+            ttft.append(times[0] - started)
+            tpot.append((times[-1] - times[0]) / max(1, len(times) - 1))
+
+    async def whole(prompt: list[int]) -> None:
+        nonlocal pending
+        async with gate:
+            started = time.perf_counter()
+            response = await client.completions.create(
+                model=model, prompt=prompt, max_tokens=16, temperature=0,
+                extra_body={"min_tokens": 16, "ignore_eos": True},
+            )  # fmt: skip
+            latency.append(time.perf_counter() - started)
+            field = (response.model_extra or {}).get("circuitwatch")
+            pending += bool(field and field.get("status") == "pending")
+
+    await asyncio.gather(*(streamed(p) for p in token_prompts[:4]))  # warm-up
+    ttft.clear(), tpot.clear()
+    await asyncio.gather(*(streamed(p) for p in token_prompts))
+    await asyncio.gather(*(whole(p) for p in token_prompts))
+    return {"ttft": ttft, "tpot": tpot, "latency": latency, "pending": pending}
+
+
+def run_server(model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool) -> dict:
+    from support.processes import free_port, start_vllm, stop
+
+    directory = work / f"server-{variant}"
+    directory.mkdir(exist_ok=True)
+    backend, target = target_port(variant, ports)
+    config = None if variant == "off" else plugin_config(directory / "plugin.json", slots, backend, target, wiring)
+    port = free_port()
+    server = start_vllm(model, directory, port, config, ("--max-num-batched-tokens", "256", "--max-num-seqs", "64"))
+    try:
+        return asyncio.run(client_load(port, prompts(model), concurrency=16))
+    finally:
+        stop(server)
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="llama7b-ratio")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--server", action="store_true", help="also through the OpenAI server")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(offline_child(args.child[0], args.child[1] if len(args.child) > 1 else None)))
+        return
+
+    from support.processes import free_port, start_sidecar, stop
+
+    variants = args.variants.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model, slots = MODELS[args.model](work)
+        wiring = args.model == "fixture"
+        ports = {"sidecar": free_port()}
+        sidecar = start_sidecar(work, ports["sidecar"])
+        sink, ports["sink"] = start_sink()
+        try:
+            offline: dict[str, list[dict]] = {v: [] for v in variants}
+            for round_ in range(args.rounds):
+                for variant in variants:
+                    result = run_offline(model, slots, variant, work, ports, wiring)
+                    offline[variant].append(result)
+                    print("result", json.dumps({"variant": variant, **result}), flush=True)
+                    print(
+                        f"round {round_ + 1} {variant:5}: {result['tokens'] / result['seconds']:7.1f} tok/s", flush=True
+                    )
+            server = {}
+            for variant in variants if args.server else ():
+                server[variant] = result = run_server(model, slots, variant, work, ports, wiring)
+                print(f"server {variant:5}: TTFT p50 {1e3 * quantiles(result['ttft'])[0]:.1f} ms", flush=True)
+        finally:
+            stop(sidecar)
+            sink.stop(0)
+    report(args.model, offline, server)
+
+
+def report(model: str, offline: dict[str, list[dict]], server: dict[str, dict]) -> None:
+    if offline.get("off") and all(offline.values()):
+        report_offline(model, offline)
+    if server:
+        report_server(server)
+
+
+def report_offline(model: str, offline: dict[str, list[dict]]) -> None:
+    base = statistics.median(r["seconds"] for r in offline["off"])
+    print(
+        f"\nmodel {model}: {PROMPTS} prompts x {PROMPT_TOKENS} tokens, {OUTPUT_TOKENS} output tokens each, "
+        "compiled mode"
+    )
+    print(f"{'variant':8} {'tok/s':>8} {'overhead':>9} {'floor':>7} {'in-step':>8} {'ovh/floor':>9}")
+    for variant, runs in offline.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        tokens = runs[0]["tokens"]
+        line = f"{variant:8} {tokens / seconds:8.1f} {100 * (seconds / base - 1):8.1f}%"
+        if variant != "off":
+            floor = statistics.median(r["floor_s"] for r in runs) / base
+            in_step = statistics.median(r["encode_in_step_s"] for r in runs) / base
+            line += f" {100 * floor:6.1f}% {100 * in_step:7.1f}% {(seconds / base - 1) / floor:9.2f}"
+        print(line)
+
+
+def report_server(server: dict[str, dict]) -> None:
+    off = server.get("off")
+    print(f"\nOpenAI server, 16 concurrent clients, {PROMPTS} streaming + {PROMPTS} non-streaming (16 tokens) requests")
+    print(
+        f"{'variant':8} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7} {'latency p50':>12} {'p90':>7} "
+        f"{'pending':>8}"
+    )
+    for variant, result in server.items():
+        t50, t99 = quantiles(result["ttft"])
+        p50, p99 = quantiles(result["tpot"])
+        l50 = statistics.median(result["latency"])
+        l90 = sorted(result["latency"])[int(0.9 * len(result["latency"]))]
+        print(
+            f"{variant:8} {1e3 * t50:8.1f}ms {1e3 * t99:6.1f}ms {1e3 * p50:8.1f}ms {1e3 * p99:6.1f}ms "
+            f"{1e3 * l50:11.1f}ms {1e3 * l90:6.1f}ms {result['pending']:>4}/{len(result['latency'])}"
+        )
+    if off:
+        print(f"(off: TTFT p50 {1e3 * quantiles(off['ttft'])[0]:.1f} ms is the baseline of the added TTFT)")
+
+
+if __name__ == "__main__":
+    main()
