@@ -84,6 +84,14 @@ class ModelShape:
             return f"head_dim {self.head_dim}"
         return f"hidden size {self.hidden_size}"
 
+    def misfit(self, tap: Tap, d_in: int) -> tuple[str, str] | None:
+        """Why an SAE of width `d_in` cannot read `tap` on this model, as (field, reason), or None if it can."""
+        if tap.head is not None and tap.head >= self.num_heads:
+            return "head", f"{tap.head}, but the model has heads 0..{self.num_heads - 1}"
+        if d_in != self.width(tap):
+            return "sae", f"d_in {d_in} does not fit {tap.label()}, which reads {self.describe_width(tap)}"
+        return None
+
     @classmethod
     def from_hf_config(cls, config) -> ModelShape:
         heads = int(config.num_attention_heads)

@@ -95,13 +95,11 @@ def slot_tap(number: int, slot: SlotConfig, sae: Sae, shape: ModelShape, num_lay
         raise PluginConfigError(
             f"slots[{number}]: {exc}; fix the slot, or set check_sae_metadata: false if this is meant"
         ) from None
-    if tap.head is not None and tap.head >= shape.num_heads:
-        raise PluginConfigError(f"slots[{number}].head: {tap.head}, but the model has heads 0..{shape.num_heads - 1}")
-    if sae.spec.d_in != shape.width(tap):
-        raise PluginConfigError(
-            f"slots[{number}].sae: {sae.spec.path}: d_in {sae.spec.d_in} does not fit {tap.label()}, which reads "
-            f"{shape.describe_width(tap)}"
-        )
+    misfit = shape.misfit(tap, sae.spec.d_in)
+    if misfit is not None:
+        field, reason = misfit
+        where = f"{sae.spec.path}: " if field == "sae" else ""
+        raise PluginConfigError(f"slots[{number}].{field}: {where}{reason}")
     return tap
 
 

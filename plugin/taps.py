@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 from collections.abc import Callable, Iterable
 
 import torch
@@ -40,7 +39,6 @@ class TapState:
         self.streams: set[Stream] = set()
         self.captured: dict[Stream, torch.Tensor] = {}
         self._active = False
-        self._lock = threading.Lock()
 
     def begin_step(self) -> None:
         self.captured = {}

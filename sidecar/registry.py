@@ -10,7 +10,6 @@ import threading
 from dataclasses import dataclass
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import tap_label
 
 from .expressions import Term
 
@@ -63,10 +62,6 @@ class SaeIdentity:
         if self.head is not None:
             proto.head = self.head
         return proto
-
-    @property
-    def tap_label(self) -> str:
-        return tap_label(self.layer, self.hook_point, self.head)
 
     def matches(self, selector: str | None) -> bool:
         """An SAE pin matches the name, or a prefix of the weights hash (with or without 'blake2b:')."""

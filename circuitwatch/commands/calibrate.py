@@ -121,13 +121,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise UsageError(f"--layer/--hook-point/--head: {exc}; pass --ignore-sae-metadata if this is meant") from None
     except ValueError as exc:
         raise UsageError(f"--head {args.head}: {exc}") from None
-    shape = ModelShape.from_hf_config(model.config)
-    if sae.spec.d_in != shape.width(tap):
-        raise UsageError(
-            f"--sae {args.sae}: d_in {sae.spec.d_in} does not fit {tap.label()} ({shape.describe_width(tap)})"
-        )
-    if tap.head is not None and not 0 <= tap.head < shape.num_heads:
-        raise UsageError(f"--head {tap.head}: the model has heads 0..{shape.num_heads - 1}")
+    misfit = ModelShape.from_hf_config(model.config).misfit(tap, sae.spec.d_in)
+    if misfit is not None:
+        field, reason = misfit
+        raise UsageError(f"--sae {args.sae}: {reason}" if field == "sae" else f"--head {reason}")
     encoder = make_encoder(sae, selection_for(args.selection, args.k, sae, args.max_codes), "torch", args.device)
     if sae.decoder is None:
         raise UsageError(f"--sae {args.sae}: no usable decoder (a transcoder?): fidelity cannot be measured")
