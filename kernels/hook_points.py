@@ -20,8 +20,10 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .spec import SaeSpec
+if TYPE_CHECKING:  # the sidecar and the CLI read hook points without torch (which .spec imports)
+    from .spec import SaeSpec
 
 
 class HookPoint(enum.StrEnum):
