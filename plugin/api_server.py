@@ -3,7 +3,8 @@
 - Each request runs with its client context (headers), which admission (admission.py) reads: set by the
   plugin's ASGI middleware for every endpoint, and here too in case the middleware is missing.
 - The final report goes into the response (`circuitwatch`; the last SSE chunk when streaming), fetched by the
-  request's unique key from admission, never by the client-chosen response id alone.
+  request's unique key from admission, never by the client-chosen response id alone. A request a circuit
+  aborted finishes with `content_filter`, with `circuitwatch.aborted_by` saying which circuit.
 - The action listener, which aborts requests whose circuits ask for it, runs from the first monitored request.
 """
 
@@ -52,7 +53,7 @@ def monitored_handler(handler, kind: str):
         config = load_plugin_config(getattr(vllm_config, "additional_config", None))
         if config is None:
             return await handler(self, request, raw_request, *args, **kwargs)
-        from .responses import report_field, with_final_chunk
+        from .responses import filtered_reason, first_prompt, report_field, with_final_chunk
 
         client = _client_context(raw_request)
         fetcher, actions = services(config)
@@ -64,10 +65,20 @@ def monitored_handler(handler, kind: str):
             raise
         n = getattr(request, "n", 1) or 1
         if hasattr(result, "__aiter__"):
-            return with_final_chunk(result, fetcher, n, chunk_object, client, actions, enabled=config.responses)
+            return with_final_chunk(
+                result, fetcher, n, chunk_object, client, actions, config.responses, getattr(request, "model", None)
+            )
         try:
             result_id = getattr(result, "id", None)
-            if not config.responses or result_id is None or not hasattr(result, "choices"):  # an error response
+            if result_id is None or not hasattr(result, "choices"):  # an error response
+                return result
+            admitted = first_prompt(client, result_id)
+            aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+            for choice in result.choices:
+                choice.finish_reason = filtered_reason(choice.finish_reason, aborted_by)
+            if not config.responses:
+                if admitted is not None:
+                    actions.aborted.pop(admitted.key, None)
                 return result
             field = await report_field(fetcher, actions, client, result_id, n)
             if field is not None:

@@ -2,7 +2,9 @@
 
 Waits at most the configured deadline (default 50 ms), then answers `pending` with the request id to fetch the
 report later (GetReport); a down sidecar gives `pending` too. Never an error, never a longer wait. Streaming
-responses carry it in one extra SSE chunk just before `data: [DONE]`.
+responses carry it on the usage chunk when the client asked for usage, else in one extra SSE chunk just before
+`data: [DONE]`. A request a circuit aborted finishes with `content_filter` (OpenAI's reason for filtered output)
+and `circuitwatch.aborted_by` names the circuit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -128,11 +131,11 @@ def attach(summaries: list[dict], aborted_by: str | None = None) -> dict:
     return field
 
 
-def first_prompt(client: ClientContext | None, response_id: str) -> Admitted | None:
+def first_prompt(client: ClientContext | None, response_id: str | None) -> Admitted | None:
     """The admitted engine request a response reports on: its first prompt (a completion request may carry
-    several; the others are in the sidecar under their own ids)."""
+    several; the others are in the sidecar under their own ids). No response id yet: the first admitted."""
     admitted = client.admitted if client is not None else []
-    wanted = bounded(response_id)
+    wanted = bounded(response_id) if response_id is not None else None
     chosen = next((a for a in admitted if client_request_id(a.internal_id) == wanted), None)
     return chosen or (admitted[0] if admitted else None)
 
@@ -149,6 +152,42 @@ async def report_field(
     return attach(summaries, actions.aborted.pop(key, None))
 
 
+# A filtered response ends the way OpenAI ends one: clients already handle this finish reason.
+CONTENT_FILTER = "content_filter"
+_FINISH_REASON = '"finish_reason":"'  # vLLM writes compact JSON; a null reason is `"finish_reason":null`
+
+
+def filtered_reason(finish_reason: str | None, aborted_by: str | None) -> str | None:
+    """vLLM's `abort` becomes `content_filter` when a circuit's action stopped the request; any other abort (a
+    client that went away) stays `abort`."""
+    return CONTENT_FILTER if aborted_by and finish_reason == "abort" else finish_reason
+
+
+def _finish_choice(index: int, chunk_object: str) -> dict:
+    """A choice that only carries its finish reason, in the shape of the response's other chunks."""
+    if chunk_object == "chat.completion.chunk":
+        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": CONTENT_FILTER}
+    return {"index": index, "text": "", "logprobs": None, "finish_reason": CONTENT_FILTER}
+
+
+def _is_usage_chunk(body: dict) -> bool:
+    """The `stream_options.include_usage` chunk: OpenAI promises it is the last one before `[DONE]`."""
+    return body.get("choices") == [] and body.get("usage") is not None
+
+
+def _body(chunk: str) -> dict:
+    """A `data: {...}` chunk's JSON; a chunk that is not valid JSON reads as empty and passes through as sent."""
+    try:
+        body = json.loads(chunk[len("data: ") :])
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _data(body: dict) -> str:
+    return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+
 async def with_final_chunk(
     stream: AsyncIterator[str],
     fetcher: ReportFetcher,
@@ -157,34 +196,80 @@ async def with_final_chunk(
     client: ClientContext | None,
     actions: ActionListener,
     enabled: bool = True,
+    model: str | None = None,
 ) -> AsyncIterator[str]:
-    """Pass a response's SSE chunks through; before `data: [DONE]`, one chunk carrying `circuitwatch`."""
-    response_id = model = None
-    created = 0
+    """Pass a response's SSE chunks through, and end the stream the way clients expect:
+
+    - a choice stopped by a circuit's abort finishes with `content_filter`, in its own chunk when vLLM sent it no
+      finish reason (an abort before the first token leaves vLLM with nothing to send);
+    - the `circuitwatch` object rides on the usage chunk when the client asked for usage (that chunk must stay
+      last), else on one extra chunk with no choices just before `data: [DONE]`.
+
+    Only chunks that carry a finish reason or usage are parsed; token chunks pass through untouched and unheld.
+    """
+    response_id = None
+    created = int(time.time())
+    finished: set[int] = set()
+    usage: dict | None = None  # held back until [DONE], so the object can join it
+    admitted: Admitted | None = None
     try:
         async for chunk in stream:
-            if response_id is None and chunk.startswith("data: {"):
-                try:
-                    first = json.loads(chunk[len("data: ") :])
-                    response_id, model, created = first.get("id"), first.get("model"), first.get("created", 0)
-                except ValueError:
-                    pass
-            if chunk.strip() == "data: [DONE]" and response_id is not None and enabled:
-                field = await report_field(fetcher, actions, client, response_id, n)
-                if field is not None:
-                    final = {
-                        "id": response_id,
-                        "object": chunk_object,
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "circuitwatch": field,
-                    }
-                    yield f"data: {json.dumps(final)}\n\n"
+            if chunk.strip() == "data: [DONE]":
+                admitted = first_prompt(client, response_id) if admitted is None else admitted
+                if response_id is None and admitted is not None:  # no chunk at all: name it as vLLM would have
+                    response_id = client_request_id(admitted.internal_id)
+                aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+                unfinished = [i for i in range(n) if i not in finished]
+                if aborted_by and unfinished and response_id is not None:
+                    choices = [_finish_choice(i, chunk_object) for i in unfinished]
+                    yield _data(_chunk(response_id, chunk_object, created, model, choices))
+                field = None
+                if enabled and response_id is not None:
+                    field = await report_field(fetcher, actions, client, response_id, n)
+                elif admitted is not None:
+                    actions.aborted.pop(admitted.key, None)
+                if usage is not None:
+                    yield _data(usage | ({"circuitwatch": field} if field is not None else {}))
+                elif field is not None:
+                    yield _data(_chunk(response_id, chunk_object, created, model, []) | {"circuitwatch": field})
+                yield chunk
+                continue
+            if not chunk.startswith("data: {"):
+                yield chunk
+                continue
+            if response_id is None:
+                first = _body(chunk)
+                response_id, model, created = first.get("id"), first.get("model", model), first.get("created", created)
+            if _FINISH_REASON in chunk:
+                chunk = _note_finish(chunk, finished, actions, first_prompt(client, response_id))
+            elif '"usage"' in chunk:
+                body = _body(chunk)
+                if _is_usage_chunk(body):
+                    usage = body
+                    continue
             yield chunk
     finally:
         if client is not None:
             INFLIGHT.discard([a.key for a in client.admitted])
+
+
+def _chunk(response_id: str, chunk_object: str, created: int, model: str | None, choices: list[dict]) -> dict:
+    return {"id": response_id, "object": chunk_object, "created": created, "model": model, "choices": choices}
+
+
+def _note_finish(chunk: str, finished: set[int], actions: ActionListener, admitted: Admitted | None) -> str:
+    """Record which choices got their finish reason; an abort by a circuit is rewritten to `content_filter`."""
+    body = _body(chunk)
+    aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+    rewritten = False
+    for choice in body.get("choices") or []:
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            finished.add(choice.get("index", 0))
+            if filtered_reason(reason, aborted_by) != reason:
+                choice["finish_reason"] = CONTENT_FILTER
+                rewritten = True
+    return _data(body) if rewritten else chunk
 
 
 class ActionListener:

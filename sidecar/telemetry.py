@@ -4,12 +4,20 @@ metrics over OTLP and/or a Prometheus scrape endpoint.
 Exporters are the official OTLP ones (gRPC or HTTP, chosen with OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]PROTOCOL),
 configured by the standard OTEL_* variables. Spans go through a batch processor with a bounded queue, so a
 slow or dead collector drops spans (the SDK counts and logs them) and never blocks ingest or finalisation.
+
+Spans use the OpenTelemetry GenAI semantic conventions where they cover the case (`gen_ai.response.id`,
+`gen_ai.request.model`, a `gen_ai.evaluation.result` event per circuit match) and `circuitwatch.*` for the rest.
+Metrics are declared once, in METRICS, with the name each one has on the Prometheus endpoint: the OTel
+Prometheus exporter turns dots into underscores and appends the unit (`s` -> `_seconds`) and `_total` on
+counters, so OTel names carry no unit and durations are recorded in seconds. No label carries a request id,
+a feature id or any other value without a bound.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -29,10 +37,105 @@ from .config import TelemetryConfig
 log = logging.getLogger(__name__)
 
 SPAN_NAME = "circuitwatch.monitor"
-EVENT_NAME = "circuitwatch.circuit_match"
+# One event per circuit match: the GenAI conventions' evaluation result (the circuit is the evaluation, its
+# severity the label), with circuitwatch.* details beside the gen_ai.evaluation.* attributes.
+EVENT_NAME = "gen_ai.evaluation.result"
 DRIFT_SPAN_NAME = "circuitwatch.sae_health"
 DRIFT_EVENT_NAME = "circuitwatch.drift_alarm"
 EVIDENCE_POSITIONS = 16  # positions listed per match event
+PRODUCER_IDLE_S = 60.0  # a producer that sent no stats for this long counts no queue depth (idle or gone)
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric: its OTel instrument and the name it has on the Prometheus endpoint."""
+
+    name: str  # OTel instrument name
+    kind: str  # counter, histogram, gauge (as Prometheus types them; observable counters are counters)
+    unit: str
+    labels: tuple[str, ...]
+    description: str
+    prometheus: str  # its name on /metrics (a histogram's samples add _bucket, _sum and _count)
+
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        "circuitwatch.flags", "counter", "{flag}", ("circuit", "severity"), "Circuit matches",
+        "circuitwatch_flags_total",
+    ),
+    MetricSpec(
+        "circuitwatch.requests.monitored", "counter", "{request}", ("status", "model"),
+        "Finished reports, by report status", "circuitwatch_requests_monitored_total",
+    ),
+    MetricSpec(
+        "circuitwatch.positions", "counter", "{position}", ("coverage",),
+        "Token positions of finished reports: seen (codes in every slot) or missing", "circuitwatch_positions_total",
+    ),
+    MetricSpec(
+        "circuitwatch.gap.positions", "counter", "{position}", ("reason",),
+        "Slot positions without codes in finished reports, by gap reason", "circuitwatch_gap_positions_total",
+    ),
+    MetricSpec(
+        "circuitwatch.codes.ingested", "counter", "{code}", (), "Codes (postings) ingested",
+        "circuitwatch_codes_ingested_total",
+    ),
+    MetricSpec(
+        "circuitwatch.report.latency", "histogram", "s", (), "Finish marker received to report final",
+        "circuitwatch_report_latency_seconds",
+    ),
+    MetricSpec(
+        "circuitwatch.ingest.lag", "histogram", "s", (), "Producer finish time to finish marker received",
+        "circuitwatch_ingest_lag_seconds",
+    ),
+    MetricSpec(
+        "circuitwatch.fidelity.error_ratio", "histogram", "1", ("sae", "low_fidelity"),
+        "Mean relative reconstruction error per request and SAE slot", "circuitwatch_fidelity_error_ratio",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.queue_depth", "gauge", "{batch}", ("producer_host",),
+        "Code batches in the producers' emitter queues", "circuitwatch_producer_queue_depth",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.batches_dropped", "counter", "{batch}", ("producer_host",),
+        "Code batches producers dropped under back-pressure", "circuitwatch_producer_batches_dropped_total",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.rows_dropped", "counter", "{row}", ("producer_host",),
+        "Token rows producers dropped under back-pressure", "circuitwatch_producer_rows_dropped_total",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.encode.time", "counter", "s", ("producer_host",),
+        "Time producers spent in the SAE encoders", "circuitwatch_producer_encode_time_seconds_total",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.steps_encoded", "counter", "{step}", ("producer_host",),
+        "Engine steps producers encoded", "circuitwatch_producer_steps_encoded_total",
+    ),
+    MetricSpec(
+        "circuitwatch.sae.js_divergence", "gauge", "1", ("sae", "layer", "tap"),
+        "Jensen-Shannon divergence of feature firings from calibration (bits, 0..1)", "circuitwatch_sae_js_divergence",
+    ),
+    MetricSpec(
+        "circuitwatch.sae.error_ratio", "gauge", "1", ("sae", "layer", "tap"),
+        "Mean reconstruction error / calibration's", "circuitwatch_sae_error_ratio",
+    ),
+    MetricSpec(
+        "circuitwatch.sae.norm_ratio", "gauge", "1", ("sae", "layer", "tap"),
+        "Mean input norm / calibration's", "circuitwatch_sae_norm_ratio",
+    ),
+    MetricSpec(
+        "circuitwatch.sae.dead_feature_ratio", "gauge", "1", ("sae", "layer", "tap"),
+        "Share of calibration-alive features now (almost) silent", "circuitwatch_sae_dead_feature_ratio",
+    ),
+    MetricSpec(
+        "circuitwatch.sae.alarm", "gauge", "1", ("sae", "layer", "tap"),
+        "1 while the SAE drifts or is mis-wired", "circuitwatch_sae_alarm",
+    ),
+)  # fmt: skip
+SPECS = {m.name: m for m in METRICS}
 
 
 def _protocol(signal: str) -> str:
@@ -69,6 +172,7 @@ class Telemetry:
 
     tracer_provider: TracerProvider | None
     meter_provider: MeterProvider | None
+    prometheus_server: object | None = None  # the scrape endpoint's HTTP server, closed by shutdown()
 
     @classmethod
     def start(cls, config: TelemetryConfig) -> Telemetry:
@@ -82,15 +186,27 @@ class Telemetry:
         if config.metrics and _endpoint_set("METRICS"):
             readers.append(PeriodicExportingMetricReader(_metric_exporter()))
             log.info("exporting metrics over OTLP/%s", _protocol("METRICS"))
+        server = None
         if config.prometheus_port:
             from opentelemetry.exporter.prometheus import PrometheusMetricReader
-            from prometheus_client import start_http_server
+            from prometheus_client import (
+                CollectorRegistry,
+                GCCollector,
+                PlatformCollector,
+                ProcessCollector,
+                start_http_server,
+            )
 
-            start_http_server(config.prometheus_port, addr=config.prometheus_host)
-            readers.append(PrometheusMetricReader())
+            # A registry of our own (not prometheus_client's global one): two sidecars in one process (tests)
+            # never serve each other's metrics; the process, platform and GC metrics are added to it.
+            registry = CollectorRegistry()
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):
+                collector(registry=registry)
+            server, _thread = start_http_server(config.prometheus_port, addr=config.prometheus_host, registry=registry)
+            readers.append(PrometheusMetricReader(registry=registry))
             log.info("Prometheus metrics on http://%s:%d/metrics", config.prometheus_host, config.prometheus_port)
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
-        return cls(tracer_provider, meter_provider)
+        return cls(tracer_provider, meter_provider, server)
 
     def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None):
         """Metric instruments for the Monitor (no-ops when metrics are off). `producer_stats` (the Monitor's
@@ -99,30 +215,28 @@ class Telemetry:
         from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 
         meter = (self.meter_provider or NoOpMeterProvider()).get_meter("circuitwatch.sidecar", __version__)
-        stats = producer_stats if producer_stats is not None else {}
+        producers = _Producers(producer_stats if producer_stats is not None else {})
 
-        def observe(field: str, scale: float = 1.0):
+        def observe(field: str, scale: float = 1.0, live_only: bool = False):
             def callback(_options: CallbackOptions):
-                values = ((p, getattr(s, field)) for p, s in list(stats.items()))
-                return [Observation(v * scale if scale != 1.0 else v, {"producer": p}) for p, v in values]
+                return [
+                    Observation(value * scale if scale != 1.0 else value, {"producer_host": host})
+                    for host, value in producers.by_host(field, live_only).items()
+                ]
 
             return [callback]
 
-        meter.create_observable_gauge(
-            "circuitwatch.producer.queue_depth", observe("queue_depth"), unit="{batch}", description="Emitter queue"
-        )
-        meter.create_observable_counter(
-            "circuitwatch.producer.batches_dropped", observe("batches_dropped"), unit="{batch}", description="Dropped"
-        )
-        meter.create_observable_counter(
-            "circuitwatch.producer.rows_dropped", observe("rows_dropped"), unit="{row}", description="Rows dropped"
-        )
-        meter.create_observable_counter(
-            "circuitwatch.producer.encode_time", observe("encode_ns", 1e-6), unit="ms", description="Encoder time"
-        )
-        meter.create_observable_counter(
-            "circuitwatch.producer.steps_encoded", observe("steps_encoded"), unit="{step}", description="Steps encoded"
-        )
+        def observable(name: str, callbacks):
+            spec = SPECS[name]
+            create = meter.create_observable_gauge if spec.kind == "gauge" else meter.create_observable_counter
+            create(name, callbacks, unit=spec.unit, description=spec.description)
+
+        # a gauge: only producers heard from lately (an idle or vanished producer has no queue worth counting)
+        observable("circuitwatch.producer.queue_depth", observe("queue_depth", live_only=True))
+        observable("circuitwatch.producer.batches_dropped", observe("batches_dropped"))
+        observable("circuitwatch.producer.rows_dropped", observe("rows_dropped"))
+        observable("circuitwatch.producer.encode.time", observe("encode_ns", 1e-9))
+        observable("circuitwatch.producer.steps_encoded", observe("steps_encoded"))
 
         def health_gauge(field: str):
             def callback(_options: CallbackOptions):
@@ -138,29 +252,34 @@ class Telemetry:
 
             return [callback]
 
-        for field, description in (
-            ("js_divergence", "Jensen-Shannon divergence of feature firings from calibration (bits)"),
-            ("error_ratio", "Mean reconstruction error / calibration's"),
-            ("norm_ratio", "Mean input norm / calibration's"),
-            ("dead_fraction", "Calibration-alive features now (almost) silent"),
-            ("alarm", "1 while the SAE drifts or is mis-wired"),
+        for name, field in (
+            ("circuitwatch.sae.js_divergence", "js_divergence"),
+            ("circuitwatch.sae.error_ratio", "error_ratio"),
+            ("circuitwatch.sae.norm_ratio", "norm_ratio"),
+            ("circuitwatch.sae.dead_feature_ratio", "dead_fraction"),
+            ("circuitwatch.sae.alarm", "alarm"),
         ):
-            meter.create_observable_gauge(f"circuitwatch.sae.{field}", health_gauge(field), description=description)
+            observable(name, health_gauge(field))
+
+        def counter(name: str):
+            spec = SPECS[name]
+            return meter.create_counter(name, unit=spec.unit, description=spec.description)
+
+        def histogram(name: str, buckets: tuple[float, ...]):
+            spec = SPECS[name]
+            return meter.create_histogram(
+                name, unit=spec.unit, description=spec.description, explicit_bucket_boundaries_advisory=buckets
+            )
+
         return SidecarInstruments(
-            fidelity_error=meter.create_histogram(
-                "circuitwatch.fidelity.error", unit="1", description="Mean reconstruction error per request and slot"
-            ),
-            flags=meter.create_counter("circuitwatch.flags", unit="{flag}", description="Circuit matches"),
-            requests=meter.create_counter(
-                "circuitwatch.requests.monitored", unit="{request}", description="Finished reports"
-            ),
-            postings=meter.create_counter("circuitwatch.codes.ingested", unit="{code}", description="Codes ingested"),
-            report_latency=meter.create_histogram(
-                "circuitwatch.report.latency", unit="ms", description="Finish marker received to report final"
-            ),
-            ingest_lag=meter.create_histogram(
-                "circuitwatch.ingest.lag", unit="ms", description="Producer finish time to finish marker received"
-            ),
+            fidelity_error=histogram("circuitwatch.fidelity.error_ratio", ERROR_BUCKETS),
+            flags=counter("circuitwatch.flags"),
+            requests=counter("circuitwatch.requests.monitored"),
+            positions=counter("circuitwatch.positions"),
+            gap_positions=counter("circuitwatch.gap.positions"),
+            postings=counter("circuitwatch.codes.ingested"),
+            report_latency=histogram("circuitwatch.report.latency", LATENCY_BUCKETS_S),
+            ingest_lag=histogram("circuitwatch.ingest.lag", LATENCY_BUCKETS_S),
         )
 
     def report_finished(self, report: pb.Report) -> None:
@@ -171,9 +290,11 @@ class Telemetry:
         parent = TraceContextTextMapPropagator().extract(carrier) if report.trace.traceparent else None
         coverage = report.coverage
         attributes = {
-            "gen_ai.request.id": report.request_id,
+            # GenAI semantic conventions (registered attributes)
             "gen_ai.response.id": report.response_id,
             "gen_ai.request.model": report.model,
+            # circuitwatch's own: the request's key in the sidecar (unique even when clients reuse ids)
+            "circuitwatch.request.id": report.request_id,
             "circuitwatch.tokens.monitored": coverage.positions_seen,
             "circuitwatch.tokens.total": coverage.positions_total,
             "circuitwatch.coverage.status": status_name(report.status),
@@ -200,18 +321,20 @@ class Telemetry:
         )
         for flag in report.flags:
             features = sorted({f"{h.slot}:{h.feature}" for e in flag.evidence for h in e.hits})
-            span.add_event(
-                EVENT_NAME,
-                {
-                    "circuitwatch.circuit": flag.circuit,
-                    "circuitwatch.severity": severity_name(flag.severity),
-                    "circuitwatch.matching_tokens": flag.matching_tokens,
-                    "circuitwatch.positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
-                    "circuitwatch.features": features,
-                    "circuitwatch.action": flag.action or "none",
-                },
-                timestamp=report.finalized_unix_nanos,
-            )
+            severity = severity_name(flag.severity)
+            event = {
+                "gen_ai.evaluation.name": flag.circuit,
+                "gen_ai.evaluation.score.label": severity,
+                "gen_ai.evaluation.explanation": f"circuit {flag.circuit} matched on {flag.matching_tokens} tokens",
+                "gen_ai.response.id": report.response_id,
+                "circuitwatch.circuit": flag.circuit,
+                "circuitwatch.severity": severity,
+                "circuitwatch.matching_tokens": flag.matching_tokens,
+                "circuitwatch.positions": [e.position for e in flag.evidence][:EVIDENCE_POSITIONS],
+                "circuitwatch.features": features,
+                "circuitwatch.action": flag.action or "none",
+            }
+            span.add_event(EVENT_NAME, event, timestamp=report.finalized_unix_nanos)
         if report.status == pb.REPORT_STATUS_INCOMPLETE:
             span.set_status(Status(StatusCode.UNSET))
         span.end(end_time=max(report.finalized_unix_nanos, report.arrival_unix_nanos))
@@ -247,9 +370,38 @@ class Telemetry:
                     provider.shutdown()
                 except Exception:
                     log.exception("telemetry shutdown failed")
+        if self.prometheus_server is not None:
+            self.prometheus_server.shutdown()
+            self.prometheus_server.server_close()
 
 
 ALARM_STATES = (pb.SLOT_STATE_DRIFT, pb.SLOT_STATE_MISWIRED)
+
+
+class _Producers:
+    """The Monitor's latest stats per producer instance (`host:pid[:engine-core]`), as metric values per host.
+    The pid changes with every restart, so it is no label: producers on one host are summed (their totals stay
+    monotonic across restarts, since a restarted producer is a new instance beside the old one's last totals),
+    and gauges count only producers whose stats changed in the last PRODUCER_IDLE_S seconds (as seen at
+    collection time)."""
+
+    def __init__(self, stats: dict[str, pb.ProducerStats], clock=time.monotonic) -> None:
+        self.stats = stats
+        self.clock = clock
+        self.seen: dict[str, tuple[bytes, float]] = {}  # producer -> (its latest stats, when they were new)
+
+    def by_host(self, field: str, live_only: bool) -> dict[str, float]:
+        now = self.clock()
+        out: dict[str, float] = {}
+        for producer, stats in list(self.stats.items()):
+            previous, content = self.seen.get(producer), stats.SerializeToString(deterministic=True)
+            if previous is None or previous[0] != content:  # a busy producer's totals move with every batch
+                self.seen[producer] = previous = (content, now)
+            if live_only and now - previous[1] > PRODUCER_IDLE_S:
+                continue
+            host = producer.split(":", 1)[0] or "unknown"
+            out[host] = out.get(host, 0) + getattr(stats, field)
+        return out
 
 
 @dataclass
@@ -257,6 +409,8 @@ class SidecarInstruments:
     fidelity_error: object
     flags: object
     requests: object
+    positions: object
+    gap_positions: object
     postings: object
     report_latency: object
     ingest_lag: object
@@ -266,12 +420,21 @@ class SidecarInstruments:
             self.flags.add(1, {"circuit": flag.circuit, "severity": severity_name(flag.severity)})
         status = status_name(report.status)
         self.requests.add(1, {"status": status, "model": report.model})
+        coverage = report.coverage
+        self.positions.add(coverage.positions_seen, {"coverage": "seen"})
+        self.positions.add(max(0, coverage.positions_total - coverage.positions_seen), {"coverage": "missing"})
+        by_reason: dict[str, int] = {}
+        for gap in coverage.gaps:
+            reason = pb.GapReason.Name(gap.reason).removeprefix("GAP_REASON_").lower()
+            by_reason[reason] = by_reason.get(reason, 0) + max(0, gap.end - gap.start)
+        for reason, positions in by_reason.items():
+            self.gap_positions.add(positions, {"reason": reason})
         names = {s.slot: s.name for s in report.saes}
         for slot in report.fidelity:
             if slot.tokens:
                 attributes = {"sae": names.get(slot.slot, str(slot.slot)), "low_fidelity": slot.low_fidelity}
                 self.fidelity_error.record(slot.error_mean, attributes)
-        if finish_received_ns:
-            self.report_latency.record((report.finalized_unix_nanos - finish_received_ns) / 1e6)
+        if finish_received_ns:  # seconds: the Prometheus base unit
+            self.report_latency.record(max(0.0, (report.finalized_unix_nanos - finish_received_ns) / 1e9))
             if report.finish_unix_nanos:
-                self.ingest_lag.record(max(0.0, (finish_received_ns - report.finish_unix_nanos) / 1e6))
+                self.ingest_lag.record(max(0.0, (finish_received_ns - report.finish_unix_nanos) / 1e9))

@@ -1,4 +1,4 @@
-"""The `circuitwatch` commands besides `sidecar`: `identify`, `label` and `health` talk to a running sidecar;
+"""The `circuitwatch` commands besides `sidecar`: `identify`, `label`, `health` and `probe` talk to a running sidecar;
 `calibrate` runs a model locally to write an SAE's fidelity baseline."""
 
 from __future__ import annotations
@@ -13,9 +13,16 @@ from .connection import UsageError
 from .health import add_health_parser, run_health
 from .identify import add_identify_parser, run_identify
 from .label import add_label_parser, run_label
+from .probe import add_probe_parser, run_probe
 
-COMMANDS = {"identify": run_identify, "label": run_label, "health": run_health, "calibrate": run_calibrate}
-PARSERS = (add_identify_parser, add_label_parser, add_health_parser, add_calibrate_parser)
+COMMANDS = {
+    "identify": run_identify,
+    "label": run_label,
+    "health": run_health,
+    "probe": run_probe,
+    "calibrate": run_calibrate,
+}
+PARSERS = (add_identify_parser, add_label_parser, add_health_parser, add_probe_parser, add_calibrate_parser)
 
 
 def run(args: argparse.Namespace) -> int:

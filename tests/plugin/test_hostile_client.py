@@ -134,7 +134,7 @@ def test_spoofing_a_running_requests_id_does_not_evade_an_abort(stack: Stack) ->
             long_completion, PROMPT_TO_STOP, {"circuitwatch_request_id": "cmpl-victim-of-the-abort"}
         )
         victim, attacker = victim_future.result(), attacker_future.result()
-    assert attacker.choices[0].finish_reason == "abort" and field(attacker)["aborted_by"] == "stop-it"
+    assert attacker.choices[0].finish_reason == "content_filter" and field(attacker)["aborted_by"] == "stop-it"
     assert attacker.usage.completion_tokens < 200
     assert victim.choices[0].finish_reason == "length" and victim.usage.completion_tokens == 200
     assert "aborted_by" not in field(victim)

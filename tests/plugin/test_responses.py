@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import threading
+import urllib.request
 from concurrent import futures
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,6 +77,26 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         assert final[0].model_extra["circuitwatch"]["request_id"].startswith(chunks[0].id + ".")
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the text is unaffected
 
+        # usage asked for: OpenAI's usage chunk stays the last one before [DONE], and carries the object
+        chunks = list(
+            client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+        assert chunks[-1].model_extra["circuitwatch"]["status"] == "complete"
+        assert not any((c.model_extra or {}).get("circuitwatch") for c in chunks[:-1])
+        raw = raw_sse(vllm_port, model, "The import statement", stream_options={"include_usage": True})
+        assert raw[-1] == "[DONE]"
+        usage_chunk = json.loads(raw[-2])
+        assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 4
+        assert usage_chunk["circuitwatch"]["request_id"].startswith(usage_chunk["id"] + ".")
+
         siblings = client.completions.create(model=model, prompt="A class", max_tokens=4, temperature=0.9, n=2, seed=1)
         per_choice = siblings.model_extra["circuitwatch"]["choices"]
         key = per_choice[0]["request_id"].removeprefix("0_")
@@ -93,12 +114,21 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
 
         with ThreadPoolExecutor(2) as pool:
             stopped, kept = pool.map(long_completion, [PROMPT_TO_STOP, PROMPT_TO_KEEP])
-        assert stopped.choices[0].finish_reason == "abort"
+        assert stopped.choices[0].finish_reason == "content_filter"  # OpenAI's reason for filtered output
         assert stopped.usage.completion_tokens < 300
         assert stopped.model_extra["circuitwatch"]["aborted_by"] == "stop-it"
         assert "stop-it" in [f["circuit"] for f in stopped.model_extra["circuitwatch"]["flags"]]
         assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 300
         assert "aborted_by" not in kept.model_extra["circuitwatch"]
+
+        # streaming: the abort ends the stream with content_filter, before the object (even when vLLM had no
+        # token to send yet: the prompt alone trips the circuit, and a long prompt takes several prefill steps)
+        events = raw_sse(vllm_port, model, " ".join([PROMPT_TO_STOP] * 12), max_tokens=300, ignore_eos=True)
+        bodies = [json.loads(e) for e in events[:-1]]
+        reasons = [c["finish_reason"] for b in bodies for c in b["choices"] if c["finish_reason"] is not None]
+        assert reasons == ["content_filter"]
+        assert bodies[-1]["choices"] == [] and bodies[-1]["circuitwatch"]["aborted_by"] == "stop-it"
+        assert len({b["id"] for b in bodies}) == 1
 
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(10)
@@ -109,6 +139,20 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
     finally:
         stop(server)
         stop(sidecar)
+
+
+def raw_sse(port: int, model: str, prompt: str, max_tokens: int = 4, **body) -> list[str]:
+    """A streamed completion read as the wire has it: every `data:` payload in order."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(
+            {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, **body}
+        ).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        lines = response.read().decode().splitlines()
+    return [line[len("data: ") :] for line in lines if line.startswith("data: ")]
 
 
 class _SlowMonitor(pb_grpc.MonitorServicer):
