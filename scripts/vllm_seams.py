@@ -11,6 +11,7 @@ Keep SEAMS in step with plugin/patches.py, plugin/worker.py, plugin/rowmap.py, p
 plugin/api_server.py and plugin/gpu_compilation.py.
 """
 
+# ruff: noqa: E501 - the seam table reads best one seam to a line
 from __future__ import annotations
 
 import ast

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import sys
 import threading
 import urllib.request
 from concurrent import futures
@@ -21,6 +22,7 @@ from circuitwatch.plugin.config import PluginConfig
 from circuitwatch.plugin.responses import ReportFetcher
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.response import read_monitoring
 
 from support.plugin_harness import feature_only_in, write_plugin_config
 from support.processes import free_port, start_sidecar, start_vllm, stop
@@ -29,6 +31,7 @@ from support.processes import free_port, start_sidecar, start_vllm, stop
 ALWAYS = "circuits:\n  - {name: always, severity: low, when: {not: {layer: 1, feature: 7, min_activation: 1000000}}}\n"
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clients"
 PROMPT_TO_STOP = "Keyword arguments and lambda forms can be combined in a call"
 PROMPT_TO_KEEP = "The import statement finds a module and loads it"
 
@@ -96,6 +99,19 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         usage_chunk = json.loads(raw[-2])
         assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 4
         assert usage_chunk["circuitwatch"]["request_id"].startswith(usage_chunk["id"] + ".")
+        assert read_monitoring(response).report.coverage.positions_total == carried["coverage"]["positions_total"]
+
+        # the client examples, run as a user would run them against this server
+        base_url = f"http://127.0.0.1:{vllm_port}"
+        python_example = run_example("read_flags.py", "--base-url", f"{base_url}/v1", "--model", model)
+        assert python_example.splitlines() == [
+            "chat: status=complete max_severity=low circuits=always finish_reason=length",
+            "stream: status=complete max_severity=low circuits=always finish_reason=length",
+        ]
+        curl_example = run_example("curl.sh", base_url, model)
+        first, end = json.JSONDecoder().raw_decode(curl_example)
+        assert first["finish_reason"] == "length" and first["circuitwatch"]["status"] == "complete"
+        assert json.loads(curl_example[end:])["flags"][0]["circuit"] == "always"
 
         siblings = client.completions.create(model=model, prompt="A class", max_tokens=4, temperature=0.9, n=2, seed=1)
         per_choice = siblings.model_extra["circuitwatch"]["choices"]
@@ -139,6 +155,15 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
     finally:
         stop(server)
         stop(sidecar)
+
+
+def run_example(name: str, *args: str) -> str:
+    command = [sys.executable] if name.endswith(".py") else ["bash"]
+    done = subprocess.run(
+        [*command, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def raw_sse(port: int, model: str, prompt: str, max_tokens: int = 4, **body) -> list[str]:

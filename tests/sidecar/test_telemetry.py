@@ -1,18 +1,20 @@
-"""Spans and metrics reach a real OTLP receiver (gRPC and HTTP) with the caller's trace context; Prometheus
-scrapes work; a dead collector never blocks ingest."""
+"""Spans and metrics reach a real OTLP receiver (gRPC and HTTP) with the caller's trace context and the GenAI
+semantic conventions' names; the Prometheus endpoint follows Prometheus naming (names, base units, bounded
+labels) and exposes exactly the documented metrics; a dead collector never blocks ingest."""
 
 from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.sidecar.telemetry import METRICS
 
+from support.metrics_scrape import GAP_POSITIONS, scrape_sidecar_after_traffic
 from support.otlp_receiver import attributes, grpc_receiver, http_receiver
 from support.processes import free_port
 from support.sidecar_harness import SyntheticRequest, brute_force_matches, manifest, running_sidecar
@@ -52,7 +54,7 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
             client.ingest(messages)
             collected.wait_for(lambda: len(collected.spans()) >= len(requests))
             collected.wait_for(lambda: collected.metric_points("circuitwatch.requests.monitored"))
-        spans = {attributes(s)["gen_ai.request.id"]: s for s in collected.spans()}
+        spans = {attributes(s)["circuitwatch.request.id"]: s for s in collected.spans()}
         assert set(spans) == {r.request_id for r in requests}
         for i, request in enumerate(requests):
             span, attrs = spans[request.request_id], attributes(spans[request.request_id])
@@ -69,10 +71,14 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
             matches = brute_force_matches({"layer": 1, "feature": 3}, request)
             assert attrs["circuitwatch.circuits.matched"] == (["f3"] if matches else [])
             assert attrs["circuitwatch.severity.max"] == ("high" if matches else "none")
-            events = [e for e in span.events if e.name == "circuitwatch.circuit_match"]
+            assert attrs["gen_ai.request.model"] == "tiny"
+            assert "gen_ai.request.id" not in attrs  # not a registered GenAI attribute: circuitwatch.request.id
+            events = [e for e in span.events if e.name == "gen_ai.evaluation.result"]  # GenAI semconv event
             assert len(events) == (1 if matches else 0)
             if matches:
                 event = {kv.key: kv.value for kv in events[0].attributes}
+                assert event["gen_ai.evaluation.name"].string_value == "f3"
+                assert event["gen_ai.evaluation.score.label"].string_value == "high"
                 assert event["circuitwatch.matching_tokens"].int_value == len(matches)
                 assert [v.int_value for v in event["circuitwatch.positions"].array_value.values] == matches[:16]
         flagged = sum(1 for r in requests if brute_force_matches({"layer": 1, "feature": 3}, r))
@@ -85,32 +91,65 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
         assert collected.metric_points("circuitwatch.producer.queue_depth")[-1].as_int == 5
         assert collected.metric_points("circuitwatch.producer.steps_encoded")[-1].as_int == 60
         assert collected.metric_points("circuitwatch.producer.rows_dropped")[-1].as_int == 30
-        assert collected.metric_points("circuitwatch.producer.encode_time")[-1].as_double == pytest.approx(5.0)
+        assert collected.metric_points("circuitwatch.producer.encode.time")[-1].as_double == pytest.approx(0.005)
         producer = {
             kv.key: kv.value.string_value
             for kv in collected.metric_points("circuitwatch.producer.queue_depth")[-1].attributes
         }
-        assert producer == {"producer": "test-producer"}
-        latency = collected.metric_points("circuitwatch.report.latency")[-1]
-        assert latency.count == len(requests) and 0 <= latency.sum / latency.count < 1000
+        assert producer == {"producer_host": "test-producer"}  # the host, never the pid
+        latency = collected.metric_points("circuitwatch.report.latency")[-1]  # seconds
+        assert latency.count == len(requests) and 0 <= latency.sum / latency.count < 1
     finally:
         server.stop(0) if protocol == "grpc" else server.shutdown()
 
 
-def test_prometheus_scrape(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(CIRCUIT)
-    port = free_port()
-    messages, requests = traffic(np.random.default_rng(6))
-    with running_sidecar(tmp_path, circuits=[tmp_path / "c.yaml"], telemetry={"prometheus_port": port}) as (_, client):
-        client.ingest(messages)
-        for request in requests:
-            client.report(request.request_id)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    line = re.search(r"^circuitwatch_requests_monitored_total\{([^}]*)\} (\S+)$", text, re.MULTILINE)
-    assert line, text[-2000:]
-    assert 'model="tiny"' in line.group(1) and 'status="complete"' in line.group(1)
-    assert float(line.group(2)) == len(requests)
-    assert "circuitwatch_codes_ingested_total" in text
+def test_prometheus_names_units_and_labels(tmp_path: Path) -> None:
+    """A real sidecar process with prometheus_port set, real traffic, a scrape over HTTP: every circuitwatch
+    metric is named the Prometheus way, in base units, labelled without request ids, and the exposed set is
+    exactly the documented one (telemetry.METRICS, which the README's table is written from)."""
+    scrape = scrape_sidecar_after_traffic(tmp_path)
+    exposed = scrape.circuitwatch_types()
+    for name, kind in exposed.items():
+        assert re.fullmatch(r"circuitwatch_[a-z0-9_]+", name), name
+        assert "__" not in name and "milli" not in name, name
+        assert name.endswith("_total") == (kind == "counter"), (name, kind)
+    # the documented list, names and types: a renamed or added metric must be documented (and vice versa)
+    assert exposed == {m.prometheus: m.kind for m in METRICS}
+    # labels: the documented ones (plus the exporter's constant otel_scope_* labels), never a request id
+    request_ids = set(scrape.request_ids) | {r.response_id for r in scrape.reports if r.response_id}
+    documented = {m.prometheus: set(m.labels) for m in METRICS}
+    for sample in scrape.samples:
+        if not sample.name.startswith("circuitwatch"):
+            continue
+        family = next(f for f in documented if sample.name == f or sample.name.startswith(f + "_"))
+        keys = {k for k in sample.labels if not k.startswith("otel_scope_") and k != "le"}
+        assert keys == documented[family], (sample.name, sample.labels)
+        for value in sample.labels.values():
+            assert not any(r in value for r in request_ids), (sample.name, sample.labels)
+    # the OTel exporter's own series: target_info (resource attributes), otel_scope_* labels of constant value
+    assert scrape.types.get("target_info") == "gauge"
+    scopes = {s.labels.get("otel_scope_name") for s in scrape.samples if s.name.startswith("circuitwatch")}
+    assert scopes == {"circuitwatch.sidecar"}
+    # base units: latencies in seconds (the traffic's reports were final within a few seconds, not 0)
+    for histogram in ("circuitwatch_report_latency_seconds", "circuitwatch_ingest_lag_seconds"):
+        (count,), (total,) = scrape.values(f"{histogram}_count"), scrape.values(f"{histogram}_sum")
+        assert count == len(scrape.request_ids) and 0 < total / count < 5, (histogram, count, total)
+        assert scrape.values(f"{histogram}_bucket", le="0.005"), "buckets sized for seconds"
+    assert scrape.values("circuitwatch_producer_encode_time_seconds_total") == [pytest.approx(0.002)]
+    # what the traffic did, counted (see support/metrics_scrape.traffic)
+    statuses = {
+        s.labels["status"]: s.value for s in scrape.samples if s.name == "circuitwatch_requests_monitored_total"
+    }
+    assert sum(statuses.values()) == len(scrape.request_ids) and statuses.get("incomplete") == 1, statuses
+    assert scrape.values("circuitwatch_requests_monitored_total", model="tiny", status="complete") == [5]
+    assert scrape.values("circuitwatch_gap_positions_total", reason="prefix_cache") == [2 * GAP_POSITIONS]
+    seen = sum(r.coverage.positions_seen for r in scrape.reports)
+    assert scrape.values("circuitwatch_positions_total", coverage="seen") == [seen]
+    assert scrape.values("circuitwatch_positions_total", coverage="missing") == [GAP_POSITIONS]
+    flagged = sum(1 for r in scrape.reports if r.flags)
+    assert flagged and scrape.values("circuitwatch_flags_total", circuit="scrape-f3", severity="high") == [flagged]
+    assert scrape.values("circuitwatch_fidelity_error_ratio_count", sae="sae-l1", low_fidelity="false") == [6]
+    assert scrape.values("circuitwatch_producer_queue_depth") == [5]  # the latest stats (producer_host label)
 
 
 def test_a_dead_collector_never_blocks_ingest(tmp_path: Path, monkeypatch) -> None:
