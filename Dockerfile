@@ -48,13 +48,15 @@ ENV PATH=/opt/circuitwatch/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
-# The wheels come from the builder's wheelhouse only (--no-index): the versions were resolved there.
+# The wheels come from the builder's wheelhouse only (--no-index): the versions were resolved there. The image
+# proves it has no torch, and keeps no pip or setuptools (nothing installs at run time).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m venv /opt/circuitwatch \
  && /opt/circuitwatch/bin/pip install --no-cache-dir --no-index --find-links /wheels "circuitwatch[sidecar]" \
  && /opt/circuitwatch/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
- && groupadd --system --gid 10001 circuitwatch \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/circuitwatch \
+ && /opt/circuitwatch/bin/python -m pip uninstall --yes --quiet pip setuptools \
+ && groupadd --gid 10001 circuitwatch \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /var/lib/circuitwatch \
         --shell /usr/sbin/nologin circuitwatch \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/circuitwatch \
  && install -d -m 0755 /etc/circuitwatch

@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# The sidecar as `pip install circuitwatch` installs it: no torch, vLLM or ONNX Runtime. Its tests run there.
+SIDECAR_VENV := .venv-sidecar
+SIDECAR_INSTALLED := $(SIDECAR_VENV)/.installed
+# Validators for the deployment files (tests/deploy): promtool and docker-compose come from Debian's packages.
+DEPLOY_TOOLS := $(VENV)/.deploy-tools
 FIXTURES := .fixtures
 PROTO_OUT := proto/circuitwatch_pb2.py proto/circuitwatch_pb2_grpc.py proto/circuitwatch_pb2.pyi
 FIXTURE_SOURCES := $(wildcard circuitwatch/fixtures/*.py) $(wildcard kernels/*.py kernels/formats/*.py)
@@ -11,11 +16,14 @@ FIXTURE_SOURCES := $(wildcard circuitwatch/fixtures/*.py) $(wildcard kernels/*.p
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo install proto fixtures lint clean
+.PHONY: test demo install proto fixtures lint clean compat
 
-test: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built
+# The sidecar's tests run once, in the torch-free install (which proves it needs nothing more); the rest in the
+# full one, where tests/deploy also runs the sidecar image's entrypoint from the torch-free install.
+test: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built $(SIDECAR_INSTALLED) $(DEPLOY_TOOLS)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(SIDECAR_VENV)/bin/pytest --suite torch-free
+	CIRCUITWATCH_VENV_BIN=$(SIDECAR_VENV)/bin $(BIN)/python -m pytest --suite rest
 
 demo: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built
 	$(BIN)/python examples/demo.py
@@ -29,6 +37,20 @@ $(INSTALLED): pyproject.toml setup.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[cpu,dev]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+# A wheel built from this checkout, not an editable install, so a module missing from the package list fails here.
+$(SIDECAR_INSTALLED): pyproject.toml setup.py $(wildcard proto/*.proto proto/*.py circuitwatch/*.py circuitwatch/commands/*.py kernels/*.py sidecar/*.py)
+	test -x $(SIDECAR_VENV)/bin/python || $(PYTHON) -m venv $(SIDECAR_VENV)
+	$(SIDECAR_VENV)/bin/pip install --quiet '.[sidecar]' pytest pytest-timeout cryptography
+	$(SIDECAR_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
+		|| { echo "the sidecar install pulled in torch" >&2; exit 1; }
+	touch $@
+
+$(DEPLOY_TOOLS):
+	command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; } \
+		|| { echo "tests/deploy needs promtool and docker-compose: apt-get install prometheus docker-compose" >&2; exit 1; }
 	touch $@
 
 proto: $(PROTO_OUT)

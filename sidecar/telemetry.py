@@ -114,8 +114,10 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch.producer.steps_encoded", "counter", "{step}", ("producer_host",),
         "Engine steps producers encoded", "circuitwatch_producer_steps_encoded_total",
     ),
+    # Gauges of unit "1" get `_ratio` appended by the Collector's Prometheus exporter unless their name ends in
+    # ratio: the two below have no unit, so both paths (this endpoint, the Collector) expose the same names.
     MetricSpec(
-        "circuitwatch.sae.js_divergence", "gauge", "1", ("sae", "layer", "tap"),
+        "circuitwatch.sae.js_divergence", "gauge", "", ("sae", "layer", "tap"),
         "Jensen-Shannon divergence of feature firings from calibration (bits, 0..1)", "circuitwatch_sae_js_divergence",
     ),
     MetricSpec(
@@ -131,7 +133,7 @@ METRICS: tuple[MetricSpec, ...] = (
         "Share of calibration-alive features now (almost) silent", "circuitwatch_sae_dead_feature_ratio",
     ),
     MetricSpec(
-        "circuitwatch.sae.alarm", "gauge", "1", ("sae", "layer", "tap"),
+        "circuitwatch.sae.alarm", "gauge", "", ("sae", "layer", "tap"),
         "1 while the SAE drifts or is mis-wired", "circuitwatch_sae_alarm",
     ),
 )  # fmt: skip

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -10,12 +12,41 @@ import pytest
 # (in process or spawned) need only a little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from circuitwatch.fixtures import FixturePaths, fixture_paths
+if TYPE_CHECKING:
+    from circuitwatch.fixtures import FixturePaths
 
 
 @pytest.fixture(scope="session")
 def fixtures() -> FixturePaths:
+    from circuitwatch.fixtures import fixture_paths  # imports torch: not at collection, so sidecar-only installs run
+
     paths = fixture_paths()
     if not paths.manifest.is_file():
         pytest.fail(f"fixtures not built in {paths.root}: run `make fixtures`")
     return paths
+
+
+# `make test` runs the sidecar's tests in the torch-free install (`pip install circuitwatch`) and the rest in the
+# full one: `--suite torch-free` and `--suite rest`. These folders hold the sidecar's tests; the files named here
+# load the fixture model, so they need the full install.
+TORCH_FREE_FOLDERS = ("sidecar", "proto")
+NEED_THE_MODEL = {"test_drift_on_real_activations.py"}
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--suite",
+        choices=("all", "torch-free", "rest"),
+        default="all",
+        help="torch-free: the sidecar's tests (they run in the sidecar-only install); rest: all others",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    suite = config.getoption("--suite")
+    if suite == "all" or not collection_path.is_file() or not collection_path.name.startswith("test_"):
+        return None
+    parts = collection_path.resolve().relative_to(TESTS).parts
+    torch_free = parts[0] in TORCH_FREE_FOLDERS and collection_path.name not in NEED_THE_MODEL
+    return (suite == "torch-free") != torch_free or None

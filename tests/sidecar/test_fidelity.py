@@ -6,7 +6,6 @@ drift alarm both ways with its OTel event, and `circuitwatch health`."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.codec import pack_slice, unpack_slice
 
 from support.otlp_receiver import attributes, grpc_receiver
+from support.processes import CLI
 from support.sidecar_harness import manifest, running_sidecar
 
 D_SAE = 128
@@ -200,7 +200,7 @@ def test_a_miswired_slot_makes_reports_low_fidelity_and_shows_in_health(tmp_path
             report = client.report("after", wait_ms=5000)
             health = client.stub.GetHealth(pb.GetHealthRequest(), timeout=10)
             cli = subprocess.run(
-                [sys.executable, "-m", "circuitwatch.cli", "health", "--target", f"127.0.0.1:{running.port}"],
+                [*CLI, "health", "--target", f"127.0.0.1:{running.port}"],
                 capture_output=True,
                 text=True,
                 timeout=60,
@@ -274,7 +274,7 @@ def test_drift_alarm_fires_on_shifted_traffic_and_stays_quiet_otherwise(tmp_path
             assert alarm.js_divergence > 0.1 > quiet.js_divergence
             assert any("JS divergence" in r for r in alarm.reasons)
             cli = subprocess.run(
-                [sys.executable, "-m", "circuitwatch.cli", "health", "--target", f"127.0.0.1:{running.port}"],
+                [*CLI, "health", "--target", f"127.0.0.1:{running.port}"],
                 capture_output=True,
                 text=True,
                 timeout=60,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from circuitwatch.sidecar.identify import roc_auc
 from circuitwatch.sidecar.request_index import SEGMENT_REQUESTS
 from circuitwatch.sidecar.store import EvidenceStore
 
+from support.processes import CLI
 from support.sidecar_harness import LAYERS, SyntheticRequest, manifest, messages, running_sidecar
 
-CLI = [sys.executable, "-m", "circuitwatch.cli"]
 MODES = {
     "codes": pb.CODE_MODE_CODES,
     "argmax_token": pb.CODE_MODE_ARGMAX_TOKEN,

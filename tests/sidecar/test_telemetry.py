@@ -115,6 +115,9 @@ def test_prometheus_names_units_and_labels(tmp_path: Path) -> None:
         assert name.endswith("_total") == (kind == "counter"), (name, kind)
     # the documented list, names and types: a renamed or added metric must be documented (and vice versa)
     assert exposed == {m.prometheus: m.kind for m in METRICS}
+    # the OpenTelemetry Collector's Prometheus exporter gives the same names (it also appends `_ratio` to gauges of
+    # unit "1" whose name lacks it), so dashboards work on either path
+    assert all(m.prometheus.endswith("_ratio") for m in METRICS if m.kind == "gauge" and m.unit == "1")
     # labels: the documented ones (plus the exporter's constant otel_scope_* labels), never a request id
     request_ids = set(scrape.request_ids) | {r.response_id for r in scrape.reports if r.response_id}
     documented = {m.prometheus: set(m.labels) for m in METRICS}

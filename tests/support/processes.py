@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-CLI = [sys.executable, "-m", "circuitwatch.cli"]
+# The installed console script, as users run it (`python -m` from the checkout would import the source folder
+# instead of the installed package, and hide a broken install).
+CLI = [str(Path(sys.executable).with_name("circuitwatch"))]
 
 
 def free_port() -> int:
