@@ -82,6 +82,14 @@ def documents_from(paths: list[Path]) -> tuple[list[str], str]:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("torch", "safetensors", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:  # the base install is the sidecar's; calibration runs the model
+        raise UsageError(
+            f"needs {', '.join(missing)}, which the sidecar-only install leaves out: "
+            "pip install 'circuitwatch[cpu]' (or '[gpu]') where the model runs"
+        )
     from circuitwatch.kernels import SaeFormatError
 
     try:

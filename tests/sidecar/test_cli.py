@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -216,3 +217,19 @@ def test_sigterm_stops_after_an_undecodable_frame(tmp_path: Path) -> None:
 
     report = EvidenceStore(tmp_path / "evidence").get("open")
     assert report is not None and report.status == pb.REPORT_STATUS_INCOMPLETE
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is not None, reason="the full install: calibrate runs (tests/commands)"
+)
+def test_calibrate_in_the_sidecar_only_install_says_what_to_install(tmp_path: Path) -> None:
+    """`make test` runs this file in the torch-free install, where calibrate cannot run the model."""
+    done = subprocess.run(
+        [*CLI, "calibrate", "--model", str(tmp_path), "--sae", str(tmp_path), "--layer", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("circuitwatch calibrate: needs torch") and done.stderr.count("\n") == 1
+    assert "pip install 'circuitwatch[cpu]'" in done.stderr
