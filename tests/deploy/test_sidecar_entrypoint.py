@@ -27,7 +27,7 @@ IMAGE_PATHS = ("/etc/circuitwatch", "/var/lib/circuitwatch")  # the sidecar imag
 
 @pytest.fixture
 def venv_bin() -> Path:
-    path = Path(os.environ.get(VENV_BIN_ENV) or REPO / ".venv" / "bin")
+    path = (REPO / os.environ.get(VENV_BIN_ENV, ".venv/bin")).resolve()  # relative: to the repository
     if not (path / "circuitwatch").is_file():
         pytest.fail(f"{path}/circuitwatch not found: set ${VENV_BIN_ENV} to the bin dir of a venv with circuitwatch")
     return path

@@ -138,8 +138,9 @@ def test_responses_carry_the_report(fixtures: FixturePaths, tmp_path: Path) -> N
         assert "aborted_by" not in kept.model_extra["circuitwatch"]
 
         # streaming: the abort ends the stream with content_filter, before the object (even when vLLM had no
-        # token to send yet: the prompt alone trips the circuit, and a long prompt takes several prefill steps)
-        events = raw_sse(vllm_port, model, " ".join([PROMPT_TO_STOP] * 12), max_tokens=300, ignore_eos=True)
+        # token to send yet: the prompt alone trips the circuit, and a long prompt takes several prefill steps;
+        # prompt + max_tokens stay within --max-model-len, which vLLM 0.30/0.31 enforce)
+        events = raw_sse(vllm_port, model, " ".join([PROMPT_TO_STOP] * 12), max_tokens=200, ignore_eos=True)
         bodies = [json.loads(e) for e in events[:-1]]
         reasons = [c["finish_reason"] for b in bodies for c in b["choices"] if c["finish_reason"] is not None]
         assert reasons == ["content_filter"]

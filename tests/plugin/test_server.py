@@ -130,7 +130,7 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
         labels = {"vllm_xargs": {"circuitwatch_labels": ["kept"]}, "ignore_eos": True}
         with ThreadPoolExecutor(4) as pool:
             running = [
-                pool.submit(complete, client, model, f"cut-{i}", token_prompts[i], 400, headers=traced, **labels)
+                pool.submit(complete, client, model, f"cut-{i}", token_prompts[i], 300, headers=traced, **labels)
                 for i in range(4)
             ]
             wait_until_open(stub, [f"cmpl-cut-{i}" for i in range(4)])
