@@ -148,10 +148,13 @@ class PluginConfig(_Strict):
         return self
 
     def digest(self) -> str:
-        """Goes into vLLM's config hash, so compiled artifacts built without these taps are never reused. A slot
-        without hook_point takes it from its SAE's files, so their JSON configs are part of the digest too."""
-        digest = hashlib.sha256(self.model_dump_json().encode())
+        """Goes into vLLM's config hash, so compiled artifacts built without these taps are never reused. Only what
+        decides the taps goes in: each slot's layer, hook point, head and format, and its SAE's JSON configs (a
+        slot without hook_point takes it from them). Changing the sidecar address, a deadline or the admission
+        policy changes no tap and must not recompile the model (minutes on a GPU)."""
+        digest = hashlib.sha256()
         for slot in self.slots:
+            digest.update(json.dumps([slot.layer, slot.hook_point, slot.head, slot.format]).encode() + b"\0")
             for config_file in _sae_config_files(slot.sae):
                 try:
                     digest.update(config_file.name.encode() + b"\0" + config_file.read_bytes())

@@ -44,8 +44,9 @@ def test_architectures_and_normalisations(tmp_path: Path, backend: str, architec
         tmp_path / "sae", architecture, random_tensors(1, architecture), k=k, normalize_activations=normalize
     )
     sae = load_sae(path)
+    rows = 16 if backend == "triton" else 64  # one Triton program under the interpreter; the ties case runs two
     for selection in (None, CodeSelection(SelectionMode.THRESHOLD, 5), CodeSelection(SelectionMode.ARGMAX)):
-        same_codes(sae, selection, inputs(), backend)
+        same_codes(sae, selection, inputs(rows), backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -42,7 +42,12 @@ def test_config_file_and_additional_config(tmp_path: Path) -> None:
     assert config.monitor == "opt-in" and config.prefix_cache == "bypass"
     overridden = load_plugin_config({"circuitwatch": {"monitor": "all"}}, env={"CIRCUITWATCH_CONFIG": str(path)})
     assert overridden.monitor == "all"
-    assert overridden.digest() != config.digest()
+    # vLLM's compile cache is keyed by the taps only: a policy change reuses the compiled model, a new tap does not
+    assert overridden.digest() == config.digest()
+    moved = load_plugin_config(
+        {"circuitwatch": {"slots": [{"layer": 3, "sae": "sae"}]}}, env={"CIRCUITWATCH_CONFIG": str(path)}
+    )
+    assert moved.digest() != config.digest()
 
 
 @pytest.mark.parametrize(
