@@ -73,12 +73,11 @@ def monitored_handler(handler, kind: str):
             if result_id is None or not hasattr(result, "choices"):  # an error response
                 return result
             admitted = first_prompt(client, result_id)
-            aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+            aborted_by = actions.aborted_by(admitted)
             for choice in result.choices:
                 choice.finish_reason = filtered_reason(choice.finish_reason, aborted_by)
             if not config.responses:
-                if admitted is not None:
-                    actions.aborted.pop(admitted.key, None)
+                actions.forget(admitted)
                 return result
             field = await report_field(fetcher, actions, client, result_id, n)
             if field is not None:

@@ -211,14 +211,13 @@ async def with_final_chunk(
     created = int(time.time())
     finished: set[int] = set()
     usage: dict | None = None  # held back until [DONE], so the object can join it
-    admitted: Admitted | None = None
     try:
         async for chunk in stream:
             if chunk.strip() == "data: [DONE]":
-                admitted = first_prompt(client, response_id) if admitted is None else admitted
+                admitted = first_prompt(client, response_id)
                 if response_id is None and admitted is not None:  # no chunk at all: name it as vLLM would have
                     response_id = client_request_id(admitted.internal_id)
-                aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+                aborted_by = actions.aborted_by(admitted)
                 unfinished = [i for i in range(n) if i not in finished]
                 if aborted_by and unfinished and response_id is not None:
                     choices = [_finish_choice(i, chunk_object) for i in unfinished]
@@ -226,8 +225,8 @@ async def with_final_chunk(
                 field = None
                 if enabled and response_id is not None:
                     field = await report_field(fetcher, actions, client, response_id, n)
-                elif admitted is not None:
-                    actions.aborted.pop(admitted.key, None)
+                else:
+                    actions.forget(admitted)
                 if usage is not None:
                     yield _data(usage | ({"circuitwatch": field} if field is not None else {}))
                 elif field is not None:
@@ -260,7 +259,7 @@ def _chunk(response_id: str, chunk_object: str, created: int, model: str | None,
 def _note_finish(chunk: str, finished: set[int], actions: ActionListener, admitted: Admitted | None) -> str:
     """Record which choices got their finish reason; an abort by a circuit is rewritten to `content_filter`."""
     body = _body(chunk)
-    aborted_by = actions.aborted.get(admitted.key) if admitted is not None else None
+    aborted_by = actions.aborted_by(admitted)
     rewritten = False
     for choice in body.get("choices") or []:
         reason = choice.get("finish_reason")
@@ -282,6 +281,15 @@ class ActionListener:
         self.fetcher = fetcher
         self.aborted: OrderedDict[str, str] = OrderedDict()  # key -> circuit that asked for it
         self._task: asyncio.Task | None = None
+
+    def aborted_by(self, admitted: Admitted | None) -> str | None:
+        """The circuit whose action aborted this request, if one did."""
+        return self.aborted.get(admitted.key) if admitted is not None else None
+
+    def forget(self, admitted: Admitted | None) -> None:
+        """The response is out without the object (responses: false): the reason is not needed any more."""
+        if admitted is not None:
+            self.aborted.pop(admitted.key, None)
 
     def ensure_running(self) -> None:
         if self._task is None or self._task.done():

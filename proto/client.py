@@ -8,12 +8,16 @@ from pathlib import Path
 import grpc
 
 
-def open_channel(address: str, tls_ca_file: Path | None = None, *, aio: bool = False):
-    """A channel to host:port, TLS-verified against `tls_ca_file` when given; `aio` for asyncio callers."""
+def open_channel(
+    address: str, tls_ca_file: Path | None = None, *, aio: bool = False, tls_server_name: str | None = None
+):
+    """A channel to host:port, TLS-verified against `tls_ca_file` when given; `aio` for asyncio callers.
+    `tls_server_name`: the name the certificate must carry when the address does not (a probe on 127.0.0.1)."""
     module = grpc.aio if aio else grpc
     if tls_ca_file is not None:
         credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca_file).read_bytes())
-        return module.secure_channel(address, credentials)
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else None
+        return module.secure_channel(address, credentials, options=options)
     return module.insecure_channel(address)
 
 

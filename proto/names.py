@@ -3,7 +3,7 @@ responses, spans and metrics all use these tables, so a name means the same thin
 
 from __future__ import annotations
 
-from .circuitwatch_pb2 import CodeMode, ReportStatus, Scope, Severity
+from .circuitwatch_pb2 import CodeMode, GapReason, ReportStatus, Scope, Severity, SlotState
 
 SCOPES = {"prompt": Scope.SCOPE_PROMPT, "generated": Scope.SCOPE_GENERATED, "both": Scope.SCOPE_BOTH}
 MODES = {
@@ -41,3 +41,11 @@ def severity_name(value: int) -> str:
 
 def status_name(value: int) -> str:
     return ReportStatus.Name(value).removeprefix("REPORT_STATUS_").lower()
+
+
+def gap_reason_name(value: int) -> str:
+    return GapReason.Name(value).removeprefix("GAP_REASON_").lower()
+
+
+def slot_state_name(value: int) -> str:
+    return SlotState.Name(value).removeprefix("SLOT_STATE_").lower()

@@ -30,7 +30,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from circuitwatch import __version__
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import message_tap_label, severity_name, status_name
+from circuitwatch.proto.names import gap_reason_name, message_tap_label, severity_name, slot_state_name, status_name
 
 from .config import TelemetryConfig
 
@@ -347,7 +347,7 @@ class Telemetry:
         if self.tracer_provider is None or (slot.state not in ALARM_STATES and previous not in ALARM_STATES):
             return
         tracer = self.tracer_provider.get_tracer("circuitwatch.sidecar", __version__)
-        state = pb.SlotState.Name(slot.state).removeprefix("SLOT_STATE_").lower()
+        state = slot_state_name(slot.state)
         attributes = {
             "circuitwatch.sae": slot.sae,
             "circuitwatch.sae.layer": slot.layer,
@@ -355,7 +355,7 @@ class Telemetry:
             "circuitwatch.sae.tap": message_tap_label(slot),
             "circuitwatch.sae.weights_hash": slot.weights_hash,
             "circuitwatch.sae.state": state,
-            "circuitwatch.sae.previous_state": pb.SlotState.Name(previous).removeprefix("SLOT_STATE_").lower(),
+            "circuitwatch.sae.previous_state": slot_state_name(previous),
             "circuitwatch.sae.js_divergence": slot.js_divergence,
             "circuitwatch.sae.error_ratio": slot.error_ratio,
             "circuitwatch.sae.norm_ratio": slot.norm_ratio,
@@ -427,7 +427,7 @@ class SidecarInstruments:
         self.positions.add(max(0, coverage.positions_total - coverage.positions_seen), {"coverage": "missing"})
         by_reason: dict[str, int] = {}
         for gap in coverage.gaps:
-            reason = pb.GapReason.Name(gap.reason).removeprefix("GAP_REASON_").lower()
+            reason = gap_reason_name(gap.reason)
             by_reason[reason] = by_reason.get(reason, 0) + max(0, gap.end - gap.start)
         for reason, positions in by_reason.items():
             self.gap_positions.add(positions, {"reason": reason})

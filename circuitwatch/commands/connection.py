@@ -24,11 +24,15 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default %(default)s)")
 
 
+def command_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file, else $CIRCUITWATCH_TOKEN, else none."""
+    return read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV)
+
+
 class Connection:
     def __init__(self, args: argparse.Namespace) -> None:
         self.channel = open_channel(args.target, args.tls_ca)
-        token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV)
-        self.metadata = bearer_metadata(token)
+        self.metadata = bearer_metadata(command_token(args))
         self.timeout = args.timeout
         self.stub = pb_grpc.MonitorStub(self.channel)
 

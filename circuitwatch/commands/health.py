@@ -10,7 +10,7 @@ import json
 from google.protobuf.json_format import MessageToDict
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.names import message_tap_label
+from circuitwatch.proto.names import message_tap_label, slot_state_name
 
 from .connection import Connection, add_connection_options
 
@@ -41,7 +41,7 @@ def _table(response: pb.HealthResponse) -> str:
         f"{'dead':>5} {'dense':>5}"
     ]
     for s in response.slots:
-        state = pb.SlotState.Name(s.state).removeprefix("SLOT_STATE_").lower()
+        state = slot_state_name(s.state)
         lines.append(
             f"{s.sae[:28]:28} {message_tap_label(s):15} {state:12} {s.tokens:>9.0f} {s.js_divergence:>6.3f} "
             f"{s.error_mean:>6.3f} "

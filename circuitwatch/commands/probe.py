@@ -6,15 +6,14 @@ service is open without a token; a token given anyway is sent. Imports neither t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from circuitwatch.proto.client import bearer_metadata, open_channel, read_token
+from circuitwatch.proto.client import bearer_metadata, open_channel
 
-from .connection import TOKEN_ENV, UsageError, add_connection_options
+from .connection import UsageError, add_connection_options, command_token
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -37,12 +36,12 @@ def add_probe_parser(sub) -> None:
 def run_probe(args: argparse.Namespace) -> int:
     if args.tls_server_name and not args.tls_ca:
         raise UsageError("--tls-server-name needs --tls-ca")
-    token = read_token(args.token_file) if args.token_file else os.environ.get(TOKEN_ENV)
-    channel = _channel(args)
+    metadata = bearer_metadata(command_token(args))
+    channel = open_channel(args.target, args.tls_ca, tls_server_name=args.tls_server_name)
     where = f"{args.target}" + (f" (service {args.service!r})" if args.service else "")
     try:
         response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=args.service), metadata=bearer_metadata(token), timeout=args.timeout
+            health_pb2.HealthCheckRequest(service=args.service), metadata=metadata, timeout=args.timeout
         )
     except grpc.RpcError as exc:
         code = exc.code()
@@ -57,12 +56,3 @@ def run_probe(args: argparse.Namespace) -> int:
         return 1
     print(f"{where}: {status}")
     return 0
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if not args.tls_server_name:
-        return open_channel(args.target, args.tls_ca)
-    credentials = grpc.ssl_channel_credentials(root_certificates=args.tls_ca.read_bytes())
-    return grpc.secure_channel(
-        args.target, credentials, options=[("grpc.ssl_target_name_override", args.tls_server_name)]
-    )

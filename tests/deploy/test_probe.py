@@ -4,7 +4,6 @@ reason when the sidecar is not serving, the service is unknown, or nothing answe
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from support.processes import CLI, free_port, start_sidecar, stop
 from support.sidecar_harness import running_sidecar
+from support.tls import self_signed
 
 MONITOR = "circuitwatch.v1.Monitor"
 
@@ -93,7 +93,7 @@ def test_health_needs_no_token_but_a_given_one_is_sent(tmp_path: Path) -> None:
 
 def test_tls_with_server_name(tmp_path: Path) -> None:
     """A certificate issued for the sidecar's service name, probed on 127.0.0.1 inside its container."""
-    cert, key = _self_signed(tmp_path, "sidecar.circuitwatch.internal")
+    cert, key = self_signed(tmp_path, "sidecar.circuitwatch.internal")
     with running_sidecar(tmp_path, tls={"cert_file": cert, "key_file": key}) as (running, _):
         target = f"127.0.0.1:{running.port}"
         ok = probe("--target", target, "--tls-ca", str(cert), "--tls-server-name", "sidecar.circuitwatch.internal")
@@ -120,32 +120,3 @@ def test_probe_imports_neither_torch_nor_the_sidecar_nor_the_plugin(tmp_path: Pa
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "1 []", result.stdout + result.stderr
-
-
-def _self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file

@@ -12,7 +12,6 @@ import threading
 import urllib.request
 from concurrent import futures
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -221,7 +220,7 @@ def test_the_deadline_bounds_the_wait_and_gives_pending() -> None:
 def test_streaming_wrapper_inserts_one_chunk_before_done() -> None:
     """The chunk names the request by the key admission gave it, not by the client-chosen response id."""
     from circuitwatch.plugin.admission import Admission, Admitted, ClientContext
-    from circuitwatch.plugin.responses import with_final_chunk
+    from circuitwatch.plugin.responses import ActionListener, with_final_chunk
 
     class Fetcher:
         async def summaries(self, ids):
@@ -232,7 +231,7 @@ def test_streaming_wrapper_inserts_one_chunk_before_done() -> None:
         yield "data: [DONE]\n\n"
 
     client = ClientContext({}, [Admitted("chatcmpl-a-0123abcd", Admission(monitored=True))])
-    actions = SimpleNamespace(aborted={})
+    actions = ActionListener(Fetcher())  # not started: no action stream, nothing aborted
 
     async def collect():
         return [c async for c in with_final_chunk(stream(), Fetcher(), 1, "chat.completion.chunk", client, actions)]

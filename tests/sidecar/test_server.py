@@ -26,6 +26,7 @@ from support.sidecar_harness import (
     messages,
     running_sidecar,
 )
+from support.tls import self_signed
 
 FEATURE_3 = "circuits:\n  - {name: f3, severity: critical, when: {layer: 1, feature: 3}}\n"
 
@@ -388,46 +389,11 @@ def test_bearer_token(tmp_path: Path) -> None:
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 def test_tls(tmp_path: Path) -> None:
     from circuitwatch.sidecar import SidecarConfig
     from circuitwatch.sidecar.server import start
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path, "localhost", ip="127.0.0.1")
     running = start(
         SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "ev", tls={"cert_file": cert, "key_file": key})
     )

@@ -21,7 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-from circuitwatch.proto.codec import pack_slice
 
 from .processes import free_port, start_sidecar, stop
 from .sidecar_harness import SyntheticRequest, manifest
@@ -50,18 +49,9 @@ class Scrape:
         ]
 
 
-def _slice(request: SyntheticRequest, slot: int, start: int, end: int, rng: np.random.Generator) -> pb.RequestSlice:
-    """SyntheticRequest.slice with per-token reconstruction errors and input norms (fidelity)."""
-    rows = request.codes[slot][start:end]
-    phase = pb.PHASE_PROMPT if start < request.num_prompt else pb.PHASE_GENERATED
-    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.uint32)
-    ids = np.array([f for r in rows for f in r], dtype=np.uint32)
-    acts = np.array([a for r in rows for a in r.values()], dtype=np.float16)
-    errors = rng.uniform(0.05, 0.3, end - start)
-    norms = np.full(end - start, 10.0)
-    return pack_slice(
-        request.request_id, slot, start, phase, request.tokens[start:end], offsets, ids, acts, errors, norms
-    )
+def _with_fidelity(request: SyntheticRequest, slot: int, start: int, end: int, rng: np.random.Generator):
+    """A slice with per-token reconstruction errors and input norms, so the fidelity metric moves."""
+    return request.slice(slot, start, end, errors=rng.uniform(0.05, 0.3, end - start), norms=np.full(end - start, 10.0))
 
 
 def traffic(rng: np.random.Generator, count: int = 6) -> tuple[list[pb.IngestMessage], list[SyntheticRequest]]:
@@ -74,7 +64,7 @@ def traffic(rng: np.random.Generator, count: int = 6) -> tuple[list[pb.IngestMes
         gap_end = GAP_POSITIONS if i == 0 else 0
         messages.append(pb.IngestMessage(start=pb.RequestStart(request_id=request.request_id)))
         slices = [
-            _slice(request, slot, max(a, gap_end), b, rng)
+            _with_fidelity(request, slot, max(a, gap_end), b, rng)
             for a, b in request.chunks(6)
             if b > gap_end
             for slot in (0, 1)

@@ -69,14 +69,19 @@ class SyntheticRequest:
             request.codes[slot] = rows
         return request
 
-    def slice(self, slot: int, start: int, end: int) -> pb.RequestSlice:
+    def slice(
+        self, slot: int, start: int, end: int, errors: np.ndarray | None = None, norms: np.ndarray | None = None
+    ) -> pb.RequestSlice:
+        """Positions start..end of one slot; with `errors` and `norms`, per-token fidelity too."""
         rows = self.codes[slot][start:end]
         phase = pb.PHASE_PROMPT if start < self.num_prompt else pb.PHASE_GENERATED
         assert end <= self.num_prompt or start >= self.num_prompt, "a slice has one phase"
         offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.uint32)
         ids = np.array([f for r in rows for f in r], dtype=np.uint32)
         acts = np.array([a for r in rows for a in r.values()], dtype=np.float16)
-        return pack_slice(self.request_id, slot, start, phase, self.tokens[start:end], offsets, ids, acts)
+        return pack_slice(
+            self.request_id, slot, start, phase, self.tokens[start:end], offsets, ids, acts, errors, norms
+        )
 
     def chunks(self, size: int) -> list[tuple[int, int]]:
         """Position ranges in the order the model would compute them, split at the prompt boundary."""
