@@ -5,6 +5,7 @@ where each feature term fires.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -92,13 +93,7 @@ def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
     if window > 1:
         return evaluate_windowed(expr, source, window)
     cache: dict[Term, np.ndarray] = {}
-    lazy: list[np.ndarray] = []
-
-    def universe() -> np.ndarray:
-        """Every token in scope: costly over a whole index, so fetched only by `not` and windows."""
-        if not lazy:
-            lazy.append(source.universe())
-        return lazy[0]
+    universe = functools.cache(source.universe)  # every token in scope: costly, so fetched only by a `not`
 
     def leaf(term: Term) -> np.ndarray:
         if term not in cache:
@@ -136,13 +131,8 @@ def evaluate_windowed(expr: Expr, source: KeySource, window: int) -> np.ndarray:
     each term is a few runs rather than W keys per firing, and `all`/`any`/`at_least` count how many of their
     items cover each stretch. Keys become explicit only at a `not` and at the end, where the result is cut to
     the tokens that exist (a window reaching past a request's last token, or into the other phase)."""
-    lazy: list[np.ndarray] = []
+    universe = functools.cache(source.universe)
     step = KEY_DTYPE(window - 1)
-
-    def universe() -> np.ndarray:
-        if not lazy:
-            lazy.append(source.universe())
-        return lazy[0]
 
     def walk(node: Expr) -> Intervals:
         if isinstance(node, Term):
