@@ -35,14 +35,14 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev,fleet]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 
 # A wheel built from this checkout, not an editable install, so a module missing from the package list fails here.
-$(SIDECAR_INSTALLED): pyproject.toml setup.py $(wildcard proto/*.proto proto/*.py circuitwatch/*.py circuitwatch/commands/*.py kernels/*.py sidecar/*.py)
+$(SIDECAR_INSTALLED): pyproject.toml setup.py $(wildcard proto/*.proto proto/*.py circuitwatch/*.py circuitwatch/commands/*.py kernels/*.py sidecar/*.py sidecar/fleet/*.py)
 	test -x $(SIDECAR_VENV)/bin/python || $(PYTHON) -m venv $(SIDECAR_VENV)
-	$(SIDECAR_VENV)/bin/pip install --quiet '.[sidecar]' pytest pytest-timeout cryptography
+	$(SIDECAR_VENV)/bin/pip install --quiet '.[sidecar,fleet]' pytest pytest-timeout cryptography
 	$(SIDECAR_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
 		|| { echo "the sidecar install pulled in torch" >&2; exit 1; }
 	touch $@

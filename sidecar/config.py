@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
+import socket
 import stat
 from pathlib import Path
 from typing import Literal
@@ -127,6 +129,67 @@ class DriftConfig(_Strict):
     clear_fraction: float = Field(0.8, gt=0, le=1)
 
 
+class FleetTlsConfig(_Strict):
+    """TLS to a ClickHouse server (an https:// url). The server is checked against ca_file, else the system CAs."""
+
+    ca_file: Path | None = None
+    verify: bool = True
+    # Client certificate, for servers that ask for one.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class FleetConfig(_Strict):
+    """Export to a ClickHouse store for fleet-wide evidence and queries (sidecar/fleet/). Off by default. With no
+    url the store is embedded (chdb) under <evidence_dir>/fleet. Exporting never blocks ingest: batches go to a
+    bounded spool directory first and are inserted from there, in order, idempotently."""
+
+    enabled: bool = False
+    # http(s)://host:port of a ClickHouse server; empty: the embedded store in embedded_dir.
+    url: str = ""
+    database: str = "circuitwatch"
+    username: str = "default"
+    password_file: Path | None = None
+    tls: FleetTlsConfig = FleetTlsConfig()
+    # This sidecar's name in the fleet (every row carries it; ContrastRequest.instances selects by it).
+    instance: str = ""
+    # Rows older than this leave the store (the tables' TTL; changing it alters the TTL at the next start).
+    retention_days: int = Field(30, gt=0, le=36500)
+    # Token-level codes too (every token's feature ids and activations: large), with their own TTL.
+    token_codes: bool = False
+    token_codes_retention_hours: int = Field(24, gt=0, le=876000)
+    # An insert per table at most every flush_interval_s, or sooner at batch_rows (ClickHouse wants few large
+    # inserts: thousands of rows, about one a second).
+    flush_interval_s: float = Field(1.0, gt=0)
+    batch_rows: int = Field(5000, gt=0)
+    # Finished requests waiting in memory for the exporter thread; past it the oldest are dropped and counted.
+    queue_max_requests: int = Field(100_000, gt=0)
+    # Batches not yet in the store wait here (store down or slow); past spool_max_mb the oldest are dropped,
+    # counted and logged.
+    spool_dir: Path | None = None  # default <evidence_dir>/fleet-spool
+    spool_max_mb: float = Field(1024.0, gt=0)
+    embedded_dir: Path | None = None  # default <evidence_dir>/fleet
+    insert_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("database")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+            raise ValueError(f"{value!r} is not a plain ClickHouse identifier (letters, digits, _)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not re.fullmatch(r"https?://[^/\s]+/?", value):
+            raise ValueError(f"{value!r}: expected http(s)://host:port of a ClickHouse server, or empty (embedded)")
+        return value
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or socket.gethostname()
+
+
 class SidecarConfig(_Strict):
     # host:port to listen on; loopback by default, never all interfaces unless asked for.
     listen: str = "127.0.0.1:50061"
@@ -168,6 +231,7 @@ class SidecarConfig(_Strict):
     allow_plaintext_tokens: bool = False
     fidelity: FidelityConfig = FidelityConfig()
     drift: DriftConfig = DriftConfig()
+    fleet: FleetConfig = FleetConfig()
 
     @field_validator("evidence_synchronous")
     @classmethod
@@ -270,6 +334,20 @@ def load_config(path: Path | str) -> SidecarConfig:
                 for name in ("ingest_token_file", "read_token_file", "admin_token_file")
             }
         )
+    fleet = config.fleet
+    updates["fleet"] = fleet.model_copy(
+        update={
+            "password_file": resolve(fleet.password_file) or fleet.password_file,
+            "spool_dir": resolve(fleet.spool_dir) or fleet.spool_dir,
+            "embedded_dir": resolve(fleet.embedded_dir) or fleet.embedded_dir,
+            "tls": fleet.tls.model_copy(
+                update={
+                    name: resolve(getattr(fleet.tls, name)) or getattr(fleet.tls, name)
+                    for name in ("ca_file", "cert_file", "key_file")
+                }
+            ),
+        }
+    )
     if config.tls is not None:
         tls = config.tls
         updates["tls"] = tls.model_copy(

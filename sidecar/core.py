@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -31,8 +32,8 @@ from .maintenance import Maintenance
 from .queries import IndexQueries
 from .registry import SaeRegistry
 from .reports import ReportBuilder, error_report, is_covered, merge_gaps
-from .request_index import RequestIndex, RequestMeta
-from .request_sets import request_feature_sets
+from .request_index import RequestIndex, RequestMeta, counts_as_complete
+from .request_sets import FeatureSet, request_feature_sets
 from .request_state import Chunk, RequestState, TermPlan
 from .request_table import RequestRecord, RequestTable
 from .review import Review
@@ -51,6 +52,9 @@ from .streams import (
 )
 from .telemetry import Telemetry
 from .watchers import ReportWatcher, Watchers
+
+if TYPE_CHECKING:
+    from .fleet.exporter import FleetExporter
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ class SidecarCore:
         self._plans: dict[tuple[int, tuple[int, ...]], TermPlan] = {}
         self.maintenance = Maintenance(self)
         self.review = Review(self)
+        self.fleet: FleetExporter | None = None  # set by server.start when fleet.enabled
 
     # --- ingest ---------------------------------------------------------------------------------------
 
@@ -420,6 +425,8 @@ class SidecarCore:
         self.watchers.report_final(report)
         if record is not None and state.slots:
             self._index_request(state, record, report)
+        elif self.fleet is not None:
+            self.fleet.report_final(report)
         return report
 
     def end_least_active(self, count: int, setting: str) -> None:
@@ -450,13 +457,21 @@ class SidecarCore:
             request_id=state.request_id,
             arrival_ns=report.arrival_unix_nanos,
             finalized_ns=report.finalized_unix_nanos,
-            complete=report.status == pb.REPORT_STATUS_COMPLETE
-            or (report.status == pb.REPORT_STATUS_LOW_FIDELITY and not report.coverage.gaps),
+            complete=counts_as_complete(report),
+            model=report.model,
         )
         num_prompt = report.num_prompt_tokens
+
+        def reduce() -> dict[int, FeatureSet]:
+            codes = state.latest_codes()
+            sets = request_feature_sets(codes, num_prompt, bases)
+            if self.fleet is not None:  # the fleet store gets the same reduction as the local index
+                self.fleet.request_reduced(report, sets, codes, self.registry)
+            return sets
+
         record.ridx = self.request_index.add(
             meta,
-            lambda: request_feature_sets(state.latest_codes(), num_prompt, bases),
+            reduce,
             tuple(report.labels),
             [f.circuit for f in report.flags],
         )
@@ -474,6 +489,8 @@ class SidecarCore:
         with self.lock:
             for state in list(self._open.values()):
                 self.finalize(state, state.pending_finish)  # never raises: a bad one gets an error report
+        if self.fleet is not None:
+            self.request_index.reduce(self.lock)  # every final request reaches the exporter before it stops
 
     # --- reads ----------------------------------------------------------------------------------------
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Protocol
 
 import grpc
 import numpy as np
+from pyroaring import BitMap
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
@@ -42,6 +44,7 @@ class Resolved:
     not_indexed: dict[str, str]  # request id named by a selector -> why it is not in the request index
     expressions: dict[str, np.ndarray]  # selector name -> sorted ridx whose codes match its expression
     loaded_circuits: frozenset[str]
+    instance: str = ""  # this sidecar's fleet.instance, for ContrastRequest.instances
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,43 @@ class Scored:
         return self.recall - self.false_positive_rate
 
 
+class ContrastSource(Protocol):
+    """Where a contrast reads its requests and counts. The live request-level index (IndexSource, below) and
+    the fleet store (fleet/queries.py) both answer it, so selection rules, scores, ranks, pairs and evaluation
+    are this module's alone and the two answers cannot drift apart. A "side" is whatever the source uses to
+    name a set of requests."""
+
+    def select(self, name: str, selector: pb.RequestSelector, response: pb.ContrastResponse): ...
+
+    def rest(self, positives): ...
+
+    def overlap(self, positives, negatives) -> tuple[int, list[str]]: ...
+
+    def size(self, side) -> int: ...
+
+    def incomplete(self, side) -> int: ...
+
+    def support(self, mode: int, scope: int, sides: list, num_terms: int) -> list[np.ndarray]: ...
+
+    def pair_counts(self, mode: int, scope: int, candidates: np.ndarray, sides: list) -> list[np.ndarray]: ...
+
+    def carried(self, mode: int, scope: int, circuit: np.ndarray, truth) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def contrast(
     request: pb.ContrastRequest, view: IndexView, registry: SaeRegistry, resolved: Resolved, now_ns: int
 ) -> pb.ContrastResponse:
     """Answer one contrast from a view of the request-level index (no lock held: the view is a copy)."""
+    population = view.live(now_ns, request.window.start_unix_nanos, request.window.end_unix_nanos)
+    if request.models:
+        population = _both(population, _as_array(_union(view.models, request.models)))
+    if request.instances and resolved.instance not in request.instances:
+        population = population[:0]
+    return contrast_over(request, IndexSource(view, resolved, population), registry)
+
+
+def contrast_over(request: pb.ContrastRequest, source: ContrastSource, registry: SaeRegistry) -> pb.ContrastResponse:
+    """The contrast itself, over any source of requests and counts."""
     scope = request.scope or pb.SCOPE_BOTH
     mode = request.mode or pb.CODE_MODE_CODES
     top = _limit(request.top, DEFAULT_TOP, "top")
@@ -77,39 +113,40 @@ def contrast(
     _limit(request.pair_candidates, DEFAULT_PAIR_CANDIDATES, "pair_candidates")
     cut = _limit(request.cut, DEFAULT_CUT, "cut")
     gslots = _gslots(request.slots, registry)
-    population = view.live(now_ns, request.window.start_unix_nanos, request.window.end_unix_nanos)
     response = pb.ContrastResponse(scope=scope, mode=mode)
 
-    positives = _select("positives", request.positives, view, resolved, population, response)
+    check_selector("positives", request.positives)
+    positives = source.select("positives", request.positives, response)
     if request.negatives.rest or _is_empty(request.negatives):
         if request.negatives.rest and not _is_empty(_without_rest(request.negatives)):
             raise MonitorError(
                 grpc.StatusCode.INVALID_ARGUMENT, "negatives: rest means every other request; give no other criteria"
             )
-        negatives = np.setdiff1d(population, positives, assume_unique=True)
+        negatives = source.rest(positives)
     else:
-        negatives = _select("negatives", request.negatives, view, resolved, population, response)
-        both = np.intersect1d(positives, negatives, assume_unique=True)
-        if len(both):
-            names = ", ".join(repr(view.request_id(int(r))) for r in both[:EXAMPLES])
+        check_selector("negatives", request.negatives)
+        negatives = source.select("negatives", request.negatives, response)
+        count, examples = source.overlap(positives, negatives)
+        if count:
+            names = ", ".join(repr(e) for e in examples[:EXAMPLES])
             raise MonitorError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{len(both)} requests are selected as both positive and negative (e.g. {names}): "
+                f"{count} requests are selected as both positive and negative (e.g. {names}): "
                 "make the selectors disjoint",
             )
     for name, side in (("positives", positives), ("negatives", negatives)):
-        if not len(side):
+        if not source.size(side):
             raise MonitorError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{name}: no finished request in the index window matches the selector "
                 f"({_describe(request.positives if name == 'positives' else request.negatives)})",
             )
-    response.positives, response.negatives = len(positives), len(negatives)
-    response.positives_incomplete = int(np.count_nonzero(~view.complete[positives - view.first_ridx]))
-    response.negatives_incomplete = int(np.count_nonzero(~view.complete[negatives - view.first_ridx]))
+    response.positives, response.negatives = source.size(positives), source.size(negatives)
+    response.positives_incomplete = source.incomplete(positives)
+    response.negatives_incomplete = source.incomplete(negatives)
 
-    counts = view.support(mode, scope, [positives, negatives], registry.num_terms)
-    scored = Scored(counts[0], counts[1], len(positives), len(negatives))
+    counts = source.support(mode, scope, [positives, negatives], registry.num_terms)
+    scored = Scored(counts[0], counts[1], response.positives, response.negatives)
     in_slots = _term_mask(gslots, registry)
     response.features_seen = int(np.count_nonzero(in_slots & ((scored.positives > 0) | (scored.negatives > 0))))
     ranked = _rank(scored, in_slots & (scored.positives >= max(1, request.min_support)))
@@ -121,7 +158,10 @@ def contrast(
     per_slot = request.pair_candidates or DEFAULT_PAIR_CANDIDATES
     if top_pairs:
         candidates = _pair_candidates(ranked, gslots, term_space, per_slot)
-        pairs = _pairs(candidates, scored, view, mode, scope, positives, negatives, term_space, request.min_support)
+        pairs = []
+        if len(candidates) >= 2:
+            both = source.pair_counts(mode, scope, candidates, [positives, negatives])
+            pairs = _pairs(candidates, both, scored, term_space, request.min_support)
         for i, j, count_p, count_n, edge in pairs[:top_pairs]:
             response.pairs.add(
                 upstream=term_space.score(i, scored),
@@ -132,9 +172,51 @@ def contrast(
             )
     if request.HasField("truth"):
         response.evaluation.CopyFrom(
-            _evaluate(request, ranked[:cut], scored, in_slots, gslots, registry, view, resolved, population, response)
+            _evaluate(request, ranked[:cut], scored, in_slots, gslots, registry, source, response)
         )
     return response
+
+
+class IndexSource:
+    """A contrast over the live request-level index: sides are sorted ridx arrays of the population."""
+
+    def __init__(self, view: IndexView, resolved: Resolved, population: np.ndarray) -> None:
+        self.view = view
+        self.resolved = resolved
+        self.population = population
+
+    def select(self, name: str, selector: pb.RequestSelector, response: pb.ContrastResponse) -> np.ndarray:
+        return _select(name, selector, self.view, self.resolved, self.population, response)
+
+    def rest(self, positives: np.ndarray) -> np.ndarray:
+        return np.setdiff1d(self.population, positives, assume_unique=True)
+
+    def overlap(self, positives: np.ndarray, negatives: np.ndarray) -> tuple[int, list[str]]:
+        both = np.intersect1d(positives, negatives, assume_unique=True)
+        return len(both), [self.view.request_id(int(r)) for r in both[:EXAMPLES]]
+
+    def size(self, side: np.ndarray) -> int:
+        return len(side)
+
+    def incomplete(self, side: np.ndarray) -> int:
+        return int(np.count_nonzero(~self.view.complete[side - self.view.first_ridx]))
+
+    def support(self, mode: int, scope: int, sides: list[np.ndarray], num_terms: int) -> list[np.ndarray]:
+        return self.view.support(mode, scope, sides, num_terms)
+
+    def pair_counts(self, mode: int, scope: int, candidates: np.ndarray, sides: list[np.ndarray]) -> list[np.ndarray]:
+        """[candidates, candidates] per side: requests carrying both (co-occurrence = on the same request)."""
+        carried = self.view.term_words(mode, scope, candidates)  # [candidates, words]
+        counts = []
+        for side in sides:
+            both = carried[:, None, :] & carried[None, :, :] & self.view.side_words(side)
+            counts.append(np.bitwise_count(both).sum(axis=2, dtype=np.int64))
+        return counts
+
+    def carried(self, mode: int, scope: int, circuit: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per request of the population: how many circuit features it carries, and whether it is a truth one."""
+        carried = self.view.presence(mode, scope, circuit, self.population).sum(axis=0)
+        return carried, np.isin(self.population, truth)
 
 
 # --- selecting requests ------------------------------------------------------------------------------------
@@ -175,6 +257,16 @@ def _describe(selector: pb.RequestSelector) -> str:
     return ", ".join(parts) or "empty"
 
 
+def check_selector(name: str, selector: pb.RequestSelector) -> None:
+    if _is_empty(selector):
+        raise MonitorError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{name}: give request ids, labels, a circuit, an expression or a window",
+        )
+    if selector.rest:
+        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: rest applies to negatives only")
+
+
 def _select(
     name: str,
     selector: pb.RequestSelector,
@@ -184,13 +276,7 @@ def _select(
     response: pb.ContrastResponse,
 ) -> np.ndarray:
     """Sorted ridx of the population that meet every criterion of the selector."""
-    if _is_empty(selector):
-        raise MonitorError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{name}: give request ids, labels, a circuit, an expression or a window",
-        )
-    if selector.rest:
-        raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: rest applies to negatives only")
+    check_selector(name, selector)
     chosen = population
     if selector.request_ids:
         ids = list(dict.fromkeys(selector.request_ids))
@@ -223,6 +309,10 @@ def _select(
 def _both(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Intersection of two sorted unique ridx arrays."""
     return np.intersect1d(a, b, assume_unique=True)
+
+
+def _union(bitmaps: dict[str, BitMap], names) -> BitMap:
+    return BitMap.union(BitMap(), *(bitmaps[n] for n in names if n in bitmaps))
 
 
 def _as_array(bitmap) -> np.ndarray:
@@ -314,28 +404,17 @@ def _pair_candidates(ranked: np.ndarray, gslots: list[int], terms: _Terms, per_s
 
 def _pairs(
     candidates: np.ndarray,
+    both: list[np.ndarray],
     scored: Scored,
-    view: IndexView,
-    mode: int,
-    scope: int,
-    positives: np.ndarray,
-    negatives: np.ndarray,
     terms: _Terms,
     min_support: int,
 ) -> list[tuple[int, int, int, int, float]]:
     """(upstream term, downstream term, positives, negatives, edge score) for candidate pairs in different
-    layers, best first (edge score, then the weaker member's exclusivity). Co-occurrence = both features on
-    the same request."""
-    if len(candidates) < 2:
-        return []
+    layers, best first (edge score, then the weaker member's exclusivity). `both` holds, per side, how many
+    requests carry both members of each candidate pair."""
     layers = terms.layers(candidates)
-    carried = view.term_words(mode, scope, candidates)  # [candidates, words]
-    counts = []
-    for side in (positives, negatives):
-        both = carried[:, None, :] & carried[None, :, :] & view.side_words(side)
-        counts.append(np.bitwise_count(both).sum(axis=2, dtype=np.int64))
     upstream, downstream = np.nonzero(layers[:, None] < layers[None, :])
-    count_p, count_n = counts[0][upstream, downstream], counts[1][upstream, downstream]
+    count_p, count_n = both[0][upstream, downstream], both[1][upstream, downstream]
     keep = count_p >= max(1, min_support)
     upstream, downstream, count_p, count_n = upstream[keep], downstream[keep], count_p[keep], count_n[keep]
     edge = count_p / scored.num_positives - count_n / scored.num_negatives
@@ -373,9 +452,7 @@ def _evaluate(
     in_slots: np.ndarray,
     gslots: list[int],
     registry: SaeRegistry,
-    view: IndexView,
-    resolved: Resolved,
-    population: np.ndarray,
+    source: ContrastSource,
     response: pb.ContrastResponse,
 ) -> pb.Evaluation:
     evaluation = pb.Evaluation(cut=len(circuit))
@@ -406,13 +483,13 @@ def _evaluate(
         evaluation.feature_precision_at_cut = hits / len(circuit) if len(circuit) else 0.0
         evaluation.feature_recall_at_cut = hits / evaluation.truth_features
     if not _is_empty(truth.requests):
-        truth_ridx = _select("truth.requests", truth.requests, view, resolved, population, response)
+        check_selector("truth.requests", truth.requests)
+        truth_side = source.select("truth.requests", truth.requests, response)
         mode, scope = request.mode or pb.CODE_MODE_CODES, request.scope or pb.SCOPE_BOTH
-        carried = view.presence(mode, scope, circuit, population).sum(axis=0)
-        is_true = np.isin(population, truth_ridx)
+        carried, is_true = source.carried(mode, scope, circuit, truth_side)
         flagged = carried > 0
         evaluation.truth_requests = int(is_true.sum())
-        evaluation.requests_evaluated = len(population)
+        evaluation.requests_evaluated = len(carried)
         evaluation.request_auc = roc_auc(carried, is_true)
         hits = int((flagged & is_true).sum())
         evaluation.request_precision_at_cut = hits / int(flagged.sum()) if flagged.any() else 0.0

@@ -87,12 +87,20 @@ class _Channel:
     pending: dict[int, FeatureSet] = field(default_factory=dict)
 
 
+def counts_as_complete(report: pb.Report) -> bool:
+    """A contrast's "incomplete" counts exclude these: every position seen (a low-fidelity read is complete)."""
+    return report.status == pb.REPORT_STATUS_COMPLETE or (
+        report.status == pb.REPORT_STATUS_LOW_FIDELITY and not report.coverage.gaps
+    )
+
+
 @dataclass(frozen=True)
 class RequestMeta:
     request_id: str
     arrival_ns: int
     finalized_ns: int
     complete: bool
+    model: str = ""
 
 
 class RequestIndex:
@@ -109,6 +117,7 @@ class RequestIndex:
         self.channels = {mode: _Channel() for mode in MODES}
         self.labels: dict[str, BitMap] = {}
         self.flags: dict[str, BitMap] = {}
+        self.models: dict[str, BitMap] = {}
         self.next_ridx = 0
         self.first_ridx = 0  # every ridx below it is evicted
         self.first_sealable_ridx = 0  # every ridx below it is in a segment (or evicted)
@@ -145,6 +154,7 @@ class RequestIndex:
             self.labels.setdefault(label, BitMap()).add(ridx)
         for circuit in flags:
             self.flags.setdefault(circuit, BitMap()).add(ridx)
+        self.models.setdefault(meta.model, BitMap()).add(ridx)
         return ridx
 
     def relabel(self, ridx: int, add: list[str], remove: list[str]) -> None:
@@ -226,7 +236,7 @@ class RequestIndex:
             self._ridx_by_id.pop(request_id, None)
         for column in (self._ids, self._arrival, self._finalized, self._complete):
             del column[:drop]
-        for bitmaps in (self.labels, self.flags):
+        for bitmaps in (self.labels, self.flags, self.models):
             for name in list(bitmaps):
                 bitmaps[name].remove_range(0, first)
                 if not bitmaps[name]:
@@ -256,6 +266,7 @@ class RequestIndex:
             complete=np.array(self._complete, dtype=bool),
             labels={k: BitMap(v) for k, v in self.labels.items()},
             flags={k: BitMap(v) for k, v in self.flags.items()},
+            models={k: BitMap(v) for k, v in self.models.items()},
         )
 
 
@@ -278,6 +289,7 @@ class IndexView:
     complete: np.ndarray
     labels: dict[str, BitMap]
     flags: dict[str, BitMap]
+    models: dict[str, BitMap]
 
     def request_id(self, ridx: int) -> str:
         return self.ids[ridx - self.first_ridx]

@@ -99,6 +99,16 @@ def relabel(labels: Iterable[str], add: Iterable[str], remove: Iterable[str]) ->
     return kept + [label for label in add if label not in kept]
 
 
+def current_labels(report: pb.Report, changes: list[tuple[int, str, str, str, str]]) -> list[str]:
+    """A final report's labels after the changes made since it was final (changes: the store's feedback
+    rows, oldest first; earlier ones are already in the report)."""
+    labels = list(report.labels)
+    for unix_nanos, operation, label, _author, _note in changes:
+        if unix_nanos > report.finalized_unix_nanos:
+            labels = relabel(labels, [label] if operation == "add" else [], [label] if operation == "remove" else [])
+    return labels
+
+
 def check_label_request(request: pb.LabelRequest, limits: LimitsConfig) -> None:
     """A Label call names requests and at least one change, each label non-empty, printable and bounded,
     nothing both added and removed, and stays within the call bounds."""

@@ -10,17 +10,33 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+import grpc
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .errors import check_enum
+from .errors import MonitorError, check_enum
 from .identify import Resolved, contrast
-from .request_table import check_label_request, relabel
-from .streams import request_id_ok
+from .request_table import check_label_request, current_labels, relabel
+from .streams import request_id_ok, shown
 
 if TYPE_CHECKING:
     from .core import SidecarCore
+
+
+def check_contrast_strings(request: pb.ContrastRequest, limits) -> None:
+    """Every id, model and instance name a contrast carries is bounded (INVALID_ARGUMENT names the field)."""
+    for name, selector in (("positives", request.positives), ("negatives", request.negatives)):
+        for i, request_id in enumerate(selector.request_ids):
+            request_id_ok(request_id, f"{name}.request_ids[{i}]", limits)
+    for field in ("models", "instances"):
+        for i, value in enumerate(getattr(request, field)):
+            if len(value.encode()) > limits.max_request_id_bytes:
+                raise MonitorError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{field}[{i}]: {shown(value)} is longer than limits.max_request_id_bytes "
+                    f"({limits.max_request_id_bytes})",
+                )
 
 
 class Review:
@@ -34,9 +50,7 @@ class Review:
         started = time.perf_counter()
         check_enum(request.scope, pb.Scope, "scope")
         check_enum(request.mode, pb.CodeMode, "mode")
-        for name, selector in (("positives", request.positives), ("negatives", request.negatives)):
-            for i, request_id in enumerate(selector.request_ids):
-                request_id_ok(request_id, f"{name}.request_ids[{i}]", core.limits)
+        check_contrast_strings(request, core.limits)
         request = self._with_keys(request)
         scope = request.scope or pb.SCOPE_BOTH
         selectors = {"positives": request.positives, "negatives": request.negatives}
@@ -58,7 +72,8 @@ class Review:
             }
             expressions = {name: self._request_index_numbers(seqs) for name, seqs in matching_seqs.items()}
             loaded = frozenset(core.circuits.names)
-        response = contrast(request, view, core.registry, Resolved(why_not, expressions, loaded), core.clock())
+        resolved = Resolved(why_not, expressions, loaded, core.config.fleet.instance_name)
+        response = contrast(request, view, core.registry, resolved, core.clock())
         response.elapsed_ms = (time.perf_counter() - started) * 1e3
         core.counters["contrasts"] += 1
         return response
@@ -142,4 +157,17 @@ class Review:
                     audit += [(request_id, now, operation, label, request.author, request.note) for label in labels]
                 response.updated += 1
         core.store.add_feedback(audit)
+        if core.fleet is not None and audit:
+            self._export_labels(audit, now)
         return response
+
+    def _export_labels(self, audit: list[tuple[str, int, str, str, str, str]], now: int) -> None:
+        """The fleet store gets the audit trail and each final request's labels as they now are (an open
+        request's report will carry them)."""
+        core = self.core
+        core.fleet.feedback(audit)
+        for request_id in dict.fromkeys(row[0] for row in audit):
+            report = None if core.is_open(request_id) else core.finals.get(request_id)
+            if report is not None:
+                labels = current_labels(report, core.store.feedback(request_id))
+                core.fleet.labels_changed(request_id, report.arrival_unix_nanos, now, labels)

@@ -20,6 +20,7 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from .auth import RoleInterceptor
 from .config import ConfigError, SidecarConfig
 from .core import SidecarCore
+from .fleet.exporter import FleetExporter, check_installed
 from .service import MonitorServicer
 from .store import EvidenceStore
 from .telemetry import Telemetry
@@ -52,6 +53,8 @@ class RunningSidecar:
             log.warning("gRPC calls still running %.0fs after the stop; finalising without them", STOP_TIMEOUT_S)
         self._ticker.join(timeout=2)
         self.core.shutdown()
+        if self.core.fleet is not None:
+            self.core.fleet.stop()  # after the drain: every final request is spooled, and delivered if it can be
         self.telemetry.shutdown()  # after the drain: spans of the reports finalised just now are flushed
         self.store.close()
         log.info("sidecar stopped")
@@ -62,15 +65,21 @@ def start(config: SidecarConfig) -> RunningSidecar:
     anything starts, with a ConfigError naming the file and the reason."""
     tokens = config.role_tokens()
     credentials = _server_credentials(config)
+    if config.fleet.enabled:
+        check_installed(config.fleet)
     store = EvidenceStore(config.evidence_dir, config.evidence_synchronous)
     try:
         core = SidecarCore(config, store)
+        if config.fleet.enabled:
+            core.fleet = FleetExporter(config.fleet, config.evidence_dir)
     except BaseException:
         store.close()
         raise
     host = config.listen.rpartition(":")[0]
     telemetry = Telemetry.start(config.telemetry)
-    core.instruments = telemetry.instruments(core.producer_stats, core.health)
+    core.instruments = telemetry.instruments(
+        core.producer_stats, core.health, core.fleet.snapshot if core.fleet is not None else None
+    )
     core.drift.listeners.append(
         lambda gslot, _drift, previous: telemetry.health_changed(core.slot_health(gslot), previous)
     )
@@ -109,6 +118,9 @@ def start(config: SidecarConfig) -> RunningSidecar:
 
     ticker = threading.Thread(target=tick, name="circuitwatch-tick", daemon=True)
     ticker.start()
+    if core.fleet is not None:
+        core.fleet.start()
+        log.info("fleet export to %s (instance %r)", core.fleet.store.description, config.fleet.instance_name)
     log.info(
         "sidecar serving on %s:%d (%s, %s), %d circuits, evidence in %s",
         host,

@@ -136,6 +136,27 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch.sae.alarm", "gauge", "", ("sae", "layer", "tap"),
         "1 while the SAE drifts or is mis-wired", "circuitwatch_sae_alarm",
     ),
+    # Fleet export (sidecar/fleet/exporter.py); present when fleet.enabled.
+    MetricSpec(
+        "circuitwatch.fleet.rows.exported", "counter", "{row}", ("table",),
+        "Rows the fleet store accepted, per table", "circuitwatch_fleet_rows_exported_total",
+    ),
+    MetricSpec(
+        "circuitwatch.fleet.rows.dropped", "counter", "{row}", ("table", "reason"),
+        "Rows dropped before the fleet store (queue_full, spool_full)", "circuitwatch_fleet_rows_dropped_total",
+    ),
+    MetricSpec(
+        "circuitwatch.fleet.insert.errors", "counter", "{error}", (),
+        "Failed inserts into the fleet store (each retried from the spool)", "circuitwatch_fleet_insert_errors_total",
+    ),
+    MetricSpec(
+        "circuitwatch.fleet.spool.files", "gauge", "{file}", (),
+        "Batch files waiting in the fleet spool", "circuitwatch_fleet_spool_files",
+    ),
+    MetricSpec(
+        "circuitwatch.fleet.export.lag", "gauge", "s", (),
+        "Age of the oldest batch not yet in the fleet store (0: none waiting)", "circuitwatch_fleet_export_lag_seconds",
+    ),
 )  # fmt: skip
 SPECS = {m.name: m for m in METRICS}
 
@@ -210,7 +231,7 @@ class Telemetry:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
         return cls(tracer_provider, meter_provider, server)
 
-    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None):
+    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None, fleet=None):
         """Metric instruments for the Monitor (no-ops when metrics are off). `producer_stats` (the Monitor's
         latest stats per producer) feeds the plugin-side metrics: queue depth, drops, encoder time; `health`
         (a callable returning the HealthResponse) feeds the per-SAE drift gauges."""
@@ -262,6 +283,25 @@ class Telemetry:
             ("circuitwatch.sae.alarm", "alarm"),
         ):
             observable(name, health_gauge(field))
+
+        if fleet is not None:  # fleet: the exporter's snapshot() (a dict of counters and gauges)
+
+            def fleet_metric(read):
+                return [lambda _options: read(fleet())]
+
+            observable(
+                "circuitwatch.fleet.rows.exported",
+                fleet_metric(lambda f: [Observation(n, {"table": t}) for t, n in f["exported"].items()]),
+            )
+            observable(
+                "circuitwatch.fleet.rows.dropped",
+                fleet_metric(
+                    lambda f: [Observation(n, {"table": t, "reason": r}) for (r, t), n in f["dropped"].items()]
+                ),
+            )
+            observable("circuitwatch.fleet.insert.errors", fleet_metric(lambda f: [Observation(f["insert_errors"])]))
+            observable("circuitwatch.fleet.spool.files", fleet_metric(lambda f: [Observation(f["spool_files"])]))
+            observable("circuitwatch.fleet.export.lag", fleet_metric(lambda f: [Observation(f["lag_s"])]))
 
         def counter(name: str):
             spec = SPECS[name]

@@ -1,4 +1,5 @@
-"""The `circuitwatch` commands besides `sidecar`: `identify`, `label`, `health` and `probe` talk to a running sidecar;
+"""The `circuitwatch` commands besides `sidecar`: `identify`, `label`, `health`, `probe` and `reports` talk to a
+running sidecar (`identify` and `reports` to the fleet store with --fleet); `fleet init` prepares the fleet store;
 `calibrate` runs a model locally to write an SAE's fidelity baseline."""
 
 from __future__ import annotations
@@ -8,12 +9,17 @@ import sys
 
 import grpc
 
+from circuitwatch.sidecar.errors import MonitorError
+from circuitwatch.sidecar.fleet.connection import StoreUnavailableError
+
 from .calibrate import add_calibrate_parser, run_calibrate
 from .connection import UsageError
+from .fleet import add_fleet_parser, run_fleet
 from .health import add_health_parser, run_health
 from .identify import add_identify_parser, run_identify
 from .label import add_label_parser, run_label
 from .probe import add_probe_parser, run_probe
+from .reports import add_reports_parser, run_reports
 
 COMMANDS = {
     "identify": run_identify,
@@ -21,8 +27,18 @@ COMMANDS = {
     "health": run_health,
     "probe": run_probe,
     "calibrate": run_calibrate,
+    "reports": run_reports,
+    "fleet": run_fleet,
 }
-PARSERS = (add_identify_parser, add_label_parser, add_health_parser, add_probe_parser, add_calibrate_parser)
+PARSERS = (
+    add_identify_parser,
+    add_label_parser,
+    add_health_parser,
+    add_probe_parser,
+    add_calibrate_parser,
+    add_reports_parser,
+    add_fleet_parser,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,6 +52,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"circuitwatch {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except OSError as exc:  # an unreadable token or CA file, an unwritable circuit file
+        print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except MonitorError as exc:  # a fleet query the store cannot answer as asked
+        print(f"circuitwatch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailableError as exc:
         print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.names import HOOK_POINT_NAMES, MODES, SCOPES
 
 from .connection import Connection, UsageError, add_connection_options
+from .fleet import add_store_options, open_fleet
 from .formatting import format_contrast
 
 
@@ -25,11 +26,12 @@ def add_identify_parser(sub) -> None:
     parser = sub.add_parser(
         "identify",
         help="which features separate some requests from others (circuit identification over live traffic)",
-        description="Contrast positive requests against negative ones over the sidecar's index window. Each side "
-        "is chosen by ids, labels, a flagged circuit, an expression and/or a time window (all criteria apply); "
-        "negatives default to every other request.",
+        description="Contrast positive requests against negative ones over the sidecar's index window (or, with "
+        "--fleet, over every replica's requests in the fleet store). Each side is chosen by ids, labels, a flagged "
+        "circuit, an expression and/or a time window (all criteria apply); negatives default to every other request.",
     )
     add_connection_options(parser)
+    add_store_options(parser)
     for side in ("positive", "negative", "truth"):
         group = parser.add_argument_group(f"{side} requests")
         group.add_argument(f"--{side}-id", action="append", default=[], metavar="ID", help="request id (repeat)")
@@ -42,6 +44,10 @@ def add_identify_parser(sub) -> None:
         )  # fmt: skip
         group.add_argument(f"--{side}-since", type=float, metavar="SECONDS", help="arrived in the last SECONDS")
     parser.add_argument("--since", type=float, metavar="SECONDS", help="both sides: arrived in the last SECONDS")
+    parser.add_argument("--model", action="append", default=[], help="both sides: only this model's requests (repeat)")
+    parser.add_argument(
+        "--instance", action="append", default=[], help="both sides: only this sidecar instance's requests (repeat)"
+    )
     parser.add_argument("--scope", choices=SCOPES, default="both")
     parser.add_argument("--mode", choices=MODES, default="codes", help="codes (every active feature), argmax-token "
                         "(each token's strongest feature) or argmax-mean (mean-pooled argmax per slot)")  # fmt: skip
@@ -133,6 +139,8 @@ def build_contrast(args: argparse.Namespace, now_ns: int) -> pb.ContrastRequest:
         pair_candidates=args.pair_candidates if args.pairs else 0,
         min_support=args.min_support,
         cut=args.cut,
+        models=args.model,
+        instances=args.instance,
     )
     if args.since is not None:
         request.window.start_unix_nanos = now_ns - int(args.since * 1e9)
@@ -149,7 +157,14 @@ def run_identify(args: argparse.Namespace) -> int:
     check_match_rule(args.match, args.cut)  # fail before asking the sidecar
     request = build_contrast(args, time.time_ns())
     connection = Connection(args)
-    response = connection.call("Contrast", request)
+    if args.fleet:  # every replica's requests, counted in the fleet store
+        from circuitwatch.sidecar.fleet.queries import fleet_contrast
+
+        started = time.perf_counter()
+        response = fleet_contrast(open_fleet(args), args.fleet_database, request)
+        response.elapsed_ms = (time.perf_counter() - started) * 1e3
+    else:
+        response = connection.call("Contrast", request)
     if args.json:
         print(json_format.MessageToJson(response, preserving_proto_field_name=True))
     else:

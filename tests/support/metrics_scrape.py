@@ -83,7 +83,10 @@ def scrape_sidecar_after_traffic(tmp_path: Path, seed: int = 0) -> Scrape:
     gRPC, wait for every report, scrape /metrics over HTTP, stop the sidecar."""
     (tmp_path / "circuits.yaml").write_text(CIRCUIT)
     grpc_port, metrics_port = free_port(), free_port()
-    config = f"circuits: [{tmp_path / 'circuits.yaml'}]\ntelemetry: {{prometheus_port: {metrics_port}}}\n"
+    config = (
+        f"circuits: [{tmp_path / 'circuits.yaml'}]\ntelemetry: {{prometheus_port: {metrics_port}}}\n"
+        "fleet: {enabled: true, instance: scrape}\n"  # the fleet exporter's metrics too (embedded store)
+    )
     process = start_sidecar(tmp_path, grpc_port, config, log_name="sidecar.log")
     try:
         messages, requests = traffic(np.random.default_rng(seed))

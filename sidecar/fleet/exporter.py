@@ -1,0 +1,255 @@
+"""The sidecar's fleet exporter: finished requests leave for the fleet store on a thread of their own.
+
+    core (finalise / reduce / Label) --put--> bounded queue --flush--> Batch --> spool files --insert--> store
+
+The hooks only append to a bounded queue (dropping and counting the oldest when it is full), so nothing on the
+ingest path waits for serialisation, disk or network. Every flush interval (or batch_rows requests) the thread
+turns the queue into one Batch, writes it to the spool, then inserts the spool's files oldest first, each
+with its own deduplication token; a file leaves the spool only once the store took it. A store that fails
+is retried with back-off while batches keep accumulating in the (bounded) spool; when it answers again the
+spool replays in order and nothing is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+
+from ..config import FleetConfig
+from ..registry import SaeRegistry
+from ..request_sets import FeatureSet, SlotCodes
+from .connection import FleetStore, StoreUnavailableError, open_store
+from .rows import TABLES, Batch, RowMaker
+from .schema import Retention, migrate
+from .spool import Spool
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 10.0
+DROP_REASONS = ("queue_full", "spool_full")
+QUEUED_TABLE = {"report": "reports", "reduced": "reports", "labels": "request_labels", "feedback": "label_feedback"}
+
+
+def store_for(config: FleetConfig, evidence_dir: Path) -> FleetStore:
+    """The store a sidecar configuration names (a server url, else the embedded directory)."""
+    if not config.url:  # a busy embedded store counts as down: the exporter spools instead of waiting long
+        return open_store(str(config.embedded_dir or evidence_dir / "fleet"), config.database, lock_timeout_s=1.0)
+    password = ""
+    if config.password_file is not None:
+        try:
+            password = config.password_file.read_text().strip()
+        except OSError as exc:
+            from ..config import ConfigError
+
+            raise ConfigError(f"{config.password_file}: fleet.password_file: cannot read ({exc.strerror})") from None
+    tls = config.tls
+    return open_store(
+        config.url,
+        config.database,
+        username=config.username,
+        password=password,
+        ca_file=tls.ca_file,
+        verify=tls.verify,
+        cert_file=tls.cert_file,
+        key_file=tls.key_file,
+        timeout_s=config.insert_timeout_s,
+    )
+
+
+def check_installed(config: FleetConfig) -> None:
+    """Fail at start, naming the extra, when the fleet store's client library is missing."""
+    import importlib.util
+
+    needed = ("pyarrow", "clickhouse_connect" if config.url else "chdb")
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        from ..config import ConfigError
+
+        raise ConfigError(
+            f"fleet.enabled: the fleet store needs {', '.join(missing)}, which is not installed: "
+            "pip install 'circuitwatch[fleet]'"
+        )
+
+
+def retention_of(config: FleetConfig) -> Retention:
+    return Retention(days=config.retention_days, token_codes_hours=config.token_codes_retention_hours)
+
+
+class FleetExporter:
+    def __init__(self, config: FleetConfig, evidence_dir: Path, store: FleetStore | None = None) -> None:
+        self.config = config
+        self.store = store or store_for(config, evidence_dir)
+        self.spool = Spool(config.spool_dir or evidence_dir / "fleet-spool", int(config.spool_max_mb * 2**20))
+        self.rows = RowMaker(config.instance_name)
+        self.stats: Counter = Counter()  # exported/<table>, dropped/<reason>/<table>, insert_errors, ...
+        self._queue: deque = deque()
+        self._queued_requests = 0
+        self._wake = threading.Condition()
+        self._stopping = threading.Event()
+        self._migrated = False
+        self._retry_at = 0.0
+        self._backoff = 0.5
+        self._down_since: float | None = None
+        self._oldest_spooled_ns: int | None = None
+        self._thread = threading.Thread(target=self._run, name="circuitwatch-fleet", daemon=True)
+
+    # --- hooks (any thread; O(1); never block) ------------------------------------------------------------
+
+    def report_final(self, report: pb.Report) -> None:
+        """A final report without codes (nothing to reduce): exported as it is."""
+        self._put(("report", report), requests=1)
+
+    def request_reduced(
+        self, report: pb.Report, sets: dict[int, FeatureSet], codes: dict[int, SlotCodes], registry: SaeRegistry
+    ) -> None:
+        """A final request's feature sets, from the request index's reduction: exported with its report."""
+        saes = [
+            (registry.term_bases[g], registry.identities[g], registry.producer_slot[g])
+            for g in range(len(registry.identities))
+        ]
+        kept_codes = codes if self.config.token_codes else None
+        self._put(("reduced", report, sets, saes, kept_codes), requests=1)
+
+    def labels_changed(self, request_id: str, arrival_ns: int, version: int, labels: list[str]) -> None:
+        self._put(("labels", request_id, arrival_ns, version, labels), requests=0)
+
+    def feedback(self, rows: list[tuple[str, int, str, str, str, str]]) -> None:
+        if rows:
+            self._put(("feedback", rows), requests=0)
+
+    def _put(self, item: tuple, requests: int) -> None:
+        with self._wake:
+            if len(self._queue) >= self.config.queue_max_requests:
+                dropped = self._queue.popleft()
+                self.stats[f"dropped/queue_full/{QUEUED_TABLE[dropped[0]]}"] += (
+                    len(dropped[1]) if dropped[0] == "feedback" else 1
+                )
+                if self.stats["queue_full_logged"] == 0:
+                    self.stats["queue_full_logged"] = 1
+                    log.warning(
+                        "fleet export queue over fleet.queue_max_requests (%d): dropping the oldest (counted in "
+                        "circuitwatch_fleet_rows_dropped_total)",
+                        self.config.queue_max_requests,
+                    )
+            self._queue.append(item)
+            self._queued_requests += requests
+            if self._queued_requests >= self.config.batch_rows:
+                self._wake.notify()
+
+    # --- the thread ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Spool what is queued and try to deliver the spool once more; what the store does not take now stays
+        spooled for the next start."""
+        self._stopping.set()
+        with self._wake:
+            self._wake.notify()
+        self._thread.join(timeout=timeout_s)
+        self._flush_queue()
+        self._retry_at = 0.0
+        self._deliver(deadline=time.monotonic() + timeout_s)
+        self.store.close()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            with self._wake:
+                self._wake.wait(self.config.flush_interval_s)
+            try:
+                self._flush_queue()
+                self._deliver()
+            except Exception:
+                self.stats["export_errors"] += 1
+                log.exception("fleet export step failed; retrying next interval")
+
+    def _flush_queue(self) -> None:
+        """Queue -> batches of at most batch_rows requests -> spool."""
+        while True:
+            with self._wake:
+                if not self._queue:
+                    return
+                items, requests = [], 0
+                while self._queue and requests < self.config.batch_rows:
+                    item = self._queue.popleft()
+                    items.append(item)
+                    requests += item[0] in ("report", "reduced")
+                self._queued_requests -= requests
+            batch = Batch()
+            for item in items:
+                self._add(batch, item)
+            written = batch.write(self.spool.directory, self.spool.stem())
+            self.stats["batches_spooled"] += 1
+            if written and self._oldest_spooled_ns is None:
+                self._oldest_spooled_ns = time.time_ns()
+            for table, rows in self.spool.enforce_bound().items():
+                self.stats[f"dropped/spool_full/{table}"] += rows
+                log.warning("fleet spool over fleet.spool_max_mb: dropped %d %s rows (oldest batch)", rows, table)
+
+    def _add(self, batch: Batch, item: tuple) -> None:
+        kind = item[0]
+        if kind == "report":
+            self.rows.report(batch, item[1], has_codes=False)
+        elif kind == "reduced":
+            _, report, sets, saes, codes = item
+            self.rows.feature_sets(batch, report, sets, saes)
+            if codes is not None:
+                by_gslot = {g: (identity, slot) for g, (_, identity, slot) in enumerate(saes)}
+                self.rows.token_codes(batch, report, codes, by_gslot)
+            self.rows.report(batch, report, has_codes=True)
+        elif kind == "labels":
+            _, request_id, arrival_ns, version, labels = item
+            self.rows.labels(batch, request_id, arrival_ns, version, labels)
+        elif kind == "feedback":
+            self.rows.feedback(batch, item[1])
+
+    def _deliver(self, deadline: float | None = None) -> None:
+        """Insert spooled files oldest first until the spool is empty or the store fails."""
+        if time.monotonic() < self._retry_at:
+            return
+        try:
+            with self.store.held():
+                if not self._migrated:
+                    migrate(self.store, self.config.database, retention_of(self.config))
+                    self._migrated = True
+                for spooled in self.spool.pending():
+                    if deadline is not None and time.monotonic() > deadline:
+                        return
+                    self.store.insert_file(f"{self.config.database}.{spooled.table}", spooled.path, spooled.token)
+                    self.spool.remove(spooled)
+                    self.stats[f"exported/{spooled.table}"] += spooled.rows
+                    self.stats["inserts"] += 1
+        except StoreUnavailableError as exc:
+            self.stats["insert_errors"] += 1
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("fleet store unavailable, spooling to %s: %s", self.spool.directory, exc)
+            return
+        self._oldest_spooled_ns = None
+        self._backoff = 0.5
+        if self._down_since is not None:
+            log.info("fleet store back after %.1fs; spool replayed", time.monotonic() - self._down_since)
+            self._down_since = None
+
+    # --- what metrics and health read ------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        """Counters and gauges for telemetry: rows exported and dropped per table, spool size, export lag."""
+        pending = self.spool.pending()
+        return {
+            "exported": {t: self.stats[f"exported/{t}"] for t in TABLES},
+            "dropped": {(r, t): self.stats[f"dropped/{r}/{t}"] for r in DROP_REASONS for t in TABLES},
+            "insert_errors": self.stats["insert_errors"],
+            "spool_bytes": sum(f.path.stat().st_size for f in pending if f.path.exists()),
+            "spool_files": len(pending),
+            "lag_s": (time.time_ns() - self._oldest_spooled_ns) / 1e9 if self._oldest_spooled_ns and pending else 0.0,
+            "queued": len(self._queue),
+        }

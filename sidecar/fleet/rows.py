@@ -1,0 +1,234 @@
+"""Finished requests as rows of the fleet tables (schema.py), collected into one Batch per flush and written as
+Arrow IPC files, one per table: the unit the spool keeps and the store inserts.
+
+Everything here runs on the exporter's thread or the maintenance thread, never on the ingest path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import astuple, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.names import severity_name, status_name
+
+from ..registry import SaeIdentity
+from ..request_index import counts_as_complete
+from ..request_sets import FeatureSet, SlotCodes
+
+
+def sae_id(identity: SaeIdentity) -> str:
+    """A stable key for an SAE identity: the same SAE has the same key on every sidecar."""
+    return hashlib.blake2b(repr(astuple(identity)).encode(), digest_size=8).hexdigest()
+
+
+def trace_id(report: pb.Report) -> str:
+    parts = report.trace.traceparent.split("-")
+    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
+
+
+# column name -> kind: "str", "bool", "u8", "u32", "i32", "i64", "time" (ns since the epoch, UTC), "bytes",
+# "list_str", "list_u32", "list_u8", "list_f32"
+COLUMNS: dict[str, dict[str, str]] = {
+    "saes": {
+        "sae": "str", "slot": "u32", "name": "str", "architecture": "str", "layer": "u32", "hook_point": "str",
+        "head": "i32", "d_in": "u32", "d_sae": "u32", "weights_hash": "str", "selection": "str",
+        "source_format": "str",
+    },
+    "reports": {
+        "instance": "str", "request_id": "str", "response_id": "str", "model": "str", "arrival": "time",
+        "finalized": "time", "status": "str", "complete": "bool", "has_codes": "bool", "flags": "list_str",
+        "max_severity": "str", "labels": "list_str", "trace_id": "str", "num_prompt_tokens": "u32",
+        "num_generated_tokens": "u32", "saes": "list_str", "report": "bytes",
+    },
+    "request_features": {
+        "instance": "str", "request_id": "str", "model": "str", "arrival": "time", "mode": "u8", "sae": "str",
+        "features": "list_u32", "scopes": "list_u8",
+    },
+    "request_labels": {
+        "instance": "str", "request_id": "str", "arrival": "time", "version": "i64", "labels": "list_str",
+    },
+    "label_feedback": {
+        "instance": "str", "request_id": "str", "at": "time", "operation": "str", "label": "str", "author": "str",
+        "note": "str",
+    },
+    "token_codes": {
+        "instance": "str", "request_id": "str", "arrival": "time", "sae": "str", "position": "u32",
+        "features": "list_u32", "activations": "list_f32",
+    },
+}  # fmt: skip
+# Insert order within a batch: a request's features before its report (selections start from reports).
+TABLES = ("saes", "request_features", "token_codes", "request_labels", "label_feedback", "reports")
+
+
+@dataclass
+class Batch:
+    """Rows for every table, column by column."""
+
+    columns: dict[str, dict[str, list]] = field(
+        default_factory=lambda: {t: {c: [] for c in cols} for t, cols in COLUMNS.items()}
+    )
+    requests: int = 0
+
+    def rows(self, table: str) -> int:
+        return len(next(iter(self.columns[table].values())))
+
+    def add(self, table: str, **values) -> None:
+        for name, column in self.columns[table].items():
+            column.append(values[name])
+
+    def write(self, directory: Path, stem: str) -> list[Path]:
+        """One Arrow IPC file per non-empty table, named <stem>.<table>.<rows>.arrow, in TABLES order."""
+        import pyarrow as pa
+
+        written = []
+        for table in TABLES:
+            if not self.rows(table):
+                continue
+            arrays = {name: _arrow(kind, self.columns[table][name]) for name, kind in COLUMNS[table].items()}
+            data = pa.table(arrays)
+            path = directory / f"{stem}.{table}.{data.num_rows}.arrow"
+            partial = path.with_name(path.name + ".partial")
+            with (
+                pa.OSFile(str(partial), "wb") as sink,
+                pa.ipc.new_file(sink, data.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer,
+            ):
+                writer.write_table(data)
+            partial.rename(path)  # a batch file is whole or absent
+            written.append(path)
+        return written
+
+
+def _arrow(kind: str, values: list):
+    import pyarrow as pa
+
+    scalar = {
+        "str": pa.string(), "bool": pa.bool_(), "u8": pa.uint8(), "u32": pa.uint32(), "i32": pa.int32(),
+        "i64": pa.int64(), "time": pa.timestamp("ns", tz="UTC"), "bytes": pa.binary(),
+    }  # fmt: skip
+    if kind in scalar:
+        return pa.array(values, type=scalar[kind])
+    if kind == "list_str":
+        return pa.array(values, type=pa.list_(pa.string()))
+    dtype = {"list_u32": np.uint32, "list_u8": np.uint8, "list_f32": np.float32}[kind]
+    lengths = np.fromiter((len(v) for v in values), np.int32, len(values))
+    offsets = np.concatenate(([0], np.cumsum(lengths, dtype=np.int32)))
+    flat = np.concatenate([np.asarray(v, dtype) for v in values]) if values else np.empty(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat))
+
+
+class RowMaker:
+    """Turns one sidecar's finished requests into rows; knows its instance name and which SAEs it exported."""
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._saes_sent: set[str] = set()
+
+    def sae(self, batch: Batch, identity: SaeIdentity, slot: int) -> str:
+        key = sae_id(identity)
+        if key not in self._saes_sent:
+            self._saes_sent.add(key)
+            values = {name: getattr(identity, name) for name in COLUMNS["saes"] if hasattr(identity, name)}
+            values.update(sae=key, slot=slot, head=-1 if identity.head is None else identity.head)
+            batch.add("saes", **values)
+        return key
+
+    def report(self, batch: Batch, report: pb.Report, has_codes: bool) -> None:
+        batch.requests += 1
+        saes = [self.sae(batch, SaeIdentity.from_proto(s), s.slot) for s in report.saes]
+        batch.add(
+            "reports",
+            instance=self.instance,
+            request_id=report.request_id,
+            response_id=report.response_id,
+            model=report.model,
+            arrival=report.arrival_unix_nanos,
+            finalized=report.finalized_unix_nanos,
+            status=status_name(report.status),
+            complete=counts_as_complete(report),
+            has_codes=has_codes,
+            flags=[f.circuit for f in report.flags],
+            max_severity=severity_name(report.max_severity),
+            labels=list(report.labels),
+            trace_id=trace_id(report),
+            num_prompt_tokens=report.num_prompt_tokens,
+            num_generated_tokens=report.num_generated_tokens,
+            saes=saes,
+            report=report.SerializeToString(),
+        )
+        self.labels(batch, report.request_id, report.arrival_unix_nanos, report.finalized_unix_nanos, report.labels)
+
+    def labels(self, batch: Batch, request_id: str, arrival_ns: int, version: int, labels: Iterable[str]) -> None:
+        batch.add(
+            "request_labels",
+            instance=self.instance,
+            request_id=request_id,
+            arrival=arrival_ns,
+            version=version,
+            labels=list(labels),
+        )
+
+    def feature_sets(
+        self,
+        batch: Batch,
+        report: pb.Report,
+        sets: dict[int, FeatureSet],
+        saes: list[tuple[int, SaeIdentity, int]],
+    ) -> None:
+        """A request's feature sets (term ids) split per SAE. `saes`: (term base, identity, producer slot) of
+        every gslot, in term order."""
+        bases = np.array([base for base, _, _ in saes], dtype=np.int64)
+        for mode, found in sets.items():
+            if not len(found.terms):
+                continue
+            owner = np.searchsorted(bases, found.terms.astype(np.int64), side="right") - 1
+            cuts = np.flatnonzero(np.diff(owner)) + 1
+            for part in np.split(np.arange(len(owner)), cuts):
+                base, identity, slot = saes[int(owner[part[0]])]
+                batch.add(
+                    "request_features",
+                    instance=self.instance,
+                    request_id=report.request_id,
+                    model=report.model,
+                    arrival=report.arrival_unix_nanos,
+                    mode=mode,
+                    sae=self.sae(batch, identity, slot),
+                    features=(found.terms[part].astype(np.int64) - base).astype(np.uint32),
+                    scopes=found.scopes[part],
+                )
+
+    def token_codes(
+        self, batch: Batch, report: pb.Report, codes: dict[int, SlotCodes], saes: dict[int, tuple[SaeIdentity, int]]
+    ) -> None:
+        for gslot, slot_codes in codes.items():
+            identity, slot = saes[gslot]
+            key = self.sae(batch, identity, slot)
+            offsets = slot_codes.row_offsets
+            for row, position in enumerate(slot_codes.positions.tolist()):
+                batch.add(
+                    "token_codes",
+                    instance=self.instance,
+                    request_id=report.request_id,
+                    arrival=report.arrival_unix_nanos,
+                    sae=key,
+                    position=position,
+                    features=slot_codes.features[offsets[row] : offsets[row + 1]],
+                    activations=slot_codes.activations[offsets[row] : offsets[row + 1]],
+                )
+
+    def feedback(self, batch: Batch, rows: list[tuple[str, int, str, str, str, str]]) -> None:
+        for request_id, at, operation, label, author, note in rows:
+            batch.add(
+                "label_feedback",
+                instance=self.instance,
+                request_id=request_id,
+                at=at,
+                operation=operation,
+                label=label,
+                author=author,
+                note=note,
+            )

@@ -1,0 +1,240 @@
+"""The fleet exporter against the real ClickHouse engine (chdb; see test_fleet.py for why not a server): outages
+spool and replay without loss or duplicates, across a restart too; a full spool drops the oldest and says so;
+label changes, token codes and the CLI.
+
+An outage of the embedded store is another process holding it (its lock file), which is what makes the store
+unavailable on one box; the exporter treats it like a server that does not answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.sidecar.config import FleetConfig
+from circuitwatch.sidecar.fleet.connection import StoreUnavailableError, open_store
+from circuitwatch.sidecar.fleet.queries import ReportFilter, fleet_contrast, fleet_reports
+
+from support.processes import CLI, free_port, start_sidecar, stop
+from support.sidecar_harness import SyntheticRequest, messages, running_sidecar
+
+pytest.importorskip("chdb", reason="the fleet tests need the [fleet] extra (make test installs it)")
+
+DB = "circuitwatch"
+LABEL = "review:it's \\ 'escalate'"  # quotes and a backslash reach SQL only as parameters
+
+
+@contextlib.contextmanager
+def store_held_elsewhere(store_dir: Path):
+    """Hold the embedded store's lock, as another process using it would."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    with open(store_dir / ".circuitwatch.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def count(store, sql: str) -> int:
+    """A count; 0 while the exporter has not created the tables yet."""
+    try:
+        with store.held():
+            return store.column(sql)[0]
+    except StoreUnavailableError as exc:
+        if "does not exist" in str(exc):
+            return 0
+        raise
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def requests_for(rng, prefix: str, n: int) -> list[SyntheticRequest]:
+    return [SyntheticRequest.random(rng, f"{prefix}{i}") for i in range(n)]
+
+
+def send(stub, requests: list[SyntheticRequest], rng) -> None:
+    stub.Ingest(iter(messages(requests, rng)), timeout=60)
+    for r in requests:
+        stub.GetReport(pb.GetReportRequest(request_id=r.request_id, wait_ms=5000), timeout=30)
+
+
+def spooled(home: Path) -> list[Path]:
+    return sorted((home / "evidence" / "fleet-spool").glob("*.arrow"))
+
+
+def test_outage_spools_and_a_restart_replays_without_loss_or_duplicates(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    rng = np.random.default_rng(3)
+    config = f"fleet: {{enabled: true, instance: one, embedded_dir: {store_dir}, flush_interval_s: 0.2}}\n"
+    before, during, after = requests_for(rng, "a", 30), requests_for(rng, "b", 60), requests_for(rng, "c", 30)
+    port = free_port()
+    process = start_sidecar(tmp_path, port, config, log_name="sidecar.log")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            send(pb_grpc.MonitorStub(channel), before, rng)
+        store = open_store(str(store_dir), DB)
+        wait_for(lambda: count(store, f"SELECT count() FROM {DB}.reports") == len(before), what="first export")
+        with store_held_elsewhere(store_dir):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                send(pb_grpc.MonitorStub(channel), during, rng)  # ingest goes on: reports are final meanwhile
+            wait_for(lambda: len(spooled(tmp_path)) >= 3, what="batches in the spool")
+            stop(process)  # SIGTERM during the outage: what could not be delivered stays spooled
+            left = spooled(tmp_path)
+            assert left, "the outage's batches should still be spooled after the stop"
+            assert "fleet store unavailable, spooling" in (tmp_path / "sidecar.log").read_text()
+        process = start_sidecar(tmp_path, port, config, log_name="sidecar.log")  # a new run replays the old spool
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            send(pb_grpc.MonitorStub(channel), after, rng)
+        expected = sorted(r.request_id for r in before + during + after)
+        wait_for(lambda: count(store, f"SELECT count() FROM {DB}.reports") >= len(expected), what="replay")
+        wait_for(lambda: not spooled(tmp_path), what="an empty spool")
+    finally:
+        stop(process)
+    with store.held():
+        ids = sorted(store.column(f"SELECT request_id FROM {DB}.reports"))
+        per_request = store.column(
+            f"SELECT count() FROM {DB}.request_features GROUP BY rkey, mode, sae HAVING count() > 1"
+        )
+    assert ids == expected  # zero lost, zero duplicated
+    assert per_request == []
+
+
+def test_a_replayed_batch_counts_once_through_the_materialized_view(tmp_path: Path) -> None:
+    """An insert the store took but whose answer was lost is sent again with the same token: nothing doubles,
+    not the rows and not the hourly sums. A new token does add (so the token is what deduplicates)."""
+    rng = np.random.default_rng(4)
+    store_dir = tmp_path / "store"
+    fleet = FleetConfig(enabled=True, instance="dedup", embedded_dir=store_dir, flush_interval_s=0.2)
+    with store_held_elsewhere(store_dir), running_sidecar(tmp_path, fleet=fleet) as (running, client):
+        send(client.stub, requests_for(rng, "d", 20), rng)
+        wait_for(lambda: any(p.name.split(".")[1] == "request_features" for p in spooled(tmp_path)))
+        copies = tmp_path / "copies"
+        copies.mkdir()
+        for path in spooled(tmp_path):
+            shutil.copy(path, copies / path.name)
+    assert sorted(copies.glob("*.arrow")), "the stop could not deliver either: the batches stayed spooled"
+    store = open_store(str(store_dir), DB)
+    with running_sidecar(tmp_path, fleet=fleet):  # delivers the spool
+        wait_for(lambda: not spooled(tmp_path), what="delivery")
+    sums = f"SELECT sum(either) FROM {DB}.feature_counts"
+    reports = f"SELECT count() FROM {DB}.reports"
+    first = count(store, sums), count(store, reports)
+    with store.held():
+        for path in sorted(copies.glob("*.arrow")):
+            store.insert_file(f"{DB}.{path.name.split('.')[1]}", path, path.name.rsplit(".", 2)[0])
+    assert (count(store, sums), count(store, reports)) == first
+    with store.held():
+        for path in sorted(copies.glob("*.arrow")):
+            store.insert_file(f"{DB}.{path.name.split('.')[1]}", path, "another-token-" + path.name.split(".")[1])
+    assert (count(store, sums), count(store, reports)) == (2 * first[0], 2 * first[1])
+
+
+def test_a_full_spool_drops_the_oldest_and_counts_it(tmp_path: Path, caplog) -> None:
+    rng = np.random.default_rng(5)
+    store_dir = tmp_path / "store"
+    fleet = FleetConfig(
+        enabled=True, instance="small", embedded_dir=store_dir, flush_interval_s=0.1, batch_rows=5, spool_max_mb=0.03
+    )
+    with store_held_elsewhere(store_dir), running_sidecar(tmp_path, fleet=fleet) as (running, client):
+        for n in range(6):
+            send(client.stub, requests_for(rng, f"s{n}-", 10), rng)
+        wait_for(lambda: running.core.fleet.snapshot()["queued"] == 0, what="the queue spooled")
+        snapshot = running.core.fleet.snapshot()
+        spool_bytes = snapshot["spool_bytes"]
+    dropped = snapshot["dropped"]
+    assert dropped[("spool_full", "reports")] > 0 and dropped[("spool_full", "request_features")] > 0
+    assert spool_bytes <= 0.03 * 2**20
+    assert "fleet spool over fleet.spool_max_mb" in caplog.text
+    assert snapshot["insert_errors"] > 0
+
+
+def test_label_changes_and_token_codes_reach_the_store(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    store_dir = tmp_path / "store"
+    fleet = FleetConfig(enabled=True, instance="lab", embedded_dir=store_dir, flush_interval_s=0.2, token_codes=True)
+    requests = requests_for(rng, "l", 24)
+    store = open_store(str(store_dir), DB)
+    with running_sidecar(tmp_path, fleet=fleet) as (running, client):
+        send(client.stub, requests, rng)
+        chosen = [r.request_id for r in requests[:7]]
+        label = pb.LabelRequest(request_ids=chosen, add=[LABEL], author="alice", note="it's \\ odd")
+        assert client.stub.Label(label, timeout=10).updated == 7
+        client.stub.Label(pb.LabelRequest(request_ids=chosen[:2], remove=[LABEL], author="bob"), timeout=10)
+        local = client.stub.Contrast(
+            pb.ContrastRequest(positives=pb.RequestSelector(labels=[LABEL]), top_pairs=0), timeout=30
+        )
+        wait_for(lambda: count(store, f"SELECT count() FROM {DB}.label_feedback") == 9, what="the audit trail")
+    remote = fleet_contrast(store, DB, pb.ContrastRequest(positives=pb.RequestSelector(labels=[LABEL]), top_pairs=0))
+    assert remote.positives == local.positives == 5
+    assert [f.feature for f in remote.features] == [f.feature for f in local.features]
+    listed = fleet_reports(store, DB, ReportFilter(labels=(LABEL,), limit=50))
+    assert sorted(r.request_id for _, r in listed) == sorted(chosen[2:])
+    _, report = next(x for x in listed if x[1].request_id == chosen[2])
+    assert [(c.operation, c.label, c.author, c.note) for c in report.feedback] == [
+        ("add", LABEL, "alice", "it's \\ odd")
+    ]
+    with store.held():
+        rows = store.column(f"SELECT count() FROM {DB}.token_codes")[0]
+    assert rows == sum(r.num_positions for r in requests) * 2  # every position of both slots
+
+
+def test_fleet_commands(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    store_dir = tmp_path / "store"
+    fleet = FleetConfig(enabled=True, instance="cli", embedded_dir=store_dir, flush_interval_s=0.2)
+    requests = requests_for(rng, "k", 20)
+    with running_sidecar(tmp_path, fleet=fleet) as (running, client):
+        starts = [
+            pb.IngestMessage(start=pb.RequestStart(request_id=r.request_id, labels=["pos" if i % 4 == 0 else "neg"]))
+            for i, r in enumerate(requests)
+        ]
+        out = messages(requests, rng)
+        client.stub.Ingest(iter([out[0], *starts, *out[1:]]), timeout=60)
+        for r in requests:
+            client.report(r.request_id, wait_ms=5000)
+        local = client.stub.Contrast(
+            pb.ContrastRequest(positives=pb.RequestSelector(labels=["pos"]), top=10, top_pairs=5, cut=5), timeout=30
+        )
+    run = lambda *args: subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)  # noqa: E731
+    first = run("fleet", "init", "--store", str(tmp_path / "fresh"))
+    assert first.returncode == 0 and "created circuitwatch.reports" in first.stdout, first.stderr
+    again = run("fleet", "init", "--store", str(tmp_path / "fresh"))
+    assert again.returncode == 0 and "up to date" in again.stdout
+    shorter = run("fleet", "init", "--store", str(tmp_path / "fresh"), "--retention-days", "7")
+    assert "circuitwatch.reports: TTL toDateTime(arrival) + toIntervalDay(7)" in shorter.stdout
+    identified = run(
+        "identify", "--fleet", str(store_dir), "--positive-label", "pos", "--top", "10", "--pairs", "5", "--json"
+    )
+    assert identified.returncode == 0, identified.stderr
+    answer = json.loads(identified.stdout)
+    assert answer["positives"] == local.positives == 5
+    assert [
+        (f.get("slot", 0), f.get("feature", 0), f["positives"], f.get("negatives", 0)) for f in answer["features"]
+    ] == [(f.slot, f.feature, f.positives, f.negatives) for f in local.features]
+    listed = run("reports", "--fleet", str(store_dir), "--label", "pos", "--json", "--limit", "50")
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert sorted(r["request_id"] for r in rows) == sorted(r.request_id for i, r in enumerate(requests) if i % 4 == 0)
+    assert {r["instance"] for r in rows} == {"cli"}
+    refused = run("reports", "--label", "pos")
+    assert refused.returncode == 2 and "add --fleet STORE" in refused.stderr
+    expression = run("identify", "--fleet", str(store_dir), "--positive-expression", "{layer: 1, feature: 3}")
+    assert expression.returncode == 1 and "FAILED_PRECONDITION" in expression.stderr
+    assert "token codes" in expression.stderr
