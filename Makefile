@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
-# The sidecar as `pip install circuitwatch` installs it: no torch, vLLM or ONNX Runtime. Its tests run there.
+# The sidecar as `pip install 'circuitwatch[fleet]'` installs it: no torch, vLLM or ONNX Runtime. Its tests run there.
 SIDECAR_VENV := .venv-sidecar
 SIDECAR_INSTALLED := $(SIDECAR_VENV)/.installed
 # Validators for the deployment files (tests/deploy): promtool and docker-compose come from Debian's packages.
@@ -35,7 +35,7 @@ install: $(INSTALLED)
 $(INSTALLED): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[cpu,dev,fleet]'
+	$(BIN)/pip install --quiet -e '.[cpu,dev]'
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $@
 

@@ -15,7 +15,8 @@
    outage: everything spools). Prints ingest requests/s and the ratios to "off", and how long the exporter took
    to have every request in the store after ingest ended.
 
-    .venv/bin/python bench/fleet_bench.py [--replicas 100] [--per-replica 10000] [--features 150]
+    .venv-sidecar/bin/python bench/fleet_bench.py [--replicas 100] [--per-replica 10000] [--features 150]
+(the sidecar venv has the [fleet] extra; `make test` builds it)
 Target (DESIGN.md): contrast of 10k positives against 1M requests <= 1 s on the embedded engine; export keeps up
 with ingest at < 5% ingest slowdown.
 """
@@ -108,6 +109,14 @@ def fill_store(store, replicas: int, per_replica: int, features: int, hours: flo
             f"SELECT instance, request_id, model, arrival, {pb.CODE_MODE_ARGMAX_MEAN}, {saes}[s + 1], "
             f"[toUInt32(if(positive, 101, cityHash64(number, s) % {D_SAE} + 1000))], [7] "
             f"FROM (SELECT {common}, number, s FROM {numbers} ARRAY JOIN [0, 1] AS s)"
+        )
+        # the hourly sums an exporter sends with each batch (rows.RowMaker._counts), here in SQL
+        store.command(
+            f"INSERT INTO {DB}.feature_counts SELECT toStartOfHour(arrival) AS hour, model, instance, mode, sae, "
+            "feature, countIf(bitAnd(scope, 1) != 0), countIf(bitAnd(scope, 2) != 0), "
+            "countIf(bitAnd(scope, 3) != 0), countIf(bitAnd(scope, 4) != 0) "
+            f"FROM {DB}.request_features ARRAY JOIN features AS feature, scopes AS scope "
+            f"WHERE instance = 'replica-{r}' GROUP BY hour, model, instance, mode, sae, feature"
         )
     return time.perf_counter() - start
 
@@ -214,19 +223,22 @@ def held_elsewhere(directory: Path):
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ingest_run(batches, requests: int, fleet_mode: str, tmp: Path) -> tuple[float, float | None]:
-    """Requests/s of ingest + the request index's maintenance, and seconds after ingest until the store has all."""
-    config = SidecarConfig(evidence_dir=tmp / fleet_mode / "evidence")
+def ingest_run(batches, requests: int, fleet_mode: str, tmp: Path, flush_s: float = 1.0) -> dict:
+    """One run: ingest (+ the request index's maintenance, which also hands requests to the exporter) of
+    `requests` requests. Returns the ingest rate, the process CPU time per request until every request is in
+    the store (all threads: ingest, exporter, the embedded engine), and how long delivery took after ingest."""
+    config = SidecarConfig(evidence_dir=tmp / "evidence")
     clock = SimulatedClock()
     core = SidecarCore(config, EvidenceStore(config.evidence_dir), clock=clock)
-    store_dir = tmp / fleet_mode / "store"
+    store_dir = tmp / "store"
     exporter = None
     if fleet_mode != "off":
-        fleet = FleetConfig(enabled=True, instance="bench", embedded_dir=store_dir)
+        fleet = FleetConfig(enabled=True, instance="bench", embedded_dir=store_dir, flush_interval_s=flush_s)
         exporter = core.fleet = FleetExporter(fleet, config.evidence_dir)
         exporter.start()
     outage = held_elsewhere(store_dir) if fleet_mode == "outage" else contextlib.nullcontext()
     stream = core.open_stream(manifest())
+    cpu0 = time.process_time()
     with outage:
         t0 = time.perf_counter()
         for i in range(requests):
@@ -241,32 +253,53 @@ def ingest_run(batches, requests: int, fleet_mode: str, tmp: Path) -> tuple[floa
             if i % 100 == 99:
                 core.request_index.seal(core.lock)
         core.request_index.seal(core.lock)
-        rate = requests / (time.perf_counter() - t0)
-    delivered_after = None
+        ingest_s = time.perf_counter() - t0
+    delivered_after = 0.0
     if exporter is not None:
         t1 = time.perf_counter()
         while exporter.snapshot()["exported"]["reports"] < requests and time.perf_counter() - t1 < 600:
             time.sleep(0.05)
         delivered_after = time.perf_counter() - t1
+    cpu = time.process_time() - cpu0
+    threads = {"flush_ms": 0.0, "deliver_ms": 0.0}
+    if exporter is not None:
+        threads = {f"{k}_ms": exporter.stats[f"{k}_cpu_ns"] / 1e6 / requests for k in ("flush", "deliver")}
         exporter.stop()
     core.store.close()
-    return rate, delivered_after
+    return {"rate": requests / ingest_s, "cpu_ms": cpu / requests * 1e3, "delivered_after": delivered_after, **threads}
 
 
 def export_section(args) -> None:
     batches = make_batches(np.random.default_rng(0), 64)
     print(
-        f"\nexport: {args.export_requests} requests of the ingest bench (256 tokens, k=16, 2 SAEs), one core's ingest"
+        f"\nexport: {args.export_requests} requests of the ingest bench (256 tokens, k=16, 2 SAEs) per run into "
+        f"one SidecarCore, modes interleaved, {args.rounds} rounds (medians)"
     )
+    runs: dict[str, list[dict]] = {"off": [], "on": [], "outage": []}
     with tempfile.TemporaryDirectory() as tmp:
-        rates = {}
-        for mode in ("off", "on", "outage", "off-again"):
-            rate, after = ingest_run(batches, args.export_requests, mode.removesuffix("-again"), Path(tmp) / mode)
-            rates[mode] = rate
-            extra = f"; every request in the store {after:.1f}s after ingest ended" if after is not None else ""
-            if mode == "outage":
-                extra = f"; store held elsewhere during ingest, then {after:.1f}s to replay the spool"
-            print(f"  fleet export {mode:<9} {rate:8.0f} requests/s   x{rate / rates['off']:.3f}{extra}", flush=True)
+        for r in range(args.rounds):
+            for mode in runs:
+                runs[mode].append(
+                    ingest_run(batches, args.export_requests, mode, Path(tmp) / f"{mode}-{r}", args.flush_interval)
+                )
+    median = {m: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for m, rs in runs.items()}
+    off = median["off"]
+    for mode, m in median.items():
+        extra = ""
+        if mode == "on":
+            extra = f"; all in the store {m['delivered_after']:.1f}s after ingest ended"
+        if mode == "outage":
+            extra = f"; store held elsewhere during ingest, spool replayed {m['delivered_after']:.1f}s after"
+        print(
+            f"  export {mode:<7} ingest {m['rate']:6.0f} requests/s (x{m['rate'] / off['rate']:.3f}), "
+            f"CPU {m['cpu_ms']:.2f} ms/request (exporter thread: rows {m['flush_ms']:.2f}, "
+            f"inserts {m['deliver_ms']:.2f}){extra}"
+        )
+    export_ms = median["on"]["cpu_ms"] - off["cpu_ms"]
+    print(
+        f"  export costs {export_ms:.2f} ms of CPU per request (rows, Arrow files, and the embedded engine's inserts): "
+        f"one core exports {1e3 / export_ms:,.0f} requests/s, {1e3 / export_ms / off['rate']:.1f}x this ingest rate"
+    )
 
 
 def main() -> None:
@@ -276,7 +309,9 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=150, help="codes-mode features per request and SAE (mean)")
     parser.add_argument("--hours", type=float, default=10.0)
     parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--export-requests", type=int, default=3000)
+    parser.add_argument("--export-requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flush-interval", type=float, default=1.0, help="fleet.flush_interval_s of the export runs")
     parser.add_argument("--skip-contrast", action="store_true")
     args = parser.parse_args()
     if not args.skip_contrast:

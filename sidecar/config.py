@@ -174,9 +174,9 @@ class FleetConfig(_Strict):
     @field_validator("database")
     @classmethod
     def _identifier(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
-            raise ValueError(f"{value!r} is not a plain ClickHouse identifier (letters, digits, _)")
-        return value
+        from .fleet.schema import check_database
+
+        return check_database(value)
 
     @field_validator("url")
     @classmethod

@@ -24,6 +24,12 @@ def add_store_options(parser: argparse.ArgumentParser, flag: str = "--fleet") ->
 
 def open_fleet(args: argparse.Namespace):
     from circuitwatch.sidecar.fleet.connection import open_store
+    from circuitwatch.sidecar.fleet.schema import check_database
+
+    try:
+        check_database(args.fleet_database)
+    except ValueError as exc:
+        raise UsageError(f"--fleet-database: {exc}") from None
 
     password = ""
     if args.fleet_password_file is not None:

@@ -32,6 +32,7 @@ from ..identify import EXAMPLES, contrast_over
 from ..registry import SaeIdentity, SaeRegistry
 from ..request_sets import BOTH_IS_UNION, scope_bits
 from .connection import FleetStore
+from .schema import check_database
 
 HOUR_NS = 3600 * 10**9
 MAX_FEATURES = 1 << 28  # the fleet registry's term space (every SAE in the store)
@@ -115,6 +116,7 @@ def fleet_registry(store: FleetStore, db: str) -> tuple[SaeRegistry, dict[str, i
 
 def fleet_contrast(store: FleetStore, db: str, request: pb.ContrastRequest) -> pb.ContrastResponse:
     """The Contrast RPC's answer over every replica's requests in the store."""
+    check_database(db)
     with store.held():
         registry, gslots = fleet_registry(store, db)
         population = Population(
@@ -426,6 +428,7 @@ class ReportFilter:
 
 def fleet_reports(store: FleetStore, db: str, selection: ReportFilter) -> list[tuple[str, pb.Report]]:
     """(instance, report) newest first, each report with its label changes (as a sidecar's ListReports)."""
+    check_database(db)
     where, params = Population(selection.start_ns, selection.end_ns, selection.models, selection.instances).where()
     clauses = [where]
     if selection.request_ids:

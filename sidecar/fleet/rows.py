@@ -6,6 +6,7 @@ Everything here runs on the exporter's thread or the maintenance thread, never o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import astuple, dataclass, field
@@ -20,9 +21,13 @@ from ..registry import SaeIdentity
 from ..request_index import counts_as_complete
 from ..request_sets import FeatureSet, SlotCodes
 
+HOUR_NS = 3600 * 10**9
 
+
+@functools.cache
 def sae_id(identity: SaeIdentity) -> str:
-    """A stable key for an SAE identity: the same SAE has the same key on every sidecar."""
+    """A stable key for an SAE identity: the same SAE has the same key on every sidecar (cached: a sidecar sees
+    a handful of SAEs, and every exported row names one)."""
     return hashlib.blake2b(repr(astuple(identity)).encode(), digest_size=8).hexdigest()
 
 
@@ -49,6 +54,10 @@ COLUMNS: dict[str, dict[str, str]] = {
         "instance": "str", "request_id": "str", "model": "str", "arrival": "time", "mode": "u8", "sae": "str",
         "features": "list_u32", "scopes": "list_u8",
     },
+    "feature_counts": {
+        "hour": "time", "model": "str", "instance": "str", "mode": "u8", "sae": "str", "feature": "u32",
+        "prompt": "u64", "generated": "u64", "either": "u64", "pooled": "u64",
+    },
     "request_labels": {
         "instance": "str", "request_id": "str", "arrival": "time", "version": "i64", "labels": "list_str",
     },
@@ -62,7 +71,7 @@ COLUMNS: dict[str, dict[str, str]] = {
     },
 }  # fmt: skip
 # Insert order within a batch: a request's features before its report (selections start from reports).
-TABLES = ("saes", "request_features", "token_codes", "request_labels", "label_feedback", "reports")
+TABLES = ("saes", "request_features", "feature_counts", "token_codes", "request_labels", "label_feedback", "reports")
 
 
 @dataclass
@@ -72,10 +81,12 @@ class Batch:
     columns: dict[str, dict[str, list]] = field(
         default_factory=lambda: {t: {c: [] for c in cols} for t, cols in COLUMNS.items()}
     )
+    tables: dict[str, list] = field(default_factory=dict)  # table -> Arrow tables built whole (finish_features)
+    reduced: list[tuple] = field(default_factory=list)  # (report, feature sets, gslot layout) not yet split
     requests: int = 0
 
     def rows(self, table: str) -> int:
-        return len(next(iter(self.columns[table].values())))
+        return len(next(iter(self.columns[table].values()))) + sum(t.num_rows for t in self.tables.get(table, ()))
 
     def add(self, table: str, **values) -> None:
         for name, column in self.columns[table].items():
@@ -89,8 +100,10 @@ class Batch:
         for table in TABLES:
             if not self.rows(table):
                 continue
-            arrays = {name: _arrow(kind, self.columns[table][name]) for name, kind in COLUMNS[table].items()}
-            data = pa.table(arrays)
+            parts = list(self.tables.get(table, ()))
+            if len(next(iter(self.columns[table].values()))):
+                parts.append(pa.table({n: _arrow(k, self.columns[table][n]) for n, k in COLUMNS[table].items()}))
+            data = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
             path = directory / f"{stem}.{table}.{data.num_rows}.arrow"
             partial = path.with_name(path.name + ".partial")
             with (
@@ -108,7 +121,7 @@ def _arrow(kind: str, values: list):
 
     scalar = {
         "str": pa.string(), "bool": pa.bool_(), "u8": pa.uint8(), "u32": pa.uint32(), "i32": pa.int32(),
-        "i64": pa.int64(), "time": pa.timestamp("ns", tz="UTC"), "bytes": pa.binary(),
+        "i64": pa.int64(), "u64": pa.uint64(), "time": pa.timestamp("ns", tz="UTC"), "bytes": pa.binary(),
     }  # fmt: skip
     if kind in scalar:
         return pa.array(values, type=scalar[kind])
@@ -177,29 +190,91 @@ class RowMaker:
         batch: Batch,
         report: pb.Report,
         sets: dict[int, FeatureSet],
-        saes: list[tuple[int, SaeIdentity, int]],
+        saes: tuple[tuple[int, SaeIdentity, int], ...],
     ) -> None:
-        """A request's feature sets (term ids) split per SAE. `saes`: (term base, identity, producer slot) of
-        every gslot, in term order."""
-        bases = np.array([base for base, _, _ in saes], dtype=np.int64)
-        for mode, found in sets.items():
-            if not len(found.terms):
-                continue
-            owner = np.searchsorted(bases, found.terms.astype(np.int64), side="right") - 1
-            cuts = np.flatnonzero(np.diff(owner)) + 1
-            for part in np.split(np.arange(len(owner)), cuts):
-                base, identity, slot = saes[int(owner[part[0]])]
-                batch.add(
-                    "request_features",
-                    instance=self.instance,
-                    request_id=report.request_id,
-                    model=report.model,
-                    arrival=report.arrival_unix_nanos,
-                    mode=mode,
-                    sae=self.sae(batch, identity, slot),
-                    features=(found.terms[part].astype(np.int64) - base).astype(np.uint32),
-                    scopes=found.scopes[part],
+        """A request's feature sets (term ids); `saes`: (term base, identity, producer slot) of every gslot, in
+        term order. Split per SAE for the whole batch at once (finish_features), not request by request."""
+        batch.reduced.append((report, sets, saes))
+
+    def finish_features(self, batch: Batch) -> None:
+        """The batch's request_features rows: one per (request, mode, SAE), cut from every request's term ids
+        with whole-array operations (a per-request loop here would cost ingest its GIL time)."""
+        import pyarrow as pa
+
+        groups: dict[tuple, list[int]] = {}  # requests reduced under the same gslot layout (almost always one)
+        for i, (_, _, saes) in enumerate(batch.reduced):
+            groups.setdefault(saes, []).append(i)
+        for saes, members in groups.items():
+            bases = np.array([base for base, _, _ in saes], dtype=np.int64)
+            keys = [self.sae(batch, identity, slot) for _, identity, slot in saes]
+            reports = [batch.reduced[i][0] for i in members]
+            for mode in sorted({m for i in members for m in batch.reduced[i][1]}):
+                found = [batch.reduced[i][1].get(mode, FeatureSet.empty()) for i in members]
+                lengths = np.fromiter((len(f.terms) for f in found), np.int64, len(found))
+                if not lengths.sum():
+                    continue
+                terms = np.concatenate([f.terms for f in found]).astype(np.int64)
+                scopes = np.concatenate([f.scopes for f in found]).astype(np.uint8)
+                request = np.repeat(np.arange(len(found)), lengths)
+                owner = np.searchsorted(bases, terms, side="right") - 1
+                starts = np.flatnonzero(np.diff(request * len(bases) + owner, prepend=-1))
+                offsets = np.append(starts, len(terms)).astype(np.int32)
+                rows, owners = request[starts].tolist(), owner[starts].tolist()
+                self._counts(batch, mode, reports, request, terms, scopes, bases, keys)
+                batch.tables.setdefault("request_features", []).append(
+                    pa.table(
+                        {
+                            "instance": pa.array([self.instance] * len(rows), pa.string()),
+                            "request_id": pa.array([reports[r].request_id for r in rows], pa.string()),
+                            "model": pa.array([reports[r].model for r in rows], pa.string()),
+                            "arrival": pa.array(
+                                [reports[r].arrival_unix_nanos for r in rows], pa.timestamp("ns", tz="UTC")
+                            ),
+                            "mode": pa.array([mode] * len(rows), pa.uint8()),
+                            "sae": pa.array([keys[o] for o in owners], pa.string()),
+                            "features": pa.ListArray.from_arrays(
+                                pa.array(offsets), pa.array((terms - bases[owner]).astype(np.uint32))
+                            ),
+                            "scopes": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scopes)),
+                        }
+                    )
                 )
+        batch.reduced.clear()
+
+    def _counts(self, batch, mode, reports, request, terms, scopes, bases, keys) -> None:
+        """feature_counts rows: per (hour of arrival, model) of the batch's requests, how many carry each
+        feature in each scope (bincount over term ids: one pass, no sort)."""
+        import pyarrow as pa
+
+        hour = np.array([r.arrival_unix_nanos // HOUR_NS for r in reports], dtype=np.int64)
+        models = [r.model for r in reports]
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, key in enumerate(zip(hour.tolist(), models, strict=True)):
+            groups.setdefault(key, []).append(i)
+        size = int(terms.max()) + 1
+        for (h, model), members in groups.items():
+            inside = np.isin(request, members) if len(groups) > 1 else slice(None)
+            t, s = terms[inside], scopes[inside]
+            counts = [np.bincount(t[(s & bits) != 0], minlength=size) for bits in (1, 2, 3, 4)]
+            present = np.flatnonzero(counts[2] | counts[3])
+            owner = np.searchsorted(bases, present, side="right") - 1
+            rows = len(present)
+            batch.tables.setdefault("feature_counts", []).append(
+                pa.table(
+                    {
+                        "hour": pa.array(np.full(rows, h * 3600, np.int64), pa.timestamp("s", tz="UTC")),
+                        "model": pa.array([model] * rows, pa.string()),
+                        "instance": pa.array([self.instance] * rows, pa.string()),
+                        "mode": pa.array(np.full(rows, mode, np.uint8)),
+                        "sae": pa.array([keys[g] for g in owner.tolist()], pa.string()),
+                        "feature": pa.array((present - bases[owner]).astype(np.uint32)),
+                        **{
+                            name: pa.array(c[present].astype(np.uint64))
+                            for name, c in zip(("prompt", "generated", "either", "pooled"), counts, strict=True)
+                        },
+                    }
+                )
+            )
 
     def token_codes(
         self, batch: Batch, report: pb.Report, codes: dict[int, SlotCodes], saes: dict[int, tuple[SaeIdentity, int]]

@@ -10,22 +10,26 @@ insert (a MATERIALIZED column) and is what queries join and filter on. Times are
   reduction the request-level index stores. ORDER BY (mode, hour of arrival, rkey, sae): a contrast reads one
   mode, the hours at the edges of its window, and its positives by key.
 - feature_counts: per hour of arrival, model, instance, mode, SAE and feature, how many requests carry it in
-  each scope; kept by a materialized view on request_features, so "every other request" is counted from
-  these sums instead of a scan of every request.
+  each scope (SummingMergeTree: the exporter sends each batch's sums, the store adds them up), so "every
+  other request" is counted from these sums instead of a scan of every request. The exporter computes them
+  with numpy rather than a materialized view: the view's ARRAY JOIN cost the embedded engine five times the
+  insert itself.
 - request_labels: label sets over time (a report's labels, then each Label call's result); the latest wins.
 - label_feedback: the audit trail of Label calls.
 - token_codes (optional): every token's feature ids and activations, on a shorter TTL.
 - saes: every SAE identity seen, keyed by its digest (sae_id).
 
 Inserts carry a deduplication token (insert_deduplication_token) and every MergeTree keeps a deduplication
-window, so a batch replayed from the spool is never counted twice, including through the materialized view.
+window, so a batch replayed from the spool is never counted twice: not its rows, not its sums.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
+DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 DEDUP_WINDOW = 10_000  # inserts remembered per table for deduplication (about three hours at one a second)
 
 
@@ -35,12 +39,19 @@ class Retention:
     token_codes_hours: int
 
 
+def check_database(db: str) -> str:
+    """A database name goes into SQL as an identifier: plain letters, digits and _ only."""
+    if not DATABASE_NAME.fullmatch(db):
+        raise ValueError(f"database {db!r}: expected a plain ClickHouse identifier (letters, digits, _)")
+    return db
+
+
 def _settings() -> str:
     return f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 
 
 def tables(db: str, retention: Retention) -> dict[str, str]:
-    """CREATE statements by table name, in creation order (the view after both of its tables)."""
+    """CREATE statements by table name."""
     days = retention.days
     return {
         "schema_version": f"""
@@ -100,13 +111,6 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
                 pooled UInt64
             ) ENGINE = SummingMergeTree PARTITION BY toYYYYMMDD(hour)
             ORDER BY (mode, hour, model, instance, sae, feature) TTL hour + INTERVAL {days} DAY {_settings()}""",
-        "feature_counts_view": f"""
-            CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.feature_counts_view TO {db}.feature_counts AS
-            SELECT toStartOfHour(arrival) AS hour, model, instance, mode, sae, feature,
-                   countIf(bitAnd(scope, 1) != 0) AS prompt, countIf(bitAnd(scope, 2) != 0) AS generated,
-                   countIf(bitAnd(scope, 3) != 0) AS either, countIf(bitAnd(scope, 4) != 0) AS pooled
-            FROM {db}.request_features ARRAY JOIN features AS feature, scopes AS scope
-            GROUP BY hour, model, instance, mode, sae, feature""",
         "request_labels": f"""
             CREATE TABLE IF NOT EXISTS {db}.request_labels (
                 instance LowCardinality(String),
@@ -160,6 +164,7 @@ def ttl_clauses(db: str, retention: Retention) -> dict[str, str]:
 def migrate(store, db: str, retention: Retention) -> list[str]:
     """Create what is missing and set every table's TTL to the configured retention; returns what changed.
     Idempotent, and safe from several sidecars at once (IF NOT EXISTS; an ALTER to the same TTL is a no-op)."""
+    check_database(db)
     changes = []
     store.command(f"CREATE DATABASE IF NOT EXISTS {db}")
     existing = set(store.column(f"SELECT name FROM system.tables WHERE database = '{db}'"))

@@ -155,8 +155,9 @@ def test_a_full_spool_drops_the_oldest_and_counts_it(tmp_path: Path, caplog) -> 
     with store_held_elsewhere(store_dir), running_sidecar(tmp_path, fleet=fleet) as (running, client):
         for n in range(6):
             send(client.stub, requests_for(rng, f"s{n}-", 10), rng)
-        wait_for(lambda: running.core.fleet.snapshot()["queued"] == 0, what="the queue spooled")
-        snapshot = running.core.fleet.snapshot()
+        fleet_stats = running.core.fleet.snapshot
+        wait_for(lambda: fleet_stats()["dropped"][("spool_full", "reports")] > 0, what="the oldest batches dropped")
+        snapshot = fleet_stats()
         spool_bytes = snapshot["spool_bytes"]
     dropped = snapshot["dropped"]
     assert dropped[("spool_full", "reports")] > 0 and dropped[("spool_full", "request_features")] > 0
