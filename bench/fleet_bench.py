@@ -168,12 +168,17 @@ def local_index_for(store, instance: str, mode: int):
 
 def contrast_section(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        store = open_store(str(Path(tmp) / "store"), DB)
+        directory = args.store or Path(tmp) / "store"
+        store = open_store(str(directory), DB)
         with store.held():
-            migrate(store, DB, retention_of(FleetConfig()))
             total = args.replicas * args.per_replica
-            print(f"filling the embedded store: {args.replicas} replicas x {args.per_replica} requests ...", flush=True)
-            seconds = fill_store(store, args.replicas, args.per_replica, args.features, args.hours)
+            if (directory / "filled").exists():  # --store kept from an earlier run with the same sizes
+                seconds = 0.0
+            else:
+                migrate(store, DB, retention_of(FleetConfig()))
+                print(f"filling the embedded store: {args.replicas} replicas x {args.per_replica} requests ...")
+                seconds = fill_store(store, args.replicas, args.per_replica, args.features, args.hours)
+                (directory / "filled").touch()
             elements = store.column(f"SELECT sum(length(features)) FROM {DB}.request_features WHERE mode = 1")[0]
             size = store.column(
                 "SELECT formatReadableSize(sum(data_compressed_bytes)) FROM system.parts "
@@ -183,13 +188,17 @@ def contrast_section(args) -> None:
                 f"  {total:,} requests in {seconds:.0f}s; codes mode: {elements / total / 2:.0f} features per request "
                 f"and SAE on average ({elements:,} in all); store {size} compressed\n"
             )
-        print(f"contrast: 'pos' ({total // 100:,} requests) against every other request, median of {args.queries}:")
+        print(
+            f"contrast: 'pos' ({total // 100:,} requests) against every other request, median of {args.queries} "
+            "(with pairs: one run)"
+        )
         for mode, name in ((pb.CODE_MODE_CODES, "codes"), (pb.CODE_MODE_ARGMAX_TOKEN, "argmax-token")):
             for pairs in (0, 20):
                 request = pb.ContrastRequest(
                     positives=pb.RequestSelector(labels=["pos"]), mode=mode, top=50, top_pairs=pairs
                 )
-                seconds, answer = timed(lambda r=request: fleet_contrast(store, DB, r), args.queries)
+                repeats = 1 if pairs else args.queries  # pairs over every other request scan them all: once
+                seconds, answer = timed(lambda r=request: fleet_contrast(store, DB, r), repeats)
                 top = [(f.slot, f.feature) for f in answer.features[:3]]
                 print(
                     f"  {name:<13} {'with 20 pairs' if pairs else 'features only':<14} {seconds * 1e3:8.0f} ms   "
@@ -313,6 +322,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flush-interval", type=float, default=1.0, help="fleet.flush_interval_s of the export runs")
     parser.add_argument("--skip-contrast", action="store_true")
+    parser.add_argument("--store", type=Path, help="keep the filled store here and reuse it on the next run")
     args = parser.parse_args()
     if not args.skip_contrast:
         contrast_section(args)

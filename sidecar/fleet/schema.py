@@ -7,8 +7,9 @@ insert (a MATERIALIZED column) and is what queries join and filter on. Times are
 - reports: one row per finished report (the whole report as protobuf bytes, plus the columns selectors use).
   ORDER BY (model, arrival, instance, request_id): listings and selections run by model and time.
 - request_features: one row per (request, code mode, SAE): the request's feature ids and scope bits, the same
-  reduction the request-level index stores. ORDER BY (mode, hour of arrival, rkey, sae): a contrast reads one
-  mode, the hours at the edges of its window, and its positives by key.
+  reduction the request-level index stores. ORDER BY (mode, rkey, sae) in granules of 64 rows and compressed
+  blocks of 8-16 KB: a contrast reads a side's rows by key, and a side scattered over the whole store (10k of
+  1M requests) then reads about a third of the granules instead of all of them (measured: 2.7 s -> 1.5 s).
 - feature_counts: per hour of arrival, model, instance, mode, SAE and feature, how many requests carry it in
   each scope (SummingMergeTree: the exporter sends each batch's sums, the store adds them up), so "every
   other request" is counted from these sums instead of a scan of every request. The exporter computes them
@@ -46,6 +47,12 @@ def check_database(db: str) -> str:
     return db
 
 
+# Every per-request table starts with the request's key; rkey is what queries join and filter on.
+KEY_COLUMNS = (
+    "instance LowCardinality(String), request_id String, rkey UInt64 MATERIALIZED cityHash64(instance, request_id)"
+)
+
+
 def _settings() -> str:
     return f"SETTINGS non_replicated_deduplication_window = {DEDUP_WINDOW}"
 
@@ -64,9 +71,7 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
             ) ENGINE = ReplacingMergeTree ORDER BY sae""",
         "reports": f"""
             CREATE TABLE IF NOT EXISTS {db}.reports (
-                instance LowCardinality(String),
-                request_id String,
-                rkey UInt64 MATERIALIZED cityHash64(instance, request_id),
+                {KEY_COLUMNS},
                 response_id String,
                 model LowCardinality(String),
                 arrival DateTime64(9, 'UTC'),
@@ -86,17 +91,16 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
             TTL toDateTime(arrival) + INTERVAL {days} DAY {_settings()}""",
         "request_features": f"""
             CREATE TABLE IF NOT EXISTS {db}.request_features (
-                instance LowCardinality(String),
-                request_id String,
-                rkey UInt64 MATERIALIZED cityHash64(instance, request_id),
+                {KEY_COLUMNS},
                 model LowCardinality(String),
                 arrival DateTime64(9, 'UTC'),
                 mode UInt8,
                 sae LowCardinality(String),
                 features Array(UInt32) CODEC(Delta, ZSTD),
                 scopes Array(UInt8) CODEC(ZSTD)
-            ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(arrival) ORDER BY (mode, toStartOfHour(arrival), rkey, sae)
-            TTL toDateTime(arrival) + INTERVAL {days} DAY {_settings()}""",
+            ) ENGINE = MergeTree PARTITION BY toYYYYMMDD(arrival) ORDER BY (mode, rkey, sae)
+            TTL toDateTime(arrival) + INTERVAL {days} DAY {_settings()}, index_granularity = 64,
+            index_granularity_bytes = 0, min_compress_block_size = 8192, max_compress_block_size = 16384""",
         "feature_counts": f"""
             CREATE TABLE IF NOT EXISTS {db}.feature_counts (
                 hour DateTime('UTC'),
@@ -113,9 +117,7 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
             ORDER BY (mode, hour, model, instance, sae, feature) TTL hour + INTERVAL {days} DAY {_settings()}""",
         "request_labels": f"""
             CREATE TABLE IF NOT EXISTS {db}.request_labels (
-                instance LowCardinality(String),
-                request_id String,
-                rkey UInt64 MATERIALIZED cityHash64(instance, request_id),
+                {KEY_COLUMNS},
                 arrival DateTime64(9, 'UTC'),
                 version Int64,
                 labels Array(String)
@@ -123,9 +125,7 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
             TTL toDateTime(arrival) + INTERVAL {days} DAY {_settings()}""",
         "label_feedback": f"""
             CREATE TABLE IF NOT EXISTS {db}.label_feedback (
-                instance LowCardinality(String),
-                request_id String,
-                rkey UInt64 MATERIALIZED cityHash64(instance, request_id),
+                {KEY_COLUMNS},
                 at DateTime64(9, 'UTC'),
                 operation LowCardinality(String),
                 label String,
@@ -135,9 +135,7 @@ def tables(db: str, retention: Retention) -> dict[str, str]:
             TTL toDateTime(at) + INTERVAL {days} DAY {_settings()}""",
         "token_codes": f"""
             CREATE TABLE IF NOT EXISTS {db}.token_codes (
-                instance LowCardinality(String),
-                request_id String,
-                rkey UInt64 MATERIALIZED cityHash64(instance, request_id),
+                {KEY_COLUMNS},
                 arrival DateTime64(9, 'UTC'),
                 sae LowCardinality(String),
                 position UInt32,
