@@ -121,6 +121,19 @@ def fill_store(store, replicas: int, per_replica: int, features: int, hours: flo
     return time.perf_counter() - start
 
 
+def settle(store, quiet_s: float = 5.0, limit_s: float = 600.0) -> float:
+    """Wait until the engine's background merges have been idle for quiet_s (a store that has been running a
+    while), without forcing them (no OPTIMIZE FINAL). Returns how long it took."""
+    start = quiet_since = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        if store.column("SELECT count() FROM system.merges")[0]:
+            quiet_since = time.perf_counter()
+        elif time.perf_counter() - quiet_since >= quiet_s:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - start
+
+
 def timed(call, repeats: int) -> tuple[float, object]:
     samples, answer = [], None
     for _ in range(repeats):
@@ -179,14 +192,17 @@ def contrast_section(args) -> None:
                 print(f"filling the embedded store: {args.replicas} replicas x {args.per_replica} requests ...")
                 seconds = fill_store(store, args.replicas, args.per_replica, args.features, args.hours)
                 (directory / "filled").touch()
+            settle_s = settle(store)
             elements = store.column(f"SELECT sum(length(features)) FROM {DB}.request_features WHERE mode = 1")[0]
             size = store.column(
                 "SELECT formatReadableSize(sum(data_compressed_bytes)) FROM system.parts "
                 f"WHERE database = '{DB}' AND active"
             )[0]
+            parts = store.column(f"SELECT count() FROM system.parts WHERE database = '{DB}' AND active")[0]
             print(
                 f"  {total:,} requests in {seconds:.0f}s; codes mode: {elements / total / 2:.0f} features per request "
-                f"and SAE on average ({elements:,} in all); store {size} compressed\n"
+                f"and SAE on average ({elements:,} in all); store {size} compressed in {parts} parts "
+                f"(background merges settled {settle_s:.0f}s after the fill)\n"
             )
         print(
             f"contrast: 'pos' ({total // 100:,} requests) against every other request, median of {args.queries} "

@@ -338,20 +338,30 @@ class FleetSource:
         self, mode: int, scope: int, terms: np.ndarray, side_sql: str, params: dict, min_length: int, truth=None
     ) -> list[tuple[list[int], bool, int]]:
         """(the indices of `terms` a request carries, whether it is a truth request, how many requests) for
-        the requests `side_sql` selects, one row per distinct pattern of at least `min_length` terms."""
+        the requests `side_sql` selects, one row per distinct pattern of at least `min_length` terms.
+
+        Rows carrying none of the terms are dropped before requests are grouped, and a request's pattern is a
+        64-bit mask (the sum of 2^index over its terms, one row per SAE) while there are at most 63 terms, so
+        a scan of every request groups only those that matter, cheaply."""
         saes, keys, features = self._term_keys(terms)
-        carried = _in_scope(mode, scope)
         absent = len(terms)
+        indices = (
+            f"arrayFilter(i -> i < {absent}, arrayMap(f -> transform(toUInt64(indexOf({{saes:Array(String)}}, sae)) "
+            f"* 4294967296 + f, {{keys:Array(UInt64)}}, {{codes:Array(UInt32)}}, toUInt32({absent})), "
+            f"arrayIntersect({_in_scope(mode, scope)}, {{features:Array(UInt32)}})))"
+        )
+        as_mask = absent <= 63
+        per_row = f"arraySum(arrayMap(i -> intExp2(i), {indices}))" if as_mask else indices
+        per_request = "sum(hits)" if as_mask else "arraySort(groupArrayArray(hits))"
+        size = "bitCount(pattern)" if as_mask else "length(pattern)"
+        nonempty = "hits != 0" if as_mask else "notEmpty(hits)"
         rows = self.store.query(
-            "SELECT pattern, is_true, count() AS n FROM ("
-            f"  SELECT rkey, rkey IN {{truth:Array(UInt64)}} AS is_true,"
-            f"    arraySort(arrayFilter(i -> i < {absent}, groupArrayArray(arrayMap("
-            "      f -> transform(toUInt64(indexOf({saes:Array(String)}, sae)) * 4294967296 + f,"
-            f"                     {{keys:Array(UInt64)}}, {{codes:Array(UInt32)}}, toUInt32({absent})),"
-            f"      arrayIntersect({carried}, {{features:Array(UInt32)}}))))) AS pattern"
-            f"  FROM {self.db}.request_features WHERE mode = {{mode:UInt8}} AND sae IN {{saes:Array(String)}}"
-            f"    AND {side_sql} GROUP BY rkey"
-            f") WHERE length(pattern) >= {min_length} GROUP BY pattern, is_true",
+            f"SELECT pattern, is_true, count() AS n FROM ("
+            f"  SELECT rkey, rkey IN {{truth:Array(UInt64)}} AS is_true, {per_request} AS pattern FROM ("
+            f"    SELECT rkey, {per_row} AS hits FROM {self.db}.request_features"
+            f"    WHERE mode = {{mode:UInt8}} AND sae IN {{saes:Array(String)}} AND {side_sql}"
+            f"  ) WHERE {nonempty} GROUP BY rkey"
+            f") WHERE {size} >= {min_length} GROUP BY pattern, is_true",
             {
                 **params,
                 "mode": mode,
@@ -363,6 +373,8 @@ class FleetSource:
                 "truth": [] if truth is None else truth.tolist(),
             },
         ).to_pylist()
+        if as_mask:
+            return [([i for i in range(absent) if r["pattern"] >> i & 1], bool(r["is_true"]), r["n"]) for r in rows]
         return [(r["pattern"], bool(r["is_true"]), r["n"]) for r in rows]
 
     def pair_counts(self, mode: int, scope: int, candidates: np.ndarray, sides: list[FleetSide]) -> list[np.ndarray]:

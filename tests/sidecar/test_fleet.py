@@ -138,7 +138,16 @@ def test_fleet_contrast_equals_the_local_contrast_over_the_union(fleet, mode, sc
 
 @pytest.mark.parametrize(
     "case",
-    ["explicit negatives", "circuit", "ids", "window cutting hours", "window inside an hour", "model", "min support"],
+    [
+        "explicit negatives",
+        "circuit",
+        "ids",
+        "window cutting hours",
+        "window inside an hour",
+        "model",
+        "min support",
+        "over 63 pair candidates",  # pair patterns as arrays rather than 64-bit masks
+    ],
 )
 def test_fleet_selectors_equal_the_local_ones(fleet, case) -> None:
     stub, store, requests, starts, _ = fleet
@@ -160,6 +169,8 @@ def test_fleet_selectors_equal_the_local_ones(fleet, case) -> None:
         request.positives.window.start_unix_nanos = first + 50 * 60 * 10**9
     elif case == "model":
         request.models.append("model-a")
+    elif case == "over 63 pair candidates":
+        request.pair_candidates, request.top_pairs = 40, 200
     elif case == "min support":
         request.min_support = 3
         request.mode = pb.CODE_MODE_ARGMAX_TOKEN
