@@ -165,9 +165,10 @@ class Review:
         """The fleet store gets the audit trail and each final request's labels as they now are (an open
         request's report will carry them)."""
         core = self.core
-        core.fleet.feedback(audit)
+        states = []
         for request_id in dict.fromkeys(row[0] for row in audit):
             report = None if core.is_open(request_id) else core.finals.get(request_id)
             if report is not None:
                 labels = current_labels(report, core.store.feedback(request_id))
-                core.fleet.labels_changed(request_id, report.arrival_unix_nanos, now, labels)
+                states.append((request_id, report.arrival_unix_nanos, now, labels))
+        core.fleet.labels_changed(audit, states)

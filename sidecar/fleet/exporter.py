@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
 DROP_REASONS = ("queue_full", "spool_full")
-QUEUED_TABLE = {"report": "reports", "reduced": "reports", "labels": "request_labels", "feedback": "label_feedback"}
+QUEUED_TABLE = {"report": "reports", "reduced": "reports", "labels": "label_feedback"}
 
 
 def store_for(config: FleetConfig, evidence_dir: Path) -> FleetStore:
@@ -115,19 +115,20 @@ class FleetExporter:
         kept_codes = codes if self.config.token_codes else None
         self._put(("reduced", report, sets, saes, kept_codes), requests=1)
 
-    def labels_changed(self, request_id: str, arrival_ns: int, version: int, labels: list[str]) -> None:
-        self._put(("labels", request_id, arrival_ns, version, labels), requests=0)
-
-    def feedback(self, rows: list[tuple[str, int, str, str, str, str]]) -> None:
-        if rows:
-            self._put(("feedback", rows), requests=0)
+    def labels_changed(
+        self, audit: list[tuple[str, int, str, str, str, str]], states: list[tuple[str, int, int, list[str]]]
+    ) -> None:
+        """One Label call: its audit rows, and (request id, arrival, version, labels now) of each final request
+        it changed, as one item, so both land in the same batch."""
+        if audit or states:
+            self._put(("labels", audit, states), requests=0)
 
     def _put(self, item: tuple, requests: int) -> None:
         with self._wake:
             if len(self._queue) >= self.config.queue_max_requests:
                 dropped = self._queue.popleft()
                 self.stats[f"dropped/queue_full/{QUEUED_TABLE[dropped[0]]}"] += (
-                    len(dropped[1]) if dropped[0] == "feedback" else 1
+                    len(dropped[1]) if dropped[0] == "labels" else 1
                 )
                 if self.stats["queue_full_logged"] == 0:
                     self.stats["queue_full_logged"] = 1
@@ -212,10 +213,10 @@ class FleetExporter:
                 self.rows.token_codes(batch, report, codes, by_gslot)
             self.rows.report(batch, report, has_codes=True)
         elif kind == "labels":
-            _, request_id, arrival_ns, version, labels = item
-            self.rows.labels(batch, request_id, arrival_ns, version, labels)
-        elif kind == "feedback":
-            self.rows.feedback(batch, item[1])
+            _, audit, states = item
+            self.rows.feedback(batch, audit)
+            for request_id, arrival_ns, version, labels in states:
+                self.rows.labels(batch, request_id, arrival_ns, version, labels)
 
     def _deliver(self, deadline: float | None = None) -> None:
         """Insert spooled files oldest first until the spool is empty or the store fails."""
