@@ -9,9 +9,6 @@ import sys
 
 import grpc
 
-from circuitwatch.sidecar.errors import MonitorError
-from circuitwatch.sidecar.fleet.connection import StoreUnavailableError
-
 from .calibrate import add_calibrate_parser, run_calibrate
 from .connection import UsageError
 from .fleet import add_fleet_parser, run_fleet
@@ -54,12 +51,24 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # an unreadable token or CA file, an unwritable circuit file
         print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
         return 1
-    except MonitorError as exc:  # a fleet query the store cannot answer as asked
-        print(f"circuitwatch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = _fleet_failure(exc)
+        if message is None:
+            raise
+        print(f"circuitwatch {args.command}: {message}", file=sys.stderr)
         return 1
-    except StoreUnavailableError as exc:
-        print(f"circuitwatch {args.command}: {exc}", file=sys.stderr)
-        return 1
+
+
+def _fleet_failure(exc: Exception) -> str | None:
+    """A fleet query the store refused or could not answer, as one line. Only --fleet commands import those
+    modules (the others never import the sidecar), so an exception of theirs can only come from one."""
+    errors = sys.modules.get("circuitwatch.sidecar.errors")
+    connection = sys.modules.get("circuitwatch.sidecar.fleet.connection")
+    if errors is not None and isinstance(exc, errors.MonitorError):
+        return f"{exc.code.name}: {exc}"
+    if connection is not None and isinstance(exc, connection.StoreUnavailableError):
+        return str(exc)
+    return None
 
 
 __all__ = ["COMMANDS", "PARSERS", "run"]

@@ -20,10 +20,11 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar.fleet.connection import open_store
 from circuitwatch.sidecar.fleet.queries import fleet_contrast
 
+from support.fleet import require_fleet
 from support.processes import free_port, start_sidecar, stop
 from support.sidecar_harness import LAYERS, SyntheticRequest, messages, running_sidecar
 
-pytest.importorskip("chdb", reason="the fleet tests need the [fleet] extra (make test installs it)")
+require_fleet()
 
 PLANTED = ((0, 5), (1, 11))  # (slot, feature) on every "pos" request, on no other
 HOUR_NS = 3600 * 10**9

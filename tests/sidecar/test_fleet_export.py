@@ -18,7 +18,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
@@ -26,10 +25,11 @@ from circuitwatch.sidecar.config import FleetConfig
 from circuitwatch.sidecar.fleet.connection import StoreUnavailableError, open_store
 from circuitwatch.sidecar.fleet.queries import ReportFilter, fleet_contrast, fleet_reports
 
+from support.fleet import require_fleet
 from support.processes import CLI, free_port, start_sidecar, stop
 from support.sidecar_harness import SyntheticRequest, messages, running_sidecar
 
-pytest.importorskip("chdb", reason="the fleet tests need the [fleet] extra (make test installs it)")
+require_fleet()
 
 DB = "circuitwatch"
 LABEL = "review:it's \\ 'escalate'"  # quotes and a backslash reach SQL only as parameters

@@ -8,6 +8,7 @@ the per-SAE health gauges."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 import urllib.request
@@ -25,6 +26,10 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from .processes import free_port, start_sidecar, stop
 from .sidecar_harness import SyntheticRequest, manifest
 
+# The sidecar process runs from this interpreter's venv: the fleet store needs the [fleet] extra there (`make test`
+# runs the tests that check the fleet metrics with it: CIRCUITWATCH_REQUIRE_FLEET, see support/fleet.py).
+FLEET_INSTALLED = importlib.util.find_spec("chdb") is not None
+
 CIRCUIT = "circuits:\n  - {name: scrape-f3, severity: high, when: {layer: 1, feature: 3}}\n"
 GAP_POSITIONS = 3  # the first request's first positions: read from the prefix cache, never encoded
 TYPE_LINE = re.compile(r"^# TYPE (\S+) (\S+)$", re.MULTILINE)
@@ -37,6 +42,7 @@ class Scrape:
     samples: list = field(default_factory=list)  # prometheus_client Samples: name, labels, value
     request_ids: list[str] = field(default_factory=list)  # what the traffic used: no label may carry these
     reports: list[pb.Report] = field(default_factory=list)
+    fleet: bool = False  # the sidecar exported to a fleet store (its metrics are on the scrape)
 
     def circuitwatch_types(self) -> dict[str, str]:
         return {name: kind for name, kind in self.types.items() if name.startswith("circuitwatch")}
@@ -83,10 +89,9 @@ def scrape_sidecar_after_traffic(tmp_path: Path, seed: int = 0) -> Scrape:
     gRPC, wait for every report, scrape /metrics over HTTP, stop the sidecar."""
     (tmp_path / "circuits.yaml").write_text(CIRCUIT)
     grpc_port, metrics_port = free_port(), free_port()
-    config = (
-        f"circuits: [{tmp_path / 'circuits.yaml'}]\ntelemetry: {{prometheus_port: {metrics_port}}}\n"
-        "fleet: {enabled: true, instance: scrape}\n"  # the fleet exporter's metrics too (embedded store)
-    )
+    config = f"circuits: [{tmp_path / 'circuits.yaml'}]\ntelemetry: {{prometheus_port: {metrics_port}}}\n"
+    if FLEET_INSTALLED:  # the fleet exporter's metrics too (embedded store); `make test` runs this with the extra
+        config += "fleet: {enabled: true, instance: scrape}\n"
     process = start_sidecar(tmp_path, grpc_port, config, log_name="sidecar.log")
     try:
         messages, requests = traffic(np.random.default_rng(seed))
@@ -102,4 +107,4 @@ def scrape_sidecar_after_traffic(tmp_path: Path, seed: int = 0) -> Scrape:
         stop(process)
     samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     types = {m.group(1): m.group(2) for m in TYPE_LINE.finditer(text)}
-    return Scrape(text, types, samples, [r.request_id for r in requests], reports)
+    return Scrape(text, types, samples, [r.request_id for r in requests], reports, fleet=FLEET_INSTALLED)
