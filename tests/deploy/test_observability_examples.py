@@ -148,7 +148,10 @@ def test_dashboard_metrics_exist_on_a_real_sidecar(dashboard: dict, scrape: Scra
     exposed = {sample.name for sample in scrape.samples}
     referenced = {name for expr in promql(dashboard) for name in METRIC_NAME.findall(expr)}
     assert referenced, "the dashboard queries no circuitwatch metric"
-    missing = sorted(referenced - exposed)
+    # without the [fleet] extra in this venv the sidecar has no fleet metrics: the fleet panels' names are checked
+    # against METRICS below, and tests/sidecar/test_telemetry.py scrapes them from a sidecar that exports
+    scraped = referenced if scrape.fleet else {n for n in referenced if not n.startswith("circuitwatch_fleet_")}
+    missing = sorted(scraped - exposed)
     assert not missing, f"the dashboard queries metrics the sidecar does not expose: {missing}"
     # and it shows every metric the sidecar documents
     families = {m.prometheus for m in METRICS}
