@@ -338,11 +338,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flush-interval", type=float, default=1.0, help="fleet.flush_interval_s of the export runs")
     parser.add_argument("--skip-contrast", action="store_true")
+    parser.add_argument("--skip-export", action="store_true")
     parser.add_argument("--store", type=Path, help="keep the filled store here and reuse it on the next run")
     args = parser.parse_args()
     if not args.skip_contrast:
         contrast_section(args)
-    export_section(args)
+    if not args.skip_export:
+        export_section(args)
 
 
 if __name__ == "__main__":
