@@ -50,14 +50,6 @@ COLUMNS: dict[str, dict[str, str]] = {
         "max_severity": "str", "labels": "list_str", "trace_id": "str", "num_prompt_tokens": "u32",
         "num_generated_tokens": "u32", "saes": "list_str", "report": "bytes",
     },
-    "request_features": {
-        "instance": "str", "request_id": "str", "model": "str", "arrival": "time", "mode": "u8", "sae": "str",
-        "features": "list_u32", "scopes": "list_u8",
-    },
-    "feature_counts": {
-        "hour": "time", "model": "str", "instance": "str", "mode": "u8", "sae": "str", "feature": "u32",
-        "prompt": "u64", "generated": "u64", "either": "u64", "pooled": "u64",
-    },
     "request_labels": {
         "instance": "str", "request_id": "str", "arrival": "time", "version": "i64", "labels": "list_str",
     },
@@ -85,8 +77,12 @@ class Batch:
     reduced: list[tuple] = field(default_factory=list)  # (report, feature sets, gslot layout) not yet split
     requests: int = 0
 
+    def _added(self, table: str) -> int:
+        """Rows added one by one (tables built whole, request_features and feature_counts, have none)."""
+        return len(next(iter(self.columns[table].values()))) if table in self.columns else 0
+
     def rows(self, table: str) -> int:
-        return len(next(iter(self.columns[table].values()))) + sum(t.num_rows for t in self.tables.get(table, ()))
+        return self._added(table) + sum(t.num_rows for t in self.tables.get(table, ()))
 
     def add(self, table: str, **values) -> None:
         for name, column in self.columns[table].items():
@@ -101,7 +97,7 @@ class Batch:
             if not self.rows(table):
                 continue
             parts = list(self.tables.get(table, ()))
-            if len(next(iter(self.columns[table].values()))):
+            if self._added(table):
                 parts.append(pa.table({n: _arrow(k, self.columns[table][n]) for n, k in COLUMNS[table].items()}))
             data = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
             path = directory / f"{stem}.{table}.{data.num_rows}.arrow"
@@ -121,7 +117,7 @@ def _arrow(kind: str, values: list):
 
     scalar = {
         "str": pa.string(), "bool": pa.bool_(), "u8": pa.uint8(), "u32": pa.uint32(), "i32": pa.int32(),
-        "i64": pa.int64(), "u64": pa.uint64(), "time": pa.timestamp("ns", tz="UTC"), "bytes": pa.binary(),
+        "i64": pa.int64(), "time": pa.timestamp("ns", tz="UTC"), "bytes": pa.binary(),
     }  # fmt: skip
     if kind in scalar:
         return pa.array(values, type=scalar[kind])
