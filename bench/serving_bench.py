@@ -16,10 +16,14 @@ is the encoders alone on the same step shapes in the same process: every step's 
 and after generation each slot's encoder runs again on rows of those counts. overhead / floor is the ratio the
 DESIGN target bounds (<= 1.3 with ONNX).
 
-Server (`--server`): vLLM's OpenAI server with concurrent `openai` clients: streaming TTFT and TPOT (p50/p99),
-non-streaming latency and how many responses still said `pending` at the plugin's response deadline.
+Server (`--server`): vLLM's OpenAI server with `openai` clients, one alone (nothing queues, so what the monitor
+adds shows) and 16 concurrent: streaming TTFT and TPOT (p50/p99), non-streaming latency, how many responses still
+said `pending` at the plugin's response deadline, and where the wait between the engine finishing a request and
+the response reaching the client goes (engine finish -> report final, from the sidecar's report; report final ->
+response at the client). The sidecar's CPU seconds per offline variant show what it takes from these cores.
 
     .venv/bin/python bench/serving_bench.py [--model llama7b-ratio|fixture] [--rounds 2] [--server]
+        [--variants off,onnx,onnx-sink] [--server-variants off,onnx]
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ VARIANTS = ("off", "torch", "onnx")
 # - `onnx-unsent`: the sidecar unreachable, so nothing is packed or sent: the worker's own cost;
 # - `onnx-sink`: codes packed and sent to a gRPC endpoint in this process that drops the raw bytes unread: the
 #   worker's cost plus shipping, without the sidecar's CPU (which shares these two cores with vLLM).
-EXTRA_VARIANTS = ("onnx-unsent", "onnx-sink")
+# - `onnx-optin` (server only): one server under `monitor: opt-in`, requests alternately opting in and not, so
+#   monitored and unmonitored requests are compared in the same process at the same time (no drift between runs).
+EXTRA_VARIANTS = ("onnx-unsent", "onnx-sink", "onnx-optin")
 PROMPTS, PROMPT_TOKENS, OUTPUT_TOKENS = 64, 128, 96
+SERVER_CONCURRENCY = (1, 16)  # one client alone (nothing queues: what the monitor adds shows), then a busy server
 
 
 # --- the models -------------------------------------------------------------------------------------------
@@ -109,12 +116,15 @@ def prompts(model: Path) -> list[list[int]]:
     return [doc[:PROMPT_TOKENS] for doc in ids if len(doc) >= PROMPT_TOKENS][:PROMPTS]
 
 
-def plugin_config(path: Path, slots: list[dict], backend: str, sidecar_port: int, wiring: bool) -> Path:
+def plugin_config(
+    path: Path, slots: list[dict], backend: str, sidecar_port: int, wiring: bool, monitor: str = "all"
+) -> Path:
     config = {
         "slots": slots,
         "encoder_backend": backend,
         "sidecar": {"address": f"127.0.0.1:{sidecar_port}"},
         "wiring_check": {"enabled": wiring},
+        "monitor": monitor,
     }
     path.write_text(json.dumps(config))
     return path
@@ -190,7 +200,7 @@ def encoder_floor(plugin, steps: list[int]) -> float:
 def target_port(variant: str, ports: dict[str, int]) -> tuple[str, int]:
     """(encoder backend, the port its codes go to) of a variant: `unsent` to port 1, where nothing listens."""
     backend, _, mode = variant.partition("-")
-    return backend, {"": ports["sidecar"], "unsent": 1, "sink": ports["sink"]}[mode]
+    return backend, {"": ports["sidecar"], "optin": ports["sidecar"], "unsent": 1, "sink": ports["sink"]}[mode]
 
 
 def start_sink():
@@ -217,6 +227,14 @@ def start_sink():
     return server, port
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (the sidecar's share of the shared cores)."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 def run_offline(model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool) -> dict:
     backend, port = target_port(variant, ports)
     config = None if variant == "off" else plugin_config(work / f"{variant}.json", slots, backend, port, wiring)
@@ -230,58 +248,109 @@ def run_offline(model: Path, slots: list[dict], variant: str, work: Path, ports:
 # --- server: the OpenAI API with concurrent clients -------------------------------------------------------------
 
 
-async def client_load(port: int, token_prompts: list[list[int]], concurrency: int) -> dict:
+def new_load() -> dict:
+    return {"ttft": [], "tpot": [], "latency": [], "pending": 0, "received": []}
+
+
+async def client_load(port: int, token_prompts: list[list[int]], concurrency: int, alternate: bool) -> list[dict]:
+    """Streaming requests (TTFT, TPOT), then non-streaming ones of 16 tokens (latency, `pending`, and per response
+    the wall-clock time it reached the client with the sidecar's report id, for the breakdown). `alternate`: every
+    other request opts in to monitoring (a `monitor: opt-in` server); the loads are [opted in, not]."""
     from openai import AsyncOpenAI
 
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     model = (await client.models.list()).data[0].id
     gate = asyncio.Semaphore(concurrency)
-    ttft, tpot, latency, pending = [], [], [], 0
+    loads = [new_load(), new_load()] if alternate else [new_load()]
 
-    async def streamed(prompt: list[int]) -> None:
+    def opt(i: int) -> tuple[dict, dict]:
+        if not alternate:
+            return loads[0], {}
+        return loads[i % 2], {"vllm_xargs": {"circuitwatch_monitor": i % 2 == 0}}
+
+    async def streamed(i: int, prompt: list[int]) -> None:
+        load, xargs = opt(i)
         async with gate:
             started = time.perf_counter()
             stream = await client.completions.create(
                 model=model, prompt=prompt, max_tokens=OUTPUT_TOKENS, temperature=0, stream=True,
-                extra_body={"min_tokens": OUTPUT_TOKENS, "ignore_eos": True},
+                extra_body={"min_tokens": OUTPUT_TOKENS, "ignore_eos": True, **xargs},
             )  # fmt: skip
             times = []
             async for chunk in stream:
                 if chunk.choices:  # a token (its text may be empty: a random model's partial UTF-8); not the
                     times.append(time.perf_counter())  # final `circuitwatch` chunk, whose choices are empty
-            ttft.append(times[0] - started)
-            tpot.append((times[-1] - times[0]) / max(1, len(times) - 1))
+            load["ttft"].append(times[0] - started)
+            load["tpot"].append((times[-1] - times[0]) / max(1, len(times) - 1))
 
-    async def whole(prompt: list[int]) -> None:
-        nonlocal pending
+    async def whole(i: int, prompt: list[int]) -> None:
+        load, xargs = opt(i)
         async with gate:
             started = time.perf_counter()
             response = await client.completions.create(
                 model=model, prompt=prompt, max_tokens=16, temperature=0,
-                extra_body={"min_tokens": 16, "ignore_eos": True},
+                extra_body={"min_tokens": 16, "ignore_eos": True, **xargs},
             )  # fmt: skip
-            latency.append(time.perf_counter() - started)
+            load["latency"].append(time.perf_counter() - started)
             field = (response.model_extra or {}).get("circuitwatch")
-            pending += bool(field and field.get("status") == "pending")
+            load["pending"] += bool(field and field.get("status") == "pending")
+            if field and field.get("request_id"):
+                load["received"].append((field["request_id"], time.time_ns()))
 
-    await asyncio.gather(*(streamed(p) for p in token_prompts[:4]))  # warm-up
-    ttft.clear(), tpot.clear()
-    await asyncio.gather(*(streamed(p) for p in token_prompts))
-    await asyncio.gather(*(whole(p) for p in token_prompts))
-    return {"ttft": ttft, "tpot": tpot, "latency": latency, "pending": pending}
+    await asyncio.gather(*(streamed(i, p) for i, p in enumerate(token_prompts[:4])))  # warm-up
+    loads[:] = [new_load() for _ in loads]
+    await asyncio.gather(*(streamed(i, p) for i, p in enumerate(token_prompts)))
+    await asyncio.gather(*(whole(i, p) for i, p in enumerate(token_prompts)))
+    return loads
 
 
-def run_server(model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool) -> dict:
+def report_breakdown(sidecar_port: int, received: list[tuple[str, int]]) -> dict[str, list[float]]:
+    """Per non-streaming response, from the sidecar's report and the client's clock (one machine, one clock):
+    engine finish -> report final (finish marker, codes still in flight, finalisation) and report final ->
+    response at the client (GetReport's wake-up, the API server, the HTTP hop)."""
+    from circuitwatch.proto import circuitwatch_pb2 as pb
+    from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+    from circuitwatch.proto.client import open_channel
+
+    stub = pb_grpc.MonitorStub(open_channel(f"127.0.0.1:{sidecar_port}"))
+    to_final, to_client = [], []
+    for request_id, client_ns in received:
+        report = stub.GetReport(pb.GetReportRequest(request_id=request_id, wait_ms=2000), timeout=5)
+        if report.finalized_unix_nanos and report.finish_unix_nanos:
+            to_final.append((report.finalized_unix_nanos - report.finish_unix_nanos) / 1e9)
+            to_client.append((client_ns - report.finalized_unix_nanos) / 1e9)
+    return {"finish_to_final": to_final, "final_to_client": to_client}
+
+
+def run_server(
+    model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool
+) -> dict[str, dict[int, dict]]:
+    """{variant: {concurrency: load}}; the opt-in variant gives two: its opted-in and its other requests."""
     from support.processes import free_port, start_vllm, stop
 
     directory = work / f"server-{variant}"
     directory.mkdir(exist_ok=True)
     backend, target = target_port(variant, ports)
-    config = None if variant == "off" else plugin_config(directory / "plugin.json", slots, backend, target, wiring)
+    alternate = variant.endswith("-optin")
+    monitor = "opt-in" if alternate else "all"
+    config = (
+        None if variant == "off" else plugin_config(directory / "plugin.json", slots, backend, target, wiring, monitor)
+    )
     port = free_port()
-    server = start_vllm(model, directory, port, config, ("--max-num-batched-tokens", "256", "--max-num-seqs", "64"))
+    # No prefix cache: monitored requests bypass it by default (every position encoded), and the streamed and
+    # non-streamed passes reuse prompts, so with it on the unmonitored ones would skip prefills the others compute.
+    engine_args = ("--max-num-batched-tokens", "256", "--max-num-seqs", "64", "--no-enable-prefix-caching")
+    server = start_vllm(model, directory, port, config, engine_args)
+    labels = [f"{variant}:monitored", f"{variant}:not"] if alternate else [variant]
+    results: dict[str, dict[int, dict]] = {label: {} for label in labels}
     try:
-        return asyncio.run(client_load(port, prompts(model), concurrency=16))
+        for concurrency in SERVER_CONCURRENCY:
+            loads = asyncio.run(client_load(port, prompts(model), concurrency, alternate))
+            for label, load in zip(labels, loads, strict=True):
+                if target == ports["sidecar"] and load["received"]:  # the real sidecar's reports time the wait
+                    load.update(report_breakdown(ports["sidecar"], load["received"]))
+                results[label][concurrency] = load
+        return results
     finally:
         stop(server)
 
@@ -300,6 +369,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--server", action="store_true", help="also through the OpenAI server")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
+    parser.add_argument("--skip-offline", action="store_true", help="only the server part")
+    parser.add_argument("--server-variants", help="the variants run through the server (default: --variants)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -308,7 +379,7 @@ def main() -> None:
 
     from support.processes import free_port, start_sidecar, stop
 
-    variants = args.variants.split(",")
+    variants = [v for v in args.variants.split(",") if v] if not args.skip_offline else []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model, slots = MODELS[args.model](work)
@@ -320,16 +391,17 @@ def main() -> None:
             offline: dict[str, list[dict]] = {v: [] for v in variants}
             for round_ in range(args.rounds):
                 for variant in variants:
+                    cpu_before = process_cpu_seconds(sidecar.pid)
                     result = run_offline(model, slots, variant, work, ports, wiring)
+                    result["sidecar_cpu_s"] = process_cpu_seconds(sidecar.pid) - cpu_before
                     offline[variant].append(result)
                     print("result", json.dumps({"variant": variant, **result}), flush=True)
                     print(
                         f"round {round_ + 1} {variant:5}: {result['tokens'] / result['seconds']:7.1f} tok/s", flush=True
                     )
             server = {}
-            for variant in variants if args.server else ():
-                server[variant] = result = run_server(model, slots, variant, work, ports, wiring)
-                print(f"server {variant:5}: TTFT p50 {1e3 * quantiles(result['ttft'])[0]:.1f} ms", flush=True)
+            for variant in (args.server_variants or args.variants).split(",") if args.server else ():
+                server |= run_server(model, slots, variant, work, ports, wiring)
         finally:
             stop(sidecar)
             sink.stop(0)
@@ -349,7 +421,10 @@ def report_offline(model: str, offline: dict[str, list[dict]]) -> None:
         f"\nmodel {model}: {PROMPTS} prompts x {PROMPT_TOKENS} tokens, {OUTPUT_TOKENS} output tokens each, "
         "compiled mode"
     )
-    print(f"{'variant':8} {'tok/s':>8} {'overhead':>9} {'floor':>7} {'in-step':>8} {'ovh/floor':>9}")
+    print(
+        f"{'variant':8} {'tok/s':>8} {'overhead':>9} {'floor':>7} {'in-step':>8} {'ovh/floor':>9} {'sidecar CPU s':>14}"
+    )
+    idle_cpu = statistics.median(r["sidecar_cpu_s"] for r in offline["off"])  # engine start-up, idle ticks
     for variant, runs in offline.items():
         seconds = statistics.median(r["seconds"] for r in runs)
         tokens = runs[0]["tokens"]
@@ -357,28 +432,40 @@ def report_offline(model: str, offline: dict[str, list[dict]]) -> None:
         if variant != "off":
             floor = statistics.median(r["floor_s"] for r in runs) / base
             in_step = statistics.median(r["encode_in_step_s"] for r in runs) / base
-            line += f" {100 * floor:6.1f}% {100 * in_step:7.1f}% {(seconds / base - 1) / floor:9.2f}"
+            cpu = statistics.median(r["sidecar_cpu_s"] for r in runs) - idle_cpu
+            line += f" {100 * floor:6.1f}% {100 * in_step:7.1f}% {(seconds / base - 1) / floor:9.2f} {cpu:14.2f}"
         print(line)
+    print("(sidecar CPU s: what the sidecar process used while the variant ran, less what it used idle with off)")
 
 
-def report_server(server: dict[str, dict]) -> None:
-    off = server.get("off")
-    print(f"\nOpenAI server, 16 concurrent clients, {PROMPTS} streaming + {PROMPTS} non-streaming (16 tokens) requests")
-    print(
-        f"{'variant':8} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7} {'latency p50':>12} {'p90':>7} "
-        f"{'pending':>8}"
-    )
-    for variant, result in server.items():
-        t50, t99 = quantiles(result["ttft"])
-        p50, p99 = quantiles(result["tpot"])
-        l50 = statistics.median(result["latency"])
-        l90 = sorted(result["latency"])[int(0.9 * len(result["latency"]))]
+def report_server(server: dict[str, dict[int, dict]]) -> None:
+    for concurrency in SERVER_CONCURRENCY:
+        loads = {variant: results[concurrency] for variant, results in server.items()}
         print(
-            f"{variant:8} {1e3 * t50:8.1f}ms {1e3 * t99:6.1f}ms {1e3 * p50:8.1f}ms {1e3 * p99:6.1f}ms "
-            f"{1e3 * l50:11.1f}ms {1e3 * l90:6.1f}ms {result['pending']:>4}/{len(result['latency'])}"
+            f"\nOpenAI server, {concurrency} concurrent client(s), {PROMPTS} streaming + {PROMPTS} non-streaming "
+            "(16 tokens) requests"
         )
-    if off:
-        print(f"(off: TTFT p50 {1e3 * quantiles(off['ttft'])[0]:.1f} ms is the baseline of the added TTFT)")
+        print(
+            f"{'variant':8} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7} {'latency p50':>12} {'p90':>7} "
+            f"{'pending':>8}"
+        )
+        for variant, result in loads.items():
+            t50, t99 = quantiles(result["ttft"])
+            p50, p99 = quantiles(result["tpot"])
+            l50 = statistics.median(result["latency"])
+            l90 = sorted(result["latency"])[int(0.9 * len(result["latency"]))]
+            print(
+                f"{variant:8} {1e3 * t50:8.1f}ms {1e3 * t99:6.1f}ms {1e3 * p50:8.1f}ms {1e3 * p99:6.1f}ms "
+                f"{1e3 * l50:11.1f}ms {1e3 * l90:6.1f}ms {result['pending']:>4}/{len(result['latency'])}"
+            )
+        for variant, result in loads.items():
+            if result.get("finish_to_final"):
+                final, client = quantiles(result["finish_to_final"]), quantiles(result["final_to_client"])
+                print(
+                    f"{variant}: engine finish -> report final p50 {1e3 * final[0]:.1f} ms, p99 {1e3 * final[1]:.1f} "
+                    f"ms; report final -> response at the client p50 {1e3 * client[0]:.1f} ms, p99 "
+                    f"{1e3 * client[1]:.1f} ms"
+                )
 
 
 if __name__ == "__main__":

@@ -249,8 +249,8 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
         acts.append(act_bytes)
         if error_bytes or norm_bytes:
             measured = True
-        errors.append(error_bytes or _nan_bytes(n))
-        norms.append(norm_bytes or _nan_bytes(n))
+        errors.append(error_bytes)
+        norms.append(norm_bytes)
     row_start = np.zeros(count + 1, np.int64)
     np.cumsum(rows, out=row_start[1:])
     post_start = np.zeros(count + 1, np.int64)
@@ -296,8 +296,11 @@ def unpack_batch(slices, d_sae_of_slot: dict[int, int], max_position: int = MAX_
                 "values"
             )
     row_errors = row_norms = None
-    if measured:
-        row_errors, row_norms = np.frombuffer(b"".join(errors), F32), np.frombuffer(b"".join(norms), F32)
+    if measured:  # a slice that measured nothing reads as NaN ("not measured") beside those that did
+        row_errors, row_norms = (
+            np.frombuffer(b"".join(part or _nan_bytes(int(n)) for part, n in zip(parts, rows, strict=True)), F32)
+            for parts in (errors, norms)
+        )
         for field, values in (("reconstruction_errors", row_errors), ("input_norms", row_norms)):
             bad = values < 0  # NaN compares False: NaN means "not measured"; infinities are refused
             bad |= np.isinf(values)

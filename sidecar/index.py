@@ -336,8 +336,14 @@ class RollingIndex:
 
     @property
     def oldest_time(self) -> int | None:
-        segments = self.segments()
-        return segments[0].t_start if segments else None
+        """Start of the oldest segment, read from the segments' bounds: building the active segment's view just
+        for its start time sorted every code since the last seal, under the core lock, on every maintenance tick."""
+        with self._lock:
+            if self.sealed:
+                return self.sealed[0].t_start
+            if self._sealing is not None:
+                return self._sealing[0].t_start
+            return self._active.t_start if self._active.num_rows else None
 
     def stats(self) -> dict[str, int]:
         segments = self.segments()

@@ -77,12 +77,12 @@ class IndexQueries:
         runs = zip(seqs[starts].tolist(), starts.tolist(), counts.tolist(), strict=True)
         matching = [(seq, start, count) for seq, start, count in runs if seq in known]
         response.total_matches = len(matching)
-        positions = key_positions(keys).tolist()
+        positions = key_positions(keys)  # only the shown matches' first positions become Python ints
         for seq, start, count in matching[:limit]:
             response.matches.add(
                 request_id=known[seq].request_id,
                 matching_tokens=count,
-                positions=positions[start : start + min(count, MATCH_POSITIONS)],
+                positions=positions[start : start + min(count, MATCH_POSITIONS)].tolist(),
             )
         oldest = self.index.oldest_time
         if oldest is not None and time_window.start <= oldest and time_window.end >= self.clock():

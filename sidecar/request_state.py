@@ -44,9 +44,12 @@ class Chunk:
 
 def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
     """One chunk holding the rows of several, in order."""
-    counts = np.concatenate([np.diff(c.offsets) for c in chunks])
-    offsets = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    # Each chunk's offsets shifted by the codes of the chunks before it (no per-chunk diff: this runs per
+    # request and slot every MERGE_FANOUT engine steps, so its per-chunk overhead is the ingest path's).
+    rows = [len(c.positions) for c in chunks]
+    sizes = np.array([c.offsets[-1] for c in chunks], np.int64)
+    offsets = np.zeros(sum(rows) + 1, np.int64)
+    offsets[1:] = np.concatenate([c.offsets[1:] for c in chunks]) + np.repeat(np.cumsum(sizes) - sizes, rows)
     measured = any(c.errors is not None for c in chunks)
     return Chunk(
         np.concatenate([c.positions for c in chunks]),
@@ -225,7 +228,9 @@ class RequestState:
                 self._first_generated = first
         chunks = self.chunks.setdefault(gslot, [])
         chunks.append(chunk)
-        while len(chunks) >= MERGE_FANOUT and all(c.level == chunks[-1].level for c in chunks[-MERGE_FANOUT:]):
+        # Levels never increase along the list (a counter in base MERGE_FANOUT), so the last MERGE_FANOUT share a
+        # level exactly when the first of them has the last one's.
+        while len(chunks) >= MERGE_FANOUT and chunks[-MERGE_FANOUT].level == chunks[-1].level:
             merged = merge_chunks(chunks[-MERGE_FANOUT:], chunks[-1].level + 1)
             del chunks[-MERGE_FANOUT:]
             chunks.append(merged)

@@ -59,6 +59,27 @@ def complete(
     return key, list(prompt_ids) + list(choice.model_extra["token_ids"])
 
 
+def stream_tokens(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> dict:
+    """A streamed completion: how many token chunks arrived, whether the first came before the circuitwatch
+    chunk, and that chunk's object."""
+    stream = client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
+        extra_body={"min_tokens": max_tokens, "ignore_eos": True}, extra_headers={"X-Request-Id": request_id},
+    )  # fmt: skip
+    order, field = [], None
+    for chunk in stream:
+        if chunk.choices:
+            order.append("token")
+        if (chunk.model_extra or {}).get("circuitwatch"):
+            order.append("circuitwatch")
+            field = chunk.model_extra["circuitwatch"]
+    return {
+        "tokens": order.count("token"),
+        "first_token_before_report_chunk": bool(order) and order[0] == "token" and order[-1] == "circuitwatch",
+        "circuitwatch": field,
+    }
+
+
 def wait_until_open(stub, response_ids: list[str], timeout_s: float = 60) -> None:
     """Until the sidecar holds every one of these requests open (their starts and first codes arrived)."""
     deadline = time.monotonic() + timeout_s
@@ -153,6 +174,11 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
                     range(8),
                 )
             )
+            # the first token never waits for the monitor: a stream served while the sidecar cannot answer at
+            # all gets every token, and its circuitwatch chunk (after the last token) says pending
+            streamed = pool.submit(stream_tokens, client, model, "frozen-stream", token_prompts[8], 12).result()
+        assert streamed["tokens"] == 12 and streamed["first_token_before_report_chunk"], streamed
+        assert streamed["circuitwatch"]["status"] == "pending", streamed
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(10)
         sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")

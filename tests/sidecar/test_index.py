@@ -28,12 +28,18 @@ def add(index: RollingIndex, seq: int, features: list[list[int]], phase: int = p
 def test_segments_seal_by_age_and_lookups_span_them() -> None:
     clock = Clock()
     index = RollingIndex(window_s=100, segment_s=1, clock=clock)
-    for seq in range(1, 6):
+    assert index.oldest_time is None
+    add(index, 1, [[1, 2], [2], [3]])
+    assert index.oldest_time == index.segments()[0].t_start == 10**18  # only the active segment holds codes
+    clock.now += 2 * 10**9
+    index.seal_due()
+    for seq in range(2, 6):
         add(index, seq, [[1, 2], [2], [3]])
         clock.now += 2 * 10**9
         index.seal_due()
     add(index, 9, [[2]])
     assert len(index.sealed) == 5
+    assert index.oldest_time == index.segments()[0].t_start == index.sealed[0].t_start
     keys = index.term_keys([0], 2, 0.0, None, None)
     assert keys.tolist() == sorted(
         token_keys(np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 9]), np.array([0, 1] * 5 + [0])).tolist()
