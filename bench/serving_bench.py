@@ -445,8 +445,9 @@ def report_server(server: dict[str, dict[int, dict]]) -> None:
             f"\nOpenAI server, {concurrency} concurrent client(s), {PROMPTS} streaming + {PROMPTS} non-streaming "
             "(16 tokens) requests"
         )
+        width = max(8, *(len(variant) for variant in loads))
         print(
-            f"{'variant':8} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7} {'latency p50':>12} {'p90':>7} "
+            f"{'variant':{width}} {'TTFT p50':>9} {'p99':>7} {'TPOT p50':>9} {'p99':>7} {'latency p50':>12} {'p90':>7} "
             f"{'pending':>8}"
         )
         for variant, result in loads.items():
@@ -455,7 +456,7 @@ def report_server(server: dict[str, dict[int, dict]]) -> None:
             l50 = statistics.median(result["latency"])
             l90 = sorted(result["latency"])[int(0.9 * len(result["latency"]))]
             print(
-                f"{variant:8} {1e3 * t50:8.1f}ms {1e3 * t99:6.1f}ms {1e3 * p50:8.1f}ms {1e3 * p99:6.1f}ms "
+                f"{variant:{width}} {1e3 * t50:8.1f}ms {1e3 * t99:6.1f}ms {1e3 * p50:8.1f}ms {1e3 * p99:6.1f}ms "
                 f"{1e3 * l50:11.1f}ms {1e3 * l90:6.1f}ms {result['pending']:>4}/{len(result['latency'])}"
             )
         for variant, result in loads.items():
