@@ -193,13 +193,29 @@ class FleetExporter:
             for item in items:
                 self._add(batch, item)
             self.rows.finish_features(batch)
-            written = batch.write(self.spool.directory, self.spool.stem())
+            self._spool(batch)
+
+    def _spool(self, batch: Batch) -> None:
+        """Into the spool, after making room by dropping its oldest batches (counted and logged)."""
+        dropped: Counter = Counter()
+
+        def make_room(size: int) -> bool:
+            gone, fits = self.spool.make_room(size)
+            dropped.update(gone)
+            return fits
+
+        written = batch.write(self.spool.directory, self.spool.stem(), make_room)
+        if written:
             self.stats["batches_spooled"] += 1
-            if written and self._oldest_spooled_ns is None:
+            if self._oldest_spooled_ns is None:
                 self._oldest_spooled_ns = time.time_ns()
-            for table, rows in self.spool.enforce_bound().items():
-                self.stats[f"dropped/spool_full/{table}"] += rows
-                log.warning("fleet spool over fleet.spool_max_mb: dropped %d %s rows (oldest batch)", rows, table)
+        for table, rows in dropped.items():
+            self.stats[f"dropped/spool_full/{table}"] += rows
+            log.warning("fleet spool over fleet.spool_max_mb: dropped %d %s rows (oldest batch)", rows, table)
+        if not written and any(batch.rows(table) for table in TABLES):
+            for table in TABLES:
+                self.stats[f"dropped/spool_full/{table}"] += batch.rows(table)
+            log.warning("fleet spool over fleet.spool_max_mb: a batch larger than the whole spool was dropped")
 
     def _add(self, batch: Batch, item: tuple) -> None:
         kind = item[0]

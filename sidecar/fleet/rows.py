@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
@@ -88,11 +88,14 @@ class Batch:
         for name, column in self.columns[table].items():
             column.append(values[name])
 
-    def write(self, directory: Path, stem: str) -> list[Path]:
-        """One Arrow IPC file per non-empty table, named <stem>.<table>.<rows>.arrow, in TABLES order."""
+    def write(self, directory: Path, stem: str, make_room: Callable[[int], bool] = lambda _size: True) -> list[Path]:
+        """One Arrow IPC file per non-empty table, named <stem>.<table>.<rows>.arrow, in TABLES order. The files
+        are written as .partial first; `make_room(their total bytes)` then says whether they go in (renamed into
+        place: a batch file is whole or absent) or not (deleted, and nothing is returned), so a bounded spool is
+        never over its bound, not even between a write and the drop that makes room for it."""
         import pyarrow as pa
 
-        written = []
+        staged = []
         for table in TABLES:
             if not self.rows(table):
                 continue
@@ -107,9 +110,14 @@ class Batch:
                 pa.ipc.new_file(sink, data.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer,
             ):
                 writer.write_table(data)
-            partial.rename(path)  # a batch file is whole or absent
-            written.append(path)
-        return written
+            staged.append((partial, path))
+        if staged and not make_room(sum(partial.stat().st_size for partial, _ in staged)):
+            for partial, _ in staged:
+                partial.unlink(missing_ok=True)
+            return []
+        for partial, path in staged:
+            partial.rename(path)
+        return [path for _, path in staged]
 
 
 def _arrow(kind: str, values: list):

@@ -4,7 +4,8 @@ Every batch is written here before any insert is tried, so a store that is down,
 nothing but disk: the exporter replays the spool in order when the store answers again. Files are named
 <seq>-<run>.<table>.<rows>.arrow: seq orders batches across restarts, run (random per exporter start) keeps
 every batch's deduplication token unique, rows lets the spool count what it drops without reading it.
-The spool is bounded: past max_bytes the oldest batches are deleted, and the exporter counts and logs them.
+The spool is bounded: before a batch goes in, the oldest batches are deleted until it fits (a batch larger than
+the whole bound is not spooled), and the exporter counts and logs what went.
 """
 
 from __future__ import annotations
@@ -66,20 +67,21 @@ class Spool:
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.glob("*.arrow"))
 
-    def enforce_bound(self) -> Counter:
-        """Delete the oldest batches until the spool fits; returns the rows dropped per table."""
+    def make_room(self, incoming: int) -> tuple[Counter, bool]:
+        """Delete the oldest batches until `incoming` more bytes fit; returns the rows dropped per table and
+        whether they fit (a batch larger than the whole bound never does, and is not spooled)."""
         dropped: Counter = Counter()
         files = self.pending()
         sizes = {f.path: f.path.stat().st_size for f in files}
         total = sum(sizes.values())
-        while files and total > self.max_bytes:
+        while files and total + incoming > self.max_bytes:
             oldest = files[0].seq
             while files and files[0].seq == oldest:
                 gone = files.pop(0)
                 total -= sizes[gone.path]
                 gone.path.unlink(missing_ok=True)
                 dropped[gone.table] += gone.rows
-        return dropped
+        return dropped, total + incoming <= self.max_bytes
 
     def remove(self, spooled: SpooledFile) -> None:
         spooled.path.unlink(missing_ok=True)
