@@ -239,3 +239,36 @@ def test_fleet_commands(tmp_path: Path) -> None:
     expression = run("identify", "--fleet", str(store_dir), "--positive-expression", "{layer: 1, feature: 3}")
     assert expression.returncode == 1 and "FAILED_PRECONDITION" in expression.stderr
     assert "token codes" in expression.stderr
+
+
+def test_the_spool_makes_room_before_a_batch_goes_in(tmp_path: Path) -> None:
+    """Room is made first, so the spool is never over its bound, not even for a moment: the oldest batches go
+    whole until the new one fits, and a batch larger than the whole bound is not spooled at all."""
+    from circuitwatch.sidecar.fleet.rows import Batch
+    from circuitwatch.sidecar.fleet.spool import Spool
+
+    spool = Spool(tmp_path / "spool", max_bytes=1000)
+    for seq, size in enumerate((300, 300, 300)):
+        for table in ("reports", "request_labels"):
+            (spool.directory / f"{seq:012d}-{spool.run}.{table}.{seq + 1}.arrow").write_bytes(b"x" * (size // 2))
+    dropped, fits = spool.make_room(350)
+    assert fits and dropped == {"reports": 1, "request_labels": 1}  # the oldest batch, both of its files
+    assert [f.seq for f in spool.pending()] == [1, 1, 2, 2] and spool.nbytes + 350 <= 1000
+    dropped, fits = spool.make_room(1001)
+    assert not fits and dropped == {"reports": 5, "request_labels": 5} and spool.nbytes == 0
+
+    batch = Batch()
+    batch.add("request_labels", **{name: _label_value(name) for name in batch.columns["request_labels"]})
+    sizes = []
+    assert batch.write(spool.directory, spool.stem(), lambda size: sizes.append(size) or False) == []
+    assert sizes and sizes[0] > 0 and not list(spool.directory.iterdir())  # refused: nothing left behind
+    written = batch.write(spool.directory, spool.stem(), lambda size: True)
+    assert [p.name.split(".")[1] for p in written] == ["request_labels"] and spool.nbytes == sizes[0]
+
+
+def _label_value(column: str):
+    """A plausible value for one request_labels column (only the file's size matters here)."""
+    from circuitwatch.sidecar.fleet.rows import COLUMNS
+
+    kind = COLUMNS["request_labels"][column]
+    return {"str": "x", "bool": False, "u8": 0, "u32": 0, "i32": 0, "i64": 0, "time": 0, "bytes": b""}.get(kind, [])
