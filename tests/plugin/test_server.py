@@ -17,6 +17,7 @@ import pytest
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+from circuitwatch.response import read_monitoring
 
 from support.plugin_harness import GroundTruth, prompts, write_plugin_config
 from support.processes import free_port, start_sidecar, start_vllm, stop
@@ -61,22 +62,22 @@ def complete(
 
 def stream_tokens(client, model: str, request_id: str, prompt: list[int], max_tokens: int) -> dict:
     """A streamed completion: how many token chunks arrived, whether the first came before the circuitwatch
-    chunk, and that chunk's object."""
+    chunk, and that chunk's monitoring as a client reads it (circuitwatch.response)."""
     stream = client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0, stream=True,
         extra_body={"min_tokens": max_tokens, "ignore_eos": True}, extra_headers={"X-Request-Id": request_id},
     )  # fmt: skip
-    order, field = [], None
+    order, monitoring = [], None
     for chunk in stream:
         if chunk.choices:
             order.append("token")
-        if (chunk.model_extra or {}).get("circuitwatch"):
+        if (read := read_monitoring(chunk)) is not None:
             order.append("circuitwatch")
-            field = chunk.model_extra["circuitwatch"]
+            monitoring = read
     return {
         "tokens": order.count("token"),
         "first_token_before_report_chunk": bool(order) and order[0] == "token" and order[-1] == "circuitwatch",
-        "circuitwatch": field,
+        "monitoring": monitoring,
     }
 
 
@@ -178,7 +179,7 @@ def test_server_ground_truth_and_sidecar_outage(fixtures: FixturePaths, tmp_path
             # all gets every token, and its circuitwatch chunk (after the last token) says pending
             streamed = pool.submit(stream_tokens, client, model, "frozen-stream", token_prompts[8], 12).result()
         assert streamed["tokens"] == 12 and streamed["first_token_before_report_chunk"], streamed
-        assert streamed["circuitwatch"]["status"] == "pending", streamed
+        assert streamed["monitoring"] is not None and streamed["monitoring"].pending, streamed
         sidecar.send_signal(signal.SIGKILL)
         sidecar.wait(10)
         sidecar = start_sidecar(tmp_path, sidecar_port, SIDECAR_CONFIG, log_name="sidecar.log")
