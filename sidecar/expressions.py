@@ -170,7 +170,7 @@ def _covered_by(parts: list[Intervals], needed: int) -> Intervals:
 def _keys_in(intervals: Intervals, universe: np.ndarray) -> np.ndarray:
     """The keys of `universe` inside the intervals (sorted and disjoint, as every node yields them): each
     interval is a run of universe indices found by two binary searches, so the cost is the answer's size plus
-    a log per interval, never a lookup per universe key (that was most of a windowed query's time)."""
+    a log per interval, never a lookup per universe key."""
     starts, ends = intervals
     if not len(starts) or not len(universe):
         return universe[:0]
