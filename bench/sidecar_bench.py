@@ -10,10 +10,15 @@ Two traffic shapes:
   request and slot, finish markers on their own control stream. Measured in process (one core) and through
   gRPC with the producer's two streams, with report latency after the last codes and the reports' status.
 
+- small steps: one request at a time, one row per engine step (a serving engine with one client), paced at 50
+  and 200 steps/s: the CPU a real sidecar process uses per message, against a bare gRPC endpoint that drops
+  the bytes unread (the transport's own share), and the sender's CPU per message.
+
 Targets (DESIGN.md): >= 2.5M postings/s ingest per core, circuit query p99 <= 20 ms, report ready <= 5 ms after
 the last codes.
 
-    .venv/bin/python bench/sidecar_bench.py [--postings 50e6] [--queries 200] [--decode-steps 3000] [--only decode]
+    .venv/bin/python bench/sidecar_bench.py [--postings 50e6] [--queries 200] [--decode-steps 3000]
+        [--only bulk|decode|circuits|small-steps]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -550,13 +556,115 @@ def decode_section(steps: int) -> None:
     )
 
 
+def small_step_messages(rows: int, steps: int, steps_per_s: float) -> Iterator[pb.IngestMessage]:
+    """A manifest, one request's start, then `steps` code batches of one slice per slot, paced."""
+    rng = np.random.default_rng(3)
+    request_id = f"small-{time.time_ns()}"
+    yield pb.IngestMessage(manifest=decode_manifest())
+    yield pb.IngestMessage(start=pb.RequestStart(request_id=request_id, model="bench", num_prompt_tokens=1))
+    began = time.perf_counter()
+    for step in range(steps):
+        time.sleep(max(0.0, began + step / steps_per_s - time.perf_counter()))
+        offsets = np.arange(0, rows * DECODE_K + 1, DECODE_K, dtype=np.uint32)
+        slices = [
+            pack_slice(
+                request_id,
+                slot,
+                step * rows,
+                pb.PHASE_GENERATED,
+                np.zeros(rows, np.uint32),
+                offsets,
+                rng.integers(0, D_SAE, rows * DECODE_K).astype(np.uint32),
+                np.ones(rows * DECODE_K, np.float16),
+            )
+            for slot in range(len(LAYERS))
+        ]
+        yield pb.IngestMessage(codes=pb.CodeBatch(step=step + 1, slices=slices))
+
+
+def small_steps_section(seconds: float = 8.0) -> None:
+    """CPU per message of one-row steps: what a serving engine with one client sends each step."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    def cpu_s(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return times.user + times.system
+
+    print("\nsmall steps: one request, one row per engine step, 2 slots, k=64 (CPU ms per message, median of 3)")
+    print(f"{'receiver':<28} {'steps/s':>8} {'receiver ms':>12} {'sender ms':>10}")
+    with tempfile.TemporaryDirectory() as tmp:
+        port = _free_port()
+        config = Path(tmp) / "sidecar.yaml"
+        config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: {tmp}/evidence\n")
+        cli = str(Path(sys.executable).with_name("circuitwatch"))
+        receivers = {
+            "sidecar (real server)": subprocess.Popen(
+                [cli, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            ),
+            "bare gRPC endpoint": subprocess.Popen(
+                [sys.executable, __file__, "--sink-child"], stdout=subprocess.PIPE, text=True
+            ),
+        }
+        try:
+            sink_port = int(receivers["bare gRPC endpoint"].stdout.readline())
+            ports = {"sidecar (real server)": port, "bare gRPC endpoint": sink_port}
+            for name in receivers:
+                grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{ports[name]}")).result(timeout=60)
+            me = psutil.Process()
+            for steps_per_s in (50, 200):
+                steps = int(seconds * steps_per_s)
+                for name, process in receivers.items():
+                    receiver = psutil.Process(process.pid)
+                    runs = []
+                    for _ in range(3):
+                        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{ports[name]}"))
+                        before = cpu_s(receiver), cpu_s(me)
+                        stub.Ingest(small_step_messages(1, steps, steps_per_s))
+                        runs.append(((cpu_s(receiver) - before[0]) / steps, (cpu_s(me) - before[1]) / steps))
+                    received = statistics.median(r[0] for r in runs) * 1e3
+                    sent = statistics.median(r[1] for r in runs) * 1e3
+                    print(f"{name:<28} {steps_per_s:>8} {received:>12.2f} {sent:>10.2f}")
+        finally:
+            for process in receivers.values():
+                process.terminate()
+                process.wait(30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sink() -> None:
+    """serving_bench's endpoint that drops each message unread, in this child: its port on stdout."""
+    from serving_bench import start_sink
+
+    server, port = start_sink()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--postings", type=float, default=50e6)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--decode-steps", type=int, default=3000)
-    parser.add_argument("--only", choices=("bulk", "decode", "circuits"))
+    parser.add_argument("--only", choices=("bulk", "decode", "circuits", "small-steps"))
+    parser.add_argument("--sink-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.sink_child:
+        _sink()
+        return
+    if args.only in (None, "small-steps"):
+        small_steps_section()
+        if args.only == "small-steps":
+            return
     if args.only in (None, "circuits"):
         circuits_section()
         if args.only == "circuits":

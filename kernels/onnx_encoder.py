@@ -1,10 +1,11 @@
-"""The ONNX Runtime encoder backend: the whole encoder (normalisation, b_dec, MatMul/Add, the architecture's
-activation rule, selection) as one ONNX graph with fixed output shapes, so JumpReLU thresholds and inactive
-slots need no data-dependent shapes: inactive slots come out as id -1. The same graph measures each row's
-input norm and empties the codes of rows no SAE can read. The reconstruction error (kernels/fidelity.py) is
-the torch embedding_bag after the session, as for the Triton kernel: ONNX has no gather-and-sum operator, and
-its Gather materialises [rows, width, d_in], which cost 14-30% of the encoder's time on CPU where the
-embedding_bag costs about 1% (bench/encoder_bench.py, `+fidelity`).
+"""The ONNX Runtime encoder backend: the encoder (normalisation, b_dec, MatMul/Add, the architecture's
+activation rule, selection) as one ONNX graph with fixed output shapes, so JumpReLU thresholds need no
+data-dependent shapes, and the input norm of each row. What follows the run is elementwise on [rows, width]:
+non-positive activations and rows no SAE can read become empty slots (id -1), in numpy on CPU, where a
+decode step's handful of graph nodes or torch ops cost more than the matrix product (10-20 us each); the
+graph therefore holds only what needs the weights. The reconstruction error (kernels/fidelity.py) is computed
+after the session too: ONNX has no gather-and-sum operator, and its Gather materialises [rows, width, d_in],
+which cost 14-30% of the encoder's time on large CPU batches (bench/encoder_bench.py, `+fidelity`).
 
 The graph is built with onnx.helper (no tracing) and cached next to the SAE (or in the user cache when the SAE
 directory is read-only), keyed by the SAE's weights hash and the selection. CPU execution provider here; CUDA
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .codes import EMPTY_ID, Codes
+from .fidelity import normalize, reconstruction_errors_host
 from .reference import LAYER_NORM_EPS, default_selection, with_fidelity
 from .selection import CodeSelection
 from .spec import Architecture, Normalization, Sae
@@ -31,8 +33,9 @@ log = logging.getLogger(__name__)
 
 OPSET = 18  # Reduce* take axes as an input from 18 on
 IR_VERSION = 9  # what ONNX Runtime releases of the last years all read (onnx may write newer by default)
-# part of the cache key: 2 added fidelity (norms, errors) and emptied unreadable rows; 3 left errors to torch
-GRAPH_VERSION = 3
+# part of the cache key: 2 added fidelity (norms, errors) and emptied unreadable rows; 3 left errors to torch;
+# 4 left the masking (unreadable rows, non-positive activations) to after the run
+GRAPH_VERSION = 4
 
 
 def _graph(sae: Sae, selection: CodeSelection):
@@ -50,14 +53,10 @@ def _graph(sae: Sae, selection: CodeSelection):
         nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    # rows no SAE can read (NaN, infinite, all zero) are encoded from a finite stand-in and emptied at the end
-    axes_last = const("axes_last", np.array([-1], np.int64))
-    n2 = node("ReduceSumSquare", ["x", axes_last], "n2", keepdims=0)
-    node("Sqrt", [n2], "norms")
-    finite = node("Not", [node("Or", [node("IsNaN", [n2], "n2_nan"), node("IsInf", [n2], "n2_inf")], "n2_bad")], "ok")
-    valid = node("And", [finite, node("Greater", [n2, const("zero_n2", np.float32(0))], "nonzero")], "valid")
-    valid_col = node("Unsqueeze", [valid, axes_last], "valid_col")
-    x = node("Where", [valid_col, "x", const("stand_in", np.float32(1))], "x_safe")
+    # the input norm says which rows an SAE can read (NaN, infinite, all zero): their codes are emptied after
+    # the run, with the masking of non-positive activations, so nothing here depends on the row's values
+    node("ReduceL2", ["x", const("axes_last", np.array([-1], np.int64))], "norms", keepdims=0)
+    x = "x"
     if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
         norm = node("ReduceL2", [x, const("axes", np.array([-1], np.int64))], "norm", keepdims=1)
         x = node("Mul", [node("Div", [x, norm], "unit"), const("sqrt_d_in", np.float32(spec.d_in**0.5))], "rescaled")
@@ -87,20 +86,13 @@ def _graph(sae: Sae, selection: CodeSelection):
         acts = node("Mul", [magnitude, node("Cast", [gate], "gate_f", to=TensorProto.FLOAT)], "acts")
     else:
         pre = node("Add", [node("MatMul", [x, W_enc], "xw"), const("b_enc", w.b_enc.numpy())], "pre")
+        # relu is the positive mask applied after the run: the largest pre-activations that are positive are
+        # the largest activations. TopK: selecting the width largest of the k_arch largest pre-activations
+        # equals selecting the min(width, k_arch) largest.
+        acts = pre
         if spec.architecture is Architecture.JUMPRELU:
-            fires = node(
-                "Cast",
-                [node("Greater", [pre, const("threshold", w.threshold.numpy())], "above")],
-                "above_f",
-                to=TensorProto.FLOAT,
-            )
-            acts = node("Mul", [node("Relu", [pre], "relu"), fires], "acts")
-        elif spec.architecture is Architecture.TOPK:
-            # the k_arch largest pre-activations, relu: selecting the width largest of those equals selecting
-            # the min(width, k_arch) largest pre-activations and keeping the positive ones
-            acts = pre
-        else:
-            acts = node("Relu", [pre], "acts")
+            above = node("Greater", [pre, const("threshold", w.threshold.numpy())], "above")
+            acts = node("Where", [above, pre, const("below", np.float32(0))], "acts")
     width = (
         selection.width
         if spec.architecture is not Architecture.TOPK
@@ -111,22 +103,14 @@ def _graph(sae: Sae, selection: CodeSelection):
         helper.make_node(
             "TopK",
             [acts, const("k", np.array([width], np.int64))],
-            ["top_values", "top_ids"],
+            ["values", "ids"],
             axis=1,
             largest=1,
             sorted=1,
         )
     )
-    positive = node("Greater", ["top_values", const("zero_out", np.float32(0))], "positive")
-    active = node("And", [positive, valid_col], "active")
-    node(
-        "Where",
-        [active, node("Cast", ["top_ids"], "ids32", to=TensorProto.INT32), const("empty", np.int32(EMPTY_ID))],
-        "ids",
-    )
-    node("Where", [active, "top_values", const("zero_value", np.float32(0))], "values")
     outputs = [
-        helper.make_tensor_value_info("ids", TensorProto.INT32, ["rows", width]),
+        helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows", width]),
         helper.make_tensor_value_info("values", TensorProto.FLOAT, ["rows", width]),
         helper.make_tensor_value_info("norms", TensorProto.FLOAT, ["rows"]),
     ]
@@ -181,11 +165,13 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(
             str(path), options, providers=[p for p in providers if p in ort.get_available_providers()]
         )
-        self.width = self.session.get_outputs()[0].shape[1]
-        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.width = next(o.shape[1] for o in self.session.get_outputs() if o.name == "ids")
         self.path = path
         self.decoder = sae.decoder.to(self.device) if sae.decoder is not None else None
         self.b_dec = sae.weights.b_dec.to(device=self.device, dtype=torch.float32)
+        on_host = self.device.type == "cpu"
+        self.host_decoder = self.decoder.numpy() if on_host and self.decoder is not None else None
+        self.host_b_dec = self.b_dec.numpy() if on_host else None
 
     def encode(self, x: torch.Tensor) -> Codes:
         if x.ndim != 2 or x.shape[1] != self.sae.spec.d_in:
@@ -202,23 +188,56 @@ class OnnxEncoder:
         if self.device.type == "cuda":
             x = x.to(self.device).contiguous()
             out = self._run_cuda(x)
-        else:
-            x = x.cpu()
-            results = self.session.run(None, {"x": x.numpy()})
-            out = {name: torch.from_numpy(array) for name, array in zip(self.outputs, results, strict=True)}
-        codes = _pad(out["ids"], out["values"], width)
-        norms = out["norms"]
-        valid = torch.isfinite(norms) & (norms > 0)
-        if self.decoder is None:
-            return Codes(codes.ids, codes.values, None, norms)
-        safe = torch.where(valid[:, None], x, 1.0)  # the graph already emptied unreadable rows' codes
-        return with_fidelity(self.sae, safe, codes, norms, valid, self.decoder, self.b_dec)
+            positive = out["values"] > 0
+            codes = _pad(
+                torch.where(positive, out["ids"].to(torch.int32), EMPTY_ID),
+                torch.where(positive, out["values"], 0.0),
+                width,
+            )
+            norms = out["norms"]
+            valid = torch.isfinite(norms) & (norms > 0)
+            safe = torch.where(valid[:, None], x, 1.0)
+            return with_fidelity(self.sae, safe, codes, norms, valid, self.decoder, self.b_dec)
+        x = x.cpu().contiguous().numpy()  # a slot reading one head gets a column view
+        ids, values, norms = self.session.run(["ids", "values", "norms"], {"x": x})
+        return self._finish_on_host(x, ids, values, norms)
+
+    def _finish_on_host(self, x: np.ndarray, ids: np.ndarray, values: np.ndarray, norms: np.ndarray) -> Codes:
+        """Masking, padding and fidelity in numpy, in as few calls as possible: on a decode step (one row, the
+        caches cold from the model's step) each torch op cost 10-20 us and the two dozen of them more than the
+        session's run; numpy's calls cost a few (bench/serving_bench.py; README, serving overhead)."""
+        valid = np.isfinite(norms) & (norms > 0)
+        with np.errstate(invalid="ignore"):  # NaN activations of unreadable rows compare false: emptied
+            active = values > 0
+        all_valid = bool(valid.all())
+        if not all_valid:
+            active &= valid[:, None]
+        width = self.selection.width
+        code_ids = np.full((ids.shape[0], width), EMPTY_ID, dtype=np.int32)
+        code_values = np.zeros((ids.shape[0], width), dtype=np.float32)
+        np.copyto(code_ids[:, : ids.shape[1]], ids, where=active, casting="unsafe")
+        np.copyto(code_values[:, : values.shape[1]], values, where=active)
+        errors = None
+        if self.host_decoder is not None:
+            sae_in = x if self.sae.spec.normalization is Normalization.NONE else self._normalize_on_host(x)
+            errors = reconstruction_errors_host(sae_in, code_ids, code_values, self.host_decoder, self.host_b_dec)
+            if not all_valid:
+                errors[~valid] = 0.0
+        return Codes(
+            torch.from_numpy(code_ids),
+            torch.from_numpy(code_values),
+            torch.from_numpy(errors) if errors is not None else None,
+            torch.from_numpy(norms),
+        )
+
+    def _normalize_on_host(self, x: np.ndarray) -> np.ndarray:
+        return normalize(torch.from_numpy(x), self.sae.spec).numpy()
 
     def _run_cuda(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """IO binding: the input stays on the GPU, outputs land in torch CUDA tensors."""
         rows = x.shape[0]
         out = {
-            "ids": torch.empty((rows, self.width), dtype=torch.int32, device=x.device),
+            "ids": torch.empty((rows, self.width), dtype=torch.int64, device=x.device),
             "values": torch.empty((rows, self.width), dtype=torch.float32, device=x.device),
             "norms": torch.empty(rows, dtype=torch.float32, device=x.device),
         }
@@ -226,7 +245,7 @@ class OnnxEncoder:
         index = x.device.index or 0
         binding.bind_input("x", "cuda", index, np.float32, tuple(x.shape), x.data_ptr())
         for name, tensor in out.items():
-            dtype = np.int32 if tensor.dtype == torch.int32 else np.float32
+            dtype = np.int64 if tensor.dtype == torch.int64 else np.float32
             binding.bind_output(name, "cuda", index, dtype, tuple(tensor.shape), tensor.data_ptr())
         self.session.run_with_iobinding(binding)
         return out

@@ -72,13 +72,18 @@ class Slot:
     def describe(self) -> str:
         return f"slot {self.number} ({self.sae.name} at {self.tap.label()})"
 
-    def read(self, captured: dict, rows: torch.Tensor) -> torch.Tensor | None:
-        """This slot's input rows from a step's captured tensors (None if its stream was not captured)."""
+    def read(self, captured: dict, rows: torch.Tensor | slice) -> torch.Tensor | None:
+        """This slot's input rows from a step's captured tensors (None if its stream was not captured): the
+        rows indexed, or a slice of them (a view: every row of the step monitored)."""
         tensor = captured.get(self.tap.stream())
         if tensor is None:
             return None
         if self.columns is not None:
             tensor = tensor[:, self.columns]
+        if isinstance(rows, slice):
+            if tensor.shape[0] < rows.stop:  # as index_select would refuse it: never fewer codes than rows
+                raise IndexError(f"{self.describe()}: {tensor.shape[0]} captured rows, the step has {rows.stop}")
+            return tensor[rows]
         return tensor.index_select(0, rows.to(tensor.device))
 
 

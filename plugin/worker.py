@@ -183,12 +183,18 @@ class WorkerPlugin:
         monitored = np.array([t.monitored for t in tracked], dtype=bool)
         if not len(monitored) or not monitored.any():
             return
-        selected = np.flatnonzero(monitored[rows.row_request])
-        if not len(selected):
-            return
-        owner = rows.row_request[selected]
-        positions = rows.positions[selected]
-        tokens = rows.token_ids[selected]
+        if monitored.all():  # `monitor: all`, or every running request opted in: the rows as they are
+            index: torch.Tensor | slice = slice(0, rows.num_rows)
+            owner, positions, tokens = rows.row_request, rows.positions, rows.token_ids
+        else:
+            selected = np.flatnonzero(monitored[rows.row_request])
+            if not len(selected):
+                return
+            index = torch.from_numpy(selected)
+            owner = rows.row_request[selected]
+            positions = rows.positions[selected]
+            tokens = rows.token_ids[selected]
+        num_rows = len(positions)
         prompt_len = np.array([t.num_prompt_tokens for t in tracked], dtype=np.int64)[owner]
         generated = positions >= prompt_len
         # runs of consecutive positions of one request in one phase become one slice per slot
@@ -198,17 +204,20 @@ class WorkerPlugin:
             )
             + 1
         )
-        bounds = np.concatenate(([0], breaks, [len(selected)]))
+        bounds = np.concatenate(([0], breaks, [num_rows]))
         encoded: list[tuple[Slot, Codes]] = []
         started = time.perf_counter_ns()
-        index = torch.from_numpy(selected)
+        on_device = False
         for slot in self.slots:
             rows_in = slot.read(captured, index)
             if rows_in is not None:
-                encoded.append((slot, _to_host(slot.encoder.encode(rows_in))))
+                codes = slot.encoder.encode(rows_in)
+                on_device = on_device or codes.ids.device.type == "cuda"
+                encoded.append((slot, _to_host(codes)))
         # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
-        # event, then packs. The step path only launches kernels and enqueues.
-        ready = _record_event(encoded)
+        # event, then packs. The step path only launches kernels and enqueues. (Asking CUDA on a CPU step,
+        # torch.cuda.is_available() and is_pinned(), cost 20-35 us a step: the codes' device says it.)
+        ready = _record_event() if on_device else None
         self.emitter.counters["encode_ns"] += time.perf_counter_ns() - started
         self.emitter.counters["steps_encoded"] += 1
         external_ids = [t.external_id for t in tracked]
@@ -264,7 +273,7 @@ class WorkerPlugin:
                         )
             return batch
 
-        self.counters["rows_encoded"] += len(selected)
+        self.counters["rows_encoded"] += num_rows
         self.emitter.submit_deferred(build, ranges)
 
 
@@ -293,9 +302,7 @@ def _valid_runs(valid: np.ndarray, start: int, end: int) -> list[tuple[int, int,
     return [(a, b, bool(valid[a])) for a, b in itertools.pairwise(bounds)]
 
 
-def _record_event(encoded: list) -> torch.cuda.Event | None:
-    if not encoded or not torch.cuda.is_available() or not encoded[0][1].ids.is_pinned():
-        return None
+def _record_event() -> torch.cuda.Event:
     event = torch.cuda.Event()
     event.record()
     return event

@@ -109,6 +109,19 @@ def test_k_up_to_128(tmp_path: Path, backend: str) -> None:
     same_codes(sae, CodeSelection(SelectionMode.THRESHOLD, 128), inputs(rows=8), backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_column_view_reads_like_its_copy(tmp_path: Path, backend: str) -> None:
+    """A slot reading one attention head gets its columns as a strided view of the captured rows."""
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(9, "standard")))
+    wide = inputs(rows=6, d_in=3 * 24)
+    view = wide[:, 24:48]
+    assert not view.is_contiguous()
+    same_codes(sae, None, view, backend)
+    got = make_encoder(sae, None, backend).encode(view)
+    copy = make_encoder(sae, None, backend).encode(view.contiguous())
+    assert torch.equal(got.ids, copy.ids) and torch.equal(got.errors, copy.errors)
+
+
 def test_onnx_file_is_cached_next_to_the_sae(tmp_path: Path) -> None:
     sae = load_sae(write_saelens(tmp_path / "sae", "jumprelu", random_tensors(4, "jumprelu")))
     first = make_encoder(sae, None, "onnx")

@@ -17,7 +17,7 @@ import torch
 
 from circuitwatch.fixtures import FixturePaths
 from circuitwatch.fixtures.sae_writers import write_gemmascope, write_saelens, write_sparsify
-from circuitwatch.kernels import CodeSelection, SaeFormatError, SelectionMode, load_sae
+from circuitwatch.kernels import CodeSelection, SaeFormatError, SelectionMode, fidelity, load_sae
 from circuitwatch.kernels.baseline import load_baseline, measure, model_fingerprint
 from circuitwatch.kernels.encoders import make_encoder
 from circuitwatch.kernels.hook_points import HookPoint, Tap
@@ -108,6 +108,30 @@ def real_residual(fixtures: FixturePaths) -> dict[Tap, torch.Tensor]:
     ids = torch.tensor([tokenizer(documents()[12])["input_ids"][:96]])
     taps = sorted({tap for _, _, tap in fixture_cases(fixtures)}, key=lambda t: t.label())
     return {tap: acts[0] for tap, acts in activations_at(model, ids, taps).items()}
+
+
+@pytest.mark.parametrize("gather_max", [0, 1 << 30], ids=["embedding_bag", "numpy"])
+@pytest.mark.parametrize("normalize", ["none", "layer_norm"])
+def test_onnx_host_errors_are_the_same_on_either_path(
+    tmp_path: Path, monkeypatch, gather_max: int, normalize: str
+) -> None:
+    """The ONNX backend reconstructs small host batches in numpy and hands large ones to torch's embedding_bag
+    (fidelity.HOST_GATHER_MAX_ELEMENTS): both equal the full decoder in float64, with unreadable rows at 0 and
+    a constant row, which layer norm makes all zero, at 0 rather than 0/0."""
+    monkeypatch.setattr(fidelity, "HOST_GATHER_MAX_ELEMENTS", gather_max)
+    path = write_saelens(tmp_path / "sae", "standard", random_tensors(5, "standard"), normalize_activations=normalize)
+    sae = load_sae(path)
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(12, D_IN)).astype(np.float32) * 2)
+    x[3, 1] = float("nan")
+    x[4] = 0.0
+    x[5] = 1.5
+    codes = make_encoder(sae, every_active_feature(sae), "onnx").encode(x)
+    got = codes.errors.numpy()
+    zero = [3, 4, 5] if normalize == "layer_norm" else [3, 4]
+    assert (got[zero] == 0).all()
+    readable = [i for i in range(12) if i not in zero]
+    expected = reconstruction_errors(path, x.numpy()[readable], dense(codes, sae.spec.d_sae)[readable])
+    np.testing.assert_allclose(got[readable], expected, rtol=1e-3, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -91,6 +91,10 @@ def test_each_rank_encodes_what_it_holds(fixtures: FixturePaths) -> None:
     local = torch.arange(5 * 64, dtype=torch.float32).reshape(5, 64)  # rank 1's attn_z: its 2 heads of 32
     read = head.read({(1, HookPoint.ATTN_Z): local}, torch.tensor([4, 1]))
     torch.testing.assert_close(read, local[[4, 1], 0:32])
+    # every row of the step monitored: a slice, never fewer rows than the step has
+    torch.testing.assert_close(head.read({(1, HookPoint.ATTN_Z): local}, slice(0, 3)), local[0:3, 0:32])
+    with pytest.raises(IndexError, match="5 captured rows, the step has 6"):
+        head.read({(1, HookPoint.ATTN_Z): local}, slice(0, 6))
     assert Parallelism(0, 2, 4).owner(Tap(1, HookPoint.ATTN_Z, 1)) == 0
     assert Parallelism(0, 4, 4).owner(Tap(1, HookPoint.ATTN_Z, 3)) == 3
 
