@@ -187,17 +187,7 @@ class OnnxEncoder:
         x = x.detach().to(torch.float32)
         if self.device.type == "cuda":
             x = x.to(self.device).contiguous()
-            out = self._run_cuda(x)
-            positive = out["values"] > 0
-            codes = _pad(
-                torch.where(positive, out["ids"].to(torch.int32), EMPTY_ID),
-                torch.where(positive, out["values"], 0.0),
-                width,
-            )
-            norms = out["norms"]
-            valid = torch.isfinite(norms) & (norms > 0)
-            safe = torch.where(valid[:, None], x, 1.0)
-            return with_fidelity(self.sae, safe, codes, norms, valid, self.decoder, self.b_dec)
+            return self._finish_on_device(x, self._run_cuda(x))
         x = x.cpu().contiguous().numpy()  # a slot reading one head gets a column view
         ids, values, norms = self.session.run(["ids", "values", "norms"], {"x": x})
         return self._finish_on_host(x, ids, values, norms)
@@ -232,6 +222,19 @@ class OnnxEncoder:
 
     def _normalize_on_host(self, x: np.ndarray) -> np.ndarray:
         return normalize(torch.from_numpy(x), self.sae.spec).numpy()
+
+    def _finish_on_device(self, x: torch.Tensor, out: dict[str, torch.Tensor]) -> Codes:
+        """`_finish_on_host` in torch, on the outputs' device (CUDA: IO binding leaves them there)."""
+        positive = out["values"] > 0
+        codes = _pad(
+            torch.where(positive, out["ids"].to(torch.int32), EMPTY_ID),
+            torch.where(positive, out["values"], 0.0),
+            self.selection.width,
+        )
+        norms = out["norms"]
+        valid = torch.isfinite(norms) & (norms > 0)
+        safe = torch.where(valid[:, None], x, 1.0)
+        return with_fidelity(self.sae, safe, codes, norms, valid, self.decoder, self.b_dec)
 
     def _run_cuda(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """IO binding: the input stays on the GPU, outputs land in torch CUDA tensors."""

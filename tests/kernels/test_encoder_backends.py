@@ -122,6 +122,27 @@ def test_a_column_view_reads_like_its_copy(tmp_path: Path, backend: str) -> None
     assert torch.equal(got.ids, copy.ids) and torch.equal(got.errors, copy.errors)
 
 
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
+def test_onnx_device_finish_equals_the_host_finish(tmp_path: Path, architecture: str) -> None:
+    """On CUDA the session's outputs are masked and reconstructed in torch on the device (no GPU here: the same
+    torch code on CPU tensors); it must give exactly what the numpy path gives, unreadable rows included."""
+    k = 7 if architecture == "topk" else None
+    sae = load_sae(write_saelens(tmp_path / "sae", architecture, random_tensors(10, architecture), k=k))
+    encoder = make_encoder(sae, None, "onnx")
+    x = inputs(rows=10)
+    x[2, 1] = float("nan")
+    x[3] = 0.0
+    on_host = encoder.encode(x)
+    names = ["ids", "values", "norms"]
+    outputs = {
+        name: torch.from_numpy(a) for name, a in zip(names, encoder.session.run(names, {"x": x.numpy()}), strict=True)
+    }
+    on_device = encoder._finish_on_device(x, outputs)
+    assert torch.equal(on_device.ids, on_host.ids) and torch.equal(on_device.values, on_host.values)
+    torch.testing.assert_close(on_device.errors, on_host.errors, atol=1e-6, rtol=1e-5)
+    assert (on_host.ids[[2, 3]] == -1).all() and (on_host.errors[[2, 3]] == 0).all()
+
+
 def test_onnx_file_is_cached_next_to_the_sae(tmp_path: Path) -> None:
     sae = load_sae(write_saelens(tmp_path / "sae", "jumprelu", random_tensors(4, "jumprelu")))
     first = make_encoder(sae, None, "onnx")
