@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ALIVE_FREQUENCY = 1e-3  # a feature firing on at least 0.1% of calibration tokens counts as alive there
 DEAD_RATIO = 0.1  # ...and as dead now below a tenth of that rate
 DENSE_FREQUENCY = 0.1  # a feature firing on more than 10% of tokens is dense
+RESCALE_BELOW = 2.0**-64  # raw firing counts stay far inside float64's range (1/scale <= 2^64 a count)
 
 
 @dataclass
@@ -41,7 +42,11 @@ class SlotDrift:
 
     d_sae: int
     baseline: pb.FidelityBaseline | None
-    firings: np.ndarray = field(init=False)
+    # each feature's decayed firings are _raw * _scale: decaying all d_sae counts on every code batch cost
+    # O(d_sae) a message (a one-row decode step touched 4 x d_sae floats per SAE), so the decay goes into the
+    # scale, and the raw counts are rescaled only when it gets small
+    _raw: np.ndarray = field(init=False, repr=False)
+    _scale: float = field(init=False, default=1.0)
     tokens: float = 0.0
     l0_sum: float = 0.0
     error_sum: float = 0.0
@@ -54,7 +59,7 @@ class SlotDrift:
     _reference: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.firings = np.zeros(self.d_sae, np.float64)
+        self._raw = np.zeros(self.d_sae, np.float64)
         if self.baseline is not None and len(self.baseline.firing_frequencies) == 4 * self.d_sae:
             self._reference = np.frombuffer(self.baseline.firing_frequencies, "<f4").astype(np.float64)
 
@@ -63,8 +68,13 @@ class SlotDrift:
     ) -> None:
         """Fold in `rows` tokens and their codes (errors and norms: finite values of the rows that have them)."""
         decay = 0.5 ** (rows / half_life)
-        self.firings *= decay
-        self.firings += np.bincount(features, minlength=self.d_sae)[: self.d_sae]
+        self._scale *= decay
+        if self._scale < RESCALE_BELOW:
+            self._raw *= self._scale
+            self._scale = 1.0
+        if len(features) and int(features.max()) >= self.d_sae:
+            features = features[features < self.d_sae]
+        np.add.at(self._raw, features, 1.0 / self._scale)
         self.tokens = self.tokens * decay + rows
         self.l0_sum = self.l0_sum * decay + len(features)
         self.error_sum *= decay
@@ -75,9 +85,19 @@ class SlotDrift:
             self.error_tokens += len(errors)
             self.norm_sum += float(norms.sum())
 
+    @property
+    def firings(self) -> np.ndarray:
+        """Each feature's decayed number of firings."""
+        return self._raw * self._scale
+
+    @firings.setter
+    def firings(self, counts: np.ndarray) -> None:
+        self._raw, self._scale = np.array(counts, np.float64), 1.0
+
     def evaluate(self, settings: DriftConfig) -> tuple[int, list[str]]:
         """(state, reasons) from the sums now; also refreshes `metrics`."""
-        frequencies = self.firings / self.tokens if self.tokens else np.zeros(self.d_sae)
+        firings = self.firings
+        frequencies = firings / self.tokens if self.tokens else np.zeros(self.d_sae)
         metrics = {
             "tokens": self.tokens,
             "l0_mean": self.l0_sum / self.tokens if self.tokens else 0.0,
@@ -91,7 +111,7 @@ class SlotDrift:
             self.metrics = metrics
             return pb.SLOT_STATE_NO_BASELINE, ["no calibration baseline: run `circuitwatch calibrate` for this SAE"]
         alive = self._reference >= ALIVE_FREQUENCY
-        metrics["js"] = js_divergence(self.firings, self._reference)
+        metrics["js"] = js_divergence(firings, self._reference)
         metrics["dead_fraction"] = (
             float((frequencies[alive] < DEAD_RATIO * self._reference[alive]).mean()) if alive.any() else 0.0
         )

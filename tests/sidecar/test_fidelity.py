@@ -309,3 +309,23 @@ def _drift_events(collected) -> list[tuple[str, dict]]:
             if event.name.startswith("circuitwatch.drift"):
                 out.append((event.name, attributes(event)))
     return out
+
+
+@pytest.mark.parametrize("half_life", [1.0, 50.0, 20000.0])
+def test_drift_firings_decay_as_if_every_count_decayed_each_batch(half_life: float) -> None:
+    """The drift sums keep one decay scale instead of decaying d_sae counts per batch; the firings must equal
+    the eager definition (each count times 0.5^(rows/half_life) per batch, plus the batch's firings), through the
+    scale's rescaling (a half-life of one token with 100-row batches crosses it on every batch)."""
+    from circuitwatch.sidecar.drift import SlotDrift
+
+    rng = np.random.default_rng(5)
+    d_sae = 64
+    drift = SlotDrift(d_sae, None)
+    eager = np.zeros(d_sae)
+    for _ in range(300):
+        rows = int(rng.integers(1, 101))
+        features = rng.integers(0, d_sae, rows * 3).astype(np.uint32)  # repeats within a batch included
+        drift.observe(features, rows, None, None, half_life)
+        eager = eager * 0.5 ** (rows / half_life) + np.bincount(features, minlength=d_sae)
+    np.testing.assert_allclose(drift.firings, eager, rtol=1e-9, atol=1e-300)
+    assert drift.tokens > 0
