@@ -72,7 +72,7 @@ def reconstruction_errors_host(
 ) -> np.ndarray:
     """`reconstruction_errors` on host arrays, float32 [rows]; empty slots must carry value 0 (Codes do).
 
-    A decode step's few rows take five numpy calls, where the torch path's dozen ops cost 10-20 us each on
+    A decode step's few rows take eight numpy calls, where the torch path's dozen ops cost 10-20 us each on
     the step (their caches cold from the model's); large batches go to the torch path above."""
     if ids.size * decoder.shape[1] > HOST_GATHER_MAX_ELEMENTS:
         as_tensor = torch.from_numpy
