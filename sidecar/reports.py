@@ -205,20 +205,24 @@ class ReportBuilder:
             action=circuit.action,
             matching_tokens=len(positions),
         )
-        evidence = positions[: self.max_evidence_tokens]
-        flag.evidence.extend(self._evidence(evaluator, circuit, evidence, coverage.num_prompt, gslot_to_slot))
+        self._add_evidence(
+            flag, evaluator, circuit, positions[: self.max_evidence_tokens], coverage.num_prompt, gslot_to_slot
+        )
         return flag
 
-    def _evidence(
+    def _add_evidence(
         self,
+        flag: pb.Flag,
         evaluator: CircuitEvaluator,
         circuit: Circuit,
         matched: np.ndarray,
         num_prompt: int,
         gslot_to_slot: dict[int, int],
-    ) -> list[pb.EvidenceToken]:
-        """The circuit's feature hits inside each matched position's window, grouped by the token they hit."""
-        by_position: dict[int, list[pb.FeatureHit]] = {}
+    ) -> None:
+        """The circuit's feature hits inside each matched position's window, grouped by the token they hit. Built
+        in place in the flag (`add`): a message built apart is copied again by every parent it is put in, and a
+        report under many circuits holds tens of thousands of them."""
+        by_position: dict[int, list[tuple[int, int, float]]] = {}
         for term in circuit.terms:
             gslots, positions, acts = evaluator.term_hits(term)
             if not len(positions):
@@ -229,20 +233,12 @@ class ReportBuilder:
             for gslot, position, act in zip(
                 gslots[inside].tolist(), positions[inside].tolist(), acts[inside].tolist(), strict=True
             ):
-                by_position.setdefault(position, []).append(
-                    pb.FeatureHit(slot=gslot_to_slot[gslot], feature=term.feature, activation=act)
-                )
-        ordered = sorted(by_position)
-        token_ids = evaluator.token_ids_at(np.asarray(ordered, dtype=np.int64)).tolist() if ordered else []
-        return [
-            pb.EvidenceToken(
-                position=p,
-                token_id=t,
-                phase=pb.PHASE_PROMPT if p < num_prompt else pb.PHASE_GENERATED,
-                hits=by_position[p],
-            )
-            for p, t in zip(ordered, token_ids, strict=True)
-        ]
+                by_position.setdefault(position, []).append((gslot_to_slot[gslot], term.feature, act))
+        for position in sorted(by_position):
+            phase = pb.PHASE_PROMPT if position < num_prompt else pb.PHASE_GENERATED
+            token = flag.evidence.add(position=position, token_id=evaluator.token_id_at(position), phase=phase)
+            for slot, feature, activation in by_position[position]:
+                token.hits.add(slot=slot, feature=feature, activation=activation)
 
 
 def error_report(state: RequestState, finish: pb.RequestFinish | None, error: str, now: int) -> pb.Report:

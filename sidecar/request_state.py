@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
@@ -66,6 +67,49 @@ def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
 
 def _or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
     return values if values is not None else np.full(rows, np.nan, np.float32)
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Circuit-term hits in flat arrays, one entry per (term, code) that satisfied it."""
+
+    term_ids: np.ndarray  # int64
+    gslots: np.ndarray  # int64
+    positions: np.ndarray  # int64
+    uids: np.ndarray  # int64: the row each hit came from (a re-encoded position supersedes it)
+    acts: np.ndarray  # float32
+    level: int = 0  # how many times parts were merged into it
+
+
+class HitLog:
+    """A request's term hits, one part per slice that had any. Parts merge MERGE_FANOUT at a time, as chunks do,
+    so reading every hit at finish joins a few arrays instead of one per engine step (a 512-token request
+    decoded one token a step leaves ~800 parts: joining them was a fifth of evaluating 2,000 circuits)."""
+
+    def __init__(self) -> None:
+        self.parts: list[Hits] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def append(self, hits: Hits) -> None:
+        parts = self.parts
+        parts.append(hits)
+        while len(parts) >= MERGE_FANOUT and parts[-MERGE_FANOUT].level == parts[-1].level:
+            merged = _join_hits(parts[-MERGE_FANOUT:], parts[-1].level + 1)
+            del parts[-MERGE_FANOUT:]
+            parts.append(merged)
+
+    def joined(self) -> Hits | None:
+        """Every hit in arrival order (kept joined: the report and an action may both read them)."""
+        if len(self.parts) > 1:
+            self.parts = [_join_hits(self.parts, self.parts[0].level)]  # levels never increase along the list
+        return self.parts[0] if self.parts else None
+
+
+def _join_hits(parts: list[Hits], level: int) -> Hits:
+    fields = ("term_ids", "gslots", "positions", "uids", "acts")
+    return Hits(*(np.concatenate([getattr(p, name) for p in parts]) for name in fields), level=level)
 
 
 @dataclass(frozen=True)
@@ -174,9 +218,7 @@ class RequestState:
         self._seen: dict[int, np.ndarray] | None = None
         self._prefix: dict[int, int] = {}  # gslot -> every position below it has codes (in-order arrival)
         self.plan: TermPlan | None = None
-        # term hits, one entry per slice with any: (term ids, gslot, positions, uids, activations), and the ids
-        self.hits: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]] = []
-        self.hit_terms: set[int] = set()
+        self.hits = HitLog()  # hits of the current term plan's terms
         self.postings = 0
         self.nbytes = 0  # what its codes and position map hold (the open-request memory budget counts it)
         self._first_generated: int | None = None
@@ -248,7 +290,7 @@ class RequestState:
         if self.plan is not None and self.plan.version == version:
             return
         self.plan = plan_for(sorted(set(self.slots.values())))
-        self.hits, self.hit_terms = [], set()
+        self.hits = HitLog()
         for gslot, chunks in self.chunks.items():
             for chunk in chunks:
                 self._match_terms(gslot, chunk, None)
@@ -278,8 +320,8 @@ class RequestState:
         picked_at = np.concatenate(picked)
         rows = np.searchsorted(chunk.offsets, at[picked_at], side="right") - 1
         term_ids = np.concatenate(ids)
-        self.hits.append((term_ids, gslot, chunk.positions[rows], chunk.uids[rows], acts[picked_at]))
-        self.hit_terms.update(np.unique(term_ids).tolist())
+        gslots = np.full(len(term_ids), gslot, np.int64)
+        self.hits.append(Hits(term_ids, gslots, chunk.positions[rows], chunk.uids[rows], acts[picked_at]))
 
     # --- reading, at finish ---------------------------------------------------------------------------
 
@@ -364,37 +406,37 @@ class CircuitEvaluator:
         self.state, self.num_prompt, self.seen = state, num_prompt_tokens, seen
         self.size = int(seen[-1]) + 1 if len(seen) else 0
         self._masks: dict[tuple, np.ndarray] = {}
-        self._tokens: tuple[np.ndarray, np.ndarray] | None = None
+        self._tokens: dict[int, int] | None = None  # position -> token id, built on first use
         self._gather()
 
     def _gather(self) -> None:
-        """Every hit in flat arrays ordered by term (superseded rows left out), and one mask row per term."""
-        plan, hits = self.state.plan, self.state.hits
+        """Every hit in flat arrays ordered by term (superseded rows left out), and one mask row per term, plus a
+        zero row at the end that a circuit's padding reads."""
+        plan = self.state.plan
         self._term_ids = plan.term_ids if plan is not None else {}
-        if not hits:
-            self._row = {}
-            self._bounds = np.zeros(1, np.int64)
-            self._gslots = self._positions = _NONE
-            self._acts = np.empty(0, np.float32)
-            self._matrix = np.zeros((0, self.size), bool)
-            return
-        lengths = [len(h[0]) for h in hits]
-        owner = np.concatenate([h[0] for h in hits])
-        gslots = np.repeat(np.array([h[1] for h in hits], np.int64), lengths)
-        positions, uids, acts = (np.concatenate([h[k] for h in hits]) for k in (2, 3, 4))
-        if self.state.superseded:
-            keep = ~np.isin(uids, self.state._superseded_array())
-            owner, gslots, positions, acts = owner[keep], gslots[keep], positions[keep], acts[keep]
-        order = np.argsort(owner, kind="stable")
+        hits = self.state.hits.joined()
+        width = self.size if self.size <= DENSE_POSITIONS else 0
+        if hits is None:
+            owner = gslots = positions = _NONE
+            acts = np.empty(0, np.float32)
+        else:
+            owner, gslots, positions, acts = hits.term_ids, hits.gslots, hits.positions, hits.acts
+            if self.state.superseded:
+                keep = ~np.isin(hits.uids, self.state._superseded_array())
+                owner, gslots, positions, acts = owner[keep], gslots[keep], positions[keep], acts[keep]
+        # term ids are few: as 16-bit keys, numpy's stable sort is a radix sort
+        order = np.argsort(owner.astype(np.uint16) if len(self._term_ids) <= 1 << 16 else owner, kind="stable")
         owner, self._gslots, self._positions, self._acts = owner[order], gslots[order], positions[order], acts[order]
-        present = np.unique(owner)
+        starts = np.flatnonzero(np.diff(owner, prepend=-1))  # where each term's run begins
+        present = owner[starts]
         self._row = dict(zip(present.tolist(), range(len(present)), strict=True))  # term id -> row
-        rows = np.searchsorted(present, owner)
-        self._bounds = np.searchsorted(rows, np.arange(len(present) + 1))
-        self._matrix = np.zeros((len(present), self.size if self.size <= DENSE_POSITIONS else 0), bool)
-        if self._matrix.shape[1]:
-            inside = self._positions < self.size
-            self._matrix[rows[inside], self._positions[inside]] = True
+        self._bounds = np.append(starts, len(owner))
+        self._padded = np.zeros((len(present) + 1, width), bool)
+        self._matrix = self._padded[:-1]
+        if width:
+            rows = np.repeat(np.arange(len(present)), np.diff(self._bounds))
+            inside = self._positions < width
+            self._padded.reshape(-1)[rows[inside] * width + self._positions[inside]] = True
 
     def _row_of(self, term: Term) -> int | None:
         term_id = self._term_ids.get(term)
@@ -408,15 +450,12 @@ class CircuitEvaluator:
         a, b = self._bounds[row], self._bounds[row + 1]
         return self._gslots[a:b], self._positions[a:b], self._acts[a:b]
 
-    def token_ids_at(self, positions: np.ndarray) -> np.ndarray:
-        """Token id at each position (0 where no slot has a row for it)."""
+    def token_id_at(self, position: int) -> int:
+        """Token id at a position (0 where no slot has a row for it)."""
         if self._tokens is None:
-            self._tokens = self.state.token_table()
-        known, tokens = self._tokens
-        if not len(known) or not len(positions):
-            return np.zeros(len(positions), np.int64)
-        found = np.minimum(np.searchsorted(known, positions), len(known) - 1)
-        return np.where(known[found] == positions, tokens[found], 0)
+            known, tokens = self.state.token_table()
+            self._tokens = dict(zip(known.tolist(), tokens.tolist(), strict=True))
+        return self._tokens.get(position, 0)
 
     def match_all(self, circuits: CircuitSet) -> list[np.ndarray]:
         """Sorted positions where each circuit matches (scope applied), in order: the flat circuits of the
@@ -430,9 +469,12 @@ class CircuitEvaluator:
 
     def _flat_matches(self, flat: FlatCircuits) -> Iterator[tuple[int, np.ndarray]]:
         """(circuit index, positions) for every flat circuit: where the count of its positive terms firing (in
-        its window) reaches its need and none of its negated terms fires, among the positions in its scope. In
+        its window) reaches its need and none of its negated terms fires, among the positions in its scope.
+
+        Mask rows are packed 64 positions to a word and each circuit's count is kept bit-sliced (one word array
+        per bit of the count), so a circuit costs a few word operations per term instead of one per position. In
         batches of at most FLAT_BATCH_CELLS circuit-positions, so long requests stay bounded."""
-        absent = len(self._row)
+        absent = len(self._row)  # the zero row of the padded matrix
         lookup = np.full(len(self._term_ids) + 1, absent, np.int64)  # the last entry serves the -1 padding
         lookup[np.fromiter(self._row, np.int64, absent)] = np.fromiter(self._row.values(), np.int64, absent)
         rows = lookup[flat.terms]
@@ -445,51 +487,67 @@ class CircuitEvaluator:
             return
         rows, negated = rows[live], flat.negated[live]
         need, window, scope = flat.need[live], flat.window[live], flat.scope[live]
-        matrix = np.vstack([self._matrix, np.zeros((1, self.size), bool)])
         universes = np.stack([self._universe_mask(s) for s in (pb.SCOPE_BOTH, pb.SCOPE_PROMPT, pb.SCOPE_GENERATED)])
-        # without a window a term's raw row serves every scope (the scope is applied to the result); with one,
-        # a term counts within the scope only (a window does not reach across it): firings in [0, p) per scope
-        # (`running`), for the rows the windowed circuits name
+        source = _pack_bits(self._padded)
         windowed = window > 1
-        if windowed.any():  # only the rows windowed circuits name, renumbered
-            needed, renumbered = np.unique(rows[windowed], return_inverse=True)
-            rows = rows.copy()
-            rows[windowed] = renumbered.reshape(-1, rows.shape[1])
-            running = np.zeros((3, len(needed), self.size + 1), np.int32)
-            for used in np.unique(scope[windowed]).tolist():
-                np.cumsum(matrix[needed] & universes[used], axis=1, out=running[used, :, 1:])
-        ends = np.arange(1, self.size + 1)
+        if windowed.any():  # windowed circuits read their terms spread over the window, as extra source rows
+            spread, rows[windowed] = self._spread(rows[windowed], window[windowed], scope[windowed], universes)
+            source = np.concatenate([source, _pack_bits(spread)])
+        scope_bits = _pack_bits(universes)
+        counter_bits = max(1, int(need.max()).bit_length())  # counts above every need only need to say so
         batch = max(1, FLAT_BATCH_CELLS // self.size)
-        counter = np.uint8 if rows.shape[1] < 256 else np.int32
-        for group in (np.flatnonzero(~windowed), np.flatnonzero(windowed)):
-            for start in range(0, len(group), batch):
-                part = group[start : start + batch]
-                if window[part[0]] > 1:
-                    starts = np.maximum(ends[None, :] - window[part, None], 0)  # [circuits, positions]
+        for start in range(0, len(index), batch):
+            part = slice(start, start + batch)
+            count = [np.zeros((len(index[part]), source.shape[1]), np.uint64) for _ in range(counter_bits)]
+            beyond = np.zeros_like(count[0])  # the count overflowed its bits: above any need
+            vetoed = np.zeros_like(count[0])
+            for column in range(rows.shape[1]):
+                fired = source[rows[part, column]]
+                negated_here = negated[part, column]
+                if negated_here.any():
+                    vetoed |= fired & _word_mask(negated_here)
+                    fired &= _word_mask(~negated_here)
+                for bit in count:  # add one where the term fired, carrying through the count's bits
+                    fired, bit[:] = bit & fired, bit ^ fired
+                beyond |= fired
+            hit = (beyond | _at_least(count, need[part])) & ~vetoed & scope_bits[scope[part]]
+            yield from self._positions_of(index[part], hit)
 
-                    def fired_of(column: int, part=part, starts=starts) -> np.ndarray:
-                        counted = running[scope[part], rows[part, column]]  # [circuits, positions + 1]
-                        return counted[:, 1:] - np.take_along_axis(counted, starts, axis=1) > 0
-                else:
+    def _spread(
+        self, rows: np.ndarray, window: np.ndarray, scope: np.ndarray, universes: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each distinct (row, window, scope) of windowed circuits as a mask that holds at p when the term fired in
+        [p - window + 1, p] within the scope (a window does not reach across it), and the circuits' rows
+        renumbered into them, after the padded matrix's rows (-> source rows; the zero row stays)."""
+        absent = len(self._row)
+        used = rows != absent
+        keys = (window[:, None] * 3 + scope[:, None]) * (absent + 1) + rows
+        combos, inverse = np.unique(keys[used], return_inverse=True)
+        window_scope, combo_rows = np.divmod(combos, absent + 1)
+        combo_window, combo_scope = np.divmod(window_scope, 3)
+        # firings in [0, j) at column lead + j, after `lead` zeros: the count before a window that starts before
+        # position 0 is read from the zeros, so every window is one shifted slice of its row
+        size, back = self.size, np.minimum(combo_window, self.size + 1)  # a longer window reaches as far
+        lead = int(back.max())
+        running = np.zeros((len(combos), lead + size + 1), np.int32)
+        np.cumsum(self._padded[combo_rows] & universes[combo_scope], axis=1, out=running[:, lead + 1 :])
+        before = sliding_window_view(running, size, axis=1)[np.arange(len(combos)), lead + 1 - back]
+        spread = running[:, lead + 1 :] > before
+        renumbered = np.full(rows.shape, absent, np.int64)
+        renumbered[used] = absent + 1 + inverse
+        return spread, renumbered
 
-                    def fired_of(column: int, part=part) -> np.ndarray:
-                        return matrix[rows[part, column]]
-
-                counts = np.zeros((len(part), self.size), counter)
-                vetoed = np.zeros((len(part), self.size), bool)
-                for column in range(rows.shape[1]):
-                    fired = fired_of(column)
-                    negated_here = negated[part, column]
-                    if not negated_here.any():
-                        counts += fired
-                        continue
-                    counts += fired & ~negated_here[:, None]
-                    vetoed |= fired & negated_here[:, None]
-                hit = (counts >= need[part, None]) & ~vetoed & universes[scope[part]]
-                circuit_of, positions = np.nonzero(hit)
-                bounds = np.searchsorted(circuit_of, np.arange(len(part) + 1))
-                for k, i in enumerate(index[part].tolist()):
-                    yield i, positions[bounds[k] : bounds[k + 1]]
+    def _positions_of(self, index: np.ndarray, hit: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """(circuit index, positions) from one packed hit row per circuit."""
+        some = hit.any(axis=1)
+        for i in index[~some].tolist():
+            yield i, _NONE
+        bits = np.unpackbits(hit[some].view(np.uint8), axis=1, count=self.size, bitorder="little")
+        at = np.flatnonzero(bits.view(bool))
+        bounds = np.searchsorted(at, np.arange(int(some.sum()) + 1) * self.size)
+        positions = at - np.repeat(np.arange(len(bounds) - 1) * self.size, np.diff(bounds))
+        for k, i in enumerate(index[some].tolist()):
+            yield i, positions[bounds[k] : bounds[k + 1]]
 
     def matches(self, circuit: Circuit) -> np.ndarray:
         """Sorted positions where the circuit matches (scope applied)."""
@@ -536,6 +594,31 @@ class CircuitEvaluator:
         if key not in self._masks:
             self._masks[key] = self._matrix[row] & self._universe_mask(scope)
         return self._masks[key]
+
+
+def _pack_bits(masks: np.ndarray) -> np.ndarray:
+    """[rows, positions] bool -> [rows, words] uint64, 64 positions a word (the rest of the last word zero)."""
+    words = -(-masks.shape[1] // 64)
+    packed = np.zeros((len(masks), words * 8), np.uint8)
+    packed[:, : -(-masks.shape[1] // 8)] = np.packbits(masks, axis=1, bitorder="little")
+    return packed.view(np.uint64)
+
+
+def _word_mask(flags: np.ndarray) -> np.ndarray:
+    """[rows] bool -> [rows, 1] words of all ones or all zeros."""
+    return np.where(flags, np.uint64(0xFFFFFFFFFFFFFFFF), np.uint64(0))[:, None]
+
+
+def _at_least(count: list[np.ndarray], need: np.ndarray) -> np.ndarray:
+    """Where a bit-sliced count (least significant bit first) is >= each row's need: compared from the top bit,
+    as long as the bits above were equal."""
+    greater = np.zeros_like(count[0])
+    equal = ~greater
+    for bit in reversed(range(len(count))):
+        need_bit = _word_mask(((need >> bit) & 1) == 1)
+        greater |= equal & count[bit] & ~need_bit
+        equal &= ~(count[bit] ^ need_bit)
+    return greater | equal
 
 
 class _RequestKeys:

@@ -205,26 +205,50 @@ def random_expression(rng: np.random.Generator, depth: int = 0) -> dict:
     return {kind: items}
 
 
-def test_circuits_evaluated_together_equal_one_by_one(tmp_path: Path) -> None:
-    """The batched evaluation of flat circuits (request_state.FlatCircuits) against the general per-circuit
-    path, on 600 random circuits (windows, scopes, negations, nesting) over 30 random open requests."""
+def wide_any(rng: np.random.Generator) -> dict:
+    """`any` or `at_least 2` of up to 9 terms, a few negated: counts run far past the largest need."""
+    terms = [
+        {"layer": int(rng.choice([1, 2])), "feature": int(rng.integers(0, 16))} for _ in range(rng.integers(2, 10))
+    ]
+    if rng.random() < 0.2:
+        return (
+            {"all": [{"any": terms[1:]}, {"not": terms[0]}]}
+            if rng.random() < 0.5
+            else {"all": [terms[0], {"not": terms[1]}]}
+        )
+    return {"any": terms} if rng.random() < 0.5 else {"at_least": {"n": 2, "of": terms}}
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((random_expression, 6, 20), id="nested, short requests"),
+        pytest.param((wide_any, 200, 200), id="wide any, long windows over several words"),
+    ],
+)
+def test_circuits_evaluated_together_equal_one_by_one(tmp_path: Path, shape) -> None:
+    """The batched evaluation of flat circuits (request_state.FlatCircuits: bit-packed rows, bit-sliced counts)
+    against the general per-circuit path, on 600 random circuits (windows, scopes, negations, nesting) over 30
+    random open requests: short ones with windows up to 5, and requests over several 64-position words with
+    windows up to 200 and circuits whose counts overflow the bits of the largest need."""
     from circuitwatch.sidecar.circuits import CircuitSet
     from circuitwatch.sidecar.core import SidecarCore
     from circuitwatch.sidecar.store import EvidenceStore
 
+    expression, longest_window, most_generated = shape
     rng = np.random.default_rng(12)
     specs = []
     for i in range(600):
-        spec = {"name": f"c{i}", "when": random_expression(rng)}
+        spec = {"name": f"c{i}", "when": expression(rng)}
         if rng.random() < 0.3:
-            spec["window"] = int(rng.integers(2, 6))
+            spec["window"] = int(rng.integers(2, longest_window))
         if rng.random() < 0.3:
             spec["scope"] = str(rng.choice(["prompt", "generated"]))
         specs.append(spec)
     circuits = parse_circuits({"circuits": specs}, "random")
     core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
     core.set_circuits(CircuitSet(tuple(circuits)))
-    requests = [SyntheticRequest.random(rng, f"req-{i}", d_sae=16) for i in range(30)]
+    requests = [SyntheticRequest.random(rng, f"req-{i}", d_sae=16, most_generated=most_generated) for i in range(30)]
     stream = None
     for message in messages(requests, rng):
         if message.HasField("manifest"):
@@ -241,7 +265,11 @@ def test_circuits_evaluated_together_equal_one_by_one(tmp_path: Path) -> None:
         for circuit, positions in zip(core.circuits.circuits, together, strict=True):
             one = evaluator.matches(circuit)
             assert np.array_equal(positions, one), (request.request_id, circuit, positions, one)
-    assert 30 * 150 < flat_seen < 30 * 500, "too few flat or general circuits: a path would go untested"
+    if expression is random_expression:
+        assert 30 * 150 < flat_seen < 30 * 500, "too few flat or general circuits: a path would go untested"
+    else:
+        assert flat_seen > 30 * 500, "too few flat circuits"
+        assert max(r.num_positions for r in requests) > 128, "no request spans three words"
 
 
 def test_a_term_picks_one_of_several_taps_on_a_layer() -> None:

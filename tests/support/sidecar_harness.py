@@ -56,9 +56,11 @@ class SyntheticRequest:
     tokens: list[int] = field(default_factory=list)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, request_id: str, slots: int = 2, d_sae: int = D_SAE) -> SyntheticRequest:
+    def random(
+        cls, rng: np.random.Generator, request_id: str, slots: int = 2, d_sae: int = D_SAE, most_generated: int = 20
+    ) -> SyntheticRequest:
         num_prompt = int(rng.integers(3, 40))
-        num_positions = num_prompt + int(rng.integers(0, 20))
+        num_positions = num_prompt + int(rng.integers(0, most_generated))
         request = cls(request_id, num_prompt, num_positions, tokens=rng.integers(0, 2048, num_positions).tolist())
         for slot in range(slots):
             rows = []
