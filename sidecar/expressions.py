@@ -15,7 +15,7 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.names import HOOK_POINT_NAMES
 
-from .keys import KEY_DTYPE, intersect_sorted, run_starts, sorted_unique, subtract_sorted
+from .keys import KEY_DTYPE, KeyRuns, intersect_sorted, run_starts, sorted_unique, subtract_sorted
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,8 @@ class KeySource(Protocol):
 
     def universe(self) -> np.ndarray: ...
 
+    def universe_runs(self) -> KeyRuns: ...
+
 
 def evaluate(expr: Expr, source: KeySource, window: int = 1) -> np.ndarray:
     """Keys of the tokens where `expr` holds. With window W > 1 a term holds at position p when its feature
@@ -143,13 +145,13 @@ def evaluate_windowed(expr: Expr, source: KeySource, window: int) -> np.ndarray:
             last = np.concatenate((first[1:], [True]))
             return keys[first], keys[last] + step
         if isinstance(node, Not):
-            keys = subtract_sorted(universe(), _keys_in(walk(node.item), universe()))
+            keys = subtract_sorted(universe(), _keys_in(walk(node.item), universe(), source.universe_runs()))
             return keys, keys
         parts = [walk(item) for item in node.items]
         needed = len(parts) if isinstance(node, All) else node.n if isinstance(node, AtLeast) else 1
         return _covered_by(parts, needed)
 
-    return _keys_in(walk(expr), universe()).astype(KEY_DTYPE, copy=False)
+    return _keys_in(walk(expr), universe(), source.universe_runs()).astype(KEY_DTYPE, copy=False)
 
 
 def _covered_by(parts: list[Intervals], needed: int) -> Intervals:
@@ -157,25 +159,28 @@ def _covered_by(parts: list[Intervals], needed: int) -> Intervals:
     points = np.concatenate([p for starts, ends in parts for p in (starts, ends + KEY_DTYPE(1))])
     if not len(points):
         return points, points
-    steps = np.concatenate([np.full(len(starts), v, np.int64) for starts, _ in parts for v in (1, -1)])
+    lengths = [len(starts) for starts, _ in parts for _ in (1, -1)]
+    steps = np.repeat(np.tile(np.array([1, -1], np.int64), len(parts)), lengths)
     order = np.argsort(points, kind="stable")
     points, steps = points[order], steps[order]
     first = run_starts(points)
-    at, depth = points[first], np.cumsum(np.add.reduceat(steps, first))
+    at = points[first]
+    depth = np.cumsum(steps)[np.append(first[1:], len(points)) - 1]  # after every step at the same point
     inside = depth >= needed  # on [at[i], at[i + 1] - 1]
     before = np.concatenate(([False], inside[:-1]))
     return at[inside & ~before], at[~inside & before] - KEY_DTYPE(1)
 
 
-def _keys_in(intervals: Intervals, universe: np.ndarray) -> np.ndarray:
+def _keys_in(intervals: Intervals, universe: np.ndarray, runs: KeyRuns) -> np.ndarray:
     """The keys of `universe` inside the intervals (sorted and disjoint, as every node yields them): each
-    interval is a run of universe indices found by two binary searches, so the cost is the answer's size plus
-    a log per interval, never a lookup per universe key."""
+    interval is a run of universe indices, found by counting the universe's keys below its ends among the
+    universe's runs of consecutive keys, so the cost is the answer's size plus a search among runs per interval,
+    never a lookup per universe key."""
     starts, ends = intervals
     if not len(starts) or not len(universe):
         return universe[:0]
-    first = np.searchsorted(universe, starts, side="left")
-    counts = np.searchsorted(universe, ends, side="right") - first
+    first = runs.count_below(starts)
+    counts = runs.count_below(ends + KEY_DTYPE(1)) - first
     total = int(counts.sum())
     run_offsets = np.cumsum(counts) - counts
     return universe[np.arange(total) + np.repeat(first - run_offsets, counts)]

@@ -20,7 +20,7 @@ from pyroaring import BitMap64
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .keys import KEY_DTYPE, key_positions, request_key_range, run_starts, sorted_unique
+from .keys import KEY_DTYPE, KeyRuns, key_positions, request_key_range, run_starts, sorted_unique
 
 FEATURE_BITS = 28
 ROW_BITS = 24
@@ -201,6 +201,7 @@ class RollingIndex:
         self._superseded_array = np.empty(0, np.int64)
         self.evicted_segments = 0
         self._universe_cache: tuple[tuple, np.ndarray] | None = None
+        self._runs_cache: tuple[np.ndarray, KeyRuns] | None = None  # the cached universe and its runs
 
     # --- writing --------------------------------------------------------------------------------------
 
@@ -355,6 +356,10 @@ class RollingIndex:
             "evicted_segments": self.evicted_segments,
         }
 
+    def _keeps_every_row(self, segment: TokenSegment, window: TimeWindow | None, phase: int | None) -> bool:
+        """Whether _row_mask would keep every row of the segment (then the mask is not built)."""
+        return (window is None or window.covers(segment)) and phase is None and not len(self._superseded_array)
+
     def _row_mask(self, segment: TokenSegment, rows: np.ndarray, window: TimeWindow | None, phase: int | None):
         mask = np.ones(len(rows), dtype=bool)
         if window is not None and not window.covers(segment):
@@ -383,7 +388,8 @@ class RollingIndex:
                 keep = segment.post_acts[a:b] >= np.float16(min_activation) if min_activation > 0 else None
                 if keep is not None:
                     rows = rows[keep]
-                rows = rows[self._row_mask(segment, rows, window, phase)]
+                if not self._keeps_every_row(segment, window, phase):
+                    rows = rows[self._row_mask(segment, rows, window, phase)]
                 parts.append(segment.row_keys[rows])
         return sorted_unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
 
@@ -412,6 +418,19 @@ class RollingIndex:
         if whole:
             self._universe_cache = (cache_key, result)
         return result
+
+    def universe_runs(self, window: TimeWindow | None, phase: int | None) -> KeyRuns:
+        """The universe's runs of consecutive keys (what windowed queries cut their answers with), kept while the
+        universe itself is cached."""
+        universe = self.universe(window, phase)
+        cached = self._runs_cache
+        if cached is not None and cached[0] is universe:
+            return cached[1]
+        runs = KeyRuns.of(universe)
+        cache = self._universe_cache
+        if cache is not None and cache[1] is universe:
+            self._runs_cache = (universe, runs)
+        return runs
 
     def request_codes(self, seq: int) -> list[tuple[np.ndarray, ...]]:
         """Per segment, (positions, gslot, phase, token, row_offsets, features, activations, fidelity) of one

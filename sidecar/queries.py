@@ -16,7 +16,7 @@ from .circuits import MAX_FEATURE, CircuitSet
 from .errors import MonitorError
 from .expressions import Expr, ExpressionError, Term, evaluate, from_proto, terms_of
 from .index import RollingIndex, TimeWindow
-from .keys import key_positions, key_requests, run_starts
+from .keys import KeyRuns, key_positions, key_requests, run_starts
 from .registry import SaeRegistry
 from .request_table import RequestTable
 
@@ -37,6 +37,9 @@ class IndexKeys:
 
     def universe(self) -> np.ndarray:
         return self.index.universe(self.window, self.phase)
+
+    def universe_runs(self) -> KeyRuns:
+        return self.index.universe_runs(self.window, self.phase)
 
 
 class IndexQueries:
@@ -73,14 +76,18 @@ class IndexQueries:
         keep = counts >= min_tokens
         starts, counts = starts[keep], counts[keep]
         limit = request.limit or 1000
-        known = self.requests.by_seq
-        runs = zip(seqs[starts].tolist(), starts.tolist(), counts.tolist(), strict=True)
-        matching = [(seq, start, count) for seq, start, count in runs if seq in known]
+        known = self.requests.by_seq  # a request forgotten while its codes are still indexed is not a match
+        run_seqs = seqs[starts].tolist()
+        matching = [i for i, seq in enumerate(run_seqs) if seq in known]
         response.total_matches = len(matching)
         positions = key_positions(keys)  # only the shown matches' first positions become Python ints
-        for seq, start, count in matching[:limit]:
+        for i in matching[:limit]:
+            record = known.get(run_seqs[i])
+            if record is None:  # forgotten meanwhile: queries read the table without the core's lock
+                continue
+            start, count = int(starts[i]), int(counts[i])
             response.matches.add(
-                request_id=known[seq].request_id,
+                request_id=record.request_id,
                 matching_tokens=count,
                 positions=positions[start : start + min(count, MATCH_POSITIONS)].tolist(),
             )

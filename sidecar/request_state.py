@@ -17,7 +17,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 
 from .circuits import Circuit, CircuitSet
 from .expressions import All, AnyOf, AtLeast, Expr, Not, Term, evaluate, evaluate_dense
-from .keys import KEY_DTYPE, key_positions, token_keys
+from .keys import KEY_DTYPE, KeyRuns, key_positions, token_keys
 from .registry import SaeRegistry
 from .request_sets import SlotCodes
 
@@ -634,3 +634,6 @@ class _RequestKeys:
     def universe(self) -> np.ndarray:
         positions = self.evaluator.scoped(self.evaluator.seen, self.scope)
         return token_keys(self.evaluator.state.seq, positions).astype(KEY_DTYPE)
+
+    def universe_runs(self) -> KeyRuns:
+        return KeyRuns.of(self.universe())

@@ -198,16 +198,19 @@ def test_windowed_evaluation_equals_brute_force_on_random_expressions() -> None:
     """The interval evaluation of token windows (expressions.evaluate_windowed) against the definition, key by
     key: a term holds at p when it fired in [p - W + 1, p] among existing tokens of p's request and scope."""
     from circuitwatch.sidecar.expressions import All, AnyOf, AtLeast, Not, Term, evaluate
-    from circuitwatch.sidecar.keys import token_keys
+    from circuitwatch.sidecar.keys import KeyRuns, token_keys
 
     rng = np.random.default_rng(7)
 
     class Source:
-        def __init__(self) -> None:
+        def __init__(self, holes: bool) -> None:
             lengths = rng.integers(1, 60, size=12)
             self.all = np.concatenate([token_keys(seq, np.arange(n)) for seq, n in enumerate(lengths)])
+            if holes:  # tokens missing inside requests (superseded rows, a time window cutting one)
+                self.all = self.all[rng.random(len(self.all)) < 0.8]
             self.fired = {
-                f: np.sort(rng.choice(self.all, size=int(rng.integers(0, 40)), replace=False)) for f in range(6)
+                f: np.sort(rng.choice(self.all, size=int(rng.integers(0, min(40, len(self.all)))), replace=False))
+                for f in range(6)
             }
 
         def term_keys(self, term: Term) -> np.ndarray:
@@ -215,6 +218,9 @@ def test_windowed_evaluation_equals_brute_force_on_random_expressions() -> None:
 
         def universe(self) -> np.ndarray:
             return self.all
+
+        def universe_runs(self) -> KeyRuns:
+            return KeyRuns.of(self.all)
 
     def expression(depth: int):
         if depth == 0 or rng.random() < 0.3:
@@ -237,7 +243,7 @@ def test_windowed_evaluation_equals_brute_force_on_random_expressions() -> None:
         needed = len(node.items) if isinstance(node, All) else node.n if isinstance(node, AtLeast) else 1
         return hits >= needed
 
-    for case in range(150):
-        source, expr, window = Source(), expression(3), int(rng.integers(2, 12))
+    for case in range(300):
+        source, expr, window = Source(holes=case % 2 == 1), expression(3), int(rng.integers(2, 12))
         expected = [int(k) for k in source.all.tolist() if holds(expr, int(k), source, window)]
         assert evaluate(expr, source, window).tolist() == expected, (case, expr, window)
