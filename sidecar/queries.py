@@ -81,11 +81,11 @@ class IndexQueries:
         matching = [i for i, seq in enumerate(run_seqs) if seq in known]
         response.total_matches = len(matching)
         positions = key_positions(keys)  # only the shown matches' first positions become Python ints
-        for i in matching[:limit]:
+        shown = matching[:limit]
+        for i, start, count in zip(shown, starts[shown].tolist(), counts[shown].tolist(), strict=True):
             record = known.get(run_seqs[i])
             if record is None:  # forgotten meanwhile: queries read the table without the core's lock
                 continue
-            start, count = int(starts[i]), int(counts[i])
             response.matches.add(
                 request_id=record.request_id,
                 matching_tokens=count,
