@@ -120,7 +120,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
     ticker.start()
     if core.fleet is not None:
         core.fleet.start()
-        log.info("fleet export to %s (instance %r)", core.fleet.store.description, config.fleet.instance_name)
+        log.info("fleet export to %s (instance %r)", core.fleet.delivery.description, config.fleet.instance_name)
     log.info(
         "sidecar serving on %s:%d (%s, %s), %d circuits, evidence in %s",
         host,

@@ -61,7 +61,7 @@ def add_fleet_parser(sub) -> None:
 
 
 def run_fleet(args: argparse.Namespace) -> int:
-    from circuitwatch.sidecar.fleet.exporter import retention_of, store_for
+    from circuitwatch.sidecar.fleet.delivery import retention_of, store_for
     from circuitwatch.sidecar.fleet.schema import Retention, migrate
 
     if args.config is not None:

@@ -4,10 +4,11 @@
 
 The hooks only append to a bounded queue (dropping and counting the oldest when it is full), so nothing on the
 ingest path waits for serialisation, disk or network. Every flush interval (or batch_rows requests) the thread
-turns the queue into one Batch, writes it to the spool, then inserts the spool's files oldest first, each
-with its own deduplication token; a file leaves the spool only once the store took it. A store that fails
-is retried with back-off while batches keep accumulating in the (bounded) spool; when it answers again the
-spool replays in order and nothing is counted twice.
+turns the queue into one Batch and writes it to the spool; the delivery (delivery.py: this thread for a server,
+a process of its own for the embedded store) inserts the spool's files oldest first, each with its own
+deduplication token; a file leaves the spool only once the store took it. A store that fails is retried with
+back-off while batches keep accumulating in the (bounded) spool; when it answers again the spool replays in
+order and nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -23,42 +24,15 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from ..config import FleetConfig
 from ..registry import SaeRegistry
 from ..request_sets import FeatureSet, SlotCodes
-from .connection import FleetStore, StoreUnavailableError, open_store
+from .connection import FleetStore
+from .delivery import ChildDelivery, SpoolDelivery, spool_dir_of
 from .rows import TABLES, Batch, RowMaker
-from .schema import Retention, migrate
-from .spool import Spool
+from .spool import Spool, file_size
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_S = 10.0
 DROP_REASONS = ("queue_full", "spool_full")
 QUEUED_TABLE = {"report": "reports", "reduced": "reports", "labels": "label_feedback"}
-
-
-def store_for(config: FleetConfig, evidence_dir: Path) -> FleetStore:
-    """The store a sidecar configuration names (a server url, else the embedded directory)."""
-    if not config.url:  # a busy embedded store counts as down: the exporter spools instead of waiting long
-        return open_store(str(config.embedded_dir or evidence_dir / "fleet"), config.database, lock_timeout_s=1.0)
-    password = ""
-    if config.password_file is not None:
-        try:
-            password = config.password_file.read_text().strip()
-        except OSError as exc:
-            from ..config import ConfigError
-
-            raise ConfigError(f"{config.password_file}: fleet.password_file: cannot read ({exc.strerror})") from None
-    tls = config.tls
-    return open_store(
-        config.url,
-        config.database,
-        username=config.username,
-        password=password,
-        ca_file=tls.ca_file,
-        verify=tls.verify,
-        cert_file=tls.cert_file,
-        key_file=tls.key_file,
-        timeout_s=config.insert_timeout_s,
-    )
 
 
 def check_installed(config: FleetConfig) -> None:
@@ -76,26 +50,22 @@ def check_installed(config: FleetConfig) -> None:
         )
 
 
-def retention_of(config: FleetConfig) -> Retention:
-    return Retention(days=config.retention_days, token_codes_hours=config.token_codes_retention_hours)
-
-
 class FleetExporter:
     def __init__(self, config: FleetConfig, evidence_dir: Path, store: FleetStore | None = None) -> None:
         self.config = config
-        self.store = store or store_for(config, evidence_dir)
-        self.spool = Spool(config.spool_dir or evidence_dir / "fleet-spool", int(config.spool_max_mb * 2**20))
+        self.spool = Spool(spool_dir_of(config, evidence_dir), int(config.spool_max_mb * 2**20))
+        # the embedded engine holds the GIL through its inserts: it gets a process of its own (delivery.py)
+        self.delivery: SpoolDelivery | ChildDelivery = (
+            SpoolDelivery(config, evidence_dir, self.spool, store)
+            if store is not None or config.url
+            else ChildDelivery(config, evidence_dir)
+        )
         self.rows = RowMaker(config.instance_name)
-        self.stats: Counter = Counter()  # exported/<table>, dropped/<reason>/<table>, insert_errors, ...
+        self.stats: Counter = Counter()  # dropped/<reason>/<table>, CPU times; the delivery counts the rest
         self._queue: deque = deque()
         self._queued_requests = 0
         self._wake = threading.Condition()
         self._stopping = threading.Event()
-        self._migrated = False
-        self._retry_at = 0.0
-        self._backoff = 0.5
-        self._down_since: float | None = None
-        self._oldest_spooled_ns: int | None = None
         self._thread = threading.Thread(target=self._run, name="circuitwatch-fleet", daemon=True)
 
     # --- hooks (any thread; O(1); never block) ------------------------------------------------------------
@@ -145,6 +115,7 @@ class FleetExporter:
     # --- the thread ------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.delivery.start()
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -158,9 +129,7 @@ class FleetExporter:
             log.warning("fleet exporter still busy %.0fs after the stop; the spool keeps what it has", timeout_s)
             return
         self._flush_queue()
-        self._retry_at = 0.0
-        self._deliver(deadline=time.monotonic() + timeout_s)
-        self.store.close()
+        self.delivery.close(timeout_s)
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -170,7 +139,7 @@ class FleetExporter:
                 started = time.thread_time_ns()
                 self._flush_queue()
                 flushed = time.thread_time_ns()
-                self._deliver()
+                self.delivery.deliver()
                 self.stats["flush_cpu_ns"] += flushed - started  # what the bench reports per request
                 self.stats["deliver_cpu_ns"] += time.thread_time_ns() - flushed
             except Exception:
@@ -207,8 +176,6 @@ class FleetExporter:
         written = batch.write(self.spool.directory, self.spool.stem(), make_room)
         if written:
             self.stats["batches_spooled"] += 1
-            if self._oldest_spooled_ns is None:
-                self._oldest_spooled_ns = time.time_ns()
         for table, rows in dropped.items():
             self.stats[f"dropped/spool_full/{table}"] += rows
             log.warning("fleet spool over fleet.spool_max_mb: dropped %d %s rows (oldest batch)", rows, table)
@@ -234,47 +201,26 @@ class FleetExporter:
             for request_id, arrival_ns, version, labels in states:
                 self.rows.labels(batch, request_id, arrival_ns, version, labels)
 
-    def _deliver(self, deadline: float | None = None) -> None:
-        """Insert spooled files oldest first until the spool is empty or the store fails."""
-        if time.monotonic() < self._retry_at:
-            return
-        try:
-            with self.store.held():
-                if not self._migrated:
-                    migrate(self.store, self.config.database, retention_of(self.config))
-                    self._migrated = True
-                for spooled in self.spool.pending():
-                    if deadline is not None and time.monotonic() > deadline:
-                        return
-                    self.store.insert_file(f"{self.config.database}.{spooled.table}", spooled.path, spooled.token)
-                    self.spool.remove(spooled)
-                    self.stats[f"exported/{spooled.table}"] += spooled.rows
-                    self.stats["inserts"] += 1
-        except StoreUnavailableError as exc:
-            self.stats["insert_errors"] += 1
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                log.warning("fleet store unavailable, spooling to %s: %s", self.spool.directory, exc)
-            return
-        self._oldest_spooled_ns = None
-        self._backoff = 0.5
-        if self._down_since is not None:
-            log.info("fleet store back after %.1fs; spool replayed", time.monotonic() - self._down_since)
-            self._down_since = None
-
     # --- what metrics and health read ------------------------------------------------------------------
 
     def snapshot(self) -> dict:
         """Counters and gauges for telemetry: rows exported and dropped per table, spool size, export lag."""
         pending = self.spool.pending()
+        delivered = self.delivery.counters()
+        oldest = min((_mtime(f.path) for f in pending), default=None)
         return {
-            "exported": {t: self.stats[f"exported/{t}"] for t in TABLES},
+            "exported": {t: delivered[f"exported/{t}"] for t in TABLES},
             "dropped": {(r, t): self.stats[f"dropped/{r}/{t}"] for r in DROP_REASONS for t in TABLES},
-            "insert_errors": self.stats["insert_errors"],
-            "spool_bytes": sum(f.path.stat().st_size for f in pending if f.path.exists()),
+            "insert_errors": delivered["insert_errors"],
+            "spool_bytes": sum(file_size(f.path) for f in pending),
             "spool_files": len(pending),
-            "lag_s": (time.time_ns() - self._oldest_spooled_ns) / 1e9 if self._oldest_spooled_ns and pending else 0.0,
+            "lag_s": max(0.0, time.time() - oldest) if oldest is not None else 0.0,  # the oldest batch not in
             "queued": len(self._queue),
         }
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # delivered meanwhile
+        return time.time()

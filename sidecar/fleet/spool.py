@@ -37,13 +37,24 @@ class SpooledFile:
         return self.path.name.rsplit(".", 2)[0]
 
 
+def file_size(path: Path) -> int:
+    """A spooled file's size; 0 once it is gone (the delivering process removes files as the store takes them)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 class Spool:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, writer: bool = True) -> None:
+        """`writer`: this process writes batches (and clears writes a crash cut short); the delivering process
+        of an embedded store opens the same directory only to read and remove what the store took."""
         self.directory = directory
         self.max_bytes = max_bytes
         directory.mkdir(parents=True, exist_ok=True)
-        for partial in directory.glob("*.partial"):  # a write cut short by a crash: never inserted
-            partial.unlink()
+        if writer:
+            for partial in directory.glob("*.partial"):  # a write cut short by a crash: never inserted
+                partial.unlink()
         self.run = uuid.uuid4().hex[:12]
         files = self.pending()
         self.next_seq = files[-1].seq + 1 if files else 0
@@ -65,14 +76,14 @@ class Spool:
 
     @property
     def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.glob("*.arrow"))
+        return sum(file_size(p) for p in self.directory.glob("*.arrow"))
 
     def make_room(self, incoming: int) -> tuple[Counter, bool]:
         """Delete the oldest batches until `incoming` more bytes fit; returns the rows dropped per table and
         whether they fit (a batch larger than the whole bound never does, and is not spooled)."""
         dropped: Counter = Counter()
         files = self.pending()
-        sizes = {f.path: f.path.stat().st_size for f in files}
+        sizes = {f.path: file_size(f.path) for f in files}
         total = sum(sizes.values())
         while files and total + incoming > self.max_bytes:
             oldest = files[0].seq

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -157,6 +159,8 @@ def test_a_full_spool_drops_the_oldest_and_counts_it(tmp_path: Path, caplog) -> 
             send(client.stub, requests_for(rng, f"s{n}-", 10), rng)
         fleet_stats = running.core.fleet.snapshot
         wait_for(lambda: fleet_stats()["dropped"][("spool_full", "reports")] > 0, what="the oldest batches dropped")
+        # the embedded store's delivery runs in its own process: its failed tries are counted as it reports them
+        wait_for(lambda: fleet_stats()["insert_errors"] > 0, what="the failed inserts counted")
         snapshot = fleet_stats()
         spool_bytes = snapshot["spool_bytes"]
     dropped = snapshot["dropped"]
@@ -164,6 +168,33 @@ def test_a_full_spool_drops_the_oldest_and_counts_it(tmp_path: Path, caplog) -> 
     assert spool_bytes <= 0.03 * 2**20
     assert "fleet spool over fleet.spool_max_mb" in caplog.text
     assert snapshot["insert_errors"] > 0
+
+
+def test_the_embedded_store_is_delivered_from_a_process_of_its_own_that_comes_back(tmp_path: Path, caplog) -> None:
+    """The embedded engine holds the GIL through an insert, so its delivery runs in a child process
+    (fleet/delivery.py): killed, it is started again at the next batch and nothing is lost."""
+    rng = np.random.default_rng(8)
+    store_dir = tmp_path / "store"
+    fleet = FleetConfig(enabled=True, instance="child", embedded_dir=store_dir, flush_interval_s=0.1)
+    first, second = requests_for(rng, "k", 10), requests_for(rng, "m", 10)
+    store = open_store(str(store_dir), DB)
+    reports = f"SELECT count() FROM {DB}.reports"
+    with running_sidecar(tmp_path, fleet=fleet) as (running, client):
+        delivery = running.core.fleet.delivery
+        send(client.stub, first, rng)
+        wait_for(lambda: count(store, reports) == len(first), what="the first export")
+        child = delivery._process
+        assert child is not None and child.is_alive() and child.pid != os.getpid()
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        send(client.stub, second, rng)
+        wait_for(lambda: count(store, reports) == len(first) + len(second), what="delivery after the restart")
+        assert delivery._process.pid != child.pid
+        wait_for(lambda: running.core.fleet.snapshot()["exported"]["reports"] >= len(second), what="its counters")
+    assert "fleet delivery process exited" in caplog.text
+    with store.held():
+        ids = sorted(store.column(f"SELECT request_id FROM {DB}.reports"))
+    assert ids == sorted(r.request_id for r in first + second)
 
 
 def test_label_changes_and_token_codes_reach_the_store(tmp_path: Path) -> None:
