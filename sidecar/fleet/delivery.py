@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -144,6 +145,7 @@ class ChildDelivery:
         self._outbox: multiprocessing.Queue | None = None
         self._restart_at = 0.0
         self._restart_backoff = 0.5
+        self._collecting = threading.Lock()  # the exporter thread and metric scrapes both collect
 
     def start(self) -> None:
         self._inbox, self._outbox = self._context.Queue(), self._context.Queue()
@@ -193,11 +195,12 @@ class ChildDelivery:
 
     def _collect(self) -> None:
         """Counter increments the process sent since the last look."""
-        while self._outbox is not None:
-            try:
-                self.stats.update(self._outbox.get_nowait())
-            except queue.Empty:
-                return
+        with self._collecting:
+            while self._outbox is not None:
+                try:
+                    self.stats.update(self._outbox.get_nowait())
+                except queue.Empty:
+                    return
 
 
 def _deliver_until_stopped(
