@@ -98,9 +98,10 @@ class SpoolDelivery:
                 for spooled in self.spool.pending():
                     if deadline is not None and time.monotonic() > deadline:
                         return
-                    if not spooled.path.exists():  # the spool made room by dropping it (counted there)
-                        continue
-                    self.store.insert_file(f"{self.config.database}.{spooled.table}", spooled.path, spooled.token)
+                    try:
+                        self.store.insert_file(f"{self.config.database}.{spooled.table}", spooled.path, spooled.token)
+                    except FileNotFoundError:  # the sidecar dropped it to make room (counted there); it is read
+                        continue  # whole before the insert, so none of it went in
                     self.spool.remove(spooled)
                     self.stats[f"exported/{spooled.table}"] += spooled.rows
                     self.stats["inserts"] += 1

@@ -303,3 +303,45 @@ def _label_value(column: str):
 
     kind = COLUMNS["request_labels"][column]
     return {"str": "x", "bool": False, "u8": 0, "u32": 0, "i32": 0, "i64": 0, "time": 0, "bytes": b""}.get(kind, [])
+
+
+def test_delivery_skips_a_batch_the_sidecar_dropped_meanwhile(tmp_path: Path) -> None:
+    """The embedded store's delivery runs in another process than the spool's writer, which may drop the oldest
+    batch to make room at any moment, even just before the delivery reads it: that file is skipped (the writer
+    counted it), the rest is delivered, and the delivery goes on."""
+    from circuitwatch.sidecar.fleet.delivery import SpoolDelivery
+    from circuitwatch.sidecar.fleet.rows import Batch
+    from circuitwatch.sidecar.fleet.spool import Spool
+
+    class DroppedJustBeforeTheRead:
+        """The real embedded store; its first insert finds its file deleted, as the sidecar's make_room would."""
+
+        def __init__(self, store) -> None:
+            self.store, self.dropped = store, False
+            self.description = store.description
+
+        def insert_file(self, table: str, path: Path, token: str) -> None:
+            if not self.dropped:
+                self.dropped = True
+                path.unlink()
+            self.store.insert_file(table, path, token)
+
+        def __getattr__(self, name: str):
+            return getattr(self.store, name)
+
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    for n in range(2):  # arriving now: a row from 1970 would be past the table's TTL
+        row = {name: _label_value(name) for name in Batch().columns["request_labels"]}
+        row.update(request_id=f"r{n}", arrival=time.time_ns())
+        batch = Batch()
+        batch.add("request_labels", **row)
+        assert batch.write(spool.directory, spool.stem(), lambda size: True)
+    config = FleetConfig(enabled=True, instance="t", embedded_dir=tmp_path / "store")
+    store = DroppedJustBeforeTheRead(open_store(str(tmp_path / "store"), DB))
+    delivery = SpoolDelivery(config, tmp_path, spool, store)
+    delivery.deliver()
+    assert store.dropped and not spool.pending()
+    assert delivery.stats["exported/request_labels"] == 1 and delivery.stats["insert_errors"] == 0
+    with store.held():
+        assert store.column(f"SELECT request_id FROM {DB}.request_labels") == ["r1"]
+    store.close()
