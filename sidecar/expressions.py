@@ -134,6 +134,7 @@ def evaluate_windowed(expr: Expr, source: KeySource, window: int) -> np.ndarray:
     items cover each stretch. Keys become explicit only at a `not` and at the end, where the result is cut to
     the tokens that exist (a window reaching past a request's last token, or into the other phase)."""
     universe = functools.cache(source.universe)
+    runs = functools.cache(source.universe_runs)
     step = KEY_DTYPE(window - 1)
 
     def walk(node: Expr) -> Intervals:
@@ -145,13 +146,13 @@ def evaluate_windowed(expr: Expr, source: KeySource, window: int) -> np.ndarray:
             last = np.concatenate((first[1:], [True]))
             return keys[first], keys[last] + step
         if isinstance(node, Not):
-            keys = subtract_sorted(universe(), _keys_in(walk(node.item), universe(), source.universe_runs()))
+            keys = subtract_sorted(universe(), _keys_in(walk(node.item), universe(), runs()))
             return keys, keys
         parts = [walk(item) for item in node.items]
         needed = len(parts) if isinstance(node, All) else node.n if isinstance(node, AtLeast) else 1
         return _covered_by(parts, needed)
 
-    return _keys_in(walk(expr), universe(), source.universe_runs()).astype(KEY_DTYPE, copy=False)
+    return _keys_in(walk(expr), universe(), runs()).astype(KEY_DTYPE, copy=False)
 
 
 def _covered_by(parts: list[Intervals], needed: int) -> Intervals:

@@ -89,9 +89,6 @@ class HitLog:
     def __init__(self) -> None:
         self.parts: list[Hits] = []
 
-    def __bool__(self) -> bool:
-        return bool(self.parts)
-
     def append(self, hits: Hits) -> None:
         parts = self.parts
         parts.append(hits)
@@ -626,14 +623,17 @@ class _RequestKeys:
 
     def __init__(self, evaluator: CircuitEvaluator, scope: int) -> None:
         self.evaluator, self.scope = evaluator, scope
+        self._universe: np.ndarray | None = None
 
     def term_keys(self, term: Term) -> np.ndarray:
         positions = self.evaluator.scoped(self.evaluator.term_positions(term), self.scope)
         return token_keys(self.evaluator.state.seq, positions)
 
     def universe(self) -> np.ndarray:
-        positions = self.evaluator.scoped(self.evaluator.seen, self.scope)
-        return token_keys(self.evaluator.state.seq, positions).astype(KEY_DTYPE)
+        if self._universe is None:  # asked for by `not` and by the windowed cut (as runs): built once
+            positions = self.evaluator.scoped(self.evaluator.seen, self.scope)
+            self._universe = token_keys(self.evaluator.state.seq, positions).astype(KEY_DTYPE)
+        return self._universe
 
     def universe_runs(self) -> KeyRuns:
         return KeyRuns.of(self.universe())
