@@ -27,7 +27,7 @@ from ..request_sets import FeatureSet, SlotCodes
 from .connection import FleetStore
 from .delivery import ChildDelivery, SpoolDelivery, spool_dir_of
 from .rows import TABLES, Batch, RowMaker
-from .spool import Spool, file_size
+from .spool import Spool, file_stat
 
 log = logging.getLogger(__name__)
 
@@ -207,20 +207,14 @@ class FleetExporter:
         """Counters and gauges for telemetry: rows exported and dropped per table, spool size, export lag."""
         pending = self.spool.pending()
         delivered = self.delivery.counters()
-        oldest = min((_mtime(f.path) for f in pending), default=None)
+        stats = [s for s in (file_stat(f.path) for f in pending) if s is not None]  # delivered meanwhile: gone
+        oldest = min((s.st_mtime for s in stats), default=None)
         return {
             "exported": {t: delivered[f"exported/{t}"] for t in TABLES},
             "dropped": {(r, t): self.stats[f"dropped/{r}/{t}"] for r in DROP_REASONS for t in TABLES},
             "insert_errors": delivered["insert_errors"],
-            "spool_bytes": sum(file_size(f.path) for f in pending),
-            "spool_files": len(pending),
+            "spool_bytes": sum(s.st_size for s in stats),
+            "spool_files": len(stats),
             "lag_s": max(0.0, time.time() - oldest) if oldest is not None else 0.0,  # the oldest batch not in
             "queued": len(self._queue),
         }
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:  # delivered meanwhile
-        return time.time()

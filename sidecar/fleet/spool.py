@@ -11,6 +11,7 @@ the whole bound is not spooled), and the exporter counts and logs what went.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 from collections import Counter
@@ -37,12 +38,18 @@ class SpooledFile:
         return self.path.name.rsplit(".", 2)[0]
 
 
-def file_size(path: Path) -> int:
-    """A spooled file's size; 0 once it is gone (the delivering process removes files as the store takes them)."""
+def file_stat(path: Path) -> os.stat_result | None:
+    """A spooled file's stat; None once it is gone (the delivering process removes files as the store takes
+    them)."""
     try:
-        return path.stat().st_size
+        return path.stat()
     except FileNotFoundError:
-        return 0
+        return None
+
+
+def file_size(path: Path) -> int:
+    stat = file_stat(path)
+    return stat.st_size if stat is not None else 0
 
 
 class Spool:
