@@ -201,27 +201,36 @@ def contrast_section(args) -> None:
                 f"WHERE database = '{DB}' AND active"
             )[0]
             parts = store.column(f"SELECT count() FROM system.parts WHERE database = '{DB}' AND active")[0]
+            filled = f"in {seconds:.0f}s" if seconds else "(kept from an earlier run)"
             print(
-                f"  {total:,} requests in {seconds:.0f}s; codes mode: {elements / total / 2:.0f} features per request "
+                f"  {total:,} requests {filled}; codes mode: {elements / total / 2:.0f} features per request "
                 f"and SAE on average ({elements:,} in all); store {size} compressed in {parts} parts "
                 f"(background merges settled {settle_s:.0f}s after the fill)\n"
             )
         print(
             f"contrast: 'pos' ({total // 100:,} requests) against every other request, median of {args.queries} "
-            "(with pairs: one run)"
+            "(with pairs: one run), on an open engine (as a server's is; the first query warmed it)"
         )
-        for mode, name in ((pb.CODE_MODE_CODES, "codes"), (pb.CODE_MODE_ARGMAX_TOKEN, "argmax-token")):
-            for pairs in (0, 20):
-                request = pb.ContrastRequest(
-                    positives=pb.RequestSelector(labels=["pos"]), mode=mode, top=50, top_pairs=pairs
-                )
-                repeats = 1 if pairs else args.queries  # pairs over every other request scan them all: once
-                seconds, answer = timed(lambda r=request: fleet_contrast(store, DB, r), repeats)
-                top = [(f.slot, f.feature) for f in answer.features[:3]]
-                print(
-                    f"  {name:<13} {'with 20 pairs' if pairs else 'features only':<14} {seconds * 1e3:8.0f} ms   "
-                    f"({answer.positives:,} vs {answer.negatives:,}; top {top})"
-                )
+        with store.held():
+            fleet_contrast(store, DB, pb.ContrastRequest(positives=pb.RequestSelector(labels=["pos"]), top_pairs=0))
+            for mode, name in ((pb.CODE_MODE_CODES, "codes"), (pb.CODE_MODE_ARGMAX_TOKEN, "argmax-token")):
+                for pairs in (0, 20):
+                    request = pb.ContrastRequest(
+                        positives=pb.RequestSelector(labels=["pos"]), mode=mode, top=50, top_pairs=pairs
+                    )
+                    repeats = 1 if pairs else args.queries  # pairs over every other request scan them all: once
+                    seconds, answer = timed(lambda r=request: fleet_contrast(store, DB, r), repeats)
+                    top = [(f.slot, f.feature) for f in answer.features[:3]]
+                    print(
+                        f"  {name:<13} {'with 20 pairs' if pairs else 'features only':<14} {seconds * 1e3:8.0f} ms   "
+                        f"({answer.positives:,} vs {answer.negatives:,}; top {top})"
+                    )
+        request = pb.ContrastRequest(positives=pb.RequestSelector(labels=["pos"]), top=50, top_pairs=0)
+        cold_s, _ = timed(lambda: fleet_contrast(store, DB, request), args.queries)
+        print(
+            f"  codes         features only  {cold_s * 1e3:8.0f} ms   opening the embedded engine for the query and "
+            "closing it after (what one `circuitwatch identify --fleet DIR` pays)"
+        )
         print("\nthe same contrast over one replica's requests: local in-memory index vs the fleet store")
         with store.held():
             index, registry, lock = local_index_for(store, "replica-0", pb.CODE_MODE_CODES)
@@ -232,7 +241,8 @@ def contrast_section(args) -> None:
             view = index.view()
         resolved = Resolved({}, {}, frozenset(), "replica-0")
         local_s, local = timed(lambda: contrast(request, view, registry, resolved, time.time_ns()), args.queries)
-        fleet_s, remote = timed(lambda: fleet_contrast(store, DB, request), args.queries)
+        with store.held():
+            fleet_s, remote = timed(lambda: fleet_contrast(store, DB, request), args.queries)
         local.ClearField("elapsed_ms")
         assert remote == local, "the fleet answer differs from the local index's"
         print(

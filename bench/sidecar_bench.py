@@ -24,6 +24,7 @@ the last codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -413,47 +414,42 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str) -> None
 
 
 def decode_through_grpc(steps: int, steps_per_s: float | None = None) -> tuple[float, list[float], Counter]:
-    """A real server on 127.0.0.1 and the producer in another process, as fast as it sends or paced at an
-    engine's step rate; report latency from sending a request's last codes to its report arriving on
-    WatchReports (as fast as it sends, that includes the queue the producer builds up)."""
+    """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
+    process, and WatchReports read here (as the API server would, from outside the sidecar's process); report
+    latency from sending a request's last codes to its report arriving on WatchReports (as fast as it sends,
+    that includes the queue the producer builds up)."""
     import json
     import multiprocessing
     import threading
 
-    with tempfile.TemporaryDirectory() as tmp:
-        running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=Path(tmp)))
-        try:
-            stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
-            arrived: dict[str, int] = {}
-            statuses: Counter = Counter()
-            watch = stub.WatchReports(pb.WatchReportsRequest())
+    with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as (port, _):
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        arrived: dict[str, int] = {}
+        statuses: Counter = Counter()
+        watch = stub.WatchReports(pb.WatchReportsRequest())
 
-            def follow() -> None:
-                try:
-                    for report in watch:
-                        arrived[report.request_id] = time.time_ns()
-                        statuses[pb.ReportStatus.Name(report.status)] += 1
-                except grpc.RpcError:
-                    pass
+        def follow() -> None:
+            try:
+                for report in watch:
+                    arrived[report.request_id] = time.time_ns()
+                    statuses[pb.ReportStatus.Name(report.status)] += 1
+            except grpc.RpcError:
+                pass
 
-            follower = threading.Thread(target=follow, daemon=True)
-            follower.start()
-            time.sleep(0.2)
-            out = str(Path(tmp) / "producer.json")
-            producer = multiprocessing.get_context("spawn").Process(
-                target=_produce, args=(running.port, steps, steps_per_s, out)
-            )
-            producer.start()
-            producer.join()
-            result = json.loads(Path(out).read_text())
-            deadline = time.monotonic() + 30
-            while len(arrived) < len(result["sent_last"]) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            watch.cancel()
-            latencies = [(arrived[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in arrived]
-            return result["postings"] / result["seconds"], latencies, statuses
-        finally:
-            running.stop(1)
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        time.sleep(0.2)
+        out = str(Path(tmp) / "producer.json")
+        producer = multiprocessing.get_context("spawn").Process(target=_produce, args=(port, steps, steps_per_s, out))
+        producer.start()
+        producer.join()
+        result = json.loads(Path(out).read_text())
+        deadline = time.monotonic() + 30
+        while len(arrived) < len(result["sent_last"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watch.cancel()
+        latencies = [(arrived[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in arrived]
+        return result["postings"] / result["seconds"], latencies, statuses
 
 
 def random_circuits(rng: np.random.Generator, count: int, dense: bool) -> list[dict]:
@@ -595,32 +591,20 @@ def small_steps_section(seconds: float = 8.0) -> None:
 
     print("\nsmall steps: one request, one row per engine step, 2 slots, k=64 (CPU ms per message, median of 3)")
     print(f"{'receiver':<28} {'steps/s':>8} {'receiver ms':>12} {'sender ms':>10}")
-    with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
-        config = Path(tmp) / "sidecar.yaml"
-        config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: {tmp}/evidence\n")
-        cli = str(Path(sys.executable).with_name("circuitwatch"))
-        receivers = {
-            "sidecar (real server)": subprocess.Popen(
-                [cli, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            ),
-            "bare gRPC endpoint": subprocess.Popen(
-                [sys.executable, __file__, "--sink-child"], stdout=subprocess.PIPE, text=True
-            ),
-        }
+    with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as (port, pid):
+        sink = subprocess.Popen([sys.executable, __file__, "--sink-child"], stdout=subprocess.PIPE, text=True)
         try:
-            sink_port = int(receivers["bare gRPC endpoint"].stdout.readline())
-            ports = {"sidecar (real server)": port, "bare gRPC endpoint": sink_port}
-            for name in receivers:
-                grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{ports[name]}")).result(timeout=60)
+            sink_port = int(sink.stdout.readline())
+            grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{sink_port}")).result(timeout=60)
+            receivers = {"sidecar (real server)": (pid, port), "bare gRPC endpoint": (sink.pid, sink_port)}
             me = psutil.Process()
             for steps_per_s in (50, 200):
                 steps = int(seconds * steps_per_s)
-                for name, process in receivers.items():
-                    receiver = psutil.Process(process.pid)
+                for name, (pid, receiver_port) in receivers.items():
+                    receiver = psutil.Process(pid)
                     runs = []
                     for _ in range(3):
-                        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{ports[name]}"))
+                        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{receiver_port}"))
                         before = cpu_s(receiver), cpu_s(me)
                         stub.Ingest(small_step_messages(1, steps, steps_per_s))
                         runs.append(((cpu_s(receiver) - before[0]) / steps, (cpu_s(me) - before[1]) / steps))
@@ -628,9 +612,30 @@ def small_steps_section(seconds: float = 8.0) -> None:
                     sent = statistics.median(r[1] for r in runs) * 1e3
                     print(f"{name:<28} {steps_per_s:>8} {received:>12.2f} {sent:>10.2f}")
         finally:
-            for process in receivers.values():
-                process.terminate()
-                process.wait(30)
+            sink.terminate()
+            sink.wait(30)
+
+
+@contextlib.contextmanager
+def sidecar_process(tmp: Path) -> Iterator[tuple[int, int]]:
+    """The real sidecar server, started by its CLI in its own process as deployed (default settings, listening
+    on a free loopback port), stopped with SIGTERM at the end. Yields (port, pid)."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    config = tmp / "sidecar.yaml"
+    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: {tmp}/evidence\n")
+    cli = str(Path(sys.executable).with_name("circuitwatch"))
+    process = subprocess.Popen(
+        [cli, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
+        yield port, process.pid
+    finally:
+        process.terminate()
+        process.wait(60)
 
 
 def _free_port() -> int:
