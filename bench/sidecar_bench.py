@@ -600,8 +600,8 @@ def small_steps_section(seconds: float = 8.0) -> None:
             me = psutil.Process()
             for steps_per_s in (50, 200):
                 steps = int(seconds * steps_per_s)
-                for name, (pid, receiver_port) in receivers.items():
-                    receiver = psutil.Process(pid)
+                for name, (receiver_pid, receiver_port) in receivers.items():
+                    receiver = psutil.Process(receiver_pid)
                     runs = []
                     for _ in range(3):
                         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{receiver_port}"))
