@@ -173,23 +173,33 @@ class SidecarCore:
             row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
             slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
             errors, norms = arrays.errors, arrays.norms
-            for i, state in enumerate(per_slice):
-                r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
-                chunk = Chunk(
-                    positions[r0:r1],
-                    uids[r0:r1],
-                    arrays.token_ids[r0:r1],
-                    arrays.row_offsets[r0 : r1 + 1] - p0,
-                    arrays.feature_ids[p0:p1],
-                    arrays.activations[p0:p1],
-                    errors=errors[r0:r1] if errors is not None else None,
-                    norms=norms[r0:r1] if norms is not None else None,
-                )
-                gone = state.add_chunk(
-                    slice_gslots[i], chunk, slice_phases[i], now, candidates[p0:p1] if checks[i] else None
-                )
-                if gone is not None:
-                    replaced.append(gone)
+            # Requests whose finish came already go first and are finalised as soon as their own slices are in:
+            # their reports wait for their last codes, not for every other request's slices of the step.
+            finishing = [i for i, state in enumerate(per_slice) if state.pending_finish is not None]
+            others = [i for i, state in enumerate(per_slice) if state.pending_finish is None]
+            for part in (finishing, others):
+                for i in part:
+                    r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
+                    chunk = Chunk(
+                        positions[r0:r1],
+                        uids[r0:r1],
+                        arrays.token_ids[r0:r1],
+                        arrays.row_offsets[r0 : r1 + 1] - p0,
+                        arrays.feature_ids[p0:p1],
+                        arrays.activations[p0:p1],
+                        errors=errors[r0:r1] if errors is not None else None,
+                        norms=norms[r0:r1] if norms is not None else None,
+                    )
+                    gone = per_slice[i].add_chunk(
+                        slice_gslots[i], chunk, slice_phases[i], now, candidates[p0:p1] if checks[i] else None
+                    )
+                    if gone is not None:
+                        replaced.append(gone)
+                for state in {per_slice[i].request_id: per_slice[i] for i in part}.values():
+                    self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
+                    self._check_actions(state)
+                    if state.pending_finish is not None:
+                        self._finalize_if_covered(state)
             if replaced:
                 self.index.supersede(np.concatenate(replaced))
             self._observe_drift(gslots, row_slice, arrays)
@@ -199,13 +209,6 @@ class SidecarCore:
             self.counters["rows"] += arrays.num_rows
             self.counters["batches"] += 1
             self.instruments.postings.add(postings)
-            for state in states.values():
-                if state is None:
-                    continue
-                self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
-                self._check_actions(state)
-                if state.pending_finish is not None:
-                    self._finalize_if_covered(state)
 
     def _observe_drift(self, gslots: np.ndarray, row_slice: np.ndarray, arrays) -> None:
         """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""

@@ -16,6 +16,9 @@ from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.codec import pack_slice
+from circuitwatch.sidecar import SidecarConfig
+from circuitwatch.sidecar.core import SidecarCore
+from circuitwatch.sidecar.store import EvidenceStore
 
 from support.sidecar_harness import (
     D_SAE,
@@ -434,6 +437,29 @@ def test_finish_may_overtake_codes_on_another_stream(tmp_path: Path) -> None:
         report = client.report("overtaken", wait_ms=0)  # final as soon as the last codes arrived
         assert report.status == pb.REPORT_STATUS_COMPLETE
         assert report.coverage.positions_seen == request.num_positions
+
+
+def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path: Path) -> None:
+    """One engine step carries the last codes of a request whose finish came first and another request's codes
+    (first on the wire): the finished one's report is built as soon as its own slices are in, so it waits for
+    its codes, not for every other request's slices of the step."""
+    rng = np.random.default_rng(13)
+    done, other = SyntheticRequest.random(rng, "done"), SyntheticRequest.random(rng, "other")
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    other_postings_at_report = []
+
+    def listener(report: pb.Report) -> None:
+        if report.request_id == "done":
+            other_postings_at_report.append(core.open_state("other").postings)
+
+    core.watchers.listeners.append(listener)
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+    core.ingest(control, pb.IngestMessage(finish=done.finish()))
+    slices = [r.slice(s, a, b) for r in (other, done) for a, b in r.chunks(1000) for s in (0, 1)]
+    core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+    assert core.finals.get("done").status == pb.REPORT_STATUS_COMPLETE
+    assert other_postings_at_report == [0]
+    assert core.open_state("other").postings == sum(len(row) for rows in other.codes.values() for row in rows) > 0
 
 
 def test_finish_without_all_codes_is_incomplete_after_grace(tmp_path: Path) -> None:
