@@ -19,6 +19,7 @@ MODES = (pb.CODE_MODE_CODES, pb.CODE_MODE_ARGMAX_TOKEN, pb.CODE_MODE_ARGMAX_MEAN
 PROMPT_BIT, GENERATED_BIT, BOTH_BIT = 1, 2, 4
 # Code modes whose "both" set is the union of the prompt and generated sets; mean-pooled argmax is not.
 BOTH_IS_UNION = {pb.CODE_MODE_CODES: True, pb.CODE_MODE_ARGMAX_TOKEN: True, pb.CODE_MODE_ARGMAX_MEAN: False}
+DENSE_SPAN = 4  # count features by id (no sort) while their id span is at most this many times the codes
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,11 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
         row_of = np.repeat(np.arange(len(starts)), np.diff(slot.row_offsets))
         generated_row = slot.positions >= num_prompt
         generated = generated_row[row_of]
-        unique, inverse = np.unique(slot.features, return_inverse=True)
-        in_prompt = np.bincount(inverse[~generated], minlength=len(unique)) > 0
-        in_generated = np.bincount(inverse[generated], minlength=len(unique)) > 0
+        acts = slot.activations
+        unique, in_prompt, in_generated, sums = _per_feature(slot.features, generated, acts)
         scopes = (in_prompt * PROMPT_BIT) | (in_generated * GENERATED_BIT) | BOTH_BIT
         parts[pb.CODE_MODE_CODES].append(FeatureSet((unique + offset).astype(np.uint32), scopes.astype(np.uint8)))
         # strongest feature per token, lower id on a tie
-        acts = slot.activations
         best = np.maximum.reduceat(acts, starts[filled])
         candidates = np.where(acts == best[np.searchsorted(filled, row_of)], slot.features, np.uint32(2**32 - 1))
         strongest = np.minimum.reduceat(candidates, starts[filled])
@@ -76,10 +75,9 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
         parts[pb.CODE_MODE_ARGMAX_TOKEN].append(_merge([(strongest + offset, phase | BOTH_BIT)]))
         # mean-pooled argmax per scope (argmax of the sums: the token count divides every feature alike)
         pooled = []
-        for bit, select in ((PROMPT_BIT, ~generated), (GENERATED_BIT, generated), (BOTH_BIT, slice(None))):
-            sums = np.bincount(inverse[select], weights=acts[select], minlength=len(unique))
-            if sums.any():
-                pooled.append((np.array([unique[np.argmax(sums)] + offset]), np.array([bit])))  # first = lower id
+        for bit, scope_sums in zip((PROMPT_BIT, GENERATED_BIT, BOTH_BIT), sums, strict=True):
+            if scope_sums.any():
+                pooled.append((np.array([unique[np.argmax(scope_sums)] + offset]), np.array([bit])))  # first = lower id
         parts[pb.CODE_MODE_ARGMAX_MEAN].append(_merge(pooled))
     return {
         mode: FeatureSet(np.concatenate([p.terms for p in found]), np.concatenate([p.scopes for p in found]))
@@ -87,6 +85,31 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
         else FeatureSet.empty()
         for mode, found in parts.items()
     }
+
+
+def _per_feature(
+    features: np.ndarray, generated: np.ndarray, acts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A slot's distinct features (sorted), whether each occurs in prompt and in generated tokens, and each one's
+    activation sums over prompt, generated and all tokens. Counted by feature id when the ids span little more
+    than the codes do (no sort: a decode-shaped request's 32k codes over 16k ids), else by np.unique's ranks; both
+    add each feature's activations in the same order, so the sums are the same to the bit."""
+    span = int(features.max()) + 1
+    if span <= DENSE_SPAN * len(features):
+        keys, length = features, span
+    else:
+        ranks_of, keys = np.unique(features, return_inverse=True)
+        length = len(ranks_of)
+    in_prompt = np.bincount(keys[~generated], minlength=length)
+    in_generated = np.bincount(keys[generated], minlength=length)
+    sums = [
+        np.bincount(keys[select], weights=acts[select], minlength=length)
+        for select in (~generated, generated, slice(None))
+    ]
+    if keys is features:  # keep the ids that occur
+        unique = np.flatnonzero(in_prompt + in_generated).astype(features.dtype)
+        return unique, in_prompt[unique] > 0, in_generated[unique] > 0, [s[unique] for s in sums]
+    return ranks_of, in_prompt > 0, in_generated > 0, sums
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> FeatureSet:

@@ -522,3 +522,31 @@ def test_truth_features_name_a_layer_or_one_of_its_taps() -> None:
     for bad in ("L1.hook_z:3", "1.attn_z:3", "3"):
         with pytest.raises(UsageError, match="expected LAYER:FEATURE"):
             _truth_features([bad])
+
+
+@pytest.mark.parametrize("d_sae", [64, 1 << 20])
+def test_feature_sets_are_the_same_counted_by_id_or_by_rank(monkeypatch, d_sae: int) -> None:
+    """request_feature_sets counts features by id when their ids span little more than the codes, else by
+    np.unique's ranks: forced either way, every mode's terms and scopes are identical (activations drawn from a
+    few values, so argmax ties and equal sums occur)."""
+    from circuitwatch.sidecar import request_sets
+
+    rng = np.random.default_rng(21)
+    codes = {}
+    for gslot in (0, 1):
+        counts = rng.integers(0, 12, 200)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        features = np.concatenate([np.sort(rng.choice(d_sae, size=int(n), replace=False)) for n in counts]).astype(
+            np.uint32
+        )
+        acts = rng.choice([0.5, 1.0, 2.0], size=len(features)).astype(np.float32)
+        codes[gslot] = request_sets.SlotCodes(np.arange(200, dtype=np.int64), offsets, features, acts)
+    answers = []
+    for span in (0, 1 << 30):  # by rank always, by id always
+        monkeypatch.setattr(request_sets, "DENSE_SPAN", span)
+        answers.append(request_sets.request_feature_sets(codes, 80, [0, d_sae]))
+    for mode in request_sets.MODES:
+        by_rank, by_id = answers[0][mode], answers[1][mode]
+        assert by_rank.terms.dtype == by_id.terms.dtype and by_rank.scopes.dtype == by_id.scopes.dtype
+        assert np.array_equal(by_rank.terms, by_id.terms) and np.array_equal(by_rank.scopes, by_id.scopes)
+        assert len(by_rank.terms) > 0
