@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import FleetConfig
-from .connection import FleetStore, StoreUnavailableError, open_store
+from .connection import EmbeddedStore, FleetStore, StoreUnavailableError, open_store
 from .schema import Retention, migrate
 from .spool import Spool
 
@@ -122,8 +122,12 @@ class SpoolDelivery:
         return self.stats
 
     def final_delivery(self, timeout_s: float) -> None:
-        """One more try within timeout_s, back-off or not (the sidecar is stopping)."""
+        """One more try within timeout_s, back-off or not (the sidecar is stopping). It waits that long for an
+        embedded store another process holds (a regular delivery waits 1 s and tries again later), so a replica
+        stopping while another one delivers into the same store does not leave its last batches spooled."""
         self._retry_at = 0.0
+        if isinstance(self.store, EmbeddedStore):
+            self.store.lock_timeout_s = max(self.store.lock_timeout_s, timeout_s)
         self.deliver(deadline=time.monotonic() + timeout_s)
 
     def close(self, timeout_s: float) -> None:

@@ -118,6 +118,33 @@ def test_outage_spools_and_a_restart_replays_without_loss_or_duplicates(tmp_path
     assert per_request == []
 
 
+def test_a_stopping_sidecar_waits_for_another_process_holding_the_store(tmp_path: Path) -> None:
+    """Replicas on one box share the embedded store: one stopping while another holds the store (delivering)
+    waits for it within the stop timeout, so its last batches reach the store instead of staying spooled (a
+    regular delivery gives up after 1 s and tries again later)."""
+    store_dir = tmp_path / "store"
+    rng = np.random.default_rng(5)
+    config = f"fleet: {{enabled: true, instance: one, embedded_dir: {store_dir}, flush_interval_s: 0.2}}\n"
+    requests = requests_for(rng, "s", 20)
+    port = free_port()
+    process = start_sidecar(tmp_path, port, config, log_name="sidecar.log")
+    try:
+        with store_held_elsewhere(store_dir):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                send(pb_grpc.MonitorStub(channel), requests, rng)
+            wait_for(lambda: len(spooled(tmp_path)) >= 3, what="batches in the spool")
+            process.send_signal(signal.SIGTERM)
+            time.sleep(2.5)  # the other process keeps the store past the 1 s a regular delivery waits
+        process.wait(30)
+    finally:
+        stop(process)
+    assert not spooled(tmp_path)
+    store = open_store(str(store_dir), DB)
+    with store.held():
+        ids = sorted(store.column(f"SELECT request_id FROM {DB}.reports"))
+    assert ids == sorted(r.request_id for r in requests)
+
+
 def test_a_replayed_batch_counts_once_through_the_materialized_view(tmp_path: Path) -> None:
     """An insert the store took but whose answer was lost is sent again with the same token: nothing doubles,
     not the rows and not the hourly sums. A new token does add (so the token is what deduplicates)."""
