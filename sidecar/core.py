@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto.codec import BatchArrays
 
 from .circuits import CircuitSet, check_circuits, load_circuit_files
 from .config import ConfigError, SidecarConfig
@@ -128,7 +129,12 @@ class SidecarCore:
 
     def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
         """One code batch (one engine step: many requests, small slices) in whole-batch array operations; per
-        slice only the request's bookkeeping runs in Python."""
+        slice only the request's bookkeeping runs in Python.
+
+        Requests whose finish came already go first, in a lock section of their own, and are finalised as soon
+        as their own slices are in; then the readers those reports woke get to send them (Watchers.hand_off),
+        and only then the step's other slices go in. A report waits for its request's last codes, not for the
+        rest of the engine step."""
         arrays = decode_batch(stream, batch, self.limits)
         stream.last_step = batch.step
         stream.batches += 1
@@ -137,78 +143,95 @@ class SidecarCore:
             if batch.stats.wiring:
                 self._wiring_checks(stream, check_wiring(stream, batch.stats))
         with self.lock:
-            now = self.clock()
-            states: dict[str, RequestState | None] = {}
-            for request_id in arrays.request_ids:
-                if request_id not in states:
-                    states[request_id] = self._state(request_id, stream, now)
-            per_slice = [states[request_id] for request_id in arrays.request_ids]
-            live = np.array([state is not None for state in per_slice], bool)
-            if not live.all():
-                dead = np.flatnonzero(~live)
-                self.counters["late_postings"] += int(np.diff(arrays.post_start)[dead].sum())
-                if not live.any():
-                    return
-                arrays = keep_slices(arrays, np.flatnonzero(live))
-                per_slice = [s for s in per_slice if s is not None]
-            gslots = np.array([stream.slots[int(slot)] for slot in arrays.slots], np.int64)
-            row_slice = arrays.row_slices()
-            positions = arrays.positions()
-            seqs = np.array([state.seq for state in per_slice], np.int64)
-            uids = self.index.append(
-                token_keys(seqs[row_slice], positions),
-                gslots[row_slice],
-                arrays.phases[row_slice],
-                arrays.token_ids,
-                arrays.row_offsets,
-                arrays.feature_ids,
-                arrays.activations,
-                arrays.errors,
-                arrays.norms,
-            )
-            candidates = self._candidates(gslots, arrays)
-            counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
-            has_candidates = counted[arrays.post_start[1:]] > counted[arrays.post_start[:-1]]
-            replaced = []
-            row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
-            slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
-            errors, norms = arrays.errors, arrays.norms
-            # Requests whose finish came already go first and are finalised as soon as their own slices are in:
-            # their reports wait for their last codes, not for every other request's slices of the step.
-            finishing = [i for i, state in enumerate(per_slice) if state.pending_finish is not None]
-            others = [i for i, state in enumerate(per_slice) if state.pending_finish is None]
-            for part in (finishing, others):
-                for i in part:
-                    r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
-                    chunk = Chunk(
-                        positions[r0:r1],
-                        uids[r0:r1],
-                        arrays.token_ids[r0:r1],
-                        arrays.row_offsets[r0 : r1 + 1] - p0,
-                        arrays.feature_ids[p0:p1],
-                        arrays.activations[p0:p1],
-                        errors=errors[r0:r1] if errors is not None else None,
-                        norms=norms[r0:r1] if norms is not None else None,
-                    )
-                    gone = per_slice[i].add_chunk(
-                        slice_gslots[i], chunk, slice_phases[i], now, candidates[p0:p1] if checks[i] else None
-                    )
-                    if gone is not None:
-                        replaced.append(gone)
-                for state in {per_slice[i].request_id: per_slice[i] for i in part}.values():
-                    self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
-                    self._check_actions(state)
-                    if state.pending_finish is not None:
-                        self._finalize_if_covered(state)
-            if replaced:
-                self.index.supersede(np.concatenate(replaced))
-            self._observe_drift(gslots, row_slice, arrays)
-            postings = len(arrays.feature_ids)
-            stream.postings += postings
-            self.counters["postings"] += postings
-            self.counters["rows"] += arrays.num_rows
             self.counters["batches"] += 1
-            self.instruments.postings.add(postings)
+            first, rest = self._finishing_first(arrays)
+            self._add_slices(stream, first)
+        if rest is not None:
+            self.watchers.hand_off()
+            with self.lock:
+                self._add_slices(stream, rest)
+
+    def _finishing_first(self, arrays: BatchArrays) -> tuple[BatchArrays, BatchArrays | None]:
+        """(the slices of requests whose finish came already, the others), or (everything, None) when the batch
+        is all one or the other (under the lock)."""
+        open_ = self._open
+        finishing = np.array(
+            [(state := open_.get(rid)) is not None and state.pending_finish is not None for rid in arrays.request_ids],
+            bool,
+        )
+        if finishing.all() or not finishing.any():
+            return arrays, None
+        return keep_slices(arrays, np.flatnonzero(finishing)), keep_slices(arrays, np.flatnonzero(~finishing))
+
+    def _add_slices(self, stream: Stream, arrays: BatchArrays) -> None:
+        """Index the slices, add each to its request, finalise requests they complete (under the lock)."""
+        now = self.clock()
+        states: dict[str, RequestState | None] = {}
+        for request_id in arrays.request_ids:
+            if request_id not in states:
+                states[request_id] = self._state(request_id, stream, now)
+        per_slice = [states[request_id] for request_id in arrays.request_ids]
+        live = np.array([state is not None for state in per_slice], bool)
+        if not live.all():
+            dead = np.flatnonzero(~live)
+            self.counters["late_postings"] += int(np.diff(arrays.post_start)[dead].sum())
+            if not live.any():
+                return
+            arrays = keep_slices(arrays, np.flatnonzero(live))
+            per_slice = [s for s in per_slice if s is not None]
+        gslots = np.array([stream.slots[int(slot)] for slot in arrays.slots], np.int64)
+        row_slice = arrays.row_slices()
+        positions = arrays.positions()
+        seqs = np.array([state.seq for state in per_slice], np.int64)
+        uids = self.index.append(
+            token_keys(seqs[row_slice], positions),
+            gslots[row_slice],
+            arrays.phases[row_slice],
+            arrays.token_ids,
+            arrays.row_offsets,
+            arrays.feature_ids,
+            arrays.activations,
+            arrays.errors,
+            arrays.norms,
+        )
+        candidates = self._candidates(gslots, arrays)
+        counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
+        has_candidates = counted[arrays.post_start[1:]] > counted[arrays.post_start[:-1]]
+        replaced = []
+        row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
+        slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
+        errors, norms = arrays.errors, arrays.norms
+        for i, state in enumerate(per_slice):
+            r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
+            chunk = Chunk(
+                positions[r0:r1],
+                uids[r0:r1],
+                arrays.token_ids[r0:r1],
+                arrays.row_offsets[r0 : r1 + 1] - p0,
+                arrays.feature_ids[p0:p1],
+                arrays.activations[p0:p1],
+                errors=errors[r0:r1] if errors is not None else None,
+                norms=norms[r0:r1] if norms is not None else None,
+            )
+            matching = candidates[p0:p1] if checks[i] else None
+            gone = state.add_chunk(slice_gslots[i], chunk, slice_phases[i], now, matching)
+            if gone is not None:
+                replaced.append(gone)
+        for state in states.values():
+            if state is None:
+                continue
+            self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
+            self._check_actions(state)
+            if state.pending_finish is not None:
+                self._finalize_if_covered(state)
+        if replaced:
+            self.index.supersede(np.concatenate(replaced))
+        self._observe_drift(gslots, row_slice, arrays)
+        postings = len(arrays.feature_ids)
+        stream.postings += postings
+        self.counters["postings"] += postings
+        self.counters["rows"] += arrays.num_rows
+        self.instruments.postings.add(postings)
 
     def _observe_drift(self, gslots: np.ndarray, row_slice: np.ndarray, arrays) -> None:
         """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""
@@ -416,7 +439,9 @@ class SidecarCore:
             log.exception("report of %s could not be built; reported as a SIDECAR_ERROR gap", shown(state.request_id))
             self.counters["report_errors"] += 1
             report = error_report(state, finish, f"{type(exc).__name__}: {exc}", self.clock())
-        self.finals.add(report)  # durable before anyone sees it as final
+        woken = self.finals.add(report)  # durable before anyone sees it as final
+        if woken is not None:
+            self.watchers.woken(woken)
         record = self.requests.get(state.request_id)
         if record is not None:
             record.finalized(report)
@@ -516,6 +541,12 @@ class SidecarCore:
             return self.finals.with_feedback(report)
         if wait_ms:
             event.wait(wait_ms / 1000)
+        try:
+            return self._report_after_wait(request_id, event)
+        finally:
+            self.watchers.answered(event)
+
+    def _report_after_wait(self, request_id: str, event: threading.Event) -> pb.Report:
         with self.lock:
             report = self.finals.get(request_id)
             state = self._open.get(request_id)

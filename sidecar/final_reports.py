@@ -35,8 +35,8 @@ class FinalReports:
         if response_id:
             self._open_by_response.setdefault(response_id, set()).add(request_id)
 
-    def add(self, report: pb.Report) -> None:
-        """Durable first, then visible: readers waiting for it wake up."""
+    def add(self, report: pb.Report) -> threading.Event | None:
+        """Durable first, then visible: readers waiting for it wake up (returns their event, if any)."""
         self.store.put(report)
         siblings = self._open_by_response.get(report.response_id)
         if siblings is not None:
@@ -49,6 +49,7 @@ class FinalReports:
         event = self._waiters.pop(report.request_id, None)
         if event is not None:
             event.set()
+        return event
 
     # --- reads ----------------------------------------------------------------------------------------
 

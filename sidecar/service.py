@@ -99,7 +99,9 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         with self._watches.enter(context):
             watcher = self.core.watchers.watch_reports(request.flagged_only)
             try:
-                yield from self._drain(watcher.queue, context)
+                for report in self._drain(watcher.queue, context):
+                    yield report
+                    self.core.watchers.answered(watcher)  # gRPC asks for the next one once this one is sent
             finally:
                 self.core.watchers.unwatch_reports(watcher)
 

@@ -3,6 +3,7 @@ hot reload, malformed input, coverage gaps, recomputed positions, auth, TLS, hea
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter
@@ -450,7 +451,8 @@ def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path
 
     def listener(report: pb.Report) -> None:
         if report.request_id == "done":
-            other_postings_at_report.append(core.open_state("other").postings)
+            state = core.open_state("other")  # not open yet: none of its slices are in
+            other_postings_at_report.append(state.postings if state is not None else 0)
 
     core.watchers.listeners.append(listener)
     codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
@@ -460,6 +462,108 @@ def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path
     assert core.finals.get("done").status == pb.REPORT_STATUS_COMPLETE
     assert other_postings_at_report == [0]
     assert core.open_state("other").postings == sum(len(row) for rows in other.codes.values() for row in rows) > 0
+
+
+def _finishing_step(rng: np.random.Generator) -> tuple[SyntheticRequest, SyntheticRequest, list]:
+    """Requests "done" (finish sent first) and "other", and one engine step with all their codes, "other" first."""
+    done, other = SyntheticRequest.random(rng, "done"), SyntheticRequest.random(rng, "other")
+    slices = [r.slice(s, a, b) for r in (other, done) for a, b in r.chunks(1000) for s in (0, 1)]
+    return done, other, slices
+
+
+def _postings_of(core: SidecarCore, request_id: str) -> int:
+    state = core.open_state(request_id)
+    return state.postings if state is not None else 0
+
+
+def test_a_report_reaches_its_watch_stream_before_the_rest_of_its_engine_step(tmp_path: Path) -> None:
+    """Through the real server: the WatchReports stream sends the finished request's report while ingest waits
+    (hand-off) with the step's other slices; before, the stream's thread waited for the interpreter until the
+    whole step was in."""
+    done, other, slices = _finishing_step(np.random.default_rng(13))
+    with running_sidecar(tmp_path) as (running, client):
+        core = running.core
+        core.watchers.handoff_s = 30.0  # ends as soon as the stream has sent the report
+        registered, sent_while = threading.Event(), []
+        watch_reports, answered = core.watchers.watch_reports, core.watchers.answered
+
+        def watching(flagged_only: bool):
+            watcher = watch_reports(flagged_only)
+            registered.set()
+            return watcher
+
+        def answering(reader) -> None:  # called by the servicer once gRPC has sent a report
+            sent_while.append(_postings_of(core, "other"))
+            answered(reader)
+
+        core.watchers.watch_reports, core.watchers.answered = watching, answering
+        call = client.stub.WatchReports(pb.WatchReportsRequest())
+        received: list[str] = []
+        reader = threading.Thread(target=lambda: received.extend(r.request_id for r in itertools.islice(call, 2)))
+        reader.start()
+        assert registered.wait(10)
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=done.finish())])
+        client.ingest(
+            [pb.IngestMessage(manifest=manifest()), pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices))]
+        )
+        client.ingest([pb.IngestMessage(manifest=CONTROL), pb.IngestMessage(finish=other.finish())])
+        reader.join(10)
+        call.cancel()
+        assert received == ["done", "other"]
+        assert sent_while[0] == 0  # "done" was sent before any of "other"'s codes went in
+        assert core.counters["handoff_timeouts"] == 0
+        assert core.finals.get("other").coverage.positions_seen == other.num_positions
+
+
+def test_a_get_report_waiter_answers_before_the_rest_of_its_engine_step(tmp_path: Path) -> None:
+    """A GetReport waiting on the finished request answers while ingest waits with the step's other slices."""
+    done, other, slices = _finishing_step(np.random.default_rng(14))
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    core.watchers.handoff_s = 30.0
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+    core.ingest(control, pb.IngestMessage(finish=done.finish()))
+    waiting, answered_while = threading.Event(), []
+    waiter, with_feedback = core.finals.waiter, core.finals.with_feedback
+
+    def registering(request_id: str) -> threading.Event:
+        event = waiter(request_id)
+        waiting.set()
+        return event
+
+    def answering(report: pb.Report) -> pb.Report:  # the waiter's last step before it answers
+        answered_while.append(_postings_of(core, "other"))
+        return with_feedback(report)
+
+    core.finals.waiter, core.finals.with_feedback = registering, answering
+    answers: list[pb.Report] = []
+    reader = threading.Thread(target=lambda: answers.append(core.get_report("done", 30_000)))
+    reader.start()
+    assert waiting.wait(10)
+    core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+    reader.join(10)
+    assert [a.status for a in answers] == [pb.REPORT_STATUS_COMPLETE]
+    assert answered_while == [0]
+    assert core.counters["handoff_timeouts"] == 0
+    assert _postings_of(core, "other") == sum(len(row) for rows in other.codes.values() for row in rows)
+
+
+def test_a_watch_stream_that_does_not_read_delays_ingest_once_and_boundedly(tmp_path: Path) -> None:
+    """A client that opens WatchReports and never reads is awaited once, for handoff_s, and never again (its
+    queue has a backlog): it cannot slow ingest step after step."""
+    rng = np.random.default_rng(15)
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    core.watchers.handoff_s = 0.05
+    silent = core.watchers.watch_reports(flagged_only=False)
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+    for step in range(1, 4):
+        done = SyntheticRequest.random(rng, f"done-{step}")
+        other = SyntheticRequest.random(rng, f"other-{step}")
+        core.ingest(control, pb.IngestMessage(finish=done.finish()))
+        slices = [r.slice(s, a, b) for r in (other, done) for a, b in r.chunks(1000) for s in (0, 1)]
+        core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=step, slices=slices)))
+        assert core.finals.get(f"done-{step}").status == pb.REPORT_STATUS_COMPLETE
+        assert core.counters["handoff_timeouts"] == 1
+    assert silent.queue.qsize() == 3  # nothing dropped for it either
 
 
 def test_finish_without_all_codes_is_incomplete_after_grace(tmp_path: Path) -> None:
