@@ -28,7 +28,7 @@ MERGE_FANOUT = 16  # chunks of one level merge into one of the next: few objects
 _NONE = np.empty(0, np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen (never changed all the same): one is made per slice, and frozen costs 3x
 class Chunk:
     """The rows of one slice in one SAE slot, with the uids the index gave them (arrays are views)."""
 
