@@ -211,7 +211,8 @@ class RequestState:
         self.last_activity_ns = now
         self.chunks: dict[int, list[Chunk]] = {}
         self.superseded: set[int] = set()
-        self._latest_uid: dict[int, np.ndarray] = {}  # gslot -> uid of each position's latest row (-1: none)
+        # gslot -> uid of each position's latest row (-1: none); only once a slice came out of order (add_chunk)
+        self._latest_uid: dict[int, np.ndarray] = {}
         self._seen: dict[int, np.ndarray] | None = None
         self._prefix: dict[int, int] = {}  # gslot -> every position below it has codes (in-order arrival)
         self.plan: TermPlan | None = None
@@ -243,26 +244,14 @@ class RequestState:
         replaced = None
         n = len(positions)
         if n:
-            latest = self._latest_uid.get(gslot)
-            first, end = int(positions[0]), int(positions[-1]) + 1
-            if latest is None or len(latest) < end:
-                old = _NONE if latest is None else latest
-                latest = np.full(max(end, 2 * len(old)), -1, np.int64)
-                latest[: len(old)] = old
-                self.nbytes += latest.nbytes - old.nbytes
-                self._latest_uid[gslot] = latest
-            if n == 1:
-                previous = int(latest[first])
-                if previous >= 0:
-                    replaced = np.array([previous], np.int64)
-                    self.superseded.add(previous)
-                latest[first] = chunk.uids[0]
-            else:
-                previous = latest[positions]
-                if (previous >= 0).any():
-                    replaced = previous[previous >= 0]
-                    self.superseded.update(replaced.tolist())
-                latest[positions] = chunk.uids
+            first = int(positions[0])
+            in_order = self._prefix.get(gslot, 0) == first
+            # In-order codes (the common case) cover exactly [0, prefix) so far, so new positions replace nothing
+            # and need no uid map; one is built from the chunks at the first slice that arrives otherwise.
+            if not in_order or gslot in self._latest_uid:
+                replaced = self._replace_rows(gslot, chunk, first, first + n)
+            if in_order:
+                self._prefix[gslot] = first + n
             if phase == GENERATED and (self._first_generated is None or first < self._first_generated):
                 self._first_generated = first
         chunks = self.chunks.setdefault(gslot, [])
@@ -274,12 +263,42 @@ class RequestState:
             del chunks[-MERGE_FANOUT:]
             chunks.append(merged)
         self._seen = None
-        if n and self._prefix.get(gslot, 0) == int(positions[0]):  # the common case: codes arrive in order
-            self._prefix[gslot] = int(positions[0]) + n
         self.postings += len(chunk.features)
         self.nbytes += (32 if chunk.errors is not None else 24) * n + 6 * len(chunk.features) + 200
         if self.plan is not None and candidates is not None:
             self._match_terms(gslot, chunk, candidates)
+        return replaced
+
+    def _replace_rows(self, gslot: int, chunk: Chunk, first: int, end: int) -> np.ndarray | None:
+        """Record the chunk's rows as their positions' latest; returns the uids of rows they replace, or None."""
+        latest = self._latest_uid.get(gslot)
+        if latest is None:  # every chunk so far came in order: the map starts from them
+            known = self.chunks.get(gslot, [])
+            latest = np.full(max([end] + [int(c.positions[-1]) + 1 for c in known if len(c.positions)]), -1, np.int64)
+            for c in known:
+                latest[c.positions] = c.uids
+            self.nbytes += latest.nbytes
+            self._latest_uid[gslot] = latest
+        elif len(latest) < end:
+            old = latest
+            latest = np.full(max(end, 2 * len(old)), -1, np.int64)
+            latest[: len(old)] = old
+            self.nbytes += latest.nbytes - old.nbytes
+            self._latest_uid[gslot] = latest
+        positions = chunk.positions
+        if len(positions) == 1:
+            previous = int(latest[first])
+            latest[first] = chunk.uids[0]
+            if previous < 0:
+                return None
+            self.superseded.add(previous)
+            return np.array([previous], np.int64)
+        previous = latest[positions]
+        latest[positions] = chunk.uids
+        if not (previous >= 0).any():
+            return None
+        replaced = previous[previous >= 0]
+        self.superseded.update(replaced.tolist())
         return replaced
 
     def ensure_plan(self, plan_for: Callable[[list[int]], TermPlan], version: int) -> None:
