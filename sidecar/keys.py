@@ -63,6 +63,12 @@ def subtract_sorted(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[b[found] != a]
 
 
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(starts[i], starts[i] + counts[i]) over i, without a loop per range."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
+
+
 def run_starts(sorted_values: np.ndarray) -> np.ndarray:
     """Index of the first element of each run of equal values in a sorted array."""
     if not len(sorted_values):

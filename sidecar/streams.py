@@ -15,6 +15,7 @@ from circuitwatch.proto.codec import BatchArrays, WireFormatError, unpack_batch
 
 from .config import LimitsConfig
 from .errors import MonitorError
+from .keys import concat_ranges
 from .registry import SaeIdentity, SaeRegistry
 
 OPEN_ENDED = 0xFFFFFFFF  # Gap.end of a gap that runs to the end of the request
@@ -215,8 +216,8 @@ def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
     """The batch with only some of its slices (sorted indices), e.g. without requests already final."""
     rows = np.diff(arrays.row_start)[keep]
     posts = np.diff(arrays.post_start)[keep]
-    row_index = _ranges(arrays.row_start[keep], rows)
-    post_index = _ranges(arrays.post_start[keep], posts)
+    row_index = concat_ranges(arrays.row_start[keep], rows)
+    post_index = concat_ranges(arrays.post_start[keep], posts)
     row_start = np.concatenate(([0], np.cumsum(rows)))
     post_start = np.concatenate(([0], np.cumsum(posts)))
     counts = np.diff(arrays.row_offsets)[row_index]
@@ -234,12 +235,6 @@ def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
         arrays.errors[row_index] if arrays.errors is not None else None,
         arrays.norms[row_index] if arrays.norms is not None else None,
     )
-
-
-def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The concatenation of arange(starts[i], starts[i] + counts[i]) over i, without a loop per range."""
-    ends = np.cumsum(counts)
-    return np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
 
 
 def check_start(start: pb.RequestStart, limits: LimitsConfig) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.sidecar.index import RollingIndex, TimeWindow
+from circuitwatch.sidecar.index import FEATURE_BITS, RollingIndex, TimeWindow, group_by_term, term_code
 from circuitwatch.sidecar.keys import token_keys
 
 
@@ -247,3 +248,23 @@ def test_windowed_evaluation_equals_brute_force_on_random_expressions() -> None:
         source, expr, window = Source(holes=case % 2 == 1), expression(3), int(rng.integers(2, 12))
         expected = [int(k) for k in source.all.tolist() if holds(expr, int(k), source, window)]
         assert evaluate(expr, source, window).tolist() == expected, (case, expr, window)
+
+
+@pytest.mark.parametrize(
+    ("gslots", "max_feature"),
+    [(2, 16383), (3, (1 << 20) - 1), (8, (1 << 20) - 1), (20, (1 << FEATURE_BITS) - 1)],
+    ids=["one radix pass", "two passes, counted by id", "two passes, long span", "span past 2^32"],
+)
+def test_sealing_groups_postings_by_term_as_a_stable_sort_does(gslots: int, max_feature: int) -> None:
+    """Sealing orders a segment's postings by term with radix passes over renumbered codes: the order, the terms
+    and their extents equal a stable sort of the 64-bit codes, whatever SAEs and feature ids are present."""
+    rng = np.random.default_rng(gslots)
+    features = np.minimum(rng.zipf(1.2, 200_000), max_feature)
+    features[:3] = (0, max_feature, max_feature // 2)
+    codes = term_code(rng.integers(0, gslots, len(features)), features)
+    order, terms, offsets = group_by_term(codes)
+    expected = np.argsort(codes, kind="stable")
+    assert np.array_equal(order, expected)
+    present, counts = np.unique(codes, return_counts=True)
+    assert np.array_equal(terms, present) and terms.dtype == np.uint64
+    assert np.array_equal(offsets, np.concatenate(([0], np.cumsum(counts))))
