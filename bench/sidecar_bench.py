@@ -272,6 +272,7 @@ DECODE_CONCURRENCY = 64
 DECODE_POSITIONS = 512  # computed positions per request: a 128-token prefill chunk, then one per step
 DECODE_PROMPT = 128
 DECODE_K = 64
+GET_REPORTS_IN_FLIGHT = 4  # GetReport calls waiting at once, for the next requests to finish
 
 
 def decode_manifest() -> pb.Manifest:
@@ -413,31 +414,55 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str) -> None
     Path(out).write_text(json.dumps({"postings": ack.postings, "seconds": elapsed, "sent_last": sent_last}))
 
 
-def decode_through_grpc(steps: int, steps_per_s: float | None = None) -> tuple[float, list[float], Counter]:
+def decode_through_grpc(
+    steps: int, steps_per_s: float | None = None, get_reports: int = 0
+) -> tuple[float, dict[str, list[float]], Counter]:
     """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
-    process, and WatchReports read here (as the API server would, from outside the sidecar's process); report
-    latency from sending a request's last codes to its report arriving on WatchReports (as fast as it sends,
-    that includes the queue the producer builds up)."""
+    process, and the reports read here, from outside the sidecar's process: on a WatchReports stream, and (with
+    `get_reports` > 0) by that many GetReport calls at a time that wait for the next requests' reports as the
+    plugin's API server does. Returns (postings/s, report latency ms from sending a request's last codes to its
+    report arriving, per reader ("watch", "get"), statuses). As fast as the producer sends, the latency includes
+    the queue it builds up."""
     import json
     import multiprocessing
     import threading
 
     with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as (port, _):
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        arrived: dict[str, int] = {}
+        arrived: dict[str, dict[str, int]] = {"watch": {}, "get": {}}
         statuses: Counter = Counter()
         watch = stub.WatchReports(pb.WatchReportsRequest())
+        stop = threading.Event()
 
         def follow() -> None:
             try:
                 for report in watch:
-                    arrived[report.request_id] = time.time_ns()
+                    arrived["watch"][report.request_id] = time.time_ns()
                     statuses[pb.ReportStatus.Name(report.status)] += 1
             except grpc.RpcError:
                 pass
 
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
+        def wait_for_reports(first: int, stride: int) -> None:
+            """Requests finish in the order they started (d-0, d-1, ...): wait for every stride-th one's report,
+            asking again while it is not final (not started yet, or still running)."""
+            number = first
+            while not stop.is_set():
+                try:
+                    request = pb.GetReportRequest(request_id=f"d-{number}", wait_ms=2000)
+                    report = stub.GetReport(request, timeout=5)
+                except grpc.RpcError:  # not started within the wait (NOT_FOUND), or the server stopping
+                    stop.wait(0.01)
+                    continue
+                if report.status != pb.REPORT_STATUS_PENDING:
+                    arrived["get"][report.request_id] = time.time_ns()
+                    number += stride
+
+        readers = [threading.Thread(target=follow, daemon=True)]
+        readers += [
+            threading.Thread(target=wait_for_reports, args=(k, get_reports), daemon=True) for k in range(get_reports)
+        ]
+        for reader in readers:
+            reader.start()
         time.sleep(0.2)
         out = str(Path(tmp) / "producer.json")
         producer = multiprocessing.get_context("spawn").Process(target=_produce, args=(port, steps, steps_per_s, out))
@@ -445,10 +470,14 @@ def decode_through_grpc(steps: int, steps_per_s: float | None = None) -> tuple[f
         producer.join()
         result = json.loads(Path(out).read_text())
         deadline = time.monotonic() + 30
-        while len(arrived) < len(result["sent_last"]) and time.monotonic() < deadline:
+        while len(arrived["watch"]) < len(result["sent_last"]) and time.monotonic() < deadline:
             time.sleep(0.05)
+        stop.set()
         watch.cancel()
-        latencies = [(arrived[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in arrived]
+        latencies = {
+            reader: [(times[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in times]
+            for reader, times in arrived.items()
+        }
         return result["postings"] / result["seconds"], latencies, statuses
 
 
@@ -536,19 +565,25 @@ def decode_section(steps: int) -> None:
         f"  in process (1 thread): {rate / 1e6:.2f}M postings/s (target >= 2.5M: {rate / 2.5e6:.2f}x); report ready "
         f"after the last codes p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); reports {dict(statuses)}"
     )
-    rate, latencies, statuses = decode_through_grpc(steps)
-    p50, _, p99 = percentiles(latencies)
+    rate, _, statuses = decode_through_grpc(steps)
     print(
         f"  through gRPC, producer in its own process, as fast as it sends (both on these 2 cores): "
         f"{rate / 1e6:.2f}M postings/s; reports {dict(statuses)}"
     )
     step_rate = 100  # a decode step every 10 ms: 64 sequences on a GPU
     rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate)
-    p50, _, p99 = percentiles(latencies)
+    p50, _, p99 = percentiles(latencies["watch"])
     print(
         f"  through gRPC at {step_rate} engine steps/s ({rate / 1e6:.2f}M postings/s sustained): report on "
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
         f"reports {dict(statuses)}"
+    )
+    rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
+    (w50, _, w99), (g50, _, g99) = percentiles(latencies["watch"]), percentiles(latencies["get"])
+    print(
+        f"  the same with {GET_REPORTS_IN_FLIGHT} GetReport calls waiting at a time, as the API server waits for "
+        f"each response's report: GetReport answered after the last codes were sent p50 {g50:.2f} ms, p99 "
+        f"{g99:.2f} ms ({len(latencies['get'])} requests); WatchReports p50 {w50:.2f} ms, p99 {w99:.2f} ms"
     )
 
 
