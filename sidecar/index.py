@@ -162,9 +162,11 @@ class _ActiveSegment:
 def group_by_term(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(the stable order that groups postings by term code, the term codes present in ascending order, where
     each term's postings start in that order, plus the end). The codes present span a few SAEs' features, so
-    they are renumbered densely (SAE, feature), ordered by radix sort, 16 bits a pass, and counted by id: 3-8x
-    faster than sorting the 64-bit codes (a segment holds millions of postings, and sealing shares the sidecar's
-    one interpreter with ingest)."""
+    they are renumbered densely (SAE, feature), ordered by radix sort, 16 bits a pass, and counted by id: a
+    segment of millions of postings seals 3x faster than by sorting the 64-bit codes, and sealing shares the
+    sidecar's one interpreter with ingest."""
+    if not len(codes):  # rows without codes (an SAE that read nothing)
+        return np.empty(0, np.int64), np.empty(0, np.uint64), np.zeros(1, np.int64)
     gslots = (codes >> np.uint64(FEATURE_BITS)).astype(np.int64)
     features = (codes & np.uint64((1 << FEATURE_BITS) - 1)).astype(np.int64)
     width = int(features.max()) + 1

@@ -268,3 +268,13 @@ def test_sealing_groups_postings_by_term_as_a_stable_sort_does(gslots: int, max_
     present, counts = np.unique(codes, return_counts=True)
     assert np.array_equal(terms, present) and terms.dtype == np.uint64
     assert np.array_equal(offsets, np.concatenate(([0], np.cumsum(counts))))
+
+
+def test_a_segment_whose_rows_have_no_codes_seals() -> None:
+    clock = Clock()
+    index = RollingIndex(window_s=100, segment_s=1, clock=clock)
+    add(index, 1, [[], []])
+    clock.now += 2 * 10**9
+    index.seal_due()
+    assert index.universe(None, None).tolist() == token_keys(1, np.arange(2)).tolist()
+    assert index.term_keys([0], 7, 0.0, None, None).tolist() == []
