@@ -26,7 +26,7 @@ from ..registry import SaeRegistry
 from ..request_sets import FeatureSet, SlotCodes
 from .connection import FleetStore
 from .delivery import ChildDelivery, SpoolDelivery, spool_dir_of
-from .rows import TABLES, Batch, RowMaker
+from .rows import TABLES, Batch, RowMaker, load_arrow
 from .spool import Spool, file_stat
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class FleetExporter:
             else ChildDelivery(config, evidence_dir)
         )
         self.rows = RowMaker(config.instance_name)
+        load_arrow()
         self.stats: Counter = Counter()  # dropped/<reason>/<table>, CPU times; the delivery counts the rest
         self._queue: deque = deque()
         self._queued_requests = 0

@@ -120,6 +120,16 @@ class Batch:
         return [path for _, path in staged]
 
 
+def load_arrow() -> None:
+    """Import pyarrow and what its first conversion imports (its pandas shim loads pandas, when installed): about
+    0.8 s of imports that hold the interpreter. Done when the exporter is made, before the server takes traffic,
+    so that the first flush, during traffic, does not stall ingest for that long."""
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    pa.array([0])
+
+
 def _arrow(kind: str, values: list):
     import pyarrow as pa
 
