@@ -174,12 +174,10 @@ def group_by_term(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     span = int(dense.max()) + 1
     if span > 1 << 32:  # not seen in practice: as many SAEs as 2^32 features
         order = np.argsort(codes, kind="stable")
-        ordered = codes[order]
-        starts = run_starts(ordered)
-        return order, ordered[starts], np.append(starts, len(codes))
-    order = np.argsort((dense & 0xFFFF).astype(np.uint16), kind="stable")
-    if span > 1 << 16:
-        order = order[np.argsort((dense >> 16)[order].astype(np.uint16), kind="stable")]
+    else:
+        order = np.argsort((dense & 0xFFFF).astype(np.uint16), kind="stable")
+        if span > 1 << 16:
+            order = order[np.argsort((dense >> 16)[order].astype(np.uint16), kind="stable")]
     if span > DENSE_TERM_COUNTS:
         ordered = codes[order]
         starts = run_starts(ordered)

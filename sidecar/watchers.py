@@ -110,17 +110,13 @@ class Watchers:
             if not self._awaited:
                 self._handoff.notify_all()
 
-    def hand_off(self) -> bool:
+    def hand_off(self) -> None:
         """Wait (without the core's lock) until the readers woken so far have answered, at most `handoff_s`;
-        those that have not by then are no longer awaited. Returns whether all answered."""
+        those that have not by then are no longer awaited (counted: handoff_timeouts)."""
         with self._handoff:
-            if not self._awaited:
-                return True
-            answered = self._handoff.wait_for(lambda: not self._awaited, self.handoff_s)
-            if not answered:
+            if self._awaited and not self._handoff.wait_for(lambda: not self._awaited, self.handoff_s):
                 self._counters["handoff_timeouts"] += 1
             self._awaited.clear()
-            return answered
 
     def action(self, notice: pb.ActionNotice) -> None:
         with self._lock:
