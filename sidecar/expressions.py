@@ -15,7 +15,7 @@ import numpy as np
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto.names import HOOK_POINT_NAMES
 
-from .keys import KEY_DTYPE, KeyRuns, intersect_sorted, run_starts, sorted_unique, subtract_sorted
+from .keys import KEY_DTYPE, KeyRuns, concat_ranges, intersect_sorted, run_starts, sorted_unique, subtract_sorted
 
 
 @dataclass(frozen=True)
@@ -181,10 +181,7 @@ def _keys_in(intervals: Intervals, universe: np.ndarray, runs: KeyRuns) -> np.nd
     if not len(starts) or not len(universe):
         return universe[:0]
     first = runs.count_below(starts)
-    counts = runs.count_below(ends + KEY_DTYPE(1)) - first
-    total = int(counts.sum())
-    run_offsets = np.cumsum(counts) - counts
-    return universe[np.arange(total) + np.repeat(first - run_offsets, counts)]
+    return universe[concat_ranges(first, runs.count_below(ends + KEY_DTYPE(1)) - first)]
 
 
 def evaluate_dense(
