@@ -136,6 +136,8 @@ class SidecarCore:
         and only then the step's other slices go in. A report waits for its request's last codes, not for the
         rest of the engine step."""
         arrays = decode_batch(stream, batch, self.limits)
+        for finish in batch.finishes:
+            check_finish(finish, self.limits)
         stream.last_step = batch.step
         stream.batches += 1
         if batch.HasField("stats"):
@@ -144,12 +146,19 @@ class SidecarCore:
                 self._wiring_checks(stream, check_wiring(stream, batch.stats))
         with self.lock:
             self.counters["batches"] += 1
+            # finishes carried by the batch are pending before its slices go in, so theirs go first
+            finishing = [self._register_finish(stream, finish) for finish in batch.finishes]
             first, rest = self._finishing_first(arrays)
             self._add_slices(stream, first)
         if rest is not None:
             self.watchers.hand_off()
             with self.lock:
                 self._add_slices(stream, rest)
+        if finishing:  # as if they had come right after the batch: those still open are judged now
+            with self.lock:
+                for state in finishing:
+                    if state is not None and self._open.get(state.request_id) is state:
+                        self._finalize_if_finished(state)
 
     def _finishing_first(self, arrays: BatchArrays) -> tuple[BatchArrays, BatchArrays | None]:
         """(the slices of requests whose finish came already, the others), or (everything, None) when the batch
@@ -367,18 +376,28 @@ class SidecarCore:
     def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
         check_finish(finish, self.limits)
         with self.lock:
-            state = self._state(finish.request_id, stream, self.clock())
-            if state is None:
-                self.counters["duplicate_finishes"] += 1
-                return
-            stream.finished += 1
-            state.finish_received_ns = self.clock()
-            state.pending_finish = finish
-            state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
-            if finish.num_positions == 0:
-                self.finalize(state, finish)
-            else:
-                self._finalize_if_covered(state)
+            state = self._register_finish(stream, finish)
+            if state is not None:
+                self._finalize_if_finished(state)
+
+    def _register_finish(self, stream: Stream, finish: pb.RequestFinish) -> RequestState | None:
+        """The request's finish is pending from now on; None if the request is already final (under the lock)."""
+        state = self._state(finish.request_id, stream, self.clock())
+        if state is None:
+            self.counters["duplicate_finishes"] += 1
+            return None
+        stream.finished += 1
+        state.finish_received_ns = self.clock()
+        state.pending_finish = finish
+        state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
+        return state
+
+    def _finalize_if_finished(self, state: RequestState) -> None:
+        """Final now if its finish announced no positions, or its announced positions are all covered."""
+        if state.pending_finish is not None and state.pending_finish.num_positions == 0:
+            self.finalize(state, state.pending_finish)
+        else:
+            self._finalize_if_covered(state)
 
     def _gaps(self, stream: Stream, message: pb.RequestGaps) -> None:
         request_id_ok(message.request_id, "gaps.request_id", self.limits)

@@ -464,6 +464,60 @@ def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path
     assert core.open_state("other").postings == sum(len(row) for rows in other.codes.values() for row in rows) > 0
 
 
+def test_finishes_carried_by_a_code_batch_go_first_and_equal_finishes_sent_after_it(tmp_path: Path) -> None:
+    """A producer that knows which requests finished with a step (the engine core in the worker's process) sends
+    their finishes inside that step's code batch: the request is final as soon as its own slices are in, before the
+    step's other slices, and its report equals the one made from the same codes with the finish sent after."""
+    rng = np.random.default_rng(21)
+    done, other = SyntheticRequest.random(rng, "done"), SyntheticRequest.random(rng, "other")
+    empty = SyntheticRequest(request_id="empty", num_prompt=0, num_positions=0, tokens=[])
+    slices = [r.slice(s, a, b) for r in (other, done) for a, b in r.chunks(1000) for s in (0, 1)]
+    reports = {}
+    for way in ("in the batch", "after the batch"):
+        core = SidecarCore(SidecarConfig(evidence_dir=tmp_path / way), EvidenceStore(tmp_path / way))
+        other_postings_at_report = []
+
+        def listener(report: pb.Report, core=core, seen=other_postings_at_report) -> None:
+            if report.request_id == "done":
+                seen.append(_postings_of(core, "other"))
+
+        core.watchers.listeners.append(listener)
+        codes = core.open_stream(manifest())
+        finishes = [done.finish(), empty.finish()]
+        if way == "in the batch":
+            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices, finishes=finishes)))
+            assert other_postings_at_report == [0]  # "done" was final before any of "other"'s codes went in
+        else:
+            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+            for finish in finishes:
+                core.ingest(codes, pb.IngestMessage(finish=finish))
+        assert core.open_state("other").postings > 0 and core.open_state("other").pending_finish is None
+        assert codes.finished == 2
+        reports[way] = {r: core.finals.get(r) for r in ("done", "empty")}
+    for request_id in ("done", "empty"):
+        first, second = reports["in the batch"][request_id], reports["after the batch"][request_id]
+        for report in (first, second):
+            for when in ("arrival_unix_nanos", "finalized_unix_nanos"):  # the clock's, not the traffic's
+                report.ClearField(when)
+        assert first == second
+    assert reports["in the batch"]["done"].status == pb.REPORT_STATUS_COMPLETE
+    assert reports["in the batch"]["done"].coverage.positions_seen == done.num_positions
+
+
+def test_a_bad_finish_in_a_code_batch_refuses_the_whole_batch(tmp_path: Path) -> None:
+    """Validated with the slices, before any of the batch is applied."""
+    request = SyntheticRequest.random(np.random.default_rng(22), "whole")
+    slices = [request.slice(s, a, b) for a, b in request.chunks(1000) for s in (0, 1)]
+    bad = pb.RequestFinish(request_id="x" * 10_000, num_positions=1)
+    with running_sidecar(tmp_path) as (running, client):
+        batch = pb.CodeBatch(step=1, slices=slices, finishes=[request.finish(), bad])
+        with pytest.raises(grpc.RpcError) as refused:
+            client.ingest([pb.IngestMessage(manifest=manifest()), pb.IngestMessage(codes=batch)])
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "finish.request_id" in refused.value.details()
+        assert not running.core.is_open("whole") and running.core.finals.get("whole") is None
+
+
 def _finishing_step(rng: np.random.Generator) -> tuple[SyntheticRequest, SyntheticRequest, list]:
     """Requests "done" (finish sent first) and "other", and one engine step with all their codes, "other" first."""
     done, other = SyntheticRequest.random(rng, "done"), SyntheticRequest.random(rng, "other")
