@@ -5,7 +5,10 @@ in code batches; when full, the oldest batch is dropped and its rows become gaps
 sidecar-unavailable while disconnected), sent as RequestGaps ahead of anything queued later, so the sidecar
 reports them instead of calling those tokens clean. Control messages (starts, finishes, gaps) are never
 dropped. A failed stream is reopened with exponential back-off and begins again with the manifest, then with
-what the sidecar may have lost with the old stream (resend.py).
+what the sidecar may have lost with the old stream (resend.py). Where vLLM's engine core runs in the same
+process (one GPU: the uni-process executor), finish markers share this stream and ride in the code batch of
+the step that finished their requests (engine_step_done), so the sidecar finalises them before that step's
+other slices.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from .resend import ResendLog
 
 log = logging.getLogger(__name__)
 
+# With vLLM's engine core in this process, the longest a built code batch waits for the end of its engine step,
+# so that it can carry the finish markers of the requests that step finished.
+ENGINE_STEP_WAIT_S = 0.01
+
 
 @dataclass
 class BuiltBatch:
@@ -45,10 +52,15 @@ class _Item:
     # deferred code batches: built by the sending thread (waits for device copies, packs bytes)
     build: Callable[[], BuiltBatch] | None = None
     step: int = 0
+    engine_steps_done: int = 0  # engine steps finished when the batch was submitted (ENGINE_STEP_WAIT_S)
 
     @property
     def droppable(self) -> bool:
         return self.build is not None or self.message.WhichOneof("kind") == "codes"
+
+    @property
+    def is_finish(self) -> bool:
+        return self.message is not None and self.message.WhichOneof("kind") == "finish"
 
 
 class Emitter:
@@ -67,6 +79,8 @@ class Emitter:
         self._cv = threading.Condition()
         self._stopping = False
         self._step = 0
+        # counted by the engine core when it runs in this process (engine_step_done); None: it does not
+        self._engine_steps_done: int | None = None
         self.resend = ResendLog(self.counters)
         self.wiring: dict[int, pb.WiringCheck] = {}  # slot -> start-up wiring verdict (set on the sending thread)
         self._thread = threading.Thread(target=self._run, name="circuitwatch-emitter", daemon=True)
@@ -83,7 +97,8 @@ class Emitter:
             return
         with self._cv:
             self._step += 1
-            self._queue.append(_Item(None, ranges, build=build, step=self._step))
+            engine_steps = self._engine_steps_done or 0
+            self._queue.append(_Item(None, ranges, build=build, step=self._step, engine_steps_done=engine_steps))
             self._batches_queued += 1
             while self._batches_queued > self.max_batches:
                 self._drop_oldest_batch()
@@ -96,6 +111,15 @@ class Emitter:
                 self.resend.started(message.start)
             self._queue.append(_Item(message))
             self._cv.notify()
+
+    def engine_step_done(self) -> None:
+        """vLLM's engine core, in this process, finished a step and submitted the finish markers it made. From the
+        first call on, a code batch waits (up to ENGINE_STEP_WAIT_S) for the end of the step that made it and
+        carries the finish markers queued behind it: the sidecar then finalises those requests before the step's
+        other slices, instead of after the whole step."""
+        with self._cv:
+            self._engine_steps_done = (self._engine_steps_done or 0) + 1
+            self._cv.notify_all()
 
     def forget(self, request_id: str) -> None:
         """The request is over for this producer; its start is kept for a resend a little longer."""
@@ -165,6 +189,7 @@ class Emitter:
                     self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)
                     continue
                 message = pb.IngestMessage(codes=pb.CodeBatch(step=item.step, slices=built.slices, stats=self.stats()))
+                message.codes.finishes.extend(self._finishes_of_step(item))
                 if built.gaps:
                     with self._cv:
                         for request_id, gaps in built.gaps.items():
@@ -173,6 +198,25 @@ class Emitter:
             with self._cv:
                 self.resend.sent(message, time.monotonic())
             yield message
+
+    def _finishes_of_step(self, item: _Item) -> list[pb.RequestFinish]:
+        """With the engine core in this process: the finish markers queued right behind the batch once the engine
+        step that made it is over (waited for up to ENGINE_STEP_WAIT_S); they leave the queue with the batch."""
+        with self._cv:
+            if self._engine_steps_done is None:
+                return []
+            deadline = time.monotonic() + ENGINE_STEP_WAIT_S
+            while self._engine_steps_done <= item.engine_steps_done and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.counters["engine_step_waits_timed_out"] += 1
+                    break
+                self._cv.wait(left)
+            finishes = []
+            while self._queue and self._queue[0].is_finish:
+                finishes.append(self._queue.popleft().message.finish)
+            self.counters["finishes_in_batches"] += len(finishes)
+            return finishes
 
     def _run(self) -> None:
         backoff = Backoff(self.target.reconnect_min_s, self.target.reconnect_max_s)

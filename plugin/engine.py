@@ -2,7 +2,10 @@
 
 Workers learn of a finish only at the next step, and an idle engine takes no next step, so the finish comes
 from here, over a control stream (a manifest without slots). It carries the exact number of positions the
-model computed; the sidecar finalises once codes (from the workers) or declared gaps cover them.
+model computed; the sidecar finalises once codes (from the workers) or declared gaps cover them. Where the
+worker that encodes every slot runs in this process (the uni-process executor), the finish goes on that
+worker's stream instead, inside the code batch of the step that finished the request (emitter.py), and the
+sidecar finalises it before the rest of that step.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class FinishNotifier:
         if params is None or not Admission.from_extra_args(params.extra_args, self.config).monitored:
             return
         reason = request.get_finished_reason()
-        self.emitter.submit(
+        self._emitter().submit(
             pb.IngestMessage(
                 finish=pb.RequestFinish(
                     request_id=request_key(request.request_id),
@@ -62,6 +65,11 @@ class FinishNotifier:
                 )
             )
         )
+
+    def _emitter(self) -> Emitter:
+        """The stream of the worker in this process that encodes every slot for the same sidecar, else our own."""
+        shared = PROCESS.code_emitter
+        return shared if shared is not None and shared.target == self.config.sidecar else self.emitter
 
 
 def notifier(config: PluginConfig, model: str) -> FinishNotifier:

@@ -153,6 +153,7 @@ def _patch_engine_core() -> None:
     original_init = EngineCore.__init__
     original_skip = Request.get_skip_reading_prefix_cache
     original_free = Scheduler._free_request
+    original_update = Scheduler.update_from_output
 
     @functools.wraps(original_init)
     def init(self, vllm_config, *args, **kwargs):
@@ -173,6 +174,15 @@ def _patch_engine_core() -> None:
                 log.exception("circuitwatch: could not send the finish marker of %s", request.request_id)
         return original_free(self, request, *args, **kwargs)
 
+    @functools.wraps(original_update)
+    def update_from_output(self, *args, **kwargs):
+        try:
+            return original_update(self, *args, **kwargs)
+        finally:
+            code_emitter = PROCESS.code_emitter  # a worker in this process: the step's finishes are submitted
+            if code_emitter is not None:
+                code_emitter.engine_step_done()
+
     @functools.wraps(original_skip)
     def get_skip_reading_prefix_cache(self) -> bool:
         config = _engine_config()
@@ -185,6 +195,7 @@ def _patch_engine_core() -> None:
     EngineCore.__init__ = init
     Request.get_skip_reading_prefix_cache = get_skip_reading_prefix_cache
     Scheduler._free_request = free_request
+    Scheduler.update_from_output = update_from_output
 
 
 def _patch_config_hash() -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .emitter import Emitter
     from .engine import FinishNotifier
     from .responses import ActionListener, ReportFetcher
 
@@ -24,6 +25,9 @@ class PluginProcess:
     engine_additional_config: dict | None = None
     engine_model: str = ""
     finish_notifier: FinishNotifier | None = None
+    # worker: the stream of a worker that encodes every configured slot; an engine core in the same process
+    # sends its finish markers on it, inside the code batches (emitter.Emitter.engine_step_done)
+    code_emitter: Emitter | None = None
     # API server: report fetching for responses and the circuit-action listener, created at first use
     engine_client: object | None = None  # what aborts go through (vLLM's AsyncLLM)
     report_fetcher: ReportFetcher | None = None

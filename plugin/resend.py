@@ -6,7 +6,7 @@ messages were lost with it, so after every reconnect it announces again, compact
 
 - for each request it started and has not forgotten (or forgot less than `window_s` ago): its start, marked
   `resumed`, with SIDECAR_UNAVAILABLE gaps over the positions it had already sent per slot;
-- each finish marker it sent less than `window_s` ago.
+- each finish marker it sent less than `window_s` ago (on its own or inside a code batch).
 
 A sidecar that still holds the request (or its final report) ignores both; one that lost it starts the request
 from the resumed start and reports the lost positions as gaps instead of calling them clean. Records are
@@ -57,14 +57,19 @@ class ResendLog:
                     first, end = piece.first_position, piece.first_position + piece.num_rows
                     known = record.positions.get(piece.slot)
                     record.positions[piece.slot] = (min(first, known[0]), max(end, known[1])) if known else (first, end)
+            for finish in message.codes.finishes:
+                self._finished(finish, now)
         elif kind == "start":
             record = self._started.get(message.start.request_id)
             if record is not None:
                 record.sent = True
         elif kind == "finish":
-            self._finishes[message.finish.request_id] = (message.finish, now)
-            self._finishes.move_to_end(message.finish.request_id)
-            self._bound(self._finishes)
+            self._finished(message.finish, now)
+
+    def _finished(self, finish: pb.RequestFinish, now: float) -> None:
+        self._finishes[finish.request_id] = (finish, now)
+        self._finishes.move_to_end(finish.request_id)
+        self._bound(self._finishes)
 
     def replay(self, now: float) -> list[pb.IngestMessage]:
         """What to send again, first thing on a new stream (after the manifest)."""

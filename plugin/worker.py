@@ -29,6 +29,7 @@ from circuitwatch.proto.codec import pack_slice
 from .admission import Admission
 from .config import PluginConfig
 from .emitter import BuiltBatch, Emitter
+from .process import PROCESS
 from .request_ids import client_request_id, request_key
 from .rowmap import StepRows, rows_from_v1_runner, rows_from_v2_batch
 from .slots import Parallelism, Slot, build_slots, slot_proto
@@ -80,6 +81,8 @@ class WorkerPlugin:
             slots=[slot_proto(s) for s in self.slots],
         )
         self.emitter = Emitter(config.sidecar, self.manifest, config.queue_max_batches)
+        if len(self.slots) == len(config.slots):  # an engine core in this process sends its finishes with our codes
+            PROCESS.code_emitter = self.emitter
         self.requests: dict[str, TrackedRequest] = {}
         self.counters: Counter[str] = Counter()
         self.v2_batch = None  # set by the V2 runner patch
@@ -111,6 +114,8 @@ class WorkerPlugin:
             log.exception("circuitwatch: encoding a step failed; its rows are reported as gaps")
 
     def close(self) -> None:
+        if PROCESS.code_emitter is self.emitter:
+            PROCESS.code_emitter = None
         self.emitter.close()
 
     # --- requests -------------------------------------------------------------------------------------

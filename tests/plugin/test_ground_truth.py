@@ -83,6 +83,12 @@ def test_codes_equal_ground_truth(
             if found:
                 problems[request_id] = found[:5]
         assert not problems, problems
+        # the engine core runs in this process beside the worker: finishes rode in the code batches of their steps
+        from circuitwatch.plugin.process import PROCESS
+
+        assert PROCESS.code_emitter is not None
+        assert PROCESS.code_emitter.counters["finishes_in_batches"] >= len(outputs) // 2, PROCESS.code_emitter.counters
+        assert running.core.counters["duplicate_finishes"] == 0
         assert len(outputs) >= 16
         assert any(len(p) > 128 for _, p, _ in outputs), "some prompts span several chunks and blocks"
     finally:

@@ -3,6 +3,8 @@ torch.compile, and the emitter against a real sidecar through an outage."""
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,6 +223,68 @@ def test_emitter_delivers_everything_when_the_sidecar_is_up(tmp_path: Path) -> N
             assert client.report(request.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
         assert emitter.counters["batches_dropped"] == 0
         emitter.close(2)
+
+
+def whole(request: SyntheticRequest) -> list[pb.RequestSlice]:
+    """Every code of the request, one slice per slot and phase."""
+    return [request.slice(s, a, b) for a, b in request.chunks(10_000) for s in (0, 1)]
+
+
+def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_its_step(tmp_path: Path) -> None:
+    """The engine core in the emitter's process (uni-process executor) reports each step's end: the batch built in
+    a step waits for it and carries the finish markers submitted behind it; the sidecar finalises from them."""
+    rng = np.random.default_rng(5)
+    carried, alone = SyntheticRequest.random(rng, "carried"), SyntheticRequest.random(rng, "alone")
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=10)
+        try:
+            # no engine step reported yet: a finish is a message of its own, after the batch
+            submit_slices(emitter, whole(alone))
+            emitter.submit(pb.IngestMessage(finish=alone.finish()))
+            assert client.report("alone", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+            assert emitter.counters["sent_finish"] == 1 and emitter.counters["finishes_in_batches"] == 0
+
+            emitter.engine_step_done()  # the engine core runs here: from now on batches wait for their step
+            step_over = threading.Event()
+
+            def build() -> BuiltBatch:  # the step's batch is packed while the engine still samples
+                assert step_over.wait(10)
+                return BuiltBatch(whole(carried))
+
+            ranges = [(p.request_id, p.slot, p.first_position, p.first_position + p.num_rows) for p in whole(carried)]
+            emitter.submit_deferred(build, ranges)
+            emitter.submit(pb.IngestMessage(finish=carried.finish()))  # the scheduler frees the request
+            emitter.engine_step_done()
+            step_over.set()
+            report = client.report("carried", wait_ms=10_000)
+            assert report.status == pb.REPORT_STATUS_COMPLETE
+            assert report.coverage.positions_seen == carried.num_positions
+            assert emitter.counters["finishes_in_batches"] == 1 and emitter.counters["sent_finish"] == 1
+            assert emitter.counters["engine_step_waits_timed_out"] == 0
+            assert running.core.counters["duplicate_finishes"] == 0
+
+            # a step whose end is not reported in time: the batch goes without waiting longer
+            late = SyntheticRequest.random(rng, "late")
+            submit_slices(emitter, whole(late))
+            deadline = time.monotonic() + 10
+            while emitter.counters["engine_step_waits_timed_out"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            emitter.submit(pb.IngestMessage(finish=late.finish()))
+            assert client.report("late", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+            assert emitter.counters["engine_step_waits_timed_out"] == 1 and emitter.counters["sent_finish"] == 2
+        finally:
+            emitter.close(2)
+
+
+def test_a_finish_sent_inside_a_code_batch_is_resent_after_a_reconnect() -> None:
+    from collections import Counter
+
+    from circuitwatch.plugin.resend import ResendLog
+
+    log = ResendLog(Counter())
+    finish = pb.RequestFinish(request_id="in-batch", num_positions=3)
+    log.sent(pb.IngestMessage(codes=pb.CodeBatch(step=1, finishes=[finish])), now=0.0)
+    assert [m.finish for m in log.replay(now=1.0)] == [finish]
 
 
 def test_gpu_compilation_settings_keep_vllm_attention_ops_and_split_at_the_tap() -> None:
