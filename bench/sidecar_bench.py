@@ -364,9 +364,11 @@ def decode_in_process(traffic) -> tuple[float, list[float], Counter]:
         return postings / elapsed, latencies, statuses
 
 
-def _produce(port: int, steps: int, steps_per_s: float | None, out: str) -> None:
+def _produce(port: int, steps: int, steps_per_s: float | None, out: str, finishes_in_batch: bool = False) -> None:
     """The producer, in its own process as the plugin's worker and engine core are: the code stream and the
-    control stream with finish markers. Writes when each request's last codes were sent (wall clock, ns)."""
+    control stream with finish markers, or (`finishes_in_batch`, as the plugin sends them when the engine core
+    runs in the worker's process) the finish markers inside the code batch of the step that finished their
+    requests. Writes when each request's last codes were sent (wall clock, ns)."""
     import json
     import threading
 
@@ -382,9 +384,12 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str) -> None
         for step, (codes, finishes) in enumerate(traffic):
             if steps_per_s:
                 time.sleep(max(0.0, began + step / steps_per_s - time.perf_counter()))
-            with lock:
-                finish_queue.extend(finishes)
-                lock.notify()
+            if finishes_in_batch:
+                codes.codes.finishes.extend(f.finish for f in finishes)
+            else:
+                with lock:
+                    finish_queue.extend(finishes)
+                    lock.notify()
             now = time.time_ns()
             for f in finishes:
                 sent_last[f.finish.request_id] = now
@@ -415,7 +420,7 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str) -> None
 
 
 def decode_through_grpc(
-    steps: int, steps_per_s: float | None = None, get_reports: int = 0
+    steps: int, steps_per_s: float | None = None, get_reports: int = 0, finishes_in_batch: bool = False
 ) -> tuple[float, dict[str, list[float]], Counter]:
     """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
     process, and the reports read here, from outside the sidecar's process: on a WatchReports stream, and (with
@@ -465,7 +470,9 @@ def decode_through_grpc(
             reader.start()
         time.sleep(0.2)
         out = str(Path(tmp) / "producer.json")
-        producer = multiprocessing.get_context("spawn").Process(target=_produce, args=(port, steps, steps_per_s, out))
+        producer = multiprocessing.get_context("spawn").Process(
+            target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch)
+        )
         producer.start()
         producer.join()
         result = json.loads(Path(out).read_text())
@@ -577,6 +584,12 @@ def decode_section(steps: int) -> None:
         f"  through gRPC at {step_rate} engine steps/s ({rate / 1e6:.2f}M postings/s sustained): report on "
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
         f"reports {dict(statuses)}"
+    )
+    rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True)
+    p50, _, p99 = percentiles(latencies["watch"])
+    print(
+        f"  the same with each finish marker inside the code batch of its step (the plugin, when vLLM's engine core "
+        f"runs in the worker's process): WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports {dict(statuses)}"
     )
     rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
     (w50, _, w99), (g50, _, g99) = percentiles(latencies["watch"]), percentiles(latencies["get"])
