@@ -146,8 +146,14 @@ class SidecarCore:
                 self._wiring_checks(stream, check_wiring(stream, batch.stats))
         with self.lock:
             self.counters["batches"] += 1
-            # finishes carried by the batch are pending before its slices go in, so theirs go first
+            # finishes carried by the batch are pending before its slices go in, so theirs go first; a request with
+            # no slices in the batch is final already if its codes are all in (e.g. the batch of the next step)
             finishing = [self._register_finish(stream, finish) for finish in batch.finishes]
+            if finishing:
+                in_batch = set(arrays.request_ids)
+                for state in finishing:
+                    if state is not None and state.request_id not in in_batch:
+                        self._finalize_if_finished(state)
             first, rest = self._finishing_first(arrays)
             self._add_slices(stream, first)
         if rest is not None:

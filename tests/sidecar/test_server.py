@@ -470,31 +470,35 @@ def test_finishes_carried_by_a_code_batch_go_first_and_equal_finishes_sent_after
     step's other slices, and its report equals the one made from the same codes with the finish sent after."""
     rng = np.random.default_rng(21)
     done, other = SyntheticRequest.random(rng, "done"), SyntheticRequest.random(rng, "other")
+    earlier = SyntheticRequest.random(rng, "earlier")  # its codes all came with the step before
     empty = SyntheticRequest(request_id="empty", num_prompt=0, num_positions=0, tokens=[])
     slices = [r.slice(s, a, b) for r in (other, done) for a, b in r.chunks(1000) for s in (0, 1)]
+    before = [earlier.slice(s, a, b) for a, b in earlier.chunks(1000) for s in (0, 1)]
+    finished = ("done", "earlier", "empty")
     reports = {}
     for way in ("in the batch", "after the batch"):
         core = SidecarCore(SidecarConfig(evidence_dir=tmp_path / way), EvidenceStore(tmp_path / way))
-        other_postings_at_report = []
+        other_postings_at_report: dict[str, int] = {}
 
         def listener(report: pb.Report, core=core, seen=other_postings_at_report) -> None:
-            if report.request_id == "done":
-                seen.append(_postings_of(core, "other"))
+            seen[report.request_id] = _postings_of(core, "other")
 
         core.watchers.listeners.append(listener)
         codes = core.open_stream(manifest())
-        finishes = [done.finish(), empty.finish()]
+        core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=before)))
+        finishes = [done.finish(), earlier.finish(), empty.finish()]
         if way == "in the batch":
-            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices, finishes=finishes)))
-            assert other_postings_at_report == [0]  # "done" was final before any of "other"'s codes went in
+            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=2, slices=slices, finishes=finishes)))
+            # each was final before any of "other"'s codes went in
+            assert other_postings_at_report == {r: 0 for r in finished}
         else:
-            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+            core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=2, slices=slices)))
             for finish in finishes:
                 core.ingest(codes, pb.IngestMessage(finish=finish))
         assert core.open_state("other").postings > 0 and core.open_state("other").pending_finish is None
-        assert codes.finished == 2
-        reports[way] = {r: core.finals.get(r) for r in ("done", "empty")}
-    for request_id in ("done", "empty"):
+        assert codes.finished == 3
+        reports[way] = {r: core.finals.get(r) for r in finished}
+    for request_id in finished:
         first, second = reports["in the batch"][request_id], reports["after the batch"][request_id]
         for report in (first, second):
             for when in ("arrival_unix_nanos", "finalized_unix_nanos"):  # the clock's, not the traffic's
