@@ -8,7 +8,7 @@ dropped. A failed stream is reopened with exponential back-off and begins again 
 what the sidecar may have lost with the old stream (resend.py). Where vLLM's engine core runs in the same
 process (one GPU: the uni-process executor), finish markers share this stream and ride in the code batch of
 the step that finished their requests (engine_step_done), so the sidecar finalises them before that step's
-other slices.
+other slices; only for a sidecar that announced it reads them (contract 6, in the call's initial metadata).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from circuitwatch.proto import CONTRACT_VERSION_METADATA, FINISHES_IN_BATCHES_SINCE
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.proto.client import Backoff, bearer_metadata, open_channel, read_token
@@ -81,6 +82,7 @@ class Emitter:
         self._step = 0
         # counted by the engine core when it runs in this process (engine_step_done); None: it does not
         self._engine_steps_done: int | None = None
+        self._sidecar_contract = 0  # the connected sidecar's CONTRACT_VERSION, once it announced it
         self.resend = ResendLog(self.counters)
         self.wiring: dict[int, pb.WiringCheck] = {}  # slot -> start-up wiring verdict (set on the sending thread)
         self._thread = threading.Thread(target=self._run, name="circuitwatch-emitter", daemon=True)
@@ -203,7 +205,7 @@ class Emitter:
         """With the engine core in this process: the finish markers queued right behind the batch once the engine
         step that made it is over (waited for up to ENGINE_STEP_WAIT_S); they leave the queue with the batch."""
         with self._cv:
-            if self._engine_steps_done is None:
+            if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
                 return []
             deadline = time.monotonic() + ENGINE_STEP_WAIT_S
             while self._engine_steps_done <= item.engine_steps_done and not self._stopping:
@@ -217,6 +219,16 @@ class Emitter:
                 finishes.append(self._queue.popleft().message.finish)
             self.counters["finishes_in_batches"] += len(finishes)
             return finishes
+
+    def _learn_contract(self, call: grpc.Future) -> None:
+        """The sidecar's contract version, from the Ingest call's initial metadata (a sidecar older than
+        FINISHES_IN_BATCHES_SINCE sends none: this thread then waits until the stream ends)."""
+        try:
+            announced = dict(call.initial_metadata() or ()).get(CONTRACT_VERSION_METADATA, "")
+        except Exception:  # the stream failed first; _run counts that
+            return
+        with self._cv:
+            self._sidecar_contract = int(announced) if announced.isdigit() else 0
 
     def _run(self) -> None:
         backoff = Backoff(self.target.reconnect_min_s, self.target.reconnect_max_s)
@@ -232,7 +244,13 @@ class Emitter:
                 stub = pb_grpc.MonitorStub(channel)
                 self.connected = True
                 metadata = bearer_metadata(read_token(self.target.auth_token_file))
-                stub.Ingest(self._messages(done), metadata=metadata)
+                with self._cv:
+                    self._sidecar_contract = 0  # until this stream's sidecar announces its own
+                call = stub.Ingest.future(self._messages(done), metadata=metadata)
+                threading.Thread(
+                    target=self._learn_contract, args=(call,), name="circuitwatch-emitter-contract", daemon=True
+                ).start()
+                call.result()
                 backoff.reset()
             except grpc.RpcError as exc:
                 self.counters["stream_failures"] += 1

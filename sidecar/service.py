@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from circuitwatch.proto import CONTRACT_VERSION
+from circuitwatch.proto import CONTRACT_VERSION, CONTRACT_VERSION_METADATA
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
@@ -60,6 +60,8 @@ class MonitorServicer(pb_grpc.MonitorServicer):
         stream = None
         error = None
         with self._ingest.enter(context):
+            # what this sidecar reads (e.g. finish markers inside code batches), before the producer sends anything
+            context.send_initial_metadata(((CONTRACT_VERSION_METADATA, str(CONTRACT_VERSION)),))
             try:
                 for message in request_iterator:
                     if stream is None:

@@ -276,6 +276,51 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             emitter.close(2)
 
 
+def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it_reads_them() -> None:
+    """A sidecar older than contract 6 would ignore finishes inside batches (the requests would end incomplete at
+    request_timeout_s): it announces no contract version, so the emitter keeps sending them on their own."""
+    from concurrent import futures
+
+    from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+    received: list[pb.IngestMessage] = []
+
+    class OldSidecar(pb_grpc.MonitorServicer):
+        def Ingest(self, request_iterator, context):  # noqa: N802 - the proto's name
+            for message in request_iterator:
+                received.append(message)
+            return pb.IngestAck()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_MonitorServicer_to_server(OldSidecar(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    request = SyntheticRequest.random(np.random.default_rng(6), "old")
+    emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{port}"), manifest(), max_batches=10)
+    try:
+        emitter.engine_step_done()
+        step_over = threading.Event()
+
+        def build() -> BuiltBatch:
+            assert step_over.wait(10)
+            return BuiltBatch(whole(request))
+
+        ranges = [(p.request_id, p.slot, p.first_position, p.first_position + p.num_rows) for p in whole(request)]
+        emitter.submit_deferred(build, ranges)
+        emitter.submit(pb.IngestMessage(finish=request.finish()))
+        emitter.engine_step_done()
+        step_over.set()
+        deadline = time.monotonic() + 10
+        while not any(m.HasField("finish") for m in received) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        kinds = [m.WhichOneof("kind") for m in received]
+        assert kinds == ["manifest", "codes", "finish"]
+        assert not received[1].codes.finishes and emitter.counters["finishes_in_batches"] == 0
+    finally:
+        emitter.close(2)
+        server.stop(0)
+
+
 def test_a_finish_sent_inside_a_code_batch_is_resent_after_a_reconnect() -> None:
     from collections import Counter
 
