@@ -216,13 +216,14 @@ class SidecarCore:
         row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
         slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
         errors, norms = arrays.errors, arrays.norms
+        row_counts = np.diff(arrays.row_offsets)
         for i, state in enumerate(per_slice):
             r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
             chunk = Chunk(
                 positions[r0:r1],
                 uids[r0:r1],
                 arrays.token_ids[r0:r1],
-                arrays.row_offsets[r0 : r1 + 1] - p0,
+                row_counts[r0:r1],
                 arrays.feature_ids[p0:p1],
                 arrays.activations[p0:p1],
                 errors=errors[r0:r1] if errors is not None else None,

@@ -35,7 +35,7 @@ class Chunk:
     positions: np.ndarray  # int64 [rows]
     uids: np.ndarray  # int64 [rows]
     tokens: np.ndarray  # uint32 [rows]
-    offsets: np.ndarray  # int64 [rows + 1], starting at 0, into features / acts
+    counts: np.ndarray  # int64 [rows]: codes per row, in order in features / acts (a view of the batch's counts)
     features: np.ndarray  # uint32 [nnz]
     acts: np.ndarray  # float16 [nnz]
     level: int = 0  # how many times chunks were merged into it
@@ -44,19 +44,14 @@ class Chunk:
 
 
 def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
-    """One chunk holding the rows of several, in order."""
-    # Each chunk's offsets shifted by the codes of the chunks before it (no per-chunk diff: this runs per
-    # request and slot every MERGE_FANOUT engine steps, so its per-chunk overhead is the ingest path's).
-    rows = [len(c.positions) for c in chunks]
-    sizes = np.array([c.offsets[-1] for c in chunks], np.int64)
-    offsets = np.zeros(sum(rows) + 1, np.int64)
-    offsets[1:] = np.concatenate([c.offsets[1:] for c in chunks]) + np.repeat(np.cumsum(sizes) - sizes, rows)
+    """One chunk holding the rows of several, in order: one concatenation per field (this runs per request and
+    slot every MERGE_FANOUT engine steps, so its per-chunk overhead is the ingest path's)."""
     measured = any(c.errors is not None for c in chunks)
     return Chunk(
         np.concatenate([c.positions for c in chunks]),
         np.concatenate([c.uids for c in chunks]),
         np.concatenate([c.tokens for c in chunks]),
-        offsets,
+        np.concatenate([c.counts for c in chunks]),
         np.concatenate([c.features for c in chunks]),
         np.concatenate([c.acts for c in chunks]),
         level,
@@ -334,7 +329,7 @@ class RequestState:
         if not picked:
             return
         picked_at = np.concatenate(picked)
-        rows = np.searchsorted(chunk.offsets, at[picked_at], side="right") - 1
+        rows = np.searchsorted(np.cumsum(chunk.counts), at[picked_at], side="right")  # the row each code is in
         term_ids = np.concatenate(ids)
         gslots = np.full(len(term_ids), gslot, np.int64)
         self.hits.append(Hits(term_ids, gslots, chunk.positions[rows], chunk.uids[rows], acts[picked_at]))
@@ -353,7 +348,7 @@ class RequestState:
         superseded = self._superseded_array()
         for gslot, chunks in self.chunks.items():
             positions = np.concatenate([c.positions for c in chunks])
-            counts = np.concatenate([np.diff(c.offsets) for c in chunks])
+            counts = np.concatenate([c.counts for c in chunks])
             features = np.concatenate([c.features for c in chunks])
             acts = np.concatenate([c.acts for c in chunks]).astype(np.float32)
             if len(superseded):

@@ -10,15 +10,14 @@ from circuitwatch.sidecar.request_state import MERGE_FANOUT, Chunk, RequestState
 
 
 def chunk(first: int, rows: int, uid: int, rng: np.random.Generator) -> Chunk:
-    counts = rng.integers(0, 4, rows)
-    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    counts = rng.integers(0, 4, rows).astype(np.int64)
     return Chunk(
         np.arange(first, first + rows, dtype=np.int64),
         np.arange(uid, uid + rows, dtype=np.int64),
         np.zeros(rows, np.uint32),
-        offsets,
-        rng.integers(0, 1000, int(offsets[-1])).astype(np.uint32),
-        rng.random(int(offsets[-1])).astype(np.float16),
+        counts,
+        rng.integers(0, 1000, int(counts.sum())).astype(np.uint32),
+        rng.random(int(counts.sum())).astype(np.float16),
     )
 
 
@@ -44,10 +43,11 @@ def test_latest_codes_and_replaced_rows_equal_a_recount_in_any_arrival_order(see
         part = chunk(first, rows, next_uid, rng)
         next_uid += rows
         expected = set()
+        ends = np.cumsum(part.counts).tolist()
         for row, position in enumerate(part.positions.tolist()):
             if (gslot, position) in latest:
                 expected.add(latest[(gslot, position)][0])
-            features = part.features[part.offsets[row] : part.offsets[row + 1]].tolist()
+            features = part.features[ends[row] - int(part.counts[row]) : ends[row]].tolist()
             latest[(gslot, position)] = (int(part.uids[row]), features)
         replaced = state.add_chunk(gslot, part, pb.PHASE_PROMPT, step, None)
         assert set(replaced.tolist() if replaced is not None else []) == expected, step
