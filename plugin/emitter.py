@@ -139,6 +139,7 @@ class Emitter:
             rows_dropped=self.counters["rows_dropped"],
             steps_encoded=self.counters["steps_encoded"],
             encode_ns=self.counters["encode_ns"],
+            engine_step_wait_timeouts=self.counters["engine_step_waits_timed_out"],
             wiring=list(self.wiring.values()),
         )
 

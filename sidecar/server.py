@@ -78,7 +78,7 @@ def start(config: SidecarConfig) -> RunningSidecar:
     host = config.listen.rpartition(":")[0]
     telemetry = Telemetry.start(config.telemetry)
     core.instruments = telemetry.instruments(
-        core.producer_stats, core.health, core.fleet.snapshot if core.fleet is not None else None
+        core.producer_stats, core.health, core.fleet.snapshot if core.fleet is not None else None, core.counters
     )
     core.drift.listeners.append(
         lambda gslot, _drift, previous: telemetry.health_changed(core.slot_health(gslot), previous)

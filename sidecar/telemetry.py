@@ -87,6 +87,11 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch_report_latency_seconds",
     ),
     MetricSpec(
+        "circuitwatch.report.handoff.timeouts", "counter", "{wait}", (),
+        "Waits for a woken report reader that gave up (2 ms) before ingest went on",
+        "circuitwatch_report_handoff_timeouts_total",
+    ),
+    MetricSpec(
         "circuitwatch.ingest.lag", "histogram", "s", (), "Producer finish time to finish marker received",
         "circuitwatch_ingest_lag_seconds",
     ),
@@ -113,6 +118,11 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(
         "circuitwatch.producer.steps_encoded", "counter", "{step}", ("producer_host",),
         "Engine steps producers encoded", "circuitwatch_producer_steps_encoded_total",
+    ),
+    MetricSpec(
+        "circuitwatch.producer.engine_step.wait_timeouts", "counter", "{batch}", ("producer_host",),
+        "Code batches sent without their step's finish markers (the step did not end within the wait)",
+        "circuitwatch_producer_engine_step_wait_timeouts_total",
     ),
     # Gauges of unit "1" get `_ratio` appended by the Collector's Prometheus exporter unless their name ends in
     # ratio: the two below have no unit, so both paths (this endpoint, the Collector) expose the same names.
@@ -231,10 +241,13 @@ class Telemetry:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers) if readers else None
         return cls(tracer_provider, meter_provider, server)
 
-    def instruments(self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None, fleet=None):
+    def instruments(
+        self, producer_stats: dict[str, pb.ProducerStats] | None = None, health=None, fleet=None, counters=None
+    ):
         """Metric instruments for the Monitor (no-ops when metrics are off). `producer_stats` (the Monitor's
         latest stats per producer) feeds the plugin-side metrics: queue depth, drops, encoder time; `health`
-        (a callable returning the HealthResponse) feeds the per-SAE drift gauges."""
+        (a callable returning the HealthResponse) feeds the per-SAE drift gauges; `counters` (the core's) the
+        hand-off timeouts."""
         from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
 
         meter = (self.meter_provider or NoOpMeterProvider()).get_meter("circuitwatch.sidecar", __version__)
@@ -260,6 +273,12 @@ class Telemetry:
         observable("circuitwatch.producer.rows_dropped", observe("rows_dropped"))
         observable("circuitwatch.producer.encode.time", observe("encode_ns", 1e-9))
         observable("circuitwatch.producer.steps_encoded", observe("steps_encoded"))
+        observable("circuitwatch.producer.engine_step.wait_timeouts", observe("engine_step_wait_timeouts"))
+        if counters is not None:
+            observable(
+                "circuitwatch.report.handoff.timeouts",
+                [lambda _options: [Observation(counters["handoff_timeouts"])]],
+            )
 
         def health_gauge(field: str):
             def callback(_options: CallbackOptions):

@@ -272,6 +272,7 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             emitter.submit(pb.IngestMessage(finish=late.finish()))
             assert client.report("late", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
             assert emitter.counters["engine_step_waits_timed_out"] == 1 and emitter.counters["sent_finish"] == 2
+            assert emitter.stats().engine_step_wait_timeouts == 1  # relayed to the sidecar's metrics
         finally:
             emitter.close(2)
 

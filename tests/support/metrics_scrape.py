@@ -76,7 +76,12 @@ def traffic(rng: np.random.Generator, count: int = 6) -> tuple[list[pb.IngestMes
             for slot in (0, 1)
         ]
         stats = pb.ProducerStats(
-            queue_depth=i, batches_dropped=1, rows_dropped=10, steps_encoded=10 * (i + 1), encode_ns=2_000_000
+            queue_depth=i,
+            batches_dropped=1,
+            rows_dropped=10,
+            steps_encoded=10 * (i + 1),
+            encode_ns=2_000_000,
+            engine_step_wait_timeouts=i,
         )
         messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices, stats=stats)))
         gaps = [pb.Gap(slot=s, start=0, end=gap_end, reason=pb.GAP_REASON_PREFIX_CACHE) for s in (0, 1) if gap_end]
