@@ -46,7 +46,7 @@ class FleetStore(Protocol):
 
     def insert_file(self, table: str, path: Path, token: str) -> None: ...
 
-    def held(self) -> contextlib.AbstractContextManager: ...
+    def held(self, wait_s: float | None = None) -> contextlib.AbstractContextManager: ...
 
     def close(self) -> None: ...
 
@@ -138,7 +138,8 @@ class ClickHouseStore:
         self._call(f"insert into {table}", lambda c: c.insert_arrow(table, arrow, settings=settings))
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
+    def held(self, wait_s: float | None = None) -> Iterator[None]:
+        """Several calls in one scope (a server is shared by design: nothing to wait for beyond this process)."""
         with self._lock:
             yield
 
@@ -162,11 +163,12 @@ class EmbeddedStore(ClickHouseStore):
         return _client(interface="chdb", path=str(self.directory / "data"))
 
     @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Hold the directory (and this process's one chdb engine) for several calls."""
+    def held(self, wait_s: float | None = None) -> Iterator[None]:
+        """Hold the directory (and this process's one chdb engine) for several calls, waiting up to wait_s
+        (default: lock_timeout_s) for another process to let go of it."""
         with _PROCESS_SESSION:
             if self._depth == 0:
-                self._lock_directory()
+                self._lock_directory(self.lock_timeout_s if wait_s is None else wait_s)
             self._depth += 1
             try:
                 yield
@@ -175,10 +177,10 @@ class EmbeddedStore(ClickHouseStore):
                 if self._depth == 0:
                     self._release()
 
-    def _lock_directory(self) -> None:
+    def _lock_directory(self, wait_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.directory / ".circuitwatch.lock", "a+")  # noqa: SIM115 (held across calls)
-        deadline = time.monotonic() + self.lock_timeout_s
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,7 +189,7 @@ class EmbeddedStore(ClickHouseStore):
                 if time.monotonic() > deadline:
                     lock_file.close()
                     raise StoreUnavailableError(
-                        f"{self.description}: another process held it for over {self.lock_timeout_s:.0f}s"
+                        f"{self.description}: another process held it for over {wait_s:.0f}s"
                     ) from None
                 time.sleep(0.02)
         self._lock_file = lock_file

@@ -23,13 +23,15 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import FleetConfig
-from .connection import EmbeddedStore, FleetStore, StoreUnavailableError, open_store
+from .connection import FleetStore, StoreUnavailableError, open_store
 from .schema import Retention, migrate
 from .spool import Spool
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 10.0
+RESTART_BACKOFF_S = 1.0  # a delivery process that died restarts no sooner, doubling while it keeps dying,
+HEALTHY_RUN_S = 60.0  # unless it ran this long first
 DELIVERY_NICENESS = 10  # the delivery process yields the CPU to the sidecar's ingest
 
 
@@ -87,11 +89,13 @@ class SpoolDelivery:
     def start(self) -> None:
         """Nothing to start: it runs on the caller's thread."""
 
-    def deliver(self, deadline: float | None = None) -> None:
+    def deliver(self, deadline: float | None = None, lock_wait_s: float | None = None) -> None:
+        """Insert what is spooled, oldest first, until `deadline`; `lock_wait_s`: how long to wait for an embedded
+        store another process holds (default: the store's own, 1 s for a sidecar's)."""
         if time.monotonic() < self._retry_at or (self._migrated and not self.spool.pending()):
             return
         try:
-            with self.store.held():
+            with self.store.held(wait_s=lock_wait_s):
                 if not self._migrated:
                     migrate(self.store, self.config.database, retention_of(self.config))
                     self._migrated = True
@@ -126,9 +130,7 @@ class SpoolDelivery:
         embedded store another process holds (a regular delivery waits 1 s and tries again later), so a replica
         stopping while another one delivers into the same store does not leave its last batches spooled."""
         self._retry_at = 0.0
-        if isinstance(self.store, EmbeddedStore):
-            self.store.lock_timeout_s = max(self.store.lock_timeout_s, timeout_s)
-        self.deliver(deadline=time.monotonic() + timeout_s)
+        self.deliver(deadline=time.monotonic() + timeout_s, lock_wait_s=timeout_s)
 
     def close(self, timeout_s: float) -> None:
         self.final_delivery(timeout_s)
@@ -149,10 +151,12 @@ class ChildDelivery:
         self._inbox: multiprocessing.Queue | None = None
         self._outbox: multiprocessing.Queue | None = None
         self._restart_at = 0.0
-        self._restart_backoff = 0.5
+        self._restart_backoff = RESTART_BACKOFF_S / 2
+        self._started_at = 0.0
         self._collecting = threading.Lock()  # the exporter thread and metric scrapes both collect
 
     def start(self) -> None:
+        self._started_at = time.monotonic()
         self._inbox, self._outbox = self._context.Queue(), self._context.Queue()
         self._process = self._context.Process(
             target=_deliver_until_stopped,
@@ -169,7 +173,8 @@ class ChildDelivery:
                 if time.monotonic() < self._restart_at:  # one that keeps dying is not restarted in a tight loop
                     return
                 self.stats["delivery_restarts"] += 1
-                self._restart_backoff = min(self._restart_backoff * 2, MAX_BACKOFF_S)
+                healthy = time.monotonic() - self._started_at >= HEALTHY_RUN_S
+                self._restart_backoff = RESTART_BACKOFF_S if healthy else min(self._restart_backoff * 2, MAX_BACKOFF_S)
                 log.warning(
                     "fleet delivery process exited (code %s); starting it again (next restart no sooner than %.0fs)",
                     self._process.exitcode,

@@ -225,6 +225,34 @@ def test_the_embedded_store_is_delivered_from_a_process_of_its_own_that_comes_ba
     assert ids == sorted(r.request_id for r in first + second)
 
 
+def test_a_delivery_process_that_keeps_dying_backs_off_and_one_that_ran_long_does_not(tmp_path: Path) -> None:
+    """Restarts of the delivery process double their wait while it keeps dying, and start from the first wait
+    again once a process had run HEALTHY_RUN_S (before, one crash a day for a month left every restart 10 s late)."""
+    from circuitwatch.sidecar.fleet.delivery import HEALTHY_RUN_S, RESTART_BACKOFF_S, ChildDelivery
+
+    config = FleetConfig(enabled=True, instance="restarts", embedded_dir=tmp_path / "store", flush_interval_s=0.1)
+    delivery = ChildDelivery(config, tmp_path)
+    delivery.start()
+    waits = []
+    try:
+        for long_run in (False, False, True):
+            process = delivery._process
+            if long_run:
+                delivery._started_at -= HEALTHY_RUN_S  # as if it had delivered for a minute before it died
+            process.kill()
+            process.join(10)
+            deadline = time.monotonic() + 30
+            while delivery._process is process and time.monotonic() < deadline:  # waits out the previous back-off
+                delivery.deliver()
+                time.sleep(0.05)
+            assert delivery._process is not process and delivery._process.is_alive()
+            waits.append(delivery._restart_backoff)
+    finally:
+        delivery.close(5)
+    assert waits == [RESTART_BACKOFF_S, 2 * RESTART_BACKOFF_S, RESTART_BACKOFF_S]
+    assert delivery.stats["delivery_restarts"] == 3
+
+
 def test_label_changes_and_token_codes_reach_the_store(tmp_path: Path) -> None:
     rng = np.random.default_rng(6)
     store_dir = tmp_path / "store"
