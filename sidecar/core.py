@@ -134,7 +134,8 @@ class SidecarCore:
         Requests whose finish came already go first, in a lock section of their own, and are finalised as soon
         as their own slices are in; then the readers those reports woke get to send them (Watchers.hand_off),
         and only then the step's other slices go in. A report waits for its request's last codes, not for the
-        rest of the engine step."""
+        rest of the engine step. Finish markers the batch carries (CodeBatch.finishes: the requests the step
+        finished) count as having come first."""
         arrays = decode_batch(stream, batch, self.limits)
         for finish in batch.finishes:
             check_finish(finish, self.limits)
