@@ -137,8 +137,8 @@ class SidecarCore:
         rest of the engine step. Finish markers the batch carries (CodeBatch.finishes: the requests the step
         finished) count as having come first."""
         arrays = decode_batch(stream, batch, self.limits)
-        for finish in batch.finishes:
-            check_finish(finish, self.limits)
+        for i, finish in enumerate(batch.finishes):
+            check_finish(finish, self.limits, f"codes.finishes[{i}]")
         stream.last_step = batch.step
         stream.batches += 1
         if batch.HasField("stats"):

@@ -176,23 +176,24 @@ def decode_batch(stream: Stream, batch: pb.CodeBatch, limits: LimitsConfig) -> B
     return arrays
 
 
-def check_finish(finish: pb.RequestFinish, limits: LimitsConfig) -> None:
-    request_id_ok(finish.request_id, "finish.request_id", limits)
+def check_finish(finish: pb.RequestFinish, limits: LimitsConfig, field: str = "finish") -> None:
+    """`field`: where the finish is in the message (a finish message, or `codes.finishes[i]` in a code batch)."""
+    request_id_ok(finish.request_id, f"{field}.request_id", limits)
     if finish.num_positions > limits.max_positions:
         raise MonitorError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"finish of {shown(finish.request_id)}: num_positions {finish.num_positions} is more than "
+            f"{field} of {shown(finish.request_id)}: num_positions {finish.num_positions} is more than "
             f"limits.max_positions ({limits.max_positions})",
         )
-    check_gaps(finish.request_id, finish.gaps, "finish.gaps", limits)
+    check_gaps(finish.request_id, finish.gaps, f"{field}.gaps", limits)
     if len(finish.slots) > limits.max_slots_per_manifest or len(set(finish.slots)) != len(finish.slots):
         raise MonitorError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            f"finish of {shown(finish.request_id)}: slots must be distinct and at most "
+            f"{field} of {shown(finish.request_id)}: slots must be distinct and at most "
             f"limits.max_slots_per_manifest ({limits.max_slots_per_manifest})",
         )
-    _bounded(finish.model, "finish.model")
-    _bounded(finish.finish_reason, "finish.finish_reason")
+    _bounded(finish.model, f"{field}.model")
+    _bounded(finish.finish_reason, f"{field}.finish_reason")
 
 
 def check_gaps(request_id: str, gaps, field: str, limits: LimitsConfig) -> None:

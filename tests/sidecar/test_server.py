@@ -518,7 +518,7 @@ def test_a_bad_finish_in_a_code_batch_refuses_the_whole_batch(tmp_path: Path) ->
         with pytest.raises(grpc.RpcError) as refused:
             client.ingest([pb.IngestMessage(manifest=manifest()), pb.IngestMessage(codes=batch)])
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "finish.request_id" in refused.value.details()
+        assert "codes.finishes[1].request_id" in refused.value.details()
         assert not running.core.is_open("whole") and running.core.finals.get("whole") is None
 
 
