@@ -35,13 +35,29 @@ class FinishNotifier:
     def __init__(self, config: PluginConfig, model: str) -> None:
         self.config = config
         self.model = model
-        manifest = pb.Manifest(
+        self._manifest = pb.Manifest(
             contract_version=CONTRACT_VERSION,
             producer=f"circuitwatch-engine-core/{__version__}",
             model=model,
             instance_id=f"{socket.gethostname()}:{os.getpid()}:engine-core",
         )
-        self.emitter = Emitter(config.sidecar, manifest, config.queue_max_batches)
+        self._own: Emitter | None = None
+
+    @property
+    def emitter(self) -> Emitter:
+        """The engine core's own control stream, opened at the first finish that needs it: never while a worker
+        in this process carries the finishes (it would hold one of the sidecar's ingest streams for nothing)."""
+        if self._own is None:
+            self._own = Emitter(self.config.sidecar, self._manifest, self.config.queue_max_batches)
+        return self._own
+
+    @property
+    def has_own_stream(self) -> bool:
+        return self._own is not None
+
+    def close(self, timeout_s: float) -> None:
+        if self._own is not None:
+            self._own.close(timeout_s=timeout_s)
 
     def request_freed(self, request) -> None:
         params = request.sampling_params
@@ -78,6 +94,6 @@ def notifier(config: PluginConfig, model: str) -> FinishNotifier:
         current = PROCESS.finish_notifier
         if current is None or current.config != config or current.model != model:
             if current is not None:
-                current.emitter.close(timeout_s=1.0)
+                current.close(timeout_s=1.0)
             current = PROCESS.finish_notifier = FinishNotifier(config, model)
         return current
