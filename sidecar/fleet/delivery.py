@@ -1,5 +1,5 @@
-"""Spooled batches into the fleet store: oldest first, each with its deduplication token, with back-off while the
-store is down.
+"""Spooled batches into the fleet store: each queued batch turned into table files (rows.py), then oldest first,
+each with its deduplication token, with back-off while the store is down.
 
     exporter thread --spool files--> SpoolDelivery (the exporter's thread: a ClickHouse server)
                                      ChildDelivery  (a process of its own: the embedded store)
@@ -7,7 +7,9 @@ store is down.
 The embedded engine (chdb) runs inside the Python process that calls it and holds the GIL through an insert, so
 delivering on the sidecar's own thread slowed its ingest by 12-24% (bench/fleet_bench.py). For the embedded
 store the same delivery loop therefore runs in a child process that shares only the spool directory with the
-sidecar; its counters come back over a queue. A server store is only a network client, so it stays a thread.
+sidecar; its counters come back over a queue. Building the rows runs there too, at its lower priority (it held
+the sidecar's interpreter for 0.4-0.5 ms a request on the exporter thread). A server store is only a network
+client, so it stays a thread.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pathlib import Path
 
 from ..config import FleetConfig
 from .connection import FleetStore, StoreUnavailableError, open_store
+from .queued import QUEUED, read_queued
+from .rows import Batch, RowMaker
 from .schema import Retention, migrate
-from .spool import Spool
+from .spool import Spool, SpooledFile, count_dropped
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,15 @@ def spool_dir_of(config: FleetConfig, evidence_dir: Path) -> Path:
 
 
 class SpoolDelivery:
-    """Inserts the spool's files oldest first until the spool is empty or the store fails (then backs off)."""
+    """Turns the spool's queued batches into table files, then inserts those oldest first until the spool is empty
+    or the store fails (then backs off)."""
 
     def __init__(self, config: FleetConfig, evidence_dir: Path, spool: Spool, store: FleetStore | None = None) -> None:
         self.config = config
         self.store = store or store_for(config, evidence_dir)
         self.spool = spool
-        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors
+        self.rows = RowMaker(config.instance_name)
+        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors, batches_converted
         self._migrated = False
         self._retry_at = 0.0
         self._backoff = 0.5
@@ -92,6 +98,7 @@ class SpoolDelivery:
     def deliver(self, deadline: float | None = None, lock_wait_s: float | None = None) -> None:
         """Insert what is spooled, oldest first, until `deadline`; `lock_wait_s`: how long to wait for an embedded
         store another process holds (default: the store's own, 1 s for a sidecar's)."""
+        self.convert(deadline)  # a store that is down does not keep batches in their larger queued form
         if time.monotonic() < self._retry_at or (self._migrated and not self.spool.pending()):
             return
         try:
@@ -100,8 +107,8 @@ class SpoolDelivery:
                     migrate(self.store, self.config.database, retention_of(self.config))
                     self._migrated = True
                 for spooled in self.spool.pending():
-                    if deadline is not None and time.monotonic() > deadline:
-                        return
+                    if spooled.table == QUEUED or (deadline is not None and time.monotonic() > deadline):
+                        return  # a batch queued since convert(): it and what follows it wait for the next round
                     try:
                         self.store.insert_file(f"{self.config.database}.{spooled.table}", spooled.path, spooled.token)
                     except FileNotFoundError:  # the sidecar dropped it to make room (counted there); it is read
@@ -121,6 +128,35 @@ class SpoolDelivery:
         if self._down_since is not None:
             log.info("fleet store back after %.1fs; spool replayed", time.monotonic() - self._down_since)
             self._down_since = None
+
+    def convert(self, deadline: float | None = None) -> None:
+        """Queued batches into table files, oldest first (those a stopped delivery had claimed, then the rest),
+        until `deadline`."""
+        claimed = self.spool.claimed()
+        queued = [spooled for spooled in self.spool.pending() if spooled.table == QUEUED]
+        for spooled, path in claimed + [(spooled, None) for spooled in queued]:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            path = path or self.spool.claim(spooled)
+            if path is not None:  # else the writer dropped it to make room (counted there)
+                self._convert(spooled, path)
+
+    def _convert(self, queued: SpooledFile, claimed: Path) -> None:
+        try:
+            items = read_queued(claimed)
+        except Exception as exc:  # any reason a file cannot be read means the same: its rows are lost
+            aside = claimed.with_name(queued.path.name + ".unreadable")
+            claimed.rename(aside)
+            for table, rows in queued.dropped_rows.items():
+                self.stats[f"dropped/unreadable/{table}"] += rows
+            log.error(
+                "fleet spool: %s unreadable (%s: %s); moved aside, its rows are lost", aside, type(exc).__name__, exc
+            )
+            return
+        batch = self.rows.add_items(Batch(), items)
+        dropped, admitted = self.spool.admit(batch.stage(self.spool.directory, queued.stem), replacing=claimed)
+        self.stats["batches_converted" if admitted else "batches_dropped_converted"] += 1
+        count_dropped(self.stats, dropped)
 
     def counters(self) -> Counter:
         return self.stats

@@ -1,14 +1,15 @@
 """The sidecar's fleet exporter: finished requests leave for the fleet store on a thread of their own.
 
-    core (finalise / reduce / Label) --put--> bounded queue --flush--> Batch --> spool files --insert--> store
+    core (finalise / reduce / Label) --put--> bounded queue --flush--> queued file --> table files --insert--> store
+                                                              (this thread)      (delivery.py)
 
 The hooks only append to a bounded queue (dropping and counting the oldest when it is full), so nothing on the
 ingest path waits for serialisation, disk or network. Every flush interval (or batch_rows requests) the thread
-turns the queue into one Batch and writes it to the spool; the delivery (delivery.py: this thread for a server,
-a process of its own for the embedded store) inserts the spool's files oldest first, each with its own
-deduplication token; a file leaves the spool only once the store took it. A store that fails is retried with
-back-off while batches keep accumulating in the (bounded) spool; when it answers again the spool replays in
-order and nothing is counted twice.
+writes the queue to the spool as it is (queued.py: little more than concatenations); the delivery (delivery.py:
+this thread for a server, a process of its own for the embedded store) turns each queued batch into one file per
+table (rows.py) and inserts them oldest first, each with its own deduplication token; a file leaves the spool
+only once the store took it. A store that fails is retried with back-off while batches keep accumulating in the
+(bounded) spool; when it answers again the spool replays in order and nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ from ..registry import SaeRegistry
 from ..request_sets import FeatureSet, SlotCodes
 from .connection import FleetStore
 from .delivery import ChildDelivery, SpoolDelivery, spool_dir_of
-from .rows import TABLES, Batch, RowMaker, load_arrow
-from .spool import Spool, file_stat
+from .queued import stage_queued
+from .rows import TABLES, load_arrow
+from .spool import Spool, count_dropped, file_stat
 
 log = logging.getLogger(__name__)
 
-DROP_REASONS = ("queue_full", "spool_full")
+DROP_REASONS = ("queue_full", "spool_full", "unreadable")
 QUEUED_TABLE = {"report": "reports", "reduced": "reports", "labels": "label_feedback"}
 
 
@@ -60,7 +62,6 @@ class FleetExporter:
             if store is not None or config.url
             else ChildDelivery(config, evidence_dir)
         )
-        self.rows = RowMaker(config.instance_name)
         load_arrow()
         self.stats: Counter = Counter()  # dropped/<reason>/<table>, CPU times; the delivery counts the rest
         self._queue: deque = deque()
@@ -159,48 +160,19 @@ class FleetExporter:
                     items.append(item)
                     requests += item[0] in ("report", "reduced")
                 self._queued_requests -= requests
-            batch = Batch()
-            for item in items:
-                self._add(batch, item)
-            self.rows.finish_features(batch)
-            self._spool(batch)
+            self._spool(items)
 
-    def _spool(self, batch: Batch) -> None:
-        """Into the spool, after making room by dropping its oldest batches (counted and logged)."""
-        dropped: Counter = Counter()
-
-        def make_room(size: int) -> bool:
-            gone, fits = self.spool.make_room(size)
-            dropped.update(gone)
-            return fits
-
-        written = batch.write(self.spool.directory, self.spool.stem(), make_room)
-        if written:
+    def _spool(self, items: list[tuple]) -> None:
+        """Into the spool as one queued file, after making room by dropping its oldest batches (counted and
+        logged)."""
+        dropped, admitted = self.spool.admit(stage_queued(items, self.spool.directory, self.spool.stem()))
+        if admitted:
             self.stats["batches_spooled"] += 1
-        for table, rows in dropped.items():
-            self.stats[f"dropped/spool_full/{table}"] += rows
-            log.warning("fleet spool over fleet.spool_max_mb: dropped %d %s rows (oldest batch)", rows, table)
-        if not written and any(batch.rows(table) for table in TABLES):
-            for table in TABLES:
-                self.stats[f"dropped/spool_full/{table}"] += batch.rows(table)
+        else:
+            dropped["reports"] += sum(item[0] in ("report", "reduced") for item in items)
+            dropped["label_feedback"] += sum(len(item[1]) for item in items if item[0] == "labels")
             log.warning("fleet spool over fleet.spool_max_mb: a batch larger than the whole spool was dropped")
-
-    def _add(self, batch: Batch, item: tuple) -> None:
-        kind = item[0]
-        if kind == "report":
-            self.rows.report(batch, item[1], has_codes=False)
-        elif kind == "reduced":
-            _, report, sets, saes, codes = item
-            self.rows.feature_sets(batch, report, sets, saes)
-            if codes is not None:
-                by_gslot = {g: (identity, slot) for g, (_, identity, slot) in enumerate(saes)}
-                self.rows.token_codes(batch, report, codes, by_gslot)
-            self.rows.report(batch, report, has_codes=True)
-        elif kind == "labels":
-            _, audit, states = item
-            self.rows.feedback(batch, audit)
-            for request_id, arrival_ns, version, labels in states:
-                self.rows.labels(batch, request_id, arrival_ns, version, labels)
+        count_dropped(self.stats, dropped)
 
     # --- what metrics and health read ------------------------------------------------------------------
 
@@ -212,7 +184,11 @@ class FleetExporter:
         oldest = min((s.st_mtime for s in stats), default=None)
         return {
             "exported": {t: delivered[f"exported/{t}"] for t in TABLES},
-            "dropped": {(r, t): self.stats[f"dropped/{r}/{t}"] for r in DROP_REASONS for t in TABLES},
+            "dropped": {
+                (r, t): self.stats[f"dropped/{r}/{t}"] + delivered[f"dropped/{r}/{t}"]
+                for r in DROP_REASONS
+                for t in TABLES
+            },
             "insert_errors": delivered["insert_errors"],
             "spool_bytes": sum(s.st_size for s in stats),
             "spool_files": len(stats),

@@ -1,14 +1,15 @@
 """Finished requests as rows of the fleet tables (schema.py), collected into one Batch per flush and written as
 Arrow IPC files, one per table: the unit the spool keeps and the store inserts.
 
-Everything here runs on the exporter's thread or the maintenance thread, never on the ingest path.
+Everything here runs in the delivery (delivery.py: the embedded store's own process, or the exporter's thread for
+a server), from the items the exporter spooled as they were queued (queued.py); never on the ingest path.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
@@ -88,11 +89,9 @@ class Batch:
         for name, column in self.columns[table].items():
             column.append(values[name])
 
-    def write(self, directory: Path, stem: str, make_room: Callable[[int], bool] = lambda _size: True) -> list[Path]:
-        """One Arrow IPC file per non-empty table, named <stem>.<table>.<rows>.arrow, in TABLES order. The files
-        are written as .partial first; `make_room(their total bytes)` then says whether they go in (renamed into
-        place: a batch file is whole or absent) or not (deleted, and nothing is returned), so a bounded spool is
-        never over its bound, not even between a write and the drop that makes room for it."""
+    def stage(self, directory: Path, stem: str) -> list[tuple[Path, Path]]:
+        """One Arrow IPC file per non-empty table, in TABLES order, written as <stem>.<table>.<rows>.arrow.partial;
+        returns (partial, final) pairs for the spool to admit (Spool.admit), so a batch file is whole or absent."""
         import pyarrow as pa
 
         staged = []
@@ -111,13 +110,7 @@ class Batch:
             ):
                 writer.write_table(data)
             staged.append((partial, path))
-        if staged and not make_room(sum(partial.stat().st_size for partial, _ in staged)):
-            for partial, _ in staged:
-                partial.unlink(missing_ok=True)
-            return []
-        for partial, path in staged:
-            partial.rename(path)
-        return [path for _, path in staged]
+        return staged
 
 
 def load_arrow() -> None:
@@ -308,6 +301,27 @@ class RowMaker:
                     features=slot_codes.features[offsets[row] : offsets[row + 1]],
                     activations=slot_codes.activations[offsets[row] : offsets[row + 1]],
                 )
+
+    def add_items(self, batch: Batch, items: list[tuple]) -> Batch:
+        """The rows of a flush's queued items (exporter.py's hooks say what each holds)."""
+        for item in items:
+            kind = item[0]
+            if kind == "report":
+                self.report(batch, item[1], has_codes=False)
+            elif kind == "reduced":
+                _, report, sets, saes, codes = item
+                self.feature_sets(batch, report, sets, saes)
+                if codes is not None:
+                    by_gslot = {g: (identity, slot) for g, (_, identity, slot) in enumerate(saes)}
+                    self.token_codes(batch, report, codes, by_gslot)
+                self.report(batch, report, has_codes=True)
+            elif kind == "labels":
+                _, audit, states = item
+                self.feedback(batch, audit)
+                for request_id, arrival_ns, version, labels in states:
+                    self.labels(batch, request_id, arrival_ns, version, labels)
+        self.finish_features(batch)
+        return batch
 
     def feedback(self, batch: Batch, rows: list[tuple[str, int, str, str, str, str]]) -> None:
         for request_id, at, operation, label, author, note in rows:

@@ -177,22 +177,29 @@ def test_a_replayed_batch_counts_once_through_the_materialized_view(tmp_path: Pa
 
 
 def test_a_full_spool_drops_the_oldest_and_counts_it(tmp_path: Path, caplog) -> None:
+    """Every report is either still spooled (queued, or turned into table files by the delivery) or counted as
+    dropped: a batch dropped before it was turned into table files counts its reports, one dropped after also
+    its other tables' rows."""
     rng = np.random.default_rng(5)
     store_dir = tmp_path / "store"
     fleet = FleetConfig(
         enabled=True, instance="small", embedded_dir=store_dir, flush_interval_s=0.1, batch_rows=5, spool_max_mb=0.03
     )
-    with store_held_elsewhere(store_dir), running_sidecar(tmp_path, fleet=fleet) as (running, client):
-        for n in range(6):
-            send(client.stub, requests_for(rng, f"s{n}-", 10), rng)
-        fleet_stats = running.core.fleet.snapshot
-        wait_for(lambda: fleet_stats()["dropped"][("spool_full", "reports")] > 0, what="the oldest batches dropped")
-        # the embedded store's delivery runs in its own process: its failed tries are counted as it reports them
-        wait_for(lambda: fleet_stats()["insert_errors"] > 0, what="the failed inserts counted")
-        snapshot = fleet_stats()
-        spool_bytes = snapshot["spool_bytes"]
+    with store_held_elsewhere(store_dir):
+        with running_sidecar(tmp_path, fleet=fleet) as (running, client):
+            for n in range(6):
+                send(client.stub, requests_for(rng, f"s{n}-", 10), rng)
+            exporter = running.core.fleet
+            wait_for(lambda: exporter.snapshot()["dropped"][("spool_full", "reports")] > 0, what="oldest dropped")
+            # the embedded store's delivery runs in its own process: its failed tries are counted as it reports them
+            wait_for(lambda: exporter.snapshot()["insert_errors"] > 0, what="the failed inserts counted")
+            spool_bytes = exporter.snapshot()["spool_bytes"]
+        snapshot = exporter.snapshot()  # after the stop: the last batch spooled, the delivery process ended
+        left = [name.split(".") for name in map(lambda p: p.name, spooled(tmp_path))]
     dropped = snapshot["dropped"]
-    assert dropped[("spool_full", "reports")] > 0 and dropped[("spool_full", "request_features")] > 0
+    assert dropped[("spool_full", "reports")] > 0
+    spooled_reports = sum(int(parts[2]) for parts in left if parts[1] in ("queued", "reports"))
+    assert dropped[("spool_full", "reports")] + spooled_reports == 60
     assert spool_bytes <= 0.03 * 2**20
     assert "fleet spool over fleet.spool_max_mb" in caplog.text
     assert snapshot["insert_errors"] > 0
@@ -346,11 +353,44 @@ def test_the_spool_makes_room_before_a_batch_goes_in(tmp_path: Path) -> None:
 
     batch = Batch()
     batch.add("request_labels", **{name: _label_value(name) for name in batch.columns["request_labels"]})
-    sizes = []
-    assert batch.write(spool.directory, spool.stem(), lambda size: sizes.append(size) or False) == []
-    assert sizes and sizes[0] > 0 and not list(spool.directory.iterdir())  # refused: nothing left behind
-    written = batch.write(spool.directory, spool.stem(), lambda size: True)
-    assert [p.name.split(".")[1] for p in written] == ["request_labels"] and spool.nbytes == sizes[0]
+    small = Spool(tmp_path / "small", max_bytes=100)
+    dropped, admitted = small.admit(batch.stage(small.directory, small.stem()))
+    assert not admitted and not dropped and not list(small.directory.glob("*.arrow*"))  # refused: nothing left
+    roomy = Spool(tmp_path / "roomy", max_bytes=10**6)
+    staged = batch.stage(roomy.directory, roomy.stem())
+    size = staged[0][0].stat().st_size
+    assert roomy.admit(staged) == ({}, True)
+    assert [f.table for f in roomy.pending()] == ["request_labels"] and roomy.nbytes == size
+
+
+def test_a_converted_batch_stays_within_the_bound(tmp_path: Path) -> None:
+    """Turning a queued batch into table files can make it larger (a tiny batch: five files' headers): its
+    table files go in only after older batches are dropped to make room, and a queued batch the delivery has
+    claimed counts in the bound but is never dropped by the writer."""
+    from circuitwatch.sidecar.fleet.queued import stage_queued
+    from circuitwatch.sidecar.fleet.rows import Batch, RowMaker
+    from circuitwatch.sidecar.fleet.spool import Spool
+
+    report = pb.Report(request_id="r", model="m", status=pb.REPORT_STATUS_COMPLETE, arrival_unix_nanos=time.time_ns())
+    items = [("report", report)]
+    probe = Spool(tmp_path / "probe", max_bytes=10**6)
+    queued_size = stage_queued(items, probe.directory, "000000000000-000000000000")[0][0].stat().st_size
+    tables_size = sum(p.stat().st_size for p, _ in RowMaker("t").add_items(Batch(), items).stage(probe.directory, "x"))
+    assert tables_size > queued_size
+
+    spool = Spool(tmp_path / "spool", max_bytes=queued_size * 2 + tables_size)
+    for _ in range(3):
+        assert spool.admit(stage_queued(items, spool.directory, spool.stem()))[1]
+    assert [f.seq for f in spool.pending()] == [0, 1, 2] and spool.nbytes == 3 * queued_size
+    oldest = spool.pending()[0]
+    claimed = spool.claim(oldest)
+    assert claimed is not None and spool.nbytes == 3 * queued_size  # still counted
+    assert spool.make_room(spool.max_bytes - 2 * queued_size) == ({"reports": 1, "label_feedback": 0}, True)
+    assert claimed.exists()  # the writer dropped the next oldest, not the claimed one
+    batch = RowMaker("t").add_items(Batch(), [("report", report)])
+    dropped, admitted = spool.admit(batch.stage(spool.directory, oldest.stem), replacing=claimed)
+    assert admitted and not claimed.exists() and spool.nbytes <= spool.max_bytes
+    assert [(f.seq, f.table) for f in spool.pending()] == [(0, "request_labels"), (0, "reports"), (2, "queued")]
 
 
 def _label_value(column: str):
@@ -391,7 +431,7 @@ def test_delivery_skips_a_batch_the_sidecar_dropped_meanwhile(tmp_path: Path) ->
         row.update(request_id=f"r{n}", arrival=time.time_ns())
         batch = Batch()
         batch.add("request_labels", **row)
-        assert batch.write(spool.directory, spool.stem(), lambda size: True)
+        assert spool.admit(batch.stage(spool.directory, spool.stem()))[1]
     config = FleetConfig(enabled=True, instance="t", embedded_dir=tmp_path / "store")
     store = DroppedJustBeforeTheRead(open_store(str(tmp_path / "store"), DB))
     delivery = SpoolDelivery(config, tmp_path, spool, store)
@@ -409,16 +449,14 @@ from pathlib import Path
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.sidecar.config import FleetConfig
 from circuitwatch.sidecar.fleet.exporter import FleetExporter
-from circuitwatch.sidecar.fleet.rows import Batch
 
 home = Path(sys.argv[1])
 exporter = FleetExporter(FleetConfig(enabled=True, instance="t", embedded_dir=home / "store"), home / "evidence")
 before = set(sys.modules)
-batch = Batch()
-report = pb.Report(request_id="r", model="m", status=pb.REPORT_STATUS_COMPLETE, labels=["x"])
-exporter.rows.report(batch, report, has_codes=False)
-exporter.rows.feedback(batch, [("r", 1, "add", "x", "alice", "")])
-batch.write(home, "first")
+exporter.report_final(pb.Report(request_id="r", model="m", status=pb.REPORT_STATUS_COMPLETE, labels=["x"]))
+exporter.labels_changed([("r", 1, "add", "x", "alice", "")], [])
+exporter._flush_queue()
+assert len(list(exporter.spool.directory.glob("*.queued.1.1.arrow"))) == 1
 print(sorted(set(sys.modules) - before))
 """
 
@@ -432,8 +470,125 @@ def test_the_first_flush_imports_nothing(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout[:2000]
-    assert sorted(p.name.split(".")[1] for p in tmp_path.glob("first.*.arrow")) == [
-        "label_feedback",
-        "reports",
-        "request_labels",
+
+
+def _identity(layer: int, head: int | None = None):
+    from circuitwatch.sidecar.registry import SaeIdentity
+
+    return SaeIdentity("sae", "topk", layer, f"blocks.{layer}.hook_resid_post", 8, 64, "h", "topk:4", "saelens", head)
+
+
+def test_queued_items_come_back_as_they_were_queued(tmp_path: Path) -> None:
+    """The exporter spools its queue as it is and the delivery builds rows from what it reads back: every kind of
+    item (reports without codes, reduced requests under two SAE layouts with missing and empty modes and token
+    codes, Label calls with quotes, newlines and non-ASCII) must read back equal, and the rows built from it
+    equal the rows built from the items themselves."""
+    import pyarrow as pa
+
+    from circuitwatch.sidecar.fleet.queued import read_queued, stage_queued
+    from circuitwatch.sidecar.fleet.rows import TABLES, Batch, RowMaker
+    from circuitwatch.sidecar.request_sets import MODES, FeatureSet, SlotCodes
+
+    rng = np.random.default_rng(11)
+    layouts = [((0, _identity(1), 0), (64, _identity(2, head=3), 1)), ((0, _identity(1), 0),)]
+
+    def feature_set(n: int) -> FeatureSet:
+        terms = np.sort(rng.choice(128, n, replace=False)).astype(np.uint32)
+        return FeatureSet(terms, rng.integers(1, 8, n).astype(np.uint8))
+
+    def slot_codes(rows: int) -> SlotCodes:
+        counts = rng.integers(0, 4, rows)
+        offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+        return SlotCodes(
+            positions=np.arange(rows, dtype=np.int64) + 2,
+            row_offsets=offsets,
+            features=rng.integers(0, 64, offsets[-1]).astype(np.uint32),
+            activations=rng.uniform(0, 3, offsets[-1]).astype(np.float32),
+        )
+
+    def report(n: int) -> pb.Report:
+        return pb.Report(
+            request_id=f"r{n}", model="m", status=pb.REPORT_STATUS_COMPLETE, arrival_unix_nanos=time.time_ns() + n,
+            labels=["x"], flags=[pb.Flag(circuit="c")], saes=[pb.SaeSlot(slot=0, name="sae", layer=1)],
+        )  # fmt: skip
+
+    items = [
+        ("report", report(0)),
+        (
+            "reduced",
+            report(1),
+            {m: feature_set(5) for m in MODES},
+            layouts[0],
+            {0: slot_codes(3), 1: slot_codes(0)},
+        ),
+        ("labels", [("r1", 5, "add", "a'b\n\\c", "alice ü", "")], [("r1", 5, 7, ["a'b\n\\c", "ok"])]),
+        ("reduced", report(2), {MODES[0]: feature_set(0), MODES[2]: feature_set(3)}, layouts[1], None),
+        ("labels", [], [("r0", 1, 2, [])]),
     ]
+    ((partial, final),) = stage_queued(items, tmp_path, "000000000001-00000000abcd")
+    partial.rename(final)
+    assert final.name == "000000000001-00000000abcd.queued.3.1.arrow"
+    back = read_queued(final)
+
+    def same(a, b) -> bool:
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            return a.dtype == b.dtype and np.array_equal(a, b)
+        if isinstance(a, FeatureSet | SlotCodes):
+            return type(a) is type(b) and all(same(getattr(a, f), getattr(b, f)) for f in a.__dataclass_fields__)
+        if isinstance(a, dict):
+            return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, tuple | list):
+            return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
+        return a == b
+
+    for a, b in zip(back, items, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert same(x, y), (x, y)
+
+    def tables(built: Batch, directory: Path) -> dict:
+        directory.mkdir()
+        out = {}
+        for partial, final in built.stage(directory, "x"):
+            with pa.OSFile(str(partial), "rb") as source:
+                out[final.name.split(".")[1]] = pa.ipc.open_file(source).read_all()
+        return out
+
+    direct = tables(RowMaker("i").add_items(Batch(), items), tmp_path / "direct")
+    converted = tables(RowMaker("i").add_items(Batch(), back), tmp_path / "converted")
+    assert direct.keys() == converted.keys() == set(TABLES)
+    assert all(direct[t].equals(converted[t]) for t in TABLES)
+
+
+def test_a_delivery_resumes_a_claimed_batch_and_sets_an_unreadable_one_aside(tmp_path: Path, caplog) -> None:
+    """A delivery that stopped after claiming a queued batch (killed mid-conversion) leaves it claimed: the next
+    delivery converts it first. A queued file that cannot be read (cut short by a disk error, say) must not block
+    the batches after it: it is moved aside, its rows are counted as dropped (reason unreadable) and logged with
+    the file's name; the next batch is delivered."""
+    from circuitwatch.sidecar.fleet.delivery import SpoolDelivery
+    from circuitwatch.sidecar.fleet.queued import stage_queued
+    from circuitwatch.sidecar.fleet.spool import Spool
+
+    spool = Spool(tmp_path / "spool", max_bytes=10**6)
+    for n in range(3):
+        report = pb.Report(request_id=f"r{n}", model="m", arrival_unix_nanos=time.time_ns())
+        items = [("report", report), ("report", report), ("labels", [("r", 1, "add", "x", "a", "")], [])]
+        assert spool.admit(stage_queued(items, spool.directory, spool.stem()))[1]
+    _, broken, _ = (f.path for f in spool.pending())
+    assert spool.claim(spool.pending()[0]) is not None
+    assert Spool(spool.directory, 10**6).next_seq == 3  # a claimed batch keeps its place in the order
+    broken.write_bytes(broken.read_bytes()[:100])
+    config = FleetConfig(enabled=True, instance="t", embedded_dir=tmp_path / "store")
+    store = open_store(str(tmp_path / "store"), DB)
+    delivery = SpoolDelivery(config, tmp_path, spool, store)
+    delivery.deliver()
+    assert not spool.pending() and not spool.claimed() and delivery.stats["batches_converted"] == 2
+    assert (
+        delivery.stats["dropped/unreadable/reports"] == 2 and delivery.stats["dropped/unreadable/label_feedback"] == 1
+    )
+    assert delivery.stats["exported/reports"] == 4 and delivery.stats["exported/label_feedback"] == 2
+    aside = list(spool.directory.glob("*.unreadable"))
+    assert [p.name for p in aside] == [broken.name + ".unreadable"]
+    assert broken.name in caplog.text and "unreadable" in caplog.text
+    with store.held():
+        assert sorted(store.column(f"SELECT request_id FROM {DB}.reports")) == ["r0", "r0", "r2", "r2"]
+    store.close()
