@@ -24,8 +24,15 @@ from ..registry import SaeIdentity
 from ..request_sets import MODES, FeatureSet, SlotCodes
 
 QUEUED = "queued"  # the table part of a queued file's name
-# what a queued file holds per item, beside its kind
-_CODE_FIELDS = ("code_slots", "code_rows", "code_positions", "code_counts", "code_features", "code_activations")
+# a request's kept token codes, flattened over its slots: column -> dtype
+_CODE_COLUMNS = {
+    "code_slots": np.uint32,  # the slots (gslots) it has codes in
+    "code_rows": np.uint32,  # rows per slot
+    "code_positions": np.int64,  # per row
+    "code_counts": np.uint32,  # codes per row
+    "code_features": np.uint32,
+    "code_activations": np.float32,
+}
 
 
 def _column(mode: int, part: str) -> str:
@@ -41,7 +48,7 @@ def stage_queued(items: list[tuple], directory: Path, stem: str) -> list[tuple[P
     kinds, reports, layouts = [], [], []
     layout_index: dict[tuple, int] = {}
     sets: dict[str, list] = {_column(m, p): [] for m in MODES for p in ("terms", "scopes")}
-    codes: dict[str, list] = {name: [] for name in _CODE_FIELDS}
+    codes: dict[str, list] = {name: [] for name in _CODE_COLUMNS}
     label_items: list[str | None] = []
     reports_count = feedback_rows = 0
     for item in items:
@@ -71,7 +78,7 @@ def stage_queued(items: list[tuple], directory: Path, stem: str) -> list[tuple[P
         "report": pa.array(reports, pa.binary()),
         "layout": pa.array(layouts, pa.int32()),
         **{name: _lists(values, np.uint32 if name.startswith("terms") else np.uint8) for name, values in sets.items()},
-        **{name: _lists(codes[name], _CODE_DTYPES[name]) for name in _CODE_FIELDS},
+        **{name: _lists(codes[name], dtype) for name, dtype in _CODE_COLUMNS.items()},
         "labels": pa.array(label_items, pa.string()),
     }
     saes_json = json.dumps([[[base, asdict(identity), slot] for base, identity, slot in saes] for saes in layout_index])
@@ -81,16 +88,6 @@ def stage_queued(items: list[tuple], directory: Path, stem: str) -> list[tuple[P
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return [(partial, path)]
-
-
-_CODE_DTYPES = {
-    "code_slots": np.uint32,
-    "code_rows": np.uint32,
-    "code_positions": np.int64,
-    "code_counts": np.uint32,
-    "code_features": np.uint32,
-    "code_activations": np.float32,
-}
 
 
 def _add_codes(columns: dict[str, list], codes: dict[int, SlotCodes] | None) -> None:
@@ -140,7 +137,7 @@ def read_queued(path: Path) -> list[tuple]:
     reports = table.column("report").to_pylist()
     layout_of = table.column("layout").to_numpy()
     sets = {name: _split(table.column(name)) for m in MODES for name in (_column(m, "terms"), _column(m, "scopes"))}
-    codes = {name: _split(table.column(name)) for name in _CODE_FIELDS}
+    codes = {name: _split(table.column(name)) for name in _CODE_COLUMNS}
     labels = table.column("labels").to_pylist()
     items: list[tuple] = []
     for i, kind in enumerate(kinds):
