@@ -153,7 +153,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "circuitwatch.fleet.rows.dropped", "counter", "{row}", ("table", "reason"),
-        "Rows dropped before the fleet store (queue_full, spool_full, unreadable)", "circuitwatch_fleet_rows_dropped_total",
+        "Rows dropped before the fleet store (queue_full, spool_full, unreadable)",
+        "circuitwatch_fleet_rows_dropped_total",
     ),
     MetricSpec(
         "circuitwatch.fleet.insert.errors", "counter", "{error}", (),

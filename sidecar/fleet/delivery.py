@@ -154,7 +154,7 @@ class SpoolDelivery:
             )
             return
         batch = self.rows.add_items(Batch(), items)
-        dropped, admitted = self.spool.admit(batch.stage(self.spool.directory, queued.stem), replacing=claimed)
+        dropped, admitted = self.spool.admit(batch.stage(self.spool.directory, queued.stem), replacing=queued)
         self.stats["batches_converted" if admitted else "batches_dropped_converted"] += 1
         count_dropped(self.stats, dropped)
 

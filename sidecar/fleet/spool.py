@@ -8,8 +8,8 @@ orders batches across restarts, run (random per exporter start) keeps every batc
 the counts let the spool count what it drops without reading it.
 The spool is bounded: before a batch goes in, the oldest batches are deleted until it fits (a batch larger than
 the whole bound is not spooled), and the exporter counts and logs what went. A queued batch the delivery is
-turning into table files is claimed first (renamed to *.converting): from then on it is the delivery's, and the
-writer neither drops nor counts it.
+turning into table files is claimed first (renamed to *.converting): from then on it is the delivery's; it still
+counts in the bound, but only the delivery removes it, once its table files are in.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ class SpooledFile:
         return {self.table: self.rows}
 
 
+def claimed_path(queued: SpooledFile) -> Path:
+    """Where a queued batch lies while the delivery turns it into table files."""
+    return queued.path.with_name(queued.path.name + CLAIMED)
+
+
 def file_stat(path: Path) -> os.stat_result | None:
     """A spooled file's stat; None once it is gone (the delivering process removes files as the store takes
     them)."""
@@ -99,7 +104,7 @@ class Spool:
     def claim(self, queued: SpooledFile) -> Path | None:
         """Take a queued batch out of the writer's reach before turning it into table files; None if the writer
         dropped it first (to make room: counted there)."""
-        claimed = queued.path.with_name(queued.path.name + CLAIMED)
+        claimed = claimed_path(queued)
         try:
             queued.path.rename(claimed)
         except FileNotFoundError:
@@ -129,13 +134,14 @@ class Spool:
     def _claimed_bytes(self) -> int:
         return sum(file_size(path) for _, path in self.claimed())
 
-    def admit(self, staged: list[tuple[Path, Path]], replacing: Path | None = None) -> tuple[Counter, bool]:
+    def admit(self, staged: list[tuple[Path, Path]], replacing: SpooledFile | None = None) -> tuple[Counter, bool]:
         """Rename staged (.partial, final) files into place if they fit once the oldest batches are dropped; else
-        delete them. `replacing`: the claimed queued file they were made from, counted in the bound until they
+        delete them. `replacing`: the claimed queued batch they were made from, counted in the bound until they
         are in and deleted then (or with them, if they cannot fit: that batch is dropped too). Returns the rows
         dropped per table and whether the files went in. The writer and the delivery (another process for the
         embedded store) both admit under one lock, so neither drops what the other is counting."""
-        incoming = sum(partial.stat().st_size for partial, _ in staged) - (file_size(replacing) if replacing else 0)
+        claimed = claimed_path(replacing) if replacing is not None else None
+        incoming = sum(partial.stat().st_size for partial, _ in staged) - (file_size(claimed) if claimed else 0)
         with open(self.directory / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -145,11 +151,10 @@ class Spool:
                         partial.rename(final)
                     else:
                         partial.unlink(missing_ok=True)
-                if replacing is not None:
+                if replacing is not None and claimed is not None:
                     if not fits:
-                        match = _NAME.fullmatch(replacing.name.removesuffix(CLAIMED))
-                        dropped.update({"reports": int(match[4]), "label_feedback": int(match[5])} if match else {})
-                    replacing.unlink(missing_ok=True)
+                        dropped.update(replacing.dropped_rows)
+                    claimed.unlink(missing_ok=True)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return dropped, fits

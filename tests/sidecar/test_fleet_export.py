@@ -388,7 +388,7 @@ def test_a_converted_batch_stays_within_the_bound(tmp_path: Path) -> None:
     assert spool.make_room(spool.max_bytes - 2 * queued_size) == ({"reports": 1, "label_feedback": 0}, True)
     assert claimed.exists()  # the writer dropped the next oldest, not the claimed one
     batch = RowMaker("t").add_items(Batch(), [("report", report)])
-    dropped, admitted = spool.admit(batch.stage(spool.directory, oldest.stem), replacing=claimed)
+    dropped, admitted = spool.admit(batch.stage(spool.directory, oldest.stem), replacing=oldest)
     assert admitted and not claimed.exists() and spool.nbytes <= spool.max_bytes
     assert [(f.seq, f.table) for f in spool.pending()] == [(0, "request_labels"), (0, "reports"), (2, "queued")]
 
