@@ -7,6 +7,14 @@ differs. chdb lets one process hold one data directory at a time, and one proces
 The embedded store therefore opens the engine only while it works (one flush, one query) under an exclusive
 lock file, so several processes on one box (the sidecars of its GPUs, the `circuitwatch` command) share one
 archive: each waits its turn. Opening costs about 50 ms, which the exporter pays once a flush.
+
+chdb-core-lite 26.5 deadlocks now and then in multi-threaded queries (every thread waiting, for good): on a
+1M-request store, 10 of 12 runs of up to a dozen contrasts hung once the engine had been idle for a while or had
+been closed and opened again in the process (0 of 2 runs that queried without pause from a first open); with one
+query thread, 0 of 8 such runs hung (5 after a reopen, 3 after idling). So the embedded store runs its queries
+on one thread (`EMBEDDED_QUERY_SETTINGS`): slower (a contrast of 10k requests against the other 990k 1.3-1.5 s instead
+of 0.8-1.1 s, with 20 pairs 10-13 s instead of 7-8), but it answers. A ClickHouse server keeps its own settings
+(no server runs on these machines to test it).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ INSERT_SETTINGS = {
     "deduplicate_blocks_in_dependent_materialized_views": 1,
 }
 _PROCESS_SESSION = threading.RLock()  # chdb: one embedded session per process
+EMBEDDED_QUERY_SETTINGS = {"max_threads": 1}  # see the module doc
 
 
 class StoreUnavailableError(RuntimeError):
@@ -126,7 +135,13 @@ class ClickHouseStore:
         self._call("command", lambda c: c.command(sql, parameters=params))
 
     def query(self, sql: str, params: dict[str, Any] | None = None):
-        return self._call("query", lambda c: c.query_arrow(sql, parameters=params, use_strings=True))
+        return self._call(
+            "query",
+            lambda c: c.query_arrow(sql, parameters=params, use_strings=True, settings=self._query_settings()),
+        )
+
+    def _query_settings(self) -> dict[str, Any] | None:
+        return None
 
     def column(self, sql: str, params: dict[str, Any] | None = None) -> list:
         return self.query(sql, params).column(0).to_pylist()
@@ -161,6 +176,9 @@ class EmbeddedStore(ClickHouseStore):
 
     def _connect(self):
         return _client(interface="chdb", path=str(self.directory / "data"))
+
+    def _query_settings(self) -> dict[str, Any] | None:
+        return EMBEDDED_QUERY_SETTINGS
 
     @contextlib.contextmanager
     def held(self, wait_s: float | None = None) -> Iterator[None]:
