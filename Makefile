@@ -49,6 +49,8 @@ $(INSTALLED): pyproject.toml setup.py
 # A wheel built from this checkout, not an editable install, so a module missing from the package list fails here.
 $(SIDECAR_INSTALLED): pyproject.toml setup.py $(wildcard proto/*.proto proto/*.py circuitwatch/*.py circuitwatch/commands/*.py kernels/*.py sidecar/*.py sidecar/fleet/*.py)
 	test -x $(SIDECAR_VENV)/bin/python || $(PYTHON) -m venv $(SIDECAR_VENV)
+	# chdb-core-lite (the [fleet] extra before chdb-core) installs the same `chdb` package: it must go first.
+	$(SIDECAR_VENV)/bin/pip uninstall --quiet --yes chdb-core-lite 2>/dev/null || true
 	$(SIDECAR_VENV)/bin/pip install --quiet '.[sidecar,fleet]' pytest pytest-timeout cryptography
 	$(SIDECAR_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
 		|| { echo "the sidecar install pulled in torch" >&2; exit 1; }

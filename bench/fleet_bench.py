@@ -184,14 +184,18 @@ def local_index_for(store, instance: str, mode: int):
 
 
 FIRST_OPEN = """
-import sys, time
-from circuitwatch.proto import circuitwatch_pb2 as pb
+import argparse, sys, time
+from circuitwatch.commands.identify import add_identify_parser, build_contrast
 from circuitwatch.sidecar.fleet.connection import open_store
 from circuitwatch.sidecar.fleet.queries import fleet_contrast
 
+parser = argparse.ArgumentParser()
+add_identify_parser(parser.add_subparsers())
+args = parser.parse_args(["identify", "--positive-label", "pos", *sys.argv[2:]])
+request = build_contrast(args, time.time_ns())  # what `circuitwatch identify --fleet DIR ...` asks
 store = open_store(sys.argv[1], "circuitwatch")
 started = time.perf_counter()
-fleet_contrast(store, "circuitwatch", pb.ContrastRequest(positives=pb.RequestSelector(labels=["pos"]), top=50))
+fleet_contrast(store, "circuitwatch", request)
 print(time.perf_counter() - started)
 """
 
@@ -204,16 +208,21 @@ def contrast_section(args) -> None:
         store = open_store(str(directory), DB)
         with store.held():
             _contrast_section(args, store, directory)
-        samples = []
-        for _ in range(args.queries):  # opening included, imports not: a fresh interpreter per query
-            done = subprocess.run(
-                [sys.executable, "-c", FIRST_OPEN, str(directory)], cwd=tmp, capture_output=True, text=True, check=True
-            )
-            samples.append(float(done.stdout))
         print(
-            f"  codes         features only  {statistics.median(samples) * 1e3:8.0f} ms   opening the embedded "
-            "engine in a fresh process for the query (what one `circuitwatch identify --fleet DIR` pays)"
+            f"\none command's contrast, the engine opened in a fresh process for it (imports not counted), median of "
+            f"{args.queries} (with the command's default pairs: one run)"
         )
+        for options, repeats in ((["--pairs", "0"], args.queries), ([], 1)):
+            samples = [fresh_process_contrast(directory, options, tmp) for _ in range(repeats)]
+            command = " ".join(["circuitwatch identify --fleet DIR --positive-label pos", *options])
+            print(f"  {statistics.median(samples) * 1e3:8.0f} ms   {command}")
+
+
+def fresh_process_contrast(directory: Path, options: list[str], cwd: str) -> float:
+    """What the command pays, opening the engine included, imports not: a fresh interpreter per query."""
+    command = [sys.executable, "-c", FIRST_OPEN, str(directory), *options]
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=True)
+    return float(done.stdout)
 
 
 def _contrast_section(args, store, directory: Path) -> None:

@@ -8,13 +8,13 @@ The embedded store therefore opens the engine only while it works (one flush, on
 lock file, so several processes on one box (the sidecars of its GPUs, the `circuitwatch` command) share one
 archive: each waits its turn. Opening costs about 50 ms, which the exporter pays once a flush.
 
-chdb-core-lite 26.5 deadlocks now and then in multi-threaded queries (every thread waiting, for good): on a
-1M-request store, 10 of 12 runs of up to a dozen contrasts hung once the engine had been idle for a while or had
-been closed and opened again in the process (0 of 2 runs that queried without pause from a first open); with one
-query thread, 0 of 8 such runs hung (5 after a reopen, 3 after idling). So the embedded store runs its queries
-on one thread (`EMBEDDED_QUERY_SETTINGS`): slower (a contrast of 10k requests against the other 990k 1.3-1.5 s instead
-of 0.8-1.1 s, with 20 pairs 10-13 s instead of 7-8), but it answers. A ClickHouse server keeps its own settings
-(no server runs on these machines to test it).
+chdb-core-lite 26.5 (engine 26.5) deadlocks now and then in multi-threaded queries (every thread waiting, for
+good): on a 1M-request store, 10 of 12 runs of up to a dozen contrasts hung once the engine had been idle for a
+while or had been closed and opened again in the process; with one query thread, 0 of 8. Engine 26.9 (chdb-core
+26.9, what the [fleet] extra installs) answered all 14 such runs with its own threads, and a contrast of 10k
+requests against the other 990k takes 0.85-0.94 s there instead of 1.7-1.8 s on one thread. So queries keep the
+engine's threads from 26.9 and run on one thread, with a warning, on an older engine (`query_settings_for`).
+A ClickHouse server keeps its own settings (no server runs on these machines to test it).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ INSERT_SETTINGS = {
     "deduplicate_blocks_in_dependent_materialized_views": 1,
 }
 _PROCESS_SESSION = threading.RLock()  # chdb: one embedded session per process
-EMBEDDED_QUERY_SETTINGS = {"max_threads": 1}  # see the module doc
+FIRST_THREAD_SAFE_ENGINE = (26, 9)  # older embedded engines deadlock in multi-threaded queries: see the module doc
+ONE_THREAD = {"max_threads": 1}
 
 
 class StoreUnavailableError(RuntimeError):
@@ -173,12 +174,18 @@ class EmbeddedStore(ClickHouseStore):
         self.lock_timeout_s = lock_timeout_s
         self._depth = 0
         self._lock_file = None
+        self._settings: dict[str, Any] | None = None  # set at the first open, from the engine's version
 
     def _connect(self):
-        return _client(interface="chdb", path=str(self.directory / "data"))
+        client = _client(interface="chdb", path=str(self.directory / "data"))
+        if self._settings is None:
+            import chdb
+
+            self._settings = query_settings_for(chdb.engine_version, self.description)
+        return client
 
     def _query_settings(self) -> dict[str, Any] | None:
-        return EMBEDDED_QUERY_SETTINGS
+        return self._settings
 
     @contextlib.contextmanager
     def held(self, wait_s: float | None = None) -> Iterator[None]:
@@ -221,6 +228,21 @@ class EmbeddedStore(ClickHouseStore):
             self._lock_file = None
 
 
+def query_settings_for(engine_version: str, description: str) -> dict[str, Any]:
+    """The settings every query of an embedded engine of this version runs with: none of its own from 26.9 on,
+    one thread before (with a warning that says why and what to install)."""
+    numbers = tuple(int(part) for part in engine_version.split(".")[:2] if part.isdigit())
+    if numbers >= FIRST_THREAD_SAFE_ENGINE:
+        return {}
+    log.warning(
+        "%s: chdb engine %s deadlocks now and then in multi-threaded queries, so they run on one thread (slower); "
+        "pip install 'chdb-core>=26.9' (the [fleet] extra) to give them their threads back",
+        description,
+        engine_version,
+    )
+    return dict(ONE_THREAD)
+
+
 def _client(**kwargs):
     try:
         import clickhouse_connect
@@ -230,7 +252,7 @@ def _client(**kwargs):
         try:
             import chdb  # noqa: F401
         except ImportError:
-            raise StoreUnavailableError(_missing("chdb-core-lite")) from None
+            raise StoreUnavailableError(_missing("chdb-core")) from None
     return clickhouse_connect.get_client(**kwargs)
 
 

@@ -11,9 +11,8 @@ insert (a MATERIALIZED column) and is what queries join and filter on. Times are
   blocks of 8-16 KB: a contrast reads a side's rows by key, and a side scattered over the whole store (10k of
   1M requests) then reads about a third of the granules instead of all of them (measured: 2.7 s -> 1.5 s).
   Tried and not kept (1M-request bench): granules of 16 rows (no faster), feature ids in Delta + LZ4 (contrasts
-  x0.75-0.96 the time, the store x1.46 the size), Delta + T64 + LZ4 (the embedded engine, chdb-core-lite 26.5,
-  hung in the pair-count query over such parts; it also hangs now and then with this layout, in multi-threaded
-  queries, which is why the embedded store queries on one thread: connection.py).
+  x0.75-0.96 the time, the store x1.46 the size), Delta + T64 + LZ4 (chdb-core-lite 26.5 hung in the pair-count
+  query over such parts; it also hung now and then with this layout, in multi-threaded queries: connection.py).
 - feature_counts: per hour of arrival, model, instance, mode, SAE and feature, how many requests carry it in
   each scope (SummingMergeTree: the exporter sends each batch's sums, the store adds them up), so "every
   other request" is counted from these sums instead of a scan of every request. The exporter computes them
