@@ -6,7 +6,11 @@ tests use runs the same client calls, query parameters and insert settings as a 
 differs. chdb lets one process hold one data directory at a time, and one process hold a directory at all.
 The embedded store therefore opens the engine only while it works (one flush, one query) under an exclusive
 lock file, so several processes on one box (the sidecars of its GPUs, the `circuitwatch` command) share one
-archive: each waits its turn. Opening costs about 50 ms, which the exporter pays once a flush.
+archive: each waits its turn. Opening and closing the engine costs 75 ms of CPU on a small store and 190 ms on a
+1M-request one (0.6 s of wall time holding the lock), too much to pay every flush, so the delivery process's store
+*lingers*: it keeps the engine and the lock between flushes until another process wants the store (a waiter
+touches `.circuitwatch.wanted` beside the lock file while it waits) or it has been idle for `LINGER_S`; the
+delivery looks at that every `WANTED_POLL_S` while it waits for work.
 
 chdb-core-lite 26.5 (engine 26.5) deadlocks now and then in multi-threaded queries (every thread waiting, for
 good): on a 1M-request store, 10 of 12 runs of up to a dozen contrasts hung once the engine had been idle for a
@@ -39,6 +43,9 @@ INSERT_SETTINGS = {
 _PROCESS_SESSION = threading.RLock()  # chdb: one embedded session per process
 FIRST_THREAD_SAFE_ENGINE = (26, 9)  # older embedded engines deadlock in multi-threaded queries: see the module doc
 ONE_THREAD = {"max_threads": 1}
+LINGER_S = 30.0  # a lingering embedded store idle this long lets the engine go (its memory too)
+WANTED_POLL_S = 0.1  # how often a lingering holder looks for a waiter; a waiter touches the marker as often
+WANTED_FRESH_S = 1.0  # a marker older than this is a waiter that gave up (or died)
 
 
 class StoreUnavailableError(RuntimeError):
@@ -47,6 +54,7 @@ class StoreUnavailableError(RuntimeError):
 
 class FleetStore(Protocol):
     description: str
+    opens: int
 
     def command(self, sql: str, params: dict[str, Any] | None = None) -> None: ...
 
@@ -57,6 +65,8 @@ class FleetStore(Protocol):
     def insert_file(self, table: str, path: Path, token: str) -> None: ...
 
     def held(self, wait_s: float | None = None) -> contextlib.AbstractContextManager: ...
+
+    def let_go_if_wanted(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -74,15 +84,17 @@ class ServerOptions:
     timeout_s: float = 30.0
 
 
-def open_store(target: str, database: str, lock_timeout_s: float = 60.0, **server: Any) -> FleetStore:
+def open_store(
+    target: str, database: str, lock_timeout_s: float = 60.0, linger: bool = False, **server: Any
+) -> FleetStore:
     """`http(s)://host:port` -> a ClickHouse server; `embedded:<dir>` or a directory -> the embedded engine
-    (waiting up to lock_timeout_s for another process to let go of it)."""
+    (waiting up to lock_timeout_s for another process to let go of it; lingering between scopes if `linger`)."""
     if target.startswith(("http://", "https://")):
         return ClickHouseStore(ServerOptions(url=target, database=database, **server))
     path = target.removeprefix(EMBEDDED_PREFIX)
     if not path:
         raise StoreUnavailableError("fleet store: give http(s)://host:port or a directory (embedded:<dir>)")
-    return EmbeddedStore(Path(path), lock_timeout_s)
+    return EmbeddedStore(Path(path), lock_timeout_s, linger=linger)
 
 
 class ClickHouseStore:
@@ -92,6 +104,7 @@ class ClickHouseStore:
     def __init__(self, options: ServerOptions) -> None:
         self.options = options
         self.description = f"ClickHouse at {options.url}"
+        self.opens = 0  # connections made (for the embedded store: engine starts)
         self._client = None
         self._lock = threading.RLock()
 
@@ -119,6 +132,7 @@ class ClickHouseStore:
             try:
                 if self._client is None:
                     self._client = self._connect()
+                    self.opens += 1
                 return call(self._client)
             except StoreUnavailableError:
                 raise
@@ -159,21 +173,30 @@ class ClickHouseStore:
         with self._lock:
             yield
 
+    def let_go_if_wanted(self) -> None:
+        """Nothing to let go: a server is shared by its own means."""
+
     def close(self) -> None:
         self._drop_client()
 
 
 class EmbeddedStore(ClickHouseStore):
     """The chdb backend over one directory, shared by the processes of one box through a lock file (see the
-    module doc): the engine is opened for a held() scope and closed after it."""
+    module doc): the engine is opened for a held() scope and closed after it, or, lingering, when another process
+    wants the store or it idled for linger_s."""
 
-    def __init__(self, directory: Path, lock_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, directory: Path, lock_timeout_s: float = 60.0, linger: bool = False, linger_s: float = LINGER_S
+    ) -> None:
         super().__init__(ServerOptions(url=f"{EMBEDDED_PREFIX}{directory}", database=""))
         self.directory = directory
         self.description = f"embedded store in {directory}"
         self.lock_timeout_s = lock_timeout_s
+        self.linger, self.linger_s = linger, linger_s
         self._depth = 0
         self._lock_file = None
+        self._idle_since = 0.0
+        self._wanted_marker = directory / ".circuitwatch.wanted"
         self._settings: dict[str, Any] | None = None  # set at the first open, from the engine's version
 
     def _connect(self):
@@ -192,7 +215,7 @@ class EmbeddedStore(ClickHouseStore):
         """Hold the directory (and this process's one chdb engine) for several calls, waiting up to wait_s
         (default: lock_timeout_s) for another process to let go of it."""
         with _PROCESS_SESSION:
-            if self._depth == 0:
+            if self._depth == 0 and self._lock_file is None:
                 self._lock_directory(self.lock_timeout_s if wait_s is None else wait_s)
             self._depth += 1
             try:
@@ -200,12 +223,29 @@ class EmbeddedStore(ClickHouseStore):
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self._release()
+                    self._idle_since = time.monotonic()
+                    if not self.linger or self._wanted():
+                        self._release()
+
+    def let_go_if_wanted(self) -> None:
+        """Close a lingering engine and unlock the directory if another process waits for it or it idled for
+        linger_s; call it while waiting for work (a held() scope in progress is never cut short)."""
+        with _PROCESS_SESSION:
+            idle = time.monotonic() - self._idle_since > self.linger_s
+            if self._depth == 0 and self._lock_file is not None and (idle or self._wanted()):
+                self._release()
+
+    def _wanted(self) -> bool:
+        try:
+            return time.time() - self._wanted_marker.stat().st_mtime < WANTED_FRESH_S
+        except FileNotFoundError:
+            return False
 
     def _lock_directory(self, wait_s: float) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         lock_file = open(self.directory / ".circuitwatch.lock", "a+")  # noqa: SIM115 (held across calls)
         deadline = time.monotonic() + wait_s
+        marked = 0.0
         while True:
             try:
                 fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -216,7 +256,12 @@ class EmbeddedStore(ClickHouseStore):
                     raise StoreUnavailableError(
                         f"{self.description}: another process held it for over {wait_s:.0f}s"
                     ) from None
+                if time.monotonic() - marked >= WANTED_POLL_S:  # a lingering holder lets go when it sees this
+                    self._wanted_marker.touch()
+                    marked = time.monotonic()
                 time.sleep(0.02)
+        if marked:  # other waiters touch it again within WANTED_POLL_S
+            self._wanted_marker.unlink(missing_ok=True)
         self._lock_file = lock_file
 
     def _release(self) -> None:
@@ -226,6 +271,13 @@ class EmbeddedStore(ClickHouseStore):
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
             self._lock_file = None
+
+    def close(self) -> None:
+        with _PROCESS_SESSION:
+            if self._depth == 0 and self._lock_file is not None:
+                self._release()
+            else:
+                self._drop_client()
 
 
 def query_settings_for(engine_version: str, description: str) -> dict[str, Any]:

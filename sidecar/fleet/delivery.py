@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import FleetConfig
-from .connection import FleetStore, StoreUnavailableError, open_store
+from .connection import WANTED_POLL_S, FleetStore, StoreUnavailableError, open_store
 from .queued import QUEUED, read_queued
 from .rows import Batch, RowMaker
 from .schema import Retention, migrate
@@ -39,10 +39,12 @@ HEALTHY_RUN_S = 60.0  # unless it ran this long first
 DELIVERY_NICENESS = 10  # the delivery process yields the CPU to the sidecar's ingest
 
 
-def store_for(config: FleetConfig, evidence_dir: Path) -> FleetStore:
-    """The store a sidecar configuration names (a server url, else the embedded directory)."""
+def store_for(config: FleetConfig, evidence_dir: Path, linger: bool = False) -> FleetStore:
+    """The store a sidecar configuration names (a server url, else the embedded directory, kept open between
+    deliveries if `linger`: connection.py)."""
     if not config.url:  # a busy embedded store counts as down: the exporter spools instead of waiting long
-        return open_store(str(config.embedded_dir or evidence_dir / "fleet"), config.database, lock_timeout_s=1.0)
+        directory = str(config.embedded_dir or evidence_dir / "fleet")
+        return open_store(directory, config.database, lock_timeout_s=1.0, linger=linger)
     password = ""
     if config.password_file is not None:
         try:
@@ -82,7 +84,7 @@ class SpoolDelivery:
         self.store = store or store_for(config, evidence_dir)
         self.spool = spool
         self.rows = RowMaker(config.instance_name)
-        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors, batches_converted
+        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors, batches_converted, store_opens
         self._migrated = False
         self._retry_at = 0.0
         self._backoff = 0.5
@@ -125,6 +127,7 @@ class SpoolDelivery:
                 log.warning("fleet store unavailable, spooling to %s: %s", self.spool.directory, exc)
             return
         self._backoff = 0.5
+        self.stats["store_opens"] = self.store.opens
         if self._down_since is not None:
             log.info("fleet store back after %.1fs; spool replayed", time.monotonic() - self._down_since)
             self._down_since = None
@@ -262,15 +265,12 @@ def _deliver_until_stopped(
     os.nice(DELIVERY_NICENESS)  # before the engine starts its threads: they inherit it
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # as cli.py
     spool = Spool(spool_dir_of(config, evidence_dir), int(config.spool_max_mb * 2**20), writer=False)
-    delivery = SpoolDelivery(config, evidence_dir, spool)
+    delivery = SpoolDelivery(config, evidence_dir, spool, store_for(config, evidence_dir, linger=True))
     parent = multiprocessing.parent_process()
     reported: Counter = Counter()
     stop_after: float | None = None
     while stop_after is None and (parent is None or parent.is_alive()):
-        try:
-            message = inbox.get(timeout=config.flush_interval_s)
-        except queue.Empty:
-            message = "deliver"
+        message = _next_message(inbox, delivery.store, config.flush_interval_s)
         while message == "deliver":  # nudges that queued up while a delivery ran: one delivery serves them all
             try:
                 message = inbox.get_nowait()
@@ -284,3 +284,16 @@ def _deliver_until_stopped(
         outbox.put(dict(delivery.stats - reported))
         reported = delivery.stats.copy()
     delivery.store.close()
+
+
+def _next_message(inbox: multiprocessing.Queue, store: FleetStore, timeout_s: float):
+    """The sidecar's next message, or "deliver" after timeout_s; meanwhile the lingering store is let go as soon
+    as another process wants it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        store.let_go_if_wanted()
+        try:
+            return inbox.get(timeout=max(0.0, min(WANTED_POLL_S, deadline - time.monotonic())))
+        except queue.Empty:
+            if time.monotonic() >= deadline:
+                return "deliver"
