@@ -99,17 +99,21 @@ class EvidenceStore:
         limit: int = 100,
         response_ids: list[str] | None = None,
     ) -> list[pb.Report]:
-        """Newest first."""
+        """Last finalised first; reports finalised in [start_ns, end_ns] that any of the ids names (request ids or
+        response ids: either kind)."""
         where, args = ["finalized_ns >= ?"], [start_ns]
         if end_ns:
             where.append("finalized_ns <= ?")
             args.append(end_ns)
+        named = []  # a report either kind of id names
         if request_ids:
-            where.append(f"request_id IN ({','.join('?' * len(request_ids))})")
+            named.append(f"request_id IN ({','.join('?' * len(request_ids))})")
             args.extend(request_ids)
         if response_ids:
-            where.append(f"response_id IN ({','.join('?' * len(response_ids))})")
+            named.append(f"response_id IN ({','.join('?' * len(response_ids))})")
             args.extend(response_ids)
+        if named:
+            where.append(f"({' OR '.join(named)})")
         if flagged_only:
             where.append("flagged = 1")
         query = f"SELECT report FROM reports WHERE {' AND '.join(where)} ORDER BY finalized_ns DESC LIMIT ?"

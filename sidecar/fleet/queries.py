@@ -433,7 +433,7 @@ class FleetSource:
 class ReportFilter:
     """What a fleet report listing selects (every criterion applies; empty ones select everything)."""
 
-    start_ns: int = 0
+    start_ns: int = 0  # finalised in [start_ns, end_ns], as a sidecar's ListReports window
     end_ns: int = 0
     request_ids: tuple[str, ...] = ()  # request ids or response ids
     labels: tuple[str, ...] = ()  # carrying every one, as the labels now are
@@ -445,9 +445,11 @@ class ReportFilter:
 
 
 def fleet_reports(store: FleetStore, db: str, selection: ReportFilter) -> list[tuple[str, pb.Report]]:
-    """(instance, report) newest first, each report with its label changes (as a sidecar's ListReports)."""
+    """(instance, report) newest (last finalised) first, each report with its label changes: what the sidecars'
+    ListReports would list together."""
     check_database(db)
-    where, params = Population(selection.start_ns, selection.end_ns, selection.models, selection.instances).where()
+    population = Population(selection.start_ns, selection.end_ns, selection.models, selection.instances)
+    where, params = population.where("finalized")
     clauses = [where]
     if selection.request_ids:
         clauses.append("(request_id IN {ids:Array(String)} OR response_id IN {ids:Array(String)})")
@@ -462,7 +464,8 @@ def fleet_reports(store: FleetStore, db: str, selection: ReportFilter) -> list[t
     with store.held():
         rows = store.query(
             f"SELECT instance, request_id, rkey, hex(report) AS report FROM {db}.reports WHERE {' AND '.join(clauses)} "
-            f"ORDER BY arrival DESC, instance, request_id LIMIT 1 BY instance, request_id LIMIT {int(selection.limit)}",
+            f"ORDER BY finalized DESC, instance, request_id LIMIT 1 BY instance, request_id "
+            f"LIMIT {int(selection.limit)}",
             params,
         ).to_pylist()
         feedback = []

@@ -18,7 +18,8 @@ from google.protobuf import json_format
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar.fleet.connection import open_store
-from circuitwatch.sidecar.fleet.queries import fleet_contrast
+from circuitwatch.sidecar.fleet.queries import ReportFilter, fleet_contrast, fleet_reports
+from circuitwatch.sidecar.store import EvidenceStore
 
 from support.fleet import require_fleet
 from support.processes import free_port, start_sidecar, stop
@@ -179,6 +180,64 @@ def test_fleet_selectors_equal_the_local_ones(fleet, case) -> None:
     remote = fleet_contrast(store, "circuitwatch", request)
     assert comparable(remote) == comparable(local)
     assert local.positives and local.negatives
+
+
+def replicas_listing(root, **selection) -> list[tuple[str, pb.Report]]:
+    """What the three replicas' own ListReports list together (read from their evidence stores; the replicas
+    have stopped), latest finalised first."""
+    listed = []
+    for n in range(3):
+        store = EvidenceStore(root / f"replica-{n}" / "evidence")
+        try:
+            listed += [(f"replica-{n}", report) for report in store.list(limit=10_000, **selection)]
+        finally:
+            store.close()
+    return sorted(listed, key=lambda item: (-item[1].finalized_unix_nanos, item[0], item[1].request_id))
+
+
+@pytest.mark.parametrize(
+    "case", ["everything", "limit", "window", "ids", "flagged", "labels", "circuit", "model", "instance", "all at once"]
+)
+def test_fleet_reports_equal_the_replicas_own_listings(fleet, case) -> None:
+    """The fleet listing is what the replicas' ListReports would answer together, report for report and in the
+    same order; the selectors only the fleet has (labels, circuit, model, instance) keep exactly the reports that
+    carry them."""
+    _, store, requests, _, root = fleet
+    everything = replicas_listing(root)
+    assert len(everything) == len(requests)
+    finalized = [report.finalized_unix_nanos for _, report in everything]
+    window = {"start_ns": finalized[100], "end_ns": finalized[30]}  # cuts through every replica's reports
+    ids = [requests[i].request_id for i in (0, 1, 2, 50, 149)]
+    selection, local, keep = {}, {}, None
+    if case == "limit":
+        selection = {"limit": 7}
+    elif case == "window":
+        selection = local = window
+    elif case == "ids":
+        selection, local = {"request_ids": tuple(ids)}, {"request_ids": ids}
+    elif case == "flagged":
+        selection = local = {"flagged_only": True}
+    elif case == "labels":
+        selection, keep = {"labels": ("pos",)}, lambda _, r: "pos" in r.labels
+    elif case == "circuit":
+        selection, keep = {"circuit": "planted"}, lambda _, r: "planted" in [f.circuit for f in r.flags]
+    elif case == "model":
+        selection, keep = {"models": ("model-b",)}, lambda _, r: r.model == "model-b"
+    elif case == "instance":
+        selection, keep = {"instances": ("replica-2",)}, lambda instance, _: instance == "replica-2"
+    elif case == "all at once":
+        selection = {**window, "labels": ("pos",), "models": ("model-a",), "instances": ("replica-0", "replica-1")}
+        local = window
+        keep = lambda i, r: "pos" in r.labels and r.model == "model-a" and i != "replica-2"  # noqa: E731
+    expected = replicas_listing(root, **local)
+    if keep is not None:
+        expected = [(instance, report) for instance, report in expected if keep(instance, report)]
+    limit = selection.pop("limit", 1000)
+    expected = expected[:limit]
+    listed = fleet_reports(store, "circuitwatch", ReportFilter(**selection, limit=limit))
+    assert [(i, r.request_id) for i, r in listed] == [(i, r.request_id) for i, r in expected]
+    assert all(mine == theirs for (_, mine), (_, theirs) in zip(listed, expected, strict=True))
+    assert 0 < len(listed) < len(requests) or case == "everything"
 
 
 def test_instances_filter_and_errors(fleet) -> None:

@@ -4,6 +4,8 @@ reported, client labels never pass for a reviewer's, and each RPC needs the righ
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -12,6 +14,7 @@ import pytest
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
+from support.processes import CLI
 from support.sidecar_harness import SyntheticRequest, manifest, running_sidecar
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -49,8 +52,11 @@ def code(call) -> grpc.StatusCode | None:
 
 
 def test_requests_sharing_a_response_id_are_never_merged_and_resolve_explicitly(tmp_path: Path) -> None:
+    """...and a listing by ids lists what any of them names, request id or response id (`circuitwatch reports
+    --id` sends its ids as both: a report had to match both lists before, so a request id listed nothing)."""
     first, second, alone = request("cmpl-a.00000001"), request("cmpl-a.00000002", codes=5), request("cmpl-b.0000000f")
-    with running_sidecar(tmp_path) as (_, client):
+    everyone = [first.request_id, second.request_id, alone.request_id]
+    with running_sidecar(tmp_path) as (running, client):
         client.ingest(stream(first, "cmpl-a", notes=["refused the client's request to opt out"]))
         client.ingest(stream(second, "cmpl-a"))
 
@@ -66,6 +72,17 @@ def test_requests_sharing_a_response_id_are_never_merged_and_resolve_explicitly(
         listed = client.stub.ListReports(pb.ListReportsRequest(response_ids=["cmpl-a"]), timeout=10).reports
         assert sorted(r.request_id for r in listed) == [first.request_id, second.request_id]
         assert client.report("cmpl-b").request_id == alone.request_id  # a unique response id resolves
+        for given, expected in (([first.request_id], [first.request_id]), (["cmpl-a", alone.request_id], everyone)):
+            both = pb.ListReportsRequest(request_ids=given, response_ids=given)  # as `circuitwatch reports --id` asks
+            assert sorted(r.request_id for r in client.stub.ListReports(both, timeout=10).reports) == sorted(expected)
+        target = ["--target", f"127.0.0.1:{running.port}"]
+        listed_by_cli = subprocess.run(
+            [*CLI, "reports", *target, "--id", first.request_id, "--id", "cmpl-b", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert listed_by_cli.returncode == 0, listed_by_cli.stderr
+        found = sorted(json.loads(line)["request_id"] for line in listed_by_cli.stdout.splitlines())
+        assert found == sorted([first.request_id, alone.request_id])
         label = client.stub.Label(pb.LabelRequest(request_ids=["cmpl-a", "cmpl-b"], add=["reviewed"]), timeout=10)
         assert label.updated == 1 and [u.request_id for u in label.unresolved] == ["cmpl-a"]
         assert "response id of 2 requests" in label.unresolved[0].reason
