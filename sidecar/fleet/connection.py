@@ -46,6 +46,7 @@ ONE_THREAD = {"max_threads": 1}
 LINGER_S = 30.0  # a lingering embedded store idle this long lets the engine go (its memory too)
 WANTED_POLL_S = 0.1  # how often a lingering holder looks for a waiter; a waiter touches the marker as often
 WANTED_FRESH_S = 1.0  # a marker older than this is a waiter that gave up (or died)
+LOCK_FILE, WANTED_MARKER = ".circuitwatch.lock", ".circuitwatch.wanted"  # in the store's directory
 
 
 class StoreUnavailableError(RuntimeError):
@@ -196,7 +197,7 @@ class EmbeddedStore(ClickHouseStore):
         self._depth = 0
         self._lock_file = None
         self._idle_since = 0.0
-        self._wanted_marker = directory / ".circuitwatch.wanted"
+        self._wanted_marker = directory / WANTED_MARKER
         self._settings: dict[str, Any] | None = None  # set at the first open, from the engine's version
 
     def _connect(self):
@@ -242,27 +243,7 @@ class EmbeddedStore(ClickHouseStore):
             return False
 
     def _lock_directory(self, wait_s: float) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lock_file = open(self.directory / ".circuitwatch.lock", "a+")  # noqa: SIM115 (held across calls)
-        deadline = time.monotonic() + wait_s
-        marked = 0.0
-        while True:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    lock_file.close()
-                    raise StoreUnavailableError(
-                        f"{self.description}: another process held it for over {wait_s:.0f}s"
-                    ) from None
-                if time.monotonic() - marked >= WANTED_POLL_S:  # a lingering holder lets go when it sees this
-                    self._wanted_marker.touch()
-                    marked = time.monotonic()
-                time.sleep(0.02)
-        if marked:  # other waiters touch it again within WANTED_POLL_S
-            self._wanted_marker.unlink(missing_ok=True)
-        self._lock_file = lock_file
+        self._lock_file = lock_directory(self.directory, wait_s, self.description)
 
     def _release(self) -> None:
         try:
@@ -278,6 +259,42 @@ class EmbeddedStore(ClickHouseStore):
                 self._release()
             else:
                 self._drop_client()
+
+
+def lock_directory(directory: Path, wait_s: float, description: str):
+    """Take an embedded store's lock file (returned open: closing it unlocks), waiting up to wait_s for another
+    process to let go; while waiting, mark that this process wants it, so that a lingering holder lets go."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_file = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 (held across calls)
+    wanted = directory / WANTED_MARKER
+    deadline = time.monotonic() + wait_s
+    marked = 0.0
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock_file.close()
+                raise StoreUnavailableError(f"{description}: another process held it for over {wait_s:.0f}s") from None
+            if time.monotonic() - marked >= WANTED_POLL_S:
+                wanted.touch()
+                marked = time.monotonic()
+            time.sleep(0.02)
+    if marked:  # other waiters touch it again within WANTED_POLL_S
+        wanted.unlink(missing_ok=True)
+    return lock_file
+
+
+@contextlib.contextmanager
+def directory_locked(directory: Path, wait_s: float = 60.0) -> Iterator[None]:
+    """Hold an embedded store's lock without opening its engine: what another process using the store does to
+    the sidecars on the box (their deliveries spool meanwhile). For tests, benches and maintenance."""
+    lock_file = lock_directory(directory, wait_s, f"embedded store in {directory}")
+    try:
+        yield
+    finally:
+        lock_file.close()
 
 
 def query_settings_for(engine_version: str, description: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ unavailable on one box; the exporter treats it like a server that does not answe
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
@@ -30,6 +29,7 @@ from circuitwatch.sidecar.config import FleetConfig
 from circuitwatch.sidecar.fleet.connection import (
     FIRST_THREAD_SAFE_ENGINE,
     StoreUnavailableError,
+    directory_locked,
     open_store,
     query_settings_for,
 )
@@ -47,16 +47,9 @@ DB = "circuitwatch"
 LABEL = "review:it's \\ 'escalate'"  # quotes and a backslash reach SQL only as parameters
 
 
-@contextlib.contextmanager
 def store_held_elsewhere(store_dir: Path):
-    """Hold the embedded store's lock, as another process using it would."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    with open(store_dir / ".circuitwatch.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Hold the embedded store's lock, as another process using it would (a lingering delivery lets go)."""
+    return directory_locked(store_dir)
 
 
 def count(store, sql: str) -> int:
