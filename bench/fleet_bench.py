@@ -185,7 +185,7 @@ def local_index_for(store, instance: str, mode: int):
 FIRST_OPEN = """
 import argparse, sys, time
 from circuitwatch.commands.identify import add_identify_parser, build_contrast
-from circuitwatch.sidecar.fleet.connection import directory_locked, open_store
+from circuitwatch.sidecar.fleet.connection import open_store
 from circuitwatch.sidecar.fleet.queries import fleet_contrast
 
 parser = argparse.ArgumentParser()

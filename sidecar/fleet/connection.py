@@ -55,7 +55,6 @@ class StoreUnavailableError(RuntimeError):
 
 class FleetStore(Protocol):
     description: str
-    opens: int
 
     def command(self, sql: str, params: dict[str, Any] | None = None) -> None: ...
 
@@ -217,7 +216,8 @@ class EmbeddedStore(ClickHouseStore):
         (default: lock_timeout_s) for another process to let go of it."""
         with _PROCESS_SESSION:
             if self._depth == 0 and self._lock_file is None:
-                self._lock_directory(self.lock_timeout_s if wait_s is None else wait_s)
+                wait_s = self.lock_timeout_s if wait_s is None else wait_s
+                self._lock_file = lock_directory(self.directory, wait_s, self.description)
             self._depth += 1
             try:
                 yield
@@ -241,9 +241,6 @@ class EmbeddedStore(ClickHouseStore):
             return time.time() - self._wanted_marker.stat().st_mtime < WANTED_FRESH_S
         except FileNotFoundError:
             return False
-
-    def _lock_directory(self, wait_s: float) -> None:
-        self._lock_file = lock_directory(self.directory, wait_s, self.description)
 
     def _release(self) -> None:
         try:

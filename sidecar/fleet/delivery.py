@@ -84,7 +84,7 @@ class SpoolDelivery:
         self.store = store or store_for(config, evidence_dir)
         self.spool = spool
         self.rows = RowMaker(config.instance_name)
-        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors, batches_converted, store_opens
+        self.stats: Counter = Counter()  # exported/<table>, inserts, insert_errors, batches_converted
         self._migrated = False
         self._retry_at = 0.0
         self._backoff = 0.5
@@ -127,7 +127,6 @@ class SpoolDelivery:
                 log.warning("fleet store unavailable, spooling to %s: %s", self.spool.directory, exc)
             return
         self._backoff = 0.5
-        self.stats["store_opens"] = self.store.opens
         if self._down_since is not None:
             log.info("fleet store back after %.1fs; spool replayed", time.monotonic() - self._down_since)
             self._down_since = None

@@ -28,6 +28,7 @@ from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar.config import FleetConfig
 from circuitwatch.sidecar.fleet.connection import (
     FIRST_THREAD_SAFE_ENGINE,
+    LOCK_FILE,
     StoreUnavailableError,
     directory_locked,
     open_store,
@@ -599,7 +600,7 @@ def test_a_delivery_resumes_a_claimed_batch_and_sets_an_unreadable_one_aside(tmp
 def lock_is_free(store_dir: Path) -> bool:
     """Whether another process could take the embedded store now (flock is per open file, so this process's
     own second open of the lock file tells as well as another process would)."""
-    with open(store_dir / ".circuitwatch.lock", "a+") as lock:
+    with open(store_dir / LOCK_FILE, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
