@@ -8,7 +8,9 @@ Two traffic shapes:
 - decode: shaped like a serving engine's steps: 64 concurrent requests of 512 positions (a 128-token prefill
   chunk, then one token per step), 2 slots, k = 64, one message per engine step carrying a slice per running
   request and slot, finish markers on their own control stream. Measured in process (one core) and through
-  gRPC with the producer's two streams, with report latency after the last codes and the reports' status.
+  gRPC with the producer's two streams, with report latency after the last codes and the reports' status; the
+  same traffic to a relay that reports each finish at once, with no monitoring, gives the transport's floor on
+  this host, and the sidecar's CPU seconds give its postings per core.
 
 - small steps: one request at a time, one row per engine step (a serving engine with one client), paced at 50
   and 200 steps/s: the CPU a real sidecar process uses per message, against a bare gRPC endpoint that drops
@@ -420,19 +422,29 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str, finishe
 
 
 def decode_through_grpc(
-    steps: int, steps_per_s: float | None = None, get_reports: int = 0, finishes_in_batch: bool = False
-) -> tuple[float, dict[str, list[float]], Counter]:
+    steps: int,
+    steps_per_s: float | None = None,
+    get_reports: int = 0,
+    finishes_in_batch: bool = False,
+    relay: bool = False,
+) -> tuple[float, dict[str, list[float]], Counter, float]:
     """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
     process, and the reports read here, from outside the sidecar's process: on a WatchReports stream, and (with
     `get_reports` > 0) by that many GetReport calls at a time that wait for the next requests' reports as the
     plugin's API server does. Returns (postings/s, report latency ms from sending a request's last codes to its
     report arriving, per reader ("watch", "get"), statuses). As fast as the producer sends, the latency includes
-    the queue it builds up."""
+    the queue it builds up. The last item is the CPU seconds the endpoint's process used while the producer ran.
+
+    `relay` puts the bench's relay endpoint (relay_process) where the sidecar was: the same transport, and no
+    monitoring at all, so its latency is this host's floor for any Python gRPC sidecar."""
     import json
     import multiprocessing
     import threading
 
-    with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as (port, _):
+    from serving_bench import process_cpu_seconds
+
+    endpoint = relay_process if relay else sidecar_process
+    with tempfile.TemporaryDirectory() as tmp, endpoint(Path(tmp)) as (port, endpoint_pid):
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         arrived: dict[str, dict[str, int]] = {"watch": {}, "get": {}}
         statuses: Counter = Counter()
@@ -473,8 +485,10 @@ def decode_through_grpc(
         producer = multiprocessing.get_context("spawn").Process(
             target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch)
         )
+        cpu_before = process_cpu_seconds(endpoint_pid)
         producer.start()
         producer.join()
+        endpoint_cpu_s = process_cpu_seconds(endpoint_pid) - cpu_before
         result = json.loads(Path(out).read_text())
         deadline = time.monotonic() + 30
         while len(arrived["watch"]) < len(result["sent_last"]) and time.monotonic() < deadline:
@@ -485,7 +499,7 @@ def decode_through_grpc(
             reader: [(times[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in times]
             for reader, times in arrived.items()
         }
-        return result["postings"] / result["seconds"], latencies, statuses
+        return result["postings"] / result["seconds"], latencies, statuses, endpoint_cpu_s
 
 
 def random_circuits(rng: np.random.Generator, count: int, dense: bool) -> list[dict]:
@@ -572,26 +586,35 @@ def decode_section(steps: int) -> None:
         f"  in process (1 thread): {rate / 1e6:.2f}M postings/s (target >= 2.5M: {rate / 2.5e6:.2f}x); report ready "
         f"after the last codes p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); reports {dict(statuses)}"
     )
-    rate, _, statuses = decode_through_grpc(steps)
+    rate, _, statuses, cpu_s = decode_through_grpc(steps)
+    per_core = postings / cpu_s
     print(
         f"  through gRPC, producer in its own process, as fast as it sends (both on these 2 cores): "
-        f"{rate / 1e6:.2f}M postings/s; reports {dict(statuses)}"
+        f"{rate / 1e6:.2f}M postings/s, the sidecar's process using {cpu_s:.1f} CPU s: {per_core / 1e6:.2f}M postings "
+        f"per CPU second of the sidecar (target >= 2.5M per core: {per_core / 2.5e6:.2f}x); reports {dict(statuses)}"
     )
     step_rate = 100  # a decode step every 10 ms: 64 sequences on a GPU
-    rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate)
+    rate, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate)
     p50, _, p99 = percentiles(latencies["watch"])
     print(
         f"  through gRPC at {step_rate} engine steps/s ({rate / 1e6:.2f}M postings/s sustained): report on "
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
         f"reports {dict(statuses)}"
     )
-    rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True)
+    _, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True)
     p50, _, p99 = percentiles(latencies["watch"])
     print(
         f"  the same with each finish marker inside the code batch of its step (the plugin, when vLLM's engine core "
         f"runs in the worker's process): WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports {dict(statuses)}"
     )
-    rate, latencies, statuses = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
+    _, latencies, _, _ = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, relay=True)
+    f50, _, f99 = percentiles(latencies["watch"])
+    print(
+        f"  the transport's floor, the same traffic to a relay that parses each message and reports every finish "
+        f"on WatchReports at once (no monitoring): p50 {f50:.2f} ms, p99 {f99:.2f} ms; the sidecar above adds "
+        f"{p50 - f50:.2f} ms at p50 and {p99 - f99:.2f} ms at p99"
+    )
+    _, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
     (w50, _, w99), (g50, _, g99) = percentiles(latencies["watch"]), percentiles(latencies["get"])
     print(
         f"  the same with {GET_REPORTS_IN_FLIGHT} GetReport calls waiting at a time, as the API server waits for "
@@ -686,6 +709,74 @@ def sidecar_process(tmp: Path) -> Iterator[tuple[int, int]]:
         process.wait(60)
 
 
+@contextlib.contextmanager
+def relay_process(tmp: Path) -> Iterator[tuple[int, int]]:
+    """The relay endpoint (_relay) in a child process, as the sidecar runs in one. Yields (port, pid)."""
+    import subprocess
+    import sys
+
+    relay = subprocess.Popen([sys.executable, __file__, "--relay-child"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(relay.stdout.readline())
+        grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
+        yield port, relay.pid
+    finally:
+        relay.terminate()
+        relay.wait(60)
+
+
+class _Relay(pb_grpc.MonitorServicer):
+    """Ingest parses every message as the sidecar does and, for each finish marker (its own message or inside a
+    code batch), puts a report naming the request on every WatchReports stream at once: the sidecar's transport
+    and threads with nothing monitored in between."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._watchers: list = []
+
+    def _final(self, request_id: str) -> None:
+        report = pb.Report(request_id=request_id, status=pb.REPORT_STATUS_COMPLETE)
+        with self._lock:
+            watchers = list(self._watchers)
+        for watcher in watchers:
+            watcher.put(report)
+
+    def Ingest(self, request_iterator, context) -> pb.IngestAck:
+        postings = 0
+        for message in request_iterator:
+            if message.WhichOneof("kind") == "codes":
+                postings += sum(len(s.feature_ids) // 4 for s in message.codes.slices)
+                for finish in message.codes.finishes:
+                    self._final(finish.request_id)
+            elif message.WhichOneof("kind") == "finish":
+                self._final(message.finish.request_id)
+        return pb.IngestAck(postings=postings)
+
+    def WatchReports(self, request, context):
+        import queue
+
+        watcher: queue.Queue = queue.Queue()
+        with self._lock:
+            self._watchers.append(watcher)
+        while context.is_active():
+            with contextlib.suppress(queue.Empty):
+                yield watcher.get(timeout=0.2)
+
+
+def _relay() -> None:
+    """The relay endpoint, in this child: its port on stdout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(32))
+    pb_grpc.add_MonitorServicer_to_server(_Relay(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
 def _free_port() -> int:
     import socket
 
@@ -710,9 +801,13 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=3000)
     parser.add_argument("--only", choices=("bulk", "decode", "circuits", "small-steps"))
     parser.add_argument("--sink-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relay-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink_child:
         _sink()
+        return
+    if args.relay_child:
+        _relay()
         return
     if args.only in (None, "small-steps"):
         small_steps_section()
