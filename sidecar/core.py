@@ -35,7 +35,7 @@ from .registry import SaeRegistry
 from .reports import ReportBuilder, error_report, is_covered, merge_gaps
 from .request_index import RequestIndex, RequestMeta, counts_as_complete
 from .request_sets import FeatureSet, request_feature_sets
-from .request_state import Chunk, RequestState, TermPlan
+from .request_state import Chunk, RequestState, TermPlan, row_table
 from .request_table import RequestRecord, RequestTable
 from .review import Review
 from .store import EvidenceStore
@@ -216,19 +216,13 @@ class SidecarCore:
         replaced = []
         row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
         slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
-        errors, norms = arrays.errors, arrays.norms
-        row_counts = np.diff(arrays.row_offsets)
+        table = row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets))
+        fidelity = None if arrays.errors is None else np.stack((arrays.errors, arrays.norms), axis=1)
+        features, acts = arrays.feature_ids, arrays.activations
         for i, state in enumerate(per_slice):
             r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
             chunk = Chunk(
-                positions[r0:r1],
-                uids[r0:r1],
-                arrays.token_ids[r0:r1],
-                row_counts[r0:r1],
-                arrays.feature_ids[p0:p1],
-                arrays.activations[p0:p1],
-                errors=errors[r0:r1] if errors is not None else None,
-                norms=norms[r0:r1] if norms is not None else None,
+                table[r0:r1], features[p0:p1], acts[p0:p1], 0, fidelity[r0:r1] if fidelity is not None else None
             )
             matching = candidates[p0:p1] if checks[i] else None
             gone = state.add_chunk(slice_gslots[i], chunk, slice_phases[i], now, matching)

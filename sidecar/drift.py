@@ -74,7 +74,10 @@ class SlotDrift:
             self._scale = 1.0
         if len(features) and int(features.max()) >= self.d_sae:
             features = features[features < self.d_sae]
-        np.add.at(self._raw, features, 1.0 / self._scale)
+        if 4 * len(features) >= self.d_sae:  # a whole engine step's codes: counting by id beats add.at 3x
+            self._raw += np.bincount(features, minlength=self.d_sae) * (1.0 / self._scale)
+        else:
+            np.add.at(self._raw, features, 1.0 / self._scale)
         self.tokens = self.tokens * decay + rows
         self.l0_sum = self.l0_sum * decay + len(features)
         self.error_sum *= decay

@@ -30,38 +30,79 @@ _NONE = np.empty(0, np.int64)
 
 @dataclass(slots=True)  # not frozen (never changed all the same): one is made per slice, and frozen costs 3x
 class Chunk:
-    """The rows of one slice in one SAE slot, with the uids the index gave them (arrays are views)."""
+    """The rows of one slice in one SAE slot, with the uids the index gave them (arrays are views). The per-row
+    fields are the columns of one table, so a slice is three or four views and merging chunks is one
+    concatenation per table: this runs per request and slot every engine step, so it is the ingest path."""
 
-    positions: np.ndarray  # int64 [rows]
-    uids: np.ndarray  # int64 [rows]
-    tokens: np.ndarray  # uint32 [rows]
-    counts: np.ndarray  # int64 [rows]: codes per row, in order in features / acts (a view of the batch's counts)
+    rows: np.ndarray  # int64 [rows, 4]: position, uid, token id, codes in the row (in order in features / acts)
     features: np.ndarray  # uint32 [nnz]
     acts: np.ndarray  # float16 [nnz]
     level: int = 0  # how many times chunks were merged into it
-    errors: np.ndarray | None = None  # float32 [rows], NaN where not measured; None: none measured
-    norms: np.ndarray | None = None  # float32 [rows], beside errors
+    fidelity: np.ndarray | None = None  # float32 [rows, 2]: reconstruction error, input norm (NaN: not measured)
+
+    @classmethod
+    def of(
+        cls,
+        positions: np.ndarray,
+        uids: np.ndarray,
+        tokens: np.ndarray,
+        counts: np.ndarray,
+        features: np.ndarray,
+        acts: np.ndarray,
+        errors: np.ndarray | None = None,
+        norms: np.ndarray | None = None,
+    ) -> Chunk:
+        fidelity = None if errors is None else np.stack((errors, norms), axis=1).astype(np.float32)
+        return cls(row_table(positions, uids, tokens, counts), features, acts, fidelity=fidelity)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return self.rows[:, 0]
+
+    @property
+    def uids(self) -> np.ndarray:
+        return self.rows[:, 1]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.rows[:, 2]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.rows[:, 3]
+
+    @property
+    def errors(self) -> np.ndarray | None:
+        return None if self.fidelity is None else self.fidelity[:, 0]
+
+    @property
+    def norms(self) -> np.ndarray | None:
+        return None if self.fidelity is None else self.fidelity[:, 1]
+
+
+def row_table(positions: np.ndarray, uids: np.ndarray, tokens: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The per-row table chunks slice: one per code batch, built once for all its slices."""
+    table = np.empty((len(positions), 4), np.int64)
+    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = positions, uids, tokens, counts
+    return table
 
 
 def merge_chunks(chunks: list[Chunk], level: int) -> Chunk:
-    """One chunk holding the rows of several, in order: one concatenation per field (this runs per request and
-    slot every MERGE_FANOUT engine steps, so its per-chunk overhead is the ingest path's)."""
-    measured = any(c.errors is not None for c in chunks)
+    """One chunk holding the rows of several, in order: one concatenation per table."""
+    fidelity = None
+    if any(c.fidelity is not None for c in chunks):
+        fidelity = np.concatenate([_or_nan(c.fidelity, len(c.rows)) for c in chunks])
     return Chunk(
-        np.concatenate([c.positions for c in chunks]),
-        np.concatenate([c.uids for c in chunks]),
-        np.concatenate([c.tokens for c in chunks]),
-        np.concatenate([c.counts for c in chunks]),
+        np.concatenate([c.rows for c in chunks]),
         np.concatenate([c.features for c in chunks]),
         np.concatenate([c.acts for c in chunks]),
         level,
-        np.concatenate([_or_nan(c.errors, len(c.positions)) for c in chunks]) if measured else None,
-        np.concatenate([_or_nan(c.norms, len(c.positions)) for c in chunks]) if measured else None,
+        fidelity,
     )
 
 
 def _or_nan(values: np.ndarray | None, rows: int) -> np.ndarray:
-    return values if values is not None else np.full(rows, np.nan, np.float32)
+    return values if values is not None else np.full((rows, 2), np.nan, np.float32)
 
 
 @dataclass(frozen=True)
@@ -235,11 +276,10 @@ class RequestState:
         """Record one slice's rows; returns uids of rows it replaced (same position encoded again), or None.
         `candidates` marks codes whose feature some circuit term names (None: there are none)."""
         self.last_activity_ns = now
-        positions = chunk.positions
         replaced = None
-        n = len(positions)
+        n = len(chunk.rows)
         if n:
-            first = int(positions[0])
+            first = int(chunk.rows[0, 0])
             in_order = self._prefix.get(gslot, 0) == first
             # In-order codes (the common case) cover exactly [0, prefix) so far, so new positions replace nothing
             # and need no uid map; one is built from the chunks at the first slice that arrives otherwise.
@@ -259,7 +299,7 @@ class RequestState:
             chunks.append(merged)
         self._seen = None
         self.postings += len(chunk.features)
-        self.nbytes += (32 if chunk.errors is not None else 24) * n + 6 * len(chunk.features) + 200
+        self.nbytes += (40 if chunk.fidelity is not None else 32) * n + 6 * len(chunk.features) + 200
         if self.plan is not None and candidates is not None:
             self._match_terms(gslot, chunk, candidates)
         return replaced
@@ -366,11 +406,11 @@ class RequestState:
         out = {}
         superseded = self._superseded_array() if self.superseded else None
         for gslot, chunks in self.chunks.items():
-            measured = [c for c in chunks if c.errors is not None]
+            measured = [c for c in chunks if c.fidelity is not None]
             if not measured:
                 continue
-            errors = np.concatenate([c.errors for c in measured])
-            norms = np.concatenate([c.norms for c in measured])
+            fidelity = np.concatenate([c.fidelity for c in measured])
+            errors, norms = fidelity[:, 0], fidelity[:, 1]
             keep = ~np.isnan(errors)
             if superseded is not None:
                 keep &= ~np.isin(np.concatenate([c.uids for c in measured]), superseded)

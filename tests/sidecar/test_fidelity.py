@@ -315,7 +315,8 @@ def _drift_events(collected) -> list[tuple[str, dict]]:
 def test_drift_firings_decay_as_if_every_count_decayed_each_batch(half_life: float) -> None:
     """The drift sums keep one decay scale instead of decaying d_sae counts per batch; the firings must equal
     the eager definition (each count times 0.5^(rows/half_life) per batch, plus the batch's firings), through the
-    scale's rescaling (a half-life of one token with 100-row batches crosses it on every batch)."""
+    scale's rescaling (a half-life of one token with 100-row batches crosses it on every batch). Batches of 1-5
+    rows take the add-one-by-one path, larger ones the count-by-id path."""
     from circuitwatch.sidecar.drift import SlotDrift
 
     rng = np.random.default_rng(5)

@@ -11,7 +11,7 @@ from circuitwatch.sidecar.request_state import MERGE_FANOUT, Chunk, RequestState
 
 def chunk(first: int, rows: int, uid: int, rng: np.random.Generator) -> Chunk:
     counts = rng.integers(0, 4, rows).astype(np.int64)
-    return Chunk(
+    return Chunk.of(
         np.arange(first, first + rows, dtype=np.int64),
         np.arange(uid, uid + rows, dtype=np.int64),
         np.zeros(rows, np.uint32),
