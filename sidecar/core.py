@@ -199,6 +199,8 @@ class SidecarCore:
         row_slice = arrays.row_slices()
         positions = arrays.positions()
         seqs = np.array([state.seq for state in per_slice], np.int64)
+        # one [rows, 2] table of errors and norms for the index and the requests' chunks alike
+        fidelity = None if arrays.errors is None else np.stack((arrays.errors, arrays.norms), axis=1)
         uids = self.index.append(
             token_keys(seqs[row_slice], positions),
             gslots[row_slice],
@@ -207,8 +209,7 @@ class SidecarCore:
             arrays.row_offsets,
             arrays.feature_ids,
             arrays.activations,
-            arrays.errors,
-            arrays.norms,
+            fidelity,
         )
         candidates = self._candidates(gslots, arrays)
         counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
@@ -217,7 +218,6 @@ class SidecarCore:
         row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
         slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
         table = row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets))
-        fidelity = None if arrays.errors is None else np.stack((arrays.errors, arrays.norms), axis=1)
         features, acts = arrays.feature_ids, arrays.activations
         for i, state in enumerate(per_slice):
             r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]

@@ -252,13 +252,13 @@ class RollingIndex:
         row_offsets: np.ndarray,
         feature_ids: np.ndarray,
         activations: np.ndarray,
-        errors: np.ndarray | None = None,
-        norms: np.ndarray | None = None,
+        fidelity: np.ndarray | None = None,
     ) -> np.ndarray:
         """Add rows (one per key) and their codes; returns the rows' uids. `gslots` and `phases` are per row
         (or one value for all); row i's codes are feature_ids[row_offsets[i] - row_offsets[0] :
-        row_offsets[i + 1] - row_offsets[0]]. `errors` and `norms` (per row, NaN: not measured) are kept
-        beside the rows for GetCodes."""
+        row_offsets[i + 1] - row_offsets[0]]. `fidelity` (float32 [rows, 2]: reconstruction error and input
+        norm, NaN where not measured; None: nothing measured) is kept beside the rows for GetCodes; the caller's
+        table is kept as it is (the core's chunks view the same one)."""
         with self._lock:
             now = self.clock()
             n = len(keys)
@@ -273,7 +273,7 @@ class RollingIndex:
                     np.array(np.broadcast_to(np.asarray(phases, np.uint8), (n,))),
                     np.asarray(token_ids, np.uint32),
                     np.full(n, now, np.int64),
-                    _fidelity_columns(n, errors, norms),
+                    fidelity if fidelity is not None else np.full((n, 2), np.nan, np.float32),
                     np.diff(np.asarray(row_offsets, np.int64)),  # codes per row: postings are in row order
                 )
             )
@@ -547,12 +547,3 @@ def _has_uid_in(sorted_uids: np.ndarray, segment: TokenSegment) -> bool:
     """Whether any of the sorted uids belongs to a row of the segment (its uids are one contiguous range)."""
     lo, hi = np.searchsorted(sorted_uids, [segment.base_uid, segment.base_uid + segment.num_rows])
     return bool(hi > lo)
-
-
-def _fidelity_columns(rows: int, errors: np.ndarray | None, norms: np.ndarray | None) -> np.ndarray:
-    columns = np.full((rows, 2), np.nan, np.float32)
-    if errors is not None:
-        columns[:, 0] = errors
-    if norms is not None:
-        columns[:, 1] = norms
-    return columns

@@ -52,7 +52,7 @@ class Chunk:
         errors: np.ndarray | None = None,
         norms: np.ndarray | None = None,
     ) -> Chunk:
-        fidelity = None if errors is None else np.stack((errors, norms), axis=1).astype(np.float32)
+        fidelity = None if errors is None else np.stack((errors, norms), axis=1, dtype=np.float32)
         return cls(row_table(positions, uids, tokens, counts), features, acts, fidelity=fidelity)
 
     @property
