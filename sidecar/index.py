@@ -165,7 +165,8 @@ def group_by_term(gslots: np.ndarray, features: np.ndarray) -> tuple[np.ndarray,
     (uint32). The terms present span a few SAEs' features, so they are renumbered densely (SAE rank, feature) in
     32 bits, ordered by radix sort, 16 bits a pass, and counted by id: a segment of millions of postings seals
     3x faster than by sorting 64-bit codes, and sealing shares the sidecar's one interpreter with ingest. Nothing
-    here shifts 64-bit integers (numpy shifts them one element at a time: a fifth of a seal did only that)."""
+    here shifts 64-bit integers (numpy shifts them one element at a time: splitting 2M codes took 22-27 ms of a
+    ~200 ms seal)."""
     if not len(features):  # rows without codes (an SAE that read nothing)
         return np.empty(0, np.int64), np.empty(0, np.uint64), np.zeros(1, np.int64)
     present_gslots = np.flatnonzero(np.bincount(gslots))
