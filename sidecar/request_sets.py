@@ -58,19 +58,18 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
         if not len(slot.features):
             continue
         offset = base[gslot]
-        starts = slot.row_offsets[:-1]
-        filled = np.flatnonzero(np.diff(slot.row_offsets) > 0)
-        row_of = np.repeat(np.arange(len(starts)), np.diff(slot.row_offsets))
+        per_row = np.diff(slot.row_offsets)
+        filled = per_row > 0
+        starts = slot.row_offsets[:-1][filled]
         generated_row = slot.positions >= num_prompt
-        generated = generated_row[row_of]
+        generated = np.repeat(generated_row, per_row)  # per posting: rows' postings are contiguous, in row order
         acts = slot.activations
-        unique, in_prompt, in_generated, sums = _per_feature(slot.features, generated, acts)
-        scopes = (in_prompt * PROMPT_BIT) | (in_generated * GENERATED_BIT) | BOTH_BIT
-        parts[pb.CODE_MODE_CODES].append(FeatureSet((unique + offset).astype(np.uint32), scopes.astype(np.uint8)))
-        # strongest feature per token, lower id on a tie
-        best = np.maximum.reduceat(acts, starts[filled])
-        candidates = np.where(acts == best[np.searchsorted(filled, row_of)], slot.features, np.uint32(2**32 - 1))
-        strongest = np.minimum.reduceat(candidates, starts[filled])
+        unique, scopes, sums = _per_feature(slot.features, generated, acts)
+        parts[pb.CODE_MODE_CODES].append(FeatureSet((unique + offset).astype(np.uint32), scopes))
+        # strongest feature per token, lower id on a tie (each filled row's maximum, repeated over its postings)
+        best = np.repeat(np.maximum.reduceat(acts, starts), per_row[filled])
+        candidates = np.where(acts == best, slot.features, np.uint32(2**32 - 1))
+        strongest = np.minimum.reduceat(candidates, starts)
         phase = np.where(generated_row[filled], GENERATED_BIT, PROMPT_BIT)
         parts[pb.CODE_MODE_ARGMAX_TOKEN].append(_merge([(strongest + offset, phase | BOTH_BIT)]))
         # mean-pooled argmax per scope (argmax of the sums: the token count divides every feature alike)
@@ -89,8 +88,8 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
 
 def _per_feature(
     features: np.ndarray, generated: np.ndarray, acts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-    """A slot's distinct features (sorted), whether each occurs in prompt and in generated tokens, and each one's
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A slot's distinct features (sorted), each one's scope bits (PROMPT_BIT, GENERATED_BIT, BOTH_BIT) and its
     activation sums over prompt, generated and all tokens. Counted by feature id when the ids span little more
     than the codes do (no sort: a decode-shaped request's 32k codes over 16k ids), else by np.unique's ranks; both
     add each feature's activations in the same order, so the sums are the same to the bit."""
@@ -100,16 +99,19 @@ def _per_feature(
     else:
         ranks_of, keys = np.unique(features, return_inverse=True)
         length = len(ranks_of)
-    in_prompt = np.bincount(keys[~generated], minlength=length)
-    in_generated = np.bincount(keys[generated], minlength=length)
-    sums = [
-        np.bincount(keys[select], weights=acts[select], minlength=length)
-        for select in (~generated, generated, slice(None))
-    ]
-    if keys is features:  # keep the ids that occur
-        unique = np.flatnonzero(in_prompt + in_generated).astype(features.dtype)
-        return unique, in_prompt[unique] > 0, in_generated[unique] > 0, [s[unique] for s in sums]
-    return ranks_of, in_prompt > 0, in_generated > 0, sums
+    # One pass per count for both scopes: key * 2 + generated puts a feature's prompt and generated bins side by
+    # side, and each bin adds its activations in array order, as counting the two scopes apart would. Weights in
+    # float64, as bincount adds them (given float32, it converts them on every call, 5x slower).
+    by_scope = keys.astype(np.intp) * 2 + generated
+    weights = acts.astype(np.float64)
+    in_scope = np.bincount(by_scope, minlength=2 * length).reshape(length, 2) > 0
+    scope_sums = np.bincount(by_scope, weights=weights, minlength=2 * length).reshape(length, 2)
+    scopes = (in_scope[:, 0] * np.uint8(PROMPT_BIT)) | (in_scope[:, 1] * np.uint8(GENERATED_BIT)) | np.uint8(BOTH_BIT)
+    sums = [scope_sums[:, 0], scope_sums[:, 1], np.bincount(keys, weights=weights, minlength=length)]
+    if keys is features:  # keep the ids that occur (nonzero of a bool array: 4x faster than of counts)
+        unique = np.flatnonzero(in_scope[:, 0] | in_scope[:, 1])
+        return unique.astype(features.dtype), scopes[unique], [s[unique] for s in sums]
+    return ranks_of, scopes, sums
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> FeatureSet:
