@@ -32,15 +32,17 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from circuitwatch.plugin.emitter import COALESCE_MAX_ROWS, COALESCE_MAX_STEPS
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-from circuitwatch.proto.codec import pack_slice, unpack_slice
+from circuitwatch.proto.codec import join_slices, pack_slice
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.circuits import parse_circuits
 from circuitwatch.sidecar.core import SidecarCore
@@ -274,7 +276,6 @@ DECODE_CONCURRENCY = 64
 DECODE_POSITIONS = 512  # computed positions per request: a 128-token prefill chunk, then one per step
 DECODE_PROMPT = 128
 DECODE_K = 64
-COALESCE_STEPS = 8  # engine steps per message, were the emitter to coalesce them
 GET_REPORTS_IN_FLIGHT = 4  # GetReport calls waiting at once, for the next requests to finish
 
 
@@ -332,44 +333,47 @@ def decode_steps(rng: np.random.Generator, steps: int) -> list[tuple[pb.IngestMe
     return out
 
 
-def coalesce_steps(traffic, steps: int) -> list[tuple[pb.IngestMessage, list[pb.IngestMessage]]]:
-    """The same codes as an emitter that coalesces `steps` engine steps into one message would send them: a
-    request's consecutive rows of one slot and phase become one slice, and the finish markers of the window go
-    with it. What the plugin-side batching the issue allows would buy; the emitter does not do it yet."""
-    out = []
-    for first in range(0, len(traffic), steps):
-        window = traffic[first : first + steps]
-        runs: dict[tuple[str, int], list[list]] = {}  # (request, slot) -> runs of contiguous same-phase slices
-        for codes, _ in window:
-            for piece in codes.codes.slices:
-                parts = runs.setdefault((piece.request_id, piece.slot), [])
-                last = parts[-1][-1] if parts else None
-                if (
-                    last is None
-                    or last.phase != piece.phase
-                    or last.first_position + last.num_rows != piece.first_position
-                ):
-                    parts.append([])
-                parts[-1].append(piece)
-        slices = []
-        for (request_id, slot), parts in runs.items():
-            for run in parts:
-                arrays = [unpack_slice(piece) for piece in run]
-                counts = np.concatenate([np.diff(a.row_offsets) for a in arrays])
-                slices.append(
-                    pack_slice(
-                        request_id,
-                        slot,
-                        run[0].first_position,
-                        run[0].phase,
-                        np.concatenate([a.token_ids for a in arrays]),
-                        np.concatenate(([0], np.cumsum(counts))).astype(np.uint32),
-                        np.concatenate([a.feature_ids for a in arrays]),
-                        np.concatenate([a.activations for a in arrays]),
-                    )
-                )
-        batch = pb.CodeBatch(step=window[-1][0].codes.step, slices=slices)
-        out.append((pb.IngestMessage(codes=batch), [f for _, finishes in window for f in finishes]))
+def step_rows(codes: pb.IngestMessage) -> int:
+    return sum(piece.num_rows for piece in codes.codes.slices)
+
+
+def next_run(
+    traffic, first: int, made: int, end_at_finish: bool
+) -> list[tuple[pb.IngestMessage, list[pb.IngestMessage]]]:
+    """The engine steps the plugin's emitter sends in one message from `first` on, when steps up to `made` are
+    queued: as many as its bounds allow (COALESCE_MAX_STEPS, COALESCE_MAX_ROWS), at least one; with
+    `end_at_finish` (finish markers in its queue: the engine core in its process), up to the first step that
+    finished requests."""
+    run, rows = [traffic[first]], step_rows(traffic[first][0])
+    for codes, finishes in traffic[first + 1 : made]:
+        if end_at_finish and run[-1][1]:
+            break
+        if len(run) == COALESCE_MAX_STEPS or rows + step_rows(codes) > COALESCE_MAX_ROWS:
+            break
+        run.append((codes, finishes))
+        rows += step_rows(codes)
+    return run
+
+
+def joined(run) -> tuple[pb.IngestMessage, list[pb.IngestMessage]]:
+    """One message for a run of engine steps, as the emitter sends it: each request's rows of a slot in one slice
+    (join_slices), the step number of the last; and the run's finish markers."""
+    if len(run) == 1:
+        return run[0]
+    slices = join_slices([piece for codes, _ in run for piece in codes.codes.slices])
+    batch = pb.CodeBatch(step=run[-1][0].codes.step, slices=slices)
+    return pb.IngestMessage(codes=batch), [f for _, finishes in run for f in finishes]
+
+
+def coalesced_traffic(traffic) -> list[tuple[pb.IngestMessage, list[pb.IngestMessage]]]:
+    """The same codes as the emitter sends them when every step is queued already (a sidecar that cannot keep
+    up) and the engine core runs in its process: each message as many engine steps as its bounds allow, up to
+    one that finished requests."""
+    out, first = [], 0
+    while first < len(traffic):
+        run = next_run(traffic, first, len(traffic), end_at_finish=True)
+        out.append(joined(run))
+        first += len(run)
     return out
 
 
@@ -408,26 +412,39 @@ def decode_in_process(traffic) -> tuple[float, list[float], Counter]:
         return postings / elapsed, latencies, statuses
 
 
-def _produce(port: int, steps: int, steps_per_s: float | None, out: str, finishes_in_batch: bool = False) -> None:
+def _produce(
+    port: int, steps: int, steps_per_s: float | None, out: str, finishes_in_batch: bool = False, coalesce: bool = False
+) -> None:
     """The producer, in its own process as the plugin's worker and engine core are: the code stream and the
     control stream with finish markers, or (`finishes_in_batch`, as the plugin sends them when the engine core
     runs in the worker's process) the finish markers inside the code batch of the step that finished their
-    requests. Writes when each request's last codes were sent (wall clock, ns)."""
+    requests. With `coalesce`, the engine steps made while the stream was busy go as one message, as the plugin's
+    emitter sends the batches queued behind each other. Writes when each request's last codes were sent (wall
+    clock, ns)."""
     import json
     import threading
 
     traffic = decode_steps(np.random.default_rng(7), steps)
     stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     sent_last: dict[str, int] = {}
+    code_messages = [0]
     finish_queue: list = []
     lock = threading.Condition()
 
     def codes_stream():
         yield pb.IngestMessage(manifest=decode_manifest())
         began = time.perf_counter()
-        for step, (codes, finishes) in enumerate(traffic):
+        first = 0
+        while first < len(traffic):
             if steps_per_s:
-                time.sleep(max(0.0, began + step / steps_per_s - time.perf_counter()))
+                time.sleep(max(0.0, began + first / steps_per_s - time.perf_counter()))
+                made = min(len(traffic), int((time.perf_counter() - began) * steps_per_s) + 1)
+            else:
+                made = len(traffic)
+            # the steps the engine has made by now wait in the emitter's queue: with coalescing, they go together
+            run = next_run(traffic, first, made, finishes_in_batch) if coalesce else traffic[first : first + 1]
+            first += len(run)
+            codes, finishes = joined(run)
             if finishes_in_batch:
                 codes.codes.finishes.extend(f.finish for f in finishes)
             else:
@@ -437,6 +454,7 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str, finishe
             now = time.time_ns()
             for f in finishes:
                 sent_last[f.finish.request_id] = now
+            code_messages[0] += 1
             yield codes
         with lock:
             finish_queue.append(None)
@@ -460,7 +478,18 @@ def _produce(port: int, steps: int, steps_per_s: float | None, out: str, finishe
     ack = stub.Ingest(codes_stream())
     elapsed = time.perf_counter() - t0
     control.join(60)
-    Path(out).write_text(json.dumps({"postings": ack.postings, "seconds": elapsed, "sent_last": sent_last}))
+    Path(out).write_text(
+        json.dumps({"postings": ack.postings, "seconds": elapsed, "sent_last": sent_last, "messages": code_messages[0]})
+    )
+
+
+@dataclass
+class GrpcRun:
+    rate: float  # postings/s
+    latencies: dict[str, list[float]]  # ms from sending a request's last codes to its report, per reader
+    statuses: Counter
+    endpoint_cpu_s: float  # CPU seconds of the endpoint's process while the producer ran
+    messages: int  # code messages the producer sent
 
 
 def decode_through_grpc(
@@ -469,13 +498,12 @@ def decode_through_grpc(
     get_reports: int = 0,
     finishes_in_batch: bool = False,
     relay: bool = False,
-) -> tuple[float, dict[str, list[float]], Counter, float]:
+    coalesce: bool = False,
+) -> GrpcRun:
     """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
     process, and the reports read here, from outside the sidecar's process: on a WatchReports stream, and (with
     `get_reports` > 0) by that many GetReport calls at a time that wait for the next requests' reports as the
-    plugin's API server does. Returns (postings/s, report latency ms from sending a request's last codes to its
-    report arriving, per reader ("watch", "get"), statuses). As fast as the producer sends, the latency includes
-    the queue it builds up. The last item is the CPU seconds the endpoint's process used while the producer ran.
+    plugin's API server does. As fast as the producer sends, the latency includes the queue it builds up.
 
     `relay` puts the bench's relay endpoint (relay_process) where the sidecar was: the same transport, and no
     monitoring at all, so its latency is this host's floor for any Python gRPC sidecar."""
@@ -525,7 +553,7 @@ def decode_through_grpc(
         time.sleep(0.2)
         out = str(Path(tmp) / "producer.json")
         producer = multiprocessing.get_context("spawn").Process(
-            target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch)
+            target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch, coalesce)
         )
         cpu_before = process_cpu_seconds(endpoint_pid)
         producer.start()
@@ -541,7 +569,8 @@ def decode_through_grpc(
             reader: [(times[r] - t) / 1e6 for r, t in result["sent_last"].items() if r in times]
             for reader, times in arrived.items()
         }
-        return result["postings"] / result["seconds"], latencies, statuses, endpoint_cpu_s
+        rate = result["postings"] / result["seconds"]
+        return GrpcRun(rate, latencies, statuses, endpoint_cpu_s, result["messages"])
 
 
 def random_circuits(rng: np.random.Generator, count: int, dense: bool) -> list[dict]:
@@ -659,56 +688,71 @@ def decode_section(steps: int) -> None:
         f"after the last codes p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); reports {dict(statuses)} "
         f"{_pace(pace)}"
     )
-    coalesced = coalesce_steps(traffic, COALESCE_STEPS)
+    coalesced = coalesced_traffic(traffic)
     with host_pace() as pace:
         rate, latencies, statuses = decode_in_process(coalesced)
     p50, _, p99 = percentiles(latencies)
     print(
-        f"  the same codes coalesced {COALESCE_STEPS} engine steps to a message (a request's rows of a slot in one "
-        f"slice), in process: {rate / 1e6:.2f}M postings/s; report ready after the window's message p50 {p50:.2f} "
-        f"ms, p99 {p99:.2f} ms; reports {dict(statuses)} {_pace(pace)}"
+        f"  the same codes as the plugin's emitter sends steps queued behind each other ({len(coalesced)} messages of "
+        f"up to {COALESCE_MAX_STEPS} engine steps, each up to a step that finished requests, a request's rows of a "
+        f"slot in one slice), in process: "
+        f"{rate / 1e6:.2f}M postings/s; report ready after the message with the last codes p50 {p50:.2f} ms, p99 "
+        f"{p99:.2f} ms; reports {dict(statuses)} {_pace(pace)}"
     )
-    with host_pace() as pace:
-        rate, _, statuses, cpu_s = decode_through_grpc(steps)
-    per_core = postings / cpu_s
-    print(
-        f"  through gRPC, producer in its own process, as fast as it sends (both on these 2 cores): "
-        f"{rate / 1e6:.2f}M postings/s, the sidecar's process using {cpu_s:.1f} CPU s: {per_core / 1e6:.2f}M postings "
-        f"per CPU second of the sidecar (target >= 2.5M per core: {per_core / 2.5e6:.2f}x); reports {dict(statuses)} "
-        f"{_pace(pace)}"
-    )
+    for coalesce in (False, True):
+        with host_pace() as pace:
+            run = decode_through_grpc(steps, coalesce=coalesce)
+        per_core = postings / run.endpoint_cpu_s
+        what = (
+            f"  the same with the emitter's coalescing (every step is queued already: {run.messages} messages)"
+            if coalesce
+            else "  through gRPC, producer in its own process, as fast as it sends (both on these 2 cores)"
+        )
+        print(
+            f"{what}: {run.rate / 1e6:.2f}M postings/s, the sidecar's process using {run.endpoint_cpu_s:.1f} CPU s: "
+            f"{per_core / 1e6:.2f}M postings per CPU second of the sidecar (target >= 2.5M per core: "
+            f"{per_core / 2.5e6:.2f}x); reports {dict(run.statuses)} {_pace(pace)}"
+        )
     step_rate = 100  # a decode step every 10 ms: 64 sequences on a GPU
     with host_pace() as pace:
-        rate, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate)
-    p50, _, p99 = percentiles(latencies["watch"])
+        run = decode_through_grpc(steps, steps_per_s=step_rate)
+    p50, _, p99 = percentiles(run.latencies["watch"])
     print(
-        f"  through gRPC at {step_rate} engine steps/s ({rate / 1e6:.2f}M postings/s sustained): report on "
+        f"  through gRPC at {step_rate} engine steps/s ({run.rate / 1e6:.2f}M postings/s sustained): report on "
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
-        f"reports {dict(statuses)} {_pace(pace)}"
+        f"reports {dict(run.statuses)} {_pace(pace)}"
     )
     with host_pace() as pace:
-        _, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True)
-    p50, _, p99 = percentiles(latencies["watch"])
+        run = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True)
+    p50, _, p99 = percentiles(run.latencies["watch"])
     print(
         f"  the same with each finish marker inside the code batch of its step (the plugin, when vLLM's engine core "
-        f"runs in the worker's process): WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports {dict(statuses)} "
+        f"runs in the worker's process): WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports "
+        f"{dict(run.statuses)} {_pace(pace)}"
+    )
+    with host_pace() as pace:
+        run = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, coalesce=True)
+    p50, _, p99 = percentiles(run.latencies["watch"])
+    print(
+        f"  the same with the emitter's coalescing (the steps made while the stream was busy go in one message: "
+        f"{run.messages} messages): WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports {dict(run.statuses)} "
         f"{_pace(pace)}"
     )
     with host_pace() as pace:
-        _, latencies, _, _ = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, relay=True)
-    f50, _, f99 = percentiles(latencies["watch"])
+        relayed = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, relay=True)
+    f50, _, f99 = percentiles(relayed.latencies["watch"])
     print(
         f"  the transport's floor, the same traffic to a relay that parses each message and reports every finish "
         f"on WatchReports at once (no monitoring): p50 {f50:.2f} ms, p99 {f99:.2f} ms; the sidecar above adds "
         f"{p50 - f50:.2f} ms at p50 and {p99 - f99:.2f} ms at p99 {_pace(pace)}"
     )
     with host_pace() as pace:
-        _, latencies, statuses, _ = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
-    (w50, _, w99), (g50, _, g99) = percentiles(latencies["watch"]), percentiles(latencies["get"])
+        run = decode_through_grpc(steps, steps_per_s=step_rate, get_reports=GET_REPORTS_IN_FLIGHT)
+    (w50, _, w99), (g50, _, g99) = percentiles(run.latencies["watch"]), percentiles(run.latencies["get"])
     print(
         f"  the same with {GET_REPORTS_IN_FLIGHT} GetReport calls waiting at a time, as the API server waits for "
         f"each response's report: GetReport answered after the last codes were sent p50 {g50:.2f} ms, p99 "
-        f"{g99:.2f} ms ({len(latencies['get'])} requests); WatchReports p50 {w50:.2f} ms, p99 {w99:.2f} ms "
+        f"{g99:.2f} ms ({len(run.latencies['get'])} requests); WatchReports p50 {w50:.2f} ms, p99 {w99:.2f} ms "
         f"{_pace(pace)}"
     )
 

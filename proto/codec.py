@@ -83,6 +83,55 @@ def pack_slice(
     )
 
 
+def join_slices(slices: list[RequestSlice]) -> list[RequestSlice]:
+    """The same codes in as few slices as the wire allows: each request's pieces of one slot that continue one
+    another (same phase, next position, fidelity measured in both or in neither) become one slice, in the order
+    of their first piece. A producer that sends several engine steps in one batch sends a request's rows of a slot
+    as one slice instead of one per step: the sidecar's cost goes by slices more than by rows."""
+    runs: list[list[RequestSlice]] = []
+    last_run: dict[tuple[str, int], list[RequestSlice]] = {}
+    for piece in slices:
+        key = (piece.request_id, piece.slot)
+        run = last_run.get(key)
+        if run is not None and _continues(run[-1], piece):
+            run.append(piece)
+        else:
+            last_run[key] = [piece]
+            runs.append(last_run[key])
+    return [run[0] if len(run) == 1 else _joined(run) for run in runs]
+
+
+def _continues(before: RequestSlice, after: RequestSlice) -> bool:
+    return (
+        after.phase == before.phase
+        and after.first_position == before.first_position + before.num_rows
+        and bool(after.reconstruction_errors) == bool(before.reconstruction_errors)
+        and bool(after.input_norms) == bool(before.input_norms)
+    )
+
+
+def _joined(run: list[RequestSlice]) -> RequestSlice:
+    """One slice of a run of continuing pieces: bytes concatenated, each piece's row offsets moved past the codes
+    of the pieces before it."""
+    offsets = [np.frombuffer(piece.row_offsets, dtype=U32) for piece in run]
+    ends = np.cumsum([int(o[-1]) for o in offsets], dtype=np.int64)
+    moved = [offsets[0]] + [o[1:] + np.uint32(base) for o, base in zip(offsets[1:], ends[:-1].tolist(), strict=True)]
+    first = run[0]
+    return RequestSlice(
+        request_id=first.request_id,
+        slot=first.slot,
+        first_position=first.first_position,
+        phase=first.phase,
+        num_rows=sum(piece.num_rows for piece in run),
+        token_ids=b"".join(piece.token_ids for piece in run),
+        row_offsets=np.concatenate(moved).astype(U32, copy=False).tobytes(),
+        feature_ids=b"".join(piece.feature_ids for piece in run),
+        activations=b"".join(piece.activations for piece in run),
+        reconstruction_errors=b"".join(piece.reconstruction_errors for piece in run),
+        input_norms=b"".join(piece.input_norms for piece in run),
+    )
+
+
 def _array(message: RequestSlice, field: str, dtype: np.dtype, expected: int | None) -> np.ndarray:
     raw: bytes = getattr(message, field)
     if len(raw) % dtype.itemsize:

@@ -5,6 +5,7 @@ prefill, shared prefixes and concurrent requests; greedy outputs are identical w
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.server import start
 
 from support.plugin_harness import ENGINE, GroundTruth, generate, prompts, write_plugin_config
+from support.processes import free_port
 from support.sidecar_harness import codes_in_sidecar
 
 pytestmark = pytest.mark.vllm
@@ -41,6 +43,35 @@ def plugin_off(fixtures: FixturePaths, token_prompts):
     return generate(fixtures, token_prompts, enforce_eager=False)
 
 
+class SidecarStartedLate:
+    """Starts the sidecar once QUEUED code batches wait in the plugin's emitter for it (or when asked for it)."""
+
+    QUEUED = 4
+
+    def __init__(self, config: SidecarConfig) -> None:
+        self._config = config
+        self._running = None
+        self.queued = 0
+        self._asked = threading.Event()
+        self._thread = threading.Thread(target=self._start_when_queued, daemon=True)
+        self._thread.start()
+
+    def _start_when_queued(self) -> None:
+        from circuitwatch.plugin.process import PROCESS
+
+        while not self._asked.wait(0.005):
+            emitter = PROCESS.code_emitter
+            if emitter is not None and emitter.queue_depth >= self.QUEUED:
+                self.queued = emitter.queue_depth
+                break
+        self._running = start(self._config)
+
+    def running(self):
+        self._asked.set()
+        self._thread.join(120)
+        return self._running
+
+
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
 def test_codes_equal_ground_truth(
     fixtures: FixturePaths,
@@ -52,12 +83,20 @@ def test_codes_equal_ground_truth(
     enforce_eager,
 ) -> None:
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    running = start(SidecarConfig(listen="127.0.0.1:0", evidence_dir=tmp_path / "evidence"))
+    port = free_port()
+    config = SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "evidence")
+    # Eager: the sidecar comes up only once the engine's first steps wait in the emitter's queue (started after
+    # the engine, or restarting), so the codes checked below went several engine steps to a message; the emitter
+    # retries often enough to deliver them before the engine shuts down (and flushes it).
+    retry = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2} if enforce_eager else {}
+    sidecar_target = {"address": f"127.0.0.1:{port}", **retry}
+    plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, port, sidecar=sidecar_target)
+    monkeypatch.setenv("CIRCUITWATCH_CONFIG", str(plugin_config))
+    sidecar = SidecarStartedLate(config) if enforce_eager else None
+    running = None if enforce_eager else start(config)
     try:
-        monkeypatch.setenv(
-            "CIRCUITWATCH_CONFIG", str(write_plugin_config(tmp_path / "plugin.json", fixtures, running.port))
-        )
         outputs = generate(fixtures, token_prompts, enforce_eager)
+        running = sidecar.running() if sidecar is not None else running
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
 
         # greedy outputs are identical with the plugin on and off
@@ -88,11 +127,17 @@ def test_codes_equal_ground_truth(
 
         assert PROCESS.code_emitter is not None
         assert PROCESS.code_emitter.counters["finishes_in_batches"] >= len(outputs) // 2, PROCESS.code_emitter.counters
+        if enforce_eager:  # the codes above went through the emitter's coalescing: joined slices, same codes
+            assert PROCESS.code_emitter.counters["steps_coalesced"] >= sidecar.queued - 1 > 0, (
+                sidecar.queued,
+                PROCESS.code_emitter.counters,
+            )
         assert running.core.counters["duplicate_finishes"] == 0
         assert not PROCESS.finish_notifier.has_own_stream  # so the engine core opened no control stream
         assert len(outputs) >= 16
         assert any(len(p) > 128 for _, p, _ in outputs), "some prompts span several chunks and blocks"
     finally:
+        running = sidecar.running() if sidecar is not None else running
         running.stop(1)
 
 

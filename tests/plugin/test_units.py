@@ -277,6 +277,78 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             emitter.close(2)
 
 
+def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_that_finished_requests(
+    tmp_path: Path,
+) -> None:
+    """While the sending thread is held up (here: the build of the batch before them waits), engine steps queue up;
+    the emitter then sends them as few code batches, each request's rows of a slot joined into one slice. A step that
+    finished requests ends its message, which carries their finish markers, so no report waits for later steps'
+    codes. The real sidecar stores exactly the codes each step had and finalises every request from the finishes
+    inside the batches."""
+    from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
+
+    from support.sidecar_harness import codes_in_sidecar
+
+    rng = np.random.default_rng(9)
+    requests = [SyntheticRequest.random(rng, f"queued-{i}") for i in range(2)]
+    blocker, first = SyntheticRequest.random(rng, "blocker"), SyntheticRequest.random(rng, "first")
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=100)
+        try:
+            submit_slices(emitter, whole(blocker))  # connects, and learns the sidecar reads finishes in batches
+            emitter.submit(pb.IngestMessage(finish=blocker.finish()))
+            assert client.report("blocker", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+            emitter.engine_step_done()  # the engine core runs in this process
+            batches_before = running.core.counters["batches"]
+            building, hold = threading.Event(), threading.Event()
+
+            def held() -> BuiltBatch:
+                building.set()
+                assert hold.wait(10)
+                return BuiltBatch(whole(first))
+
+            emitter.submit_deferred(held, [(p.request_id, p.slot, 0, p.num_rows) for p in whole(first)])
+            assert building.wait(10)  # the sending thread is held up: what comes next queues behind
+            emitter.submit(pb.IngestMessage(finish=first.finish()))
+            emitter.engine_step_done()
+            steps = [request.chunks(8) for request in requests]
+            finishing_steps = {len(chunks) - 1 for chunks in steps}
+            assert len(finishing_steps) == 2  # the requests finish at different steps: two messages
+            for step in range(max(len(chunks) for chunks in steps)):
+                pieces = [
+                    request.slice(slot, *chunks[step])
+                    for request, chunks in zip(requests, steps, strict=True)
+                    if step < len(chunks)
+                    for slot in (0, 1)
+                ]
+                submit_slices(emitter, pieces)
+                for request, chunks in zip(requests, steps, strict=True):
+                    if step == len(chunks) - 1:
+                        emitter.submit(pb.IngestMessage(finish=request.finish()))
+                emitter.engine_step_done()
+            queued = emitter.queue_depth
+            assert 3 <= queued <= 16
+            hold.set()
+            for request in [first, *requests]:
+                report = client.report(request.request_id, wait_ms=10_000)
+                assert report.status == pb.REPORT_STATUS_COMPLETE
+                assert report.coverage.positions_seen == request.num_positions
+            assert emitter.counters["steps_coalesced"] == queued - 2
+            assert running.core.counters["batches"] - batches_before == 3  # the held batch, then one per finishing step
+            assert emitter.counters["finishes_in_batches"] == 3 and emitter.counters["sent_finish"] == 1
+            assert running.core.counters["duplicate_finishes"] == 0
+            stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+            for request in requests:
+                expected = {
+                    (slot, p): (request.tokens[p], rows[p])
+                    for slot, rows in request.codes.items()
+                    for p in range(request.num_positions)
+                }
+                assert codes_in_sidecar(stub, request.request_id) == expected
+        finally:
+            emitter.close(2)
+
+
 def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it_reads_them() -> None:
     """A sidecar older than contract 6 would ignore finishes inside batches (the requests would end incomplete at
     request_timeout_s): it announces no contract version, so the emitter keeps sending them on their own."""

@@ -7,7 +7,7 @@ import pytest
 
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
-from circuitwatch.proto.codec import WireFormatError, pack_slice, unpack_slice
+from circuitwatch.proto.codec import WireFormatError, join_slices, pack_slice, unpack_slice
 
 
 def random_slice(rng: np.random.Generator, request_id: str, phase: int, first: int, rows: int, d_sae: int):
@@ -164,3 +164,68 @@ def test_fidelity_of_the_wrong_length_is_refused() -> None:
         unpack_batch([message], {0: 8})
     with pytest.raises(ValueError, match="2 reconstruction_errors for 3 rows"):
         _fidelity_slice("a", 3, np.array([0.1, 0.2]))
+
+
+def test_joined_slices_carry_the_same_rows_and_keep_apart_what_does_not_continue() -> None:
+    """join_slices (a producer sending several engine steps in one batch): each request's pieces of a slot that
+    continue one another become one slice whose rows, codes and fidelity are the pieces' in order; a change of
+    phase, a missing position, fidelity measured in one piece only, or another request or slot starts a new one."""
+    rng = np.random.default_rng(8)
+
+    def piece(request_id: str, slot: int, first: int, rows: int, phase: int, fidelity: bool) -> pb.RequestSlice:
+        counts = rng.integers(0, 5, rows)
+        nnz = int(counts.sum())
+        return pack_slice(
+            request_id,
+            slot,
+            first,
+            phase,
+            rng.integers(0, 50_000, rows),
+            np.concatenate(([0], np.cumsum(counts))),
+            rng.integers(0, 4096, nnz),
+            rng.random(nnz).astype(np.float16),
+            rng.random(rows).astype(np.float32) if fidelity else None,
+            rng.random(rows).astype(np.float32) if fidelity else None,
+        )
+
+    prompt, generated = pb.PHASE_PROMPT, pb.PHASE_GENERATED
+    pieces = [
+        piece("a", 0, 0, 6, prompt, True),
+        piece("b", 0, 0, 3, prompt, False),
+        piece("a", 1, 0, 6, prompt, True),
+        piece("a", 0, 6, 1, prompt, True),  # continues a/0
+        piece("a", 0, 7, 1, generated, True),  # phase changes: new slice
+        piece("b", 0, 3, 1, prompt, False),  # continues b/0 across the other pieces
+        piece("a", 0, 8, 1, generated, True),  # continues the generated a/0
+        piece("a", 1, 7, 1, prompt, True),  # position 6 missing: new slice
+        piece("a", 0, 9, 1, generated, False),  # no fidelity where the piece before had it: new slice
+    ]
+    joined = join_slices(pieces)
+    shape = [(s.request_id, s.slot, s.first_position, s.num_rows, s.phase) for s in joined]
+    assert shape == [
+        ("a", 0, 0, 7, prompt),
+        ("b", 0, 0, 4, prompt),
+        ("a", 1, 0, 6, prompt),
+        ("a", 0, 7, 2, generated),
+        ("a", 1, 7, 1, prompt),
+        ("a", 0, 9, 1, generated),
+    ]
+
+    def rows(slices) -> dict[tuple[str, int, int], tuple]:
+        out = {}
+        for s in slices:
+            arrays = unpack_slice(s, d_sae=4096)
+            for i, position in enumerate(arrays.positions.tolist()):
+                a, b = arrays.row_offsets[i], arrays.row_offsets[i + 1]
+                fidelity = None if arrays.errors is None else (arrays.errors[i], arrays.norms[i])
+                out[(s.request_id, s.slot, position)] = (
+                    int(arrays.token_ids[i]),
+                    arrays.feature_ids[a:b].tolist(),
+                    arrays.activations[a:b].tolist(),
+                    fidelity,
+                    s.phase,
+                )
+        return out
+
+    assert rows(joined) == rows(pieces) and len(rows(pieces)) == sum(s.num_rows for s in pieces)
+    assert join_slices(pieces[:1]) == pieces[:1]
