@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # message of at most this many engine steps and rows (a row: one position in one slot): a few MB at k = 64.
 COALESCE_MAX_STEPS = 16
 COALESCE_MAX_ROWS = 8192
+# ... and of at most this many bytes of codes plus one step's (well under the sidecar's max_message_bytes, 16 MiB
+# by default, however many codes a token has).
+COALESCE_MAX_BYTES = 4 << 20
 
 # With vLLM's engine core in this process, the longest a built code batch waits for the end of its engine step,
 # so that it can carry the finish markers of the requests that step finished.
@@ -76,6 +79,17 @@ class _Item:
 
 def _rows(item: _Item) -> int:
     return sum(end - start for _, _, start, end in item.ranges)
+
+
+def _wire_bytes(piece: pb.RequestSlice) -> int:
+    return (
+        len(piece.token_ids)
+        + len(piece.row_offsets)
+        + len(piece.feature_ids)
+        + len(piece.activations)
+        + len(piece.reconstruction_errors)
+        + len(piece.input_norms)
+    )
 
 
 class Emitter:
@@ -231,9 +245,19 @@ class Emitter:
 
     def _built_message(self, run: list[_Item]) -> pb.IngestMessage | None:
         """Build the run's code batches (outside the lock: may wait for device copies) into one CodeBatch; a batch
-        that fails to build has its rows reported as gaps. None: nothing was built."""
+        that fails to build has its rows reported as gaps. Once the codes built pass COALESCE_MAX_BYTES, the
+        rest of the run goes back to the head of the queue. None: nothing was built."""
         slices: list[pb.RequestSlice] = []
-        for item in run:
+        size = 0
+        last = run[0]
+        for index, item in enumerate(run):
+            if index and size > COALESCE_MAX_BYTES:
+                with self._cv:
+                    self._queue.extendleft(reversed(run[index:]))
+                    self._batches_queued += len(run) - index
+                    self.counters["steps_coalesced"] -= len(run) - index
+                break
+            last = item
             try:
                 built = item.build()
             except Exception:
@@ -241,16 +265,17 @@ class Emitter:
                 self._report_lost(item, pb.GAP_REASON_ENCODER_ERROR)
                 continue
             slices.extend(built.slices)
+            size += sum(_wire_bytes(piece) for piece in built.slices)
             if built.gaps:
                 with self._cv:
                     for request_id, gaps in built.gaps.items():
                         self._pending_gaps.setdefault(request_id, []).extend(gaps)
         if not slices:
             return None  # the finish markers behind go on their own, after the gaps
-        if len(run) > 1:
+        if last is not run[0]:
             slices = join_slices(slices)
-        batch = pb.CodeBatch(step=run[-1].step, slices=slices, stats=self.stats())
-        batch.finishes.extend(self._finishes_of_step(run[-1]))
+        batch = pb.CodeBatch(step=last.step, slices=slices, stats=self.stats())
+        batch.finishes.extend(self._finishes_of_step(last))
         return pb.IngestMessage(codes=batch)
 
     def _finishes_of_step(self, item: _Item) -> list[pb.RequestFinish]:

@@ -277,18 +277,23 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             emitter.close(2)
 
 
+@pytest.mark.parametrize("max_bytes", [None, 1], ids=["joined", "byte-bound"])
 def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_that_finished_requests(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch, max_bytes: int | None
 ) -> None:
     """While the sending thread is held up (here: the build of the batch before them waits), engine steps queue up;
     the emitter then sends them as few code batches, each request's rows of a slot joined into one slice. A step that
     finished requests ends its message, which carries their finish markers, so no report waits for later steps'
     codes. The real sidecar stores exactly the codes each step had and finalises every request from the finishes
-    inside the batches."""
+    inside the batches. With a byte bound below one step's codes, the rest of each run goes back to the queue:
+    one message per step, in order, nothing lost."""
+    from circuitwatch.plugin import emitter as emitter_module
     from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
     from support.sidecar_harness import codes_in_sidecar
 
+    if max_bytes is not None:
+        monkeypatch.setattr(emitter_module, "COALESCE_MAX_BYTES", max_bytes)
     rng = np.random.default_rng(9)
     requests = [SyntheticRequest.random(rng, f"queued-{i}") for i in range(2)]
     blocker, first = SyntheticRequest.random(rng, "blocker"), SyntheticRequest.random(rng, "first")
@@ -333,8 +338,9 @@ def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_th
                 report = client.report(request.request_id, wait_ms=10_000)
                 assert report.status == pb.REPORT_STATUS_COMPLETE
                 assert report.coverage.positions_seen == request.num_positions
-            assert emitter.counters["steps_coalesced"] == queued - 2
-            assert running.core.counters["batches"] - batches_before == 3  # the held batch, then one per finishing step
+            messages = 2 if max_bytes is None else queued  # one per finishing step, or one per step
+            assert emitter.counters["steps_coalesced"] == queued - messages
+            assert running.core.counters["batches"] - batches_before == 1 + messages  # and the held batch
             assert emitter.counters["finishes_in_batches"] == 3 and emitter.counters["sent_finish"] == 1
             assert running.core.counters["duplicate_finishes"] == 0
             stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
