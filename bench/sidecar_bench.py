@@ -341,7 +341,8 @@ def next_run(
     traffic, first: int, made: int, end_at_finish: bool
 ) -> list[tuple[pb.IngestMessage, list[pb.IngestMessage]]]:
     """The engine steps the plugin's emitter sends in one message from `first` on, when steps up to `made` are
-    queued: as many as its bounds allow (COALESCE_MAX_STEPS, COALESCE_MAX_ROWS), at least one; with
+    queued: as many as its bounds allow (COALESCE_MAX_STEPS, COALESCE_MAX_ROWS; its byte bound never binds here:
+    8,192 rows of 64 codes are ~3.2 MB), at least one; with
     `end_at_finish` (finish markers in its queue: the engine core in its process), up to the first step that
     finished requests."""
     run, rows = [traffic[first]], step_rows(traffic[first][0])

@@ -233,14 +233,12 @@ class Emitter:
             return run
         self._batches_queued -= 1
         rows = _rows(run[0])
-        while self._queue and len(run) < COALESCE_MAX_STEPS:
-            head = self._queue[0]
-            if head.build is None or rows + _rows(head) > COALESCE_MAX_ROWS:
+        while self._queue and len(run) < COALESCE_MAX_STEPS and self._queue[0].build is not None:
+            rows += _rows(self._queue[0])
+            if rows > COALESCE_MAX_ROWS:
                 break
             run.append(self._queue.popleft())
             self._batches_queued -= 1
-            rows += _rows(head)
-        self.counters["steps_coalesced"] += len(run) - 1
         return run
 
     def _built_message(self, run: list[_Item]) -> pb.IngestMessage | None:
@@ -249,15 +247,13 @@ class Emitter:
         rest of the run goes back to the head of the queue. None: nothing was built."""
         slices: list[pb.RequestSlice] = []
         size = 0
-        last = run[0]
         for index, item in enumerate(run):
             if index and size > COALESCE_MAX_BYTES:
                 with self._cv:
                     self._queue.extendleft(reversed(run[index:]))
                     self._batches_queued += len(run) - index
-                    self.counters["steps_coalesced"] -= len(run) - index
                 break
-            last = item
+            taken = index + 1
             try:
                 built = item.build()
             except Exception:
@@ -270,10 +266,12 @@ class Emitter:
                 with self._cv:
                     for request_id, gaps in built.gaps.items():
                         self._pending_gaps.setdefault(request_id, []).extend(gaps)
+        self.counters["steps_coalesced"] += taken - 1
         if not slices:
             return None  # the finish markers behind go on their own, after the gaps
-        if last is not run[0]:
+        if taken > 1:
             slices = join_slices(slices)
+        last = run[taken - 1]
         batch = pb.CodeBatch(step=last.step, slices=slices, stats=self.stats())
         batch.finishes.extend(self._finishes_of_step(last))
         return pb.IngestMessage(codes=batch)
@@ -282,7 +280,7 @@ class Emitter:
         """With the engine core in this process: the finish markers queued right behind the batch once the engine
         step that made it is over (waited for up to ENGINE_STEP_WAIT_S); they leave the queue with the batch."""
         with self._cv:
-            if not self._finishes_ride():
+            if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
                 return []
             deadline = time.monotonic() + ENGINE_STEP_WAIT_S
             while self._engine_steps_done <= item.engine_steps_done and not self._stopping:
@@ -296,11 +294,6 @@ class Emitter:
                 finishes.append(self._queue.popleft().message.finish)
             self.counters["finishes_in_batches"] += len(finishes)
             return finishes
-
-    def _finishes_ride(self) -> bool:
-        """Finish markers ride in code batches: the engine core runs in this process, and the connected sidecar
-        announced that it reads them there (under the lock)."""
-        return self._engine_steps_done is not None and self._sidecar_contract >= FINISHES_IN_BATCHES_SINCE
 
     def _learn_contract(self, call: grpc.Future) -> None:
         """The sidecar's contract version, from the Ingest call's initial metadata (a sidecar older than
