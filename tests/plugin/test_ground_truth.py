@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from circuitwatch.fixtures import FixturePaths
+from circuitwatch.plugin.emitter import Emitter
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import SidecarConfig
@@ -44,15 +46,28 @@ def plugin_off(fixtures: FixturePaths, token_prompts):
 
 
 class SidecarStartedLate:
-    """Starts the sidecar once QUEUED code batches wait in the plugin's emitter for it (or when asked for it)."""
+    """Starts the sidecar once QUEUED code batches wait in the plugin's emitter for it (or when asked for it).
+    From then on each engine step waits for the emitter to reach it (up to a minute): an emitter that cannot
+    deliver its queue when the engine shuts down gives it up, and a slow reconnect would race the end of the run."""
 
     QUEUED = 4
 
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, monkeypatch) -> None:
         self._config = config
         self._running = None
         self.queued = 0
         self._asked = threading.Event()
+        self._started = threading.Event()
+        submit = Emitter.submit_deferred
+
+        def submit_once_connected(emitter: Emitter, build, ranges) -> None:
+            if self._started.is_set():
+                deadline = time.monotonic() + 60
+                while not emitter.connected and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            submit(emitter, build, ranges)
+
+        monkeypatch.setattr(Emitter, "submit_deferred", submit_once_connected)
         self._thread = threading.Thread(target=self._start_when_queued, daemon=True)
         self._thread.start()
 
@@ -65,6 +80,7 @@ class SidecarStartedLate:
                 self.queued = emitter.queue_depth
                 break
         self._running = start(self._config)
+        self._started.set()
 
     def running(self):
         self._asked.set()
@@ -87,12 +103,12 @@ def test_codes_equal_ground_truth(
     config = SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "evidence")
     # Eager: the sidecar comes up only once the engine's first steps wait in the emitter's queue (started after
     # the engine, or restarting), so the codes checked below went several engine steps to a message; the emitter
-    # retries often enough to deliver them before the engine shuts down (and flushes it).
+    # retries often, so the engine's steps wait for it only briefly (SidecarStartedLate).
     retry = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2} if enforce_eager else {}
     sidecar_target = {"address": f"127.0.0.1:{port}", **retry}
     plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, port, sidecar=sidecar_target)
     monkeypatch.setenv("CIRCUITWATCH_CONFIG", str(plugin_config))
-    sidecar = SidecarStartedLate(config) if enforce_eager else None
+    sidecar = SidecarStartedLate(config, monkeypatch) if enforce_eager else None
     running = None if enforce_eager else start(config)
     try:
         outputs = generate(fixtures, token_prompts, enforce_eager)
