@@ -8,6 +8,7 @@ staged as circuitwatch/proto/circuitwatch.proto to make the generated gRPC modul
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -41,8 +42,12 @@ def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name in GENERATED:
+            # Written aside and renamed: `make test` builds two installs at once, and a reader of proto/ must
+            # never see half a module.
             target = out_dir / name
-            shutil.copyfile(staged.parent / name, target)
+            aside = out_dir / f".{name}.{os.getpid()}"
+            shutil.copyfile(staged.parent / name, aside)
+            os.replace(aside, target)
             written.append(target)
     return written
 

@@ -50,3 +50,16 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     parts = collection_path.resolve().relative_to(TESTS).parts
     torch_free = parts[0] in TORCH_FREE_FOLDERS and collection_path.name not in NEED_THE_MODEL
     return (suite == "torch-free") != torch_free or None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs the rest suite on two workers), give each worker's vLLM engines a
+    core of their own. vLLM's CPU worker binds its OpenMP threads by default to the last core (the first ones are
+    reserved for its scheduler), so two workers' engines would share one core while the other idled; the binding
+    only places threads, it changes no result."""
+    worker = getattr(config, "workerinput", None)
+    if worker is None or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index = int(worker["workerid"].removeprefix("gw"))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1 - index % len(cores)])
