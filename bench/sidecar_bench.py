@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from circuitwatch.plugin.emitter import COALESCE_MAX_ROWS, COALESCE_MAX_STEPS
+from circuitwatch.plugin.emitter import COALESCE_MAX_STEPS, batches_to_join
 from circuitwatch.proto import CONTRACT_VERSION
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
@@ -341,19 +341,14 @@ def next_run(
     traffic, first: int, made: int, end_at_finish: bool
 ) -> list[tuple[pb.IngestMessage, list[pb.IngestMessage]]]:
     """The engine steps the plugin's emitter sends in one message from `first` on, when steps up to `made` are
-    queued: as many as its bounds allow (COALESCE_MAX_STEPS, COALESCE_MAX_ROWS; its byte bound never binds here:
-    8,192 rows of 64 codes are ~3.2 MB), at least one; with
-    `end_at_finish` (finish markers in its queue: the engine core in its process), up to the first step that
-    finished requests."""
-    run, rows = [traffic[first]], step_rows(traffic[first][0])
-    for codes, finishes in traffic[first + 1 : made]:
-        if end_at_finish and run[-1][1]:
-            break
-        if len(run) == COALESCE_MAX_STEPS or rows + step_rows(codes) > COALESCE_MAX_ROWS:
-            break
-        run.append((codes, finishes))
-        rows += step_rows(codes)
-    return run
+    queued: as many as its bounds allow (`batches_to_join`; its byte bound never binds here: 8,192 rows of 64 codes
+    are ~3.2 MB), at least one; with `end_at_finish` (finish markers in its queue: the engine core in its process),
+    up to the first step that finished requests."""
+    queued = traffic[first : max(made, first + 1)]
+    if end_at_finish:
+        finishing = next((i for i, (_, finishes) in enumerate(queued) if finishes), len(queued) - 1)
+        queued = queued[: finishing + 1]
+    return queued[: batches_to_join(step_rows(codes) for codes, _ in queued)]
 
 
 def joined(run) -> tuple[pb.IngestMessage, list[pb.IngestMessage]]:

@@ -16,11 +16,12 @@ announced it reads them (contract 6, in the call's initial metadata).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -43,6 +44,20 @@ COALESCE_MAX_ROWS = 8192
 # ... and of at most this many bytes of codes plus one step's (well under the sidecar's max_message_bytes, 16 MiB
 # by default, however many codes a token has).
 COALESCE_MAX_BYTES = 4 << 20
+
+
+def batches_to_join(rows_per_batch: Iterable[int]) -> int:
+    """How many of the code batches queued at the head (their rows, in queue order) go in one message: the first,
+    and those behind it while the message stays within COALESCE_MAX_STEPS batches and COALESCE_MAX_ROWS rows.
+    Pure, so that the bench coalesces its traffic exactly as the emitter does."""
+    taken = total = 0
+    for rows in rows_per_batch:
+        total += rows
+        if taken and (taken == COALESCE_MAX_STEPS or total > COALESCE_MAX_ROWS):
+            break
+        taken += 1
+    return taken
+
 
 # With vLLM's engine core in this process, the longest a built code batch waits for the end of its engine step,
 # so that it can carry the finish markers of the requests that step finished.
@@ -168,6 +183,7 @@ class Emitter:
             steps_encoded=self.counters["steps_encoded"],
             encode_ns=self.counters["encode_ns"],
             engine_step_wait_timeouts=self.counters["engine_step_waits_timed_out"],
+            steps_coalesced=self.counters["steps_coalesced"],
             wiring=list(self.wiring.values()),
         )
 
@@ -227,18 +243,12 @@ class Emitter:
         faster than a message per step would, and delays nothing, since all of them are ready. Anything else in
         the queue ends the run: a start goes before the codes behind it, and finish markers go with the batch
         before them (in it, where they ride in code batches), so a finished request's report never waits for the
-        codes of later steps. Bounded by COALESCE_MAX_STEPS batches and COALESCE_MAX_ROWS rows."""
-        run = [self._queue.popleft()]
-        if run[0].build is None:
-            return run
-        self._batches_queued -= 1
-        rows = _rows(run[0])
-        while self._queue and len(run) < COALESCE_MAX_STEPS and self._queue[0].build is not None:
-            rows += _rows(self._queue[0])
-            if rows > COALESCE_MAX_ROWS:
-                break
-            run.append(self._queue.popleft())
-            self._batches_queued -= 1
+        codes of later steps. Bounded as batches_to_join says."""
+        if self._queue[0].build is None:
+            return [self._queue.popleft()]
+        batches = itertools.takewhile(lambda item: item.build is not None, self._queue)
+        run = [self._queue.popleft() for _ in range(batches_to_join(_rows(item) for item in batches))]
+        self._batches_queued -= len(run)
         return run
 
     def _built_message(self, run: list[_Item]) -> pb.IngestMessage | None:

@@ -124,6 +124,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "Code batches sent without their step's finish markers (the step did not end within the wait)",
         "circuitwatch_producer_engine_step_wait_timeouts_total",
     ),
+    MetricSpec(
+        "circuitwatch.producer.steps_coalesced", "counter", "{step}", ("producer_host",),
+        "Engine steps producers sent joined to an earlier step's message (queued behind it: the sidecar or the "
+        "stream was slower than the engine)",
+        "circuitwatch_producer_steps_coalesced_total",
+    ),
     # Gauges of unit "1" get `_ratio` appended by the Collector's Prometheus exporter unless their name ends in
     # ratio: the two below have no unit, so both paths (this endpoint, the Collector) expose the same names.
     MetricSpec(
@@ -275,6 +281,7 @@ class Telemetry:
         observable("circuitwatch.producer.encode.time", observe("encode_ns", 1e-9))
         observable("circuitwatch.producer.steps_encoded", observe("steps_encoded"))
         observable("circuitwatch.producer.engine_step.wait_timeouts", observe("engine_step_wait_timeouts"))
+        observable("circuitwatch.producer.steps_coalesced", observe("steps_coalesced"))
         if counters is not None:
             observable(
                 "circuitwatch.report.handoff.timeouts",

@@ -19,7 +19,7 @@ from circuitwatch.plugin.config import (
     SidecarTarget,
     load_plugin_config,
 )
-from circuitwatch.plugin.emitter import BuiltBatch, Emitter
+from circuitwatch.plugin.emitter import COALESCE_MAX_ROWS, COALESCE_MAX_STEPS, BuiltBatch, Emitter, batches_to_join
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
 from circuitwatch.plugin.taps import TAPS, install_taps
 from circuitwatch.proto import circuitwatch_pb2 as pb
@@ -277,6 +277,15 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             emitter.close(2)
 
 
+def test_a_joined_message_takes_queued_batches_up_to_its_step_and_row_bounds_and_always_the_first() -> None:
+    assert batches_to_join([]) == 0
+    assert batches_to_join([5] * (COALESCE_MAX_STEPS + 3)) == COALESCE_MAX_STEPS
+    assert batches_to_join([COALESCE_MAX_ROWS + 1, 1]) == 1  # the first goes even alone over the row bound
+    assert batches_to_join([COALESCE_MAX_ROWS - 10, 10, 1]) == 2  # up to the bound exactly
+    assert batches_to_join([COALESCE_MAX_ROWS - 10, 11, 1]) == 1  # not past it, even when a later one would fit
+    assert batches_to_join(iter([64, 64, 64])) == 3  # any iterable: the emitter passes a view of its queue
+
+
 @pytest.mark.parametrize("max_bytes", [None, 1], ids=["joined", "byte-bound"])
 def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_that_finished_requests(
     tmp_path: Path, monkeypatch, max_bytes: int | None
@@ -340,6 +349,7 @@ def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_th
                 assert report.coverage.positions_seen == request.num_positions
             messages = 2 if max_bytes is None else queued  # one per finishing step, or one per step
             assert emitter.counters["steps_coalesced"] == queued - messages
+            assert emitter.stats().steps_coalesced == queued - messages  # relayed to the sidecar's metrics
             assert running.core.counters["batches"] - batches_before == 1 + messages  # and the held batch
             assert emitter.counters["finishes_in_batches"] == 3 and emitter.counters["sent_finish"] == 1
             assert running.core.counters["duplicate_finishes"] == 0

@@ -155,6 +155,7 @@ def test_prometheus_names_units_and_labels(tmp_path: Path) -> None:
     assert scrape.values("circuitwatch_fidelity_error_ratio_count", sae="sae-l1", low_fidelity="false") == [6]
     assert scrape.values("circuitwatch_producer_queue_depth") == [5]  # the latest stats (producer_host label)
     assert scrape.values("circuitwatch_producer_engine_step_wait_timeouts_total") == [5]
+    assert scrape.values("circuitwatch_producer_steps_coalesced_total") == [15]
     assert scrape.values("circuitwatch_report_handoff_timeouts_total") == [0]
 
 

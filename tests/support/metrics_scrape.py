@@ -82,6 +82,7 @@ def traffic(rng: np.random.Generator, count: int = 6) -> tuple[list[pb.IngestMes
             steps_encoded=10 * (i + 1),
             encode_ns=2_000_000,
             engine_step_wait_timeouts=i,
+            steps_coalesced=3 * i,
         )
         messages.append(pb.IngestMessage(codes=pb.CodeBatch(step=i + 1, slices=slices, stats=stats)))
         gaps = [pb.Gap(slot=s, start=0, end=gap_end, reason=pb.GAP_REASON_PREFIX_CACHE) for s in (0, 1) if gap_end]
