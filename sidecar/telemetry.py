@@ -96,6 +96,17 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch_ingest_lag_seconds",
     ),
     MetricSpec(
+        "circuitwatch.ingest.batch.duration", "histogram", "s", (),
+        "Wall time to take in one code batch (decode, index, the requests it adds to, the reports it completes)",
+        "circuitwatch_ingest_batch_duration_seconds",
+    ),
+    MetricSpec(
+        "circuitwatch.ingest.batch.cpu_time", "histogram", "s", (),
+        "CPU time of the thread that took in one code batch: well below its wall time, the sidecar waited (for its "
+        "interpreter or a starved host), not worked",
+        "circuitwatch_ingest_batch_cpu_time_seconds",
+    ),
+    MetricSpec(
         "circuitwatch.fidelity.error_ratio", "histogram", "1", ("sae", "low_fidelity"),
         "Mean relative reconstruction error per request and SAE slot", "circuitwatch_fidelity_error_ratio",
     ),
@@ -349,6 +360,8 @@ class Telemetry:
             postings=counter("circuitwatch.codes.ingested"),
             report_latency=histogram("circuitwatch.report.latency", LATENCY_BUCKETS_S),
             ingest_lag=histogram("circuitwatch.ingest.lag", LATENCY_BUCKETS_S),
+            batch_duration=histogram("circuitwatch.ingest.batch.duration", LATENCY_BUCKETS_S),
+            batch_cpu_time=histogram("circuitwatch.ingest.batch.cpu_time", LATENCY_BUCKETS_S),
         )
 
     def report_finished(self, report: pb.Report) -> None:
@@ -483,6 +496,14 @@ class SidecarInstruments:
     postings: object
     report_latency: object
     ingest_lag: object
+    batch_duration: object
+    batch_cpu_time: object
+
+    def code_batch(self, wall_ns: int, cpu_ns: int) -> None:
+        """One code batch's ingest: its wall time and its thread's CPU time, apart (a host that starves the
+        sidecar shows as wall time far above CPU time; the sidecar's own cost, as CPU time)."""
+        self.batch_duration.record(wall_ns / 1e9)
+        self.batch_cpu_time.record(cpu_ns / 1e9)
 
     def report(self, report: pb.Report, finish_received_ns: int) -> None:
         for flag in report.flags:
