@@ -115,9 +115,11 @@ class SidecarCore:
             stream.active = True
             self.registry.mark_used(stream.slots.values())  # from now on its SAEs may be referenced anywhere
         if kind == "codes":
-            wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
+            wall = time.perf_counter_ns()
+            cpu = time.thread_time_ns()  # read inside the wall interval, so the CPU time is within it
             self._ingest_codes(stream, message.codes)
-            self.instruments.code_batch(time.perf_counter_ns() - wall, time.thread_time_ns() - cpu)
+            cpu = time.thread_time_ns() - cpu
+            self.instruments.code_batch(time.perf_counter_ns() - wall, cpu)
         elif kind == "start":
             self._start(stream, message.start)
         elif kind == "finish":

@@ -145,7 +145,8 @@ def test_prometheus_names_units_and_labels(tmp_path: Path) -> None:
     cpu_s = scrape.values("circuitwatch_ingest_batch_cpu_time_seconds_sum")
     for histogram in ("circuitwatch_ingest_batch_duration_seconds", "circuitwatch_ingest_batch_cpu_time_seconds"):
         assert scrape.values(f"{histogram}_count") == [len(scrape.request_ids)], histogram
-    assert len(wall_s) == len(cpu_s) == 1 and 0 < cpu_s[0] <= wall_s[0] < 5, (wall_s, cpu_s)
+    # (1% for the two clocks' accounting: the CPU interval is read inside the wall one)
+    assert len(wall_s) == len(cpu_s) == 1 and 0 < cpu_s[0] <= 1.01 * wall_s[0] < 5, (wall_s, cpu_s)
     assert scrape.values("circuitwatch_producer_encode_time_seconds_total") == [pytest.approx(0.002)]
     # what the traffic did, counted (see support/metrics_scrape.traffic)
     statuses = {
