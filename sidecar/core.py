@@ -115,11 +115,11 @@ class SidecarCore:
             stream.active = True
             self.registry.mark_used(stream.slots.values())  # from now on its SAEs may be referenced anywhere
         if kind == "codes":
-            wall = time.perf_counter_ns()
-            cpu = time.thread_time_ns()  # read inside the wall interval, so the CPU time is within it
+            wall_start = time.perf_counter_ns()
+            cpu_start = time.thread_time_ns()  # read inside the wall interval, so the CPU time is within it
             self._ingest_codes(stream, message.codes)
-            cpu = time.thread_time_ns() - cpu
-            self.instruments.code_batch(time.perf_counter_ns() - wall, cpu)
+            cpu_ns = time.thread_time_ns() - cpu_start
+            self.instruments.code_batch(time.perf_counter_ns() - wall_start, cpu_ns)
         elif kind == "start":
             self._start(stream, message.start)
         elif kind == "finish":
