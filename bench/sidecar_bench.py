@@ -279,6 +279,10 @@ DECODE_K = 64
 GET_REPORTS_IN_FLIGHT = 4  # GetReport calls waiting at once, for the next requests to finish
 
 
+# The emitter's linger in the bench's line for it (the plugin's coalesce_linger_ms; off by default).
+BENCH_LINGER_S = 0.1
+
+
 def decode_manifest() -> pb.Manifest:
     m = manifest()
     for slot in m.slots:
@@ -409,14 +413,22 @@ def decode_in_process(traffic) -> tuple[float, list[float], Counter]:
 
 
 def _produce(
-    port: int, steps: int, steps_per_s: float | None, out: str, finishes_in_batch: bool = False, coalesce: bool = False
+    port: int,
+    steps: int,
+    steps_per_s: float | None,
+    out: str,
+    finishes_in_batch: bool = False,
+    coalesce: bool = False,
+    linger_s: float = 0.0,
 ) -> None:
     """The producer, in its own process as the plugin's worker and engine core are: the code stream and the
     control stream with finish markers, or (`finishes_in_batch`, as the plugin sends them when the engine core
     runs in the worker's process) the finish markers inside the code batch of the step that finished their
     requests. With `coalesce`, the engine steps made while the stream was busy go as one message, as the plugin's
-    emitter sends the batches queued behind each other. Writes when each request's last codes were sent (wall
-    clock, ns)."""
+    emitter sends the batches queued behind each other; with `linger_s` too, a message also takes the steps made
+    within linger_s of its first, ending at one that finished requests (sent when that step is made) or at the
+    deadline, as the emitter does with the plugin's coalesce_linger_ms. Writes when each request's last codes were
+    sent (wall clock, ns): with a linger, that is when the step that finished it was made."""
     import json
     import threading
 
@@ -437,9 +449,16 @@ def _produce(
                 made = min(len(traffic), int((time.perf_counter() - began) * steps_per_s) + 1)
             else:
                 made = len(traffic)
+            deadline = began + first / steps_per_s + linger_s if steps_per_s else 0.0
+            if linger_s and steps_per_s:  # the steps made within the linger join too
+                made = max(made, min(len(traffic), int((deadline - began) * steps_per_s) + 1))
             # the steps the engine has made by now wait in the emitter's queue: with coalescing, they go together
             run = next_run(traffic, first, made, finishes_in_batch) if coalesce else traffic[first : first + 1]
             first += len(run)
+            if linger_s and steps_per_s:  # sent when its last step is made, or at the deadline if no step ended it
+                ended_early = first < made or bool(run[-1][1])
+                send_at = began + (first - 1) / steps_per_s if ended_early else deadline
+                time.sleep(max(0.0, send_at - time.perf_counter()))
             codes, finishes = joined(run)
             if finishes_in_batch:
                 codes.codes.finishes.extend(f.finish for f in finishes)
@@ -495,6 +514,7 @@ def decode_through_grpc(
     finishes_in_batch: bool = False,
     relay: bool = False,
     coalesce: bool = False,
+    linger_s: float = 0.0,
 ) -> GrpcRun:
     """The real sidecar server (the CLI, in its own process as deployed) on 127.0.0.1, the producer in another
     process, and the reports read here, from outside the sidecar's process: on a WatchReports stream, and (with
@@ -549,7 +569,7 @@ def decode_through_grpc(
         time.sleep(0.2)
         out = str(Path(tmp) / "producer.json")
         producer = multiprocessing.get_context("spawn").Process(
-            target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch, coalesce)
+            target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch, coalesce, linger_s)
         )
         cpu_before = process_cpu_seconds(endpoint_pid)
         producer.start()
@@ -718,21 +738,34 @@ def decode_section(steps: int) -> None:
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
         f"reports {dict(run.statuses)} {_pace(pace)}"
     )
-    in_batch: dict[bool, tuple[float, float]] = {}  # coalesce -> (p50, p99)
-    for coalesce in (False, True):
+    in_batch: dict[tuple[bool, float], tuple[float, float]] = {}  # (coalesce, linger_s) -> (p50, p99)
+    for coalesce, linger_s in ((False, 0.0), (True, 0.0), (True, BENCH_LINGER_S)):
         with host_pace() as pace:
-            run = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, coalesce=coalesce)
+            run = decode_through_grpc(
+                steps, steps_per_s=step_rate, finishes_in_batch=True, coalesce=coalesce, linger_s=linger_s
+            )
         p50, _, p99 = percentiles(run.latencies["watch"])
-        in_batch[coalesce] = p50, p99
-        what = (
-            f"the same with the emitter's coalescing (the steps made while the stream was busy go in one message: "
-            f"{run.messages} messages)"
-            if coalesce
-            else "the same with each finish marker inside the code batch of its step (the plugin, when vLLM's "
-            "engine core runs in the worker's process)"
+        in_batch[coalesce, linger_s] = p50, p99
+        if linger_s:
+            what = (
+                f"the same with coalesce_linger_ms: {linger_s * 1e3:.0f} (a step's batch waits up to that long for "
+                f"the steps behind it, and a step that finished requests ends the wait: {run.messages} messages)"
+            )
+        elif coalesce:
+            what = (
+                f"the same with the emitter's coalescing (the steps made while the stream was busy go in one "
+                f"message: {run.messages} messages)"
+            )
+        else:
+            what = (
+                "the same with each finish marker inside the code batch of its step (the plugin, when vLLM's "
+                "engine core runs in the worker's process)"
+            )
+        print(
+            f"  {what}: WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; the sidecar's process used "
+            f"{run.endpoint_cpu_s:.1f} CPU s; reports {dict(run.statuses)} {_pace(pace)}"
         )
-        print(f"  {what}: WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; reports {dict(run.statuses)} {_pace(pace)}")
-    p50, p99 = in_batch[False]
+    p50, p99 = in_batch[False, 0.0]
     with host_pace() as pace:
         relayed = decode_through_grpc(steps, steps_per_s=step_rate, finishes_in_batch=True, relay=True)
     f50, _, f99 = percentiles(relayed.latencies["watch"])

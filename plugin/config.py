@@ -130,6 +130,11 @@ class PluginConfig(_Strict):
     prefix_cache: Literal["bypass", "accept_gaps"] = "bypass"
     # Code batches waiting for the sidecar; beyond this the oldest are dropped and counted as gaps.
     queue_max_batches: int = Field(1024, gt=0)
+    # The longest a step's code batch waits for the steps behind it, to go as one message (fewer, larger messages:
+    # less of the sidecar's CPU per token). A step that finished requests ends the wait at once, so reports never
+    # wait; codes of running requests (abort circuits, queries over them) reach the sidecar up to this much later.
+    # Only where finish markers ride in code batches (vLLM's engine core in the worker's process); 0: off.
+    coalesce_linger_ms: float = Field(0.0, ge=0, le=1000)
     # The `circuitwatch` object in OpenAI responses, and how long the API server waits for the final report.
     responses: bool = True
     response_deadline_ms: float = Field(50.0, ge=0)

@@ -11,7 +11,9 @@ reopened with exponential back-off and begins again with the manifest, then with
 with the old stream (resend.py). Where vLLM's engine core runs in the same process (one GPU: the uni-process
 executor), finish markers share this stream and ride in the code batch of the step that finished their requests
 (engine_step_done), so the sidecar finalises them before that step's other slices; only for a sidecar that
-announced it reads them (contract 6, in the call's initial metadata).
+announced it reads them (contract 6, in the call's initial metadata). There, and only there, a code batch may also
+wait a while (linger_s, the plugin's coalesce_linger_ms) for the steps behind it, so that the sidecar gets fewer,
+larger messages at any load: the wait ends at once at a step that finished requests, so no report waits for it.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class _Item:
     build: Callable[[], BuiltBatch] | None = None
     step: int = 0
     engine_steps_done: int = 0  # engine steps finished when the batch was submitted (ENGINE_STEP_WAIT_S)
+    submitted: float = 0.0  # time.monotonic() at submit: a lingering message's deadline counts from its first
+    step_end_awaited: bool = False  # the end of its engine step came, or was waited for in vain
 
     @property
     def droppable(self) -> bool:
@@ -111,10 +115,13 @@ class Emitter:
     """One producer stream to the sidecar, fed from a bounded queue by the step path and drained by a daemon
     thread that (re)connects, sends the manifest first, and turns what it cannot send into gaps."""
 
-    def __init__(self, target: SidecarTarget, manifest: pb.Manifest, max_batches: int) -> None:
+    def __init__(self, target: SidecarTarget, manifest: pb.Manifest, max_batches: int, linger_s: float = 0.0) -> None:
         self.target = target
         self.manifest = manifest
         self.max_batches = max_batches
+        # the longest a code batch waits for the steps behind it (_linger); 0: it goes as soon as it is built
+        self.linger_s = linger_s
+        self._linger_unavailable_logged = False
         self.counters: Counter[str] = Counter()
         self.connected = False
         self._queue: deque[_Item] = deque()
@@ -143,7 +150,9 @@ class Emitter:
         with self._cv:
             self._step += 1
             engine_steps = self._engine_steps_done or 0
-            self._queue.append(_Item(None, ranges, build=build, step=self._step, engine_steps_done=engine_steps))
+            item = _Item(None, ranges, build=build, step=self._step, engine_steps_done=engine_steps)
+            item.submitted = time.monotonic()
+            self._queue.append(item)
             self._batches_queued += 1
             while self._batches_queued > self.max_batches:
                 self._drop_oldest_batch()
@@ -224,6 +233,10 @@ class Emitter:
                 else:
                     run = self._next_run()
                     message = None
+                    if run[0].build is not None and self.linger_s > 0:
+                        run = self._linger(run, done)
+                        if run is None:  # the stream ended while the run waited: it is back in the queue
+                            return
             if message is None and run[0].build is None:
                 message = run[0].message
             elif message is None:
@@ -251,6 +264,67 @@ class Emitter:
         self._batches_queued -= len(run)
         return run
 
+    def _linger(self, run: list[_Item], done: threading.Event) -> list[_Item] | None:
+        """The run, grown by the code batches of the engine steps made within linger_s of its first batch's submit
+        (under the lock). It ends at once at a step that finished requests (their finish markers are queued behind
+        its batch when the step is over: they ride in this message, so no report waits for the linger), at
+        anything else queued (a start, gaps), at the bounds of batches_to_join, and when the emitter stops. Only
+        where finish markers ride in code batches (the engine core in this process, a sidecar reading contract 6);
+        elsewhere the emitter cannot tell a finishing step, and a report would wait, so the run goes as it is.
+        None: the stream ended meanwhile, and the run went back to the head of the queue."""
+        if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
+            if not self._linger_unavailable_logged:
+                self._linger_unavailable_logged = True
+                log.info(
+                    "circuitwatch: coalesce_linger_ms has no effect here: finish markers do not ride in code batches "
+                    "(vLLM's engine core runs in another process, or the sidecar is older than contract %d), so "
+                    "a lingering batch would delay reports",
+                    FINISHES_IN_BATCHES_SINCE,
+                )
+            return run
+        deadline = run[0].submitted + self.linger_s
+        while True:
+            self._await_step_end(run[-1])
+            if done.is_set():
+                self._requeue(run)
+                return None
+            if self._stopping or (self._queue and self._queue[0].is_finish):
+                return run
+            while not self._queue and not self._pending_gaps and not self._stopping and not done.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            if done.is_set():
+                self._requeue(run)
+                return None
+            if self._pending_gaps or not self._queue or self._queue[0].build is None:
+                return run
+            if batches_to_join(_rows(item) for item in [*run, self._queue[0]]) <= len(run):
+                return run
+            run.append(self._queue.popleft())
+            self._batches_queued -= 1
+            self.counters["steps_lingered"] += 1
+
+    def _requeue(self, run: list[_Item]) -> None:
+        """Put a run back at the head of the queue, in order (under the lock)."""
+        self._queue.extendleft(reversed(run))
+        self._batches_queued += len(run)
+
+    def _await_step_end(self, item: _Item) -> None:
+        """Wait (under the lock, ENGINE_STEP_WAIT_S at most, once per batch) for the end of the engine step that made
+        the batch: then the finish markers of the requests it finished are queued right behind it."""
+        if item.step_end_awaited or self._engine_steps_done is None:
+            return
+        item.step_end_awaited = True
+        deadline = time.monotonic() + ENGINE_STEP_WAIT_S
+        while self._engine_steps_done <= item.engine_steps_done and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.counters["engine_step_waits_timed_out"] += 1
+                return
+            self._cv.wait(left)
+
     def _built_message(self, run: list[_Item]) -> pb.IngestMessage | None:
         """Build the run's code batches (outside the lock: may wait for device copies) into one CodeBatch; a batch
         that fails to build has its rows reported as gaps. Once the codes built pass COALESCE_MAX_BYTES, the
@@ -260,8 +334,7 @@ class Emitter:
         for index, item in enumerate(run):
             if index and size > COALESCE_MAX_BYTES:
                 with self._cv:
-                    self._queue.extendleft(reversed(run[index:]))
-                    self._batches_queued += len(run) - index
+                    self._requeue(run[index:])
                 break
             taken = index + 1
             try:
@@ -292,13 +365,7 @@ class Emitter:
         with self._cv:
             if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
                 return []
-            deadline = time.monotonic() + ENGINE_STEP_WAIT_S
-            while self._engine_steps_done <= item.engine_steps_done and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self.counters["engine_step_waits_timed_out"] += 1
-                    break
-                self._cv.wait(left)
+            self._await_step_end(item)
             finishes = []
             while self._queue and self._queue[0].is_finish:
                 finishes.append(self._queue.popleft().message.finish)
@@ -361,6 +428,8 @@ class Emitter:
             finally:
                 self.connected = False
                 done.set()
+                with self._cv:
+                    self._cv.notify_all()  # a run lingering for later steps goes back to the queue (_linger)
                 channel.close()
             with self._cv:
                 if self._stopping:

@@ -80,7 +80,9 @@ class WorkerPlugin:
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
             slots=[slot_proto(s) for s in self.slots],
         )
-        self.emitter = Emitter(config.sidecar, self.manifest, config.queue_max_batches)
+        self.emitter = Emitter(
+            config.sidecar, self.manifest, config.queue_max_batches, linger_s=config.coalesce_linger_ms / 1e3
+        )
         if len(self.slots) == len(config.slots):  # an engine core in this process sends its finishes with our codes
             PROCESS.code_emitter = self.emitter
         self.requests: dict[str, TrackedRequest] = {}

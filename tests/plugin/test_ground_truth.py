@@ -106,7 +106,10 @@ def test_codes_equal_ground_truth(
     # retries often, so the engine's steps wait for it only briefly (SidecarStartedLate).
     retry = {"reconnect_min_s": 0.05, "reconnect_max_s": 0.2} if enforce_eager else {}
     sidecar_target = {"address": f"127.0.0.1:{port}", **retry}
-    plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, port, sidecar=sidecar_target)
+    # Compiled: the sidecar is up from the start, and each step's batch lingers for the steps behind it (up to a
+    # step that finished requests), so the codes checked below went as the emitter joins them by waiting.
+    linger = {} if enforce_eager else {"coalesce_linger_ms": 250}
+    plugin_config = write_plugin_config(tmp_path / "plugin.json", fixtures, port, sidecar=sidecar_target, **linger)
     monkeypatch.setenv("CIRCUITWATCH_CONFIG", str(plugin_config))
     sidecar = SidecarStartedLate(config, monkeypatch) if enforce_eager else None
     running = None if enforce_eager else start(config)
@@ -151,6 +154,8 @@ def test_codes_equal_ground_truth(
                 sidecar.queued,
                 PROCESS.code_emitter.counters,
             )
+        else:  # the codes above went in messages that waited for later steps: joined slices, same codes
+            assert PROCESS.code_emitter.counters["steps_lingered"] > 0, PROCESS.code_emitter.counters
         assert running.core.counters["duplicate_finishes"] == 0
         assert not PROCESS.finish_notifier.has_own_stream  # so the engine core opened no control stream
         assert len(outputs) >= 16

@@ -23,6 +23,7 @@ from circuitwatch.plugin.emitter import COALESCE_MAX_ROWS, COALESCE_MAX_STEPS, B
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
 from circuitwatch.plugin.taps import TAPS, install_taps
 from circuitwatch.proto import circuitwatch_pb2 as pb
+from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
 from support.processes import free_port
 from support.sidecar_harness import SyntheticRequest, manifest, running_sidecar
@@ -66,6 +67,14 @@ def test_config_file_and_additional_config(tmp_path: Path) -> None:
         ("slots: [{layer: 1, sae: x, k: 0}]\n", r"slots.0.k: Input should be greater than 0"),
         ("slots: [{layer: 1, sae: x}]\nsidecar: {adress: y}\n", r"sidecar.adress: Extra inputs are not permitted"),
         ("slots: [{layer: 1, sae: x}, {layer: 1, sae: x}]\n", r"slots\[1\] repeats layer 1"),
+        (
+            "slots: [{layer: 1, sae: x}]\ncoalesce_linger_ms: -5\n",
+            r"coalesce_linger_ms: Input should be greater than or equal to 0",
+        ),
+        (
+            "slots: [{layer: 1, sae: x}]\ncoalesce_linger_ms: 60000\n",
+            r"coalesce_linger_ms: Input should be less than or equal to 1000",
+        ),
         ("slots: [\n", r"not valid YAML"),
     ],
 )
@@ -408,6 +417,168 @@ def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it
     finally:
         emitter.close(2)
         server.stop(0)
+
+
+def connected_with_finishes_in_batches(emitter: Emitter, client, rng: np.random.Generator) -> None:
+    """Send one request the plain way (the emitter connects and learns that the sidecar reads finishes in
+    batches), then report the engine core as running in the emitter's process."""
+    first = SyntheticRequest.random(rng, f"connect-{rng.integers(1 << 30)}")
+    submit_slices(emitter, whole(first))
+    emitter.submit(pb.IngestMessage(finish=first.finish()))
+    assert client.report(first.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+    emitter.engine_step_done()
+
+
+def run_steps(emitter: Emitter, requests: list[SyntheticRequest], rows_per_step: int) -> None:
+    """The requests decoded side by side, `rows_per_step` positions a step: each step's batch, the finish markers
+    of the requests it finished, then the end of the step, as vLLM's engine core in the worker's process does. The
+    next step comes once the sending thread has taken the batch, so nothing queues behind a send."""
+    steps = [request.chunks(rows_per_step) for request in requests]
+    for step in range(max(len(chunks) for chunks in steps)):
+        live = [(r, chunks) for r, chunks in zip(requests, steps, strict=True) if step < len(chunks)]
+        submit_slices(emitter, [r.slice(slot, *chunks[step]) for r, chunks in live for slot in (0, 1)])
+        for request, chunks in live:
+            if step == len(chunks) - 1:
+                emitter.submit(pb.IngestMessage(finish=request.finish()))
+        emitter.engine_step_done()
+        deadline = time.monotonic() + 10
+        while emitter.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert emitter.queue_depth == 0
+
+
+def test_with_a_linger_code_batches_wait_for_later_steps_until_a_step_finishes_requests(tmp_path: Path) -> None:
+    """coalesce_linger_ms: each step's batch waits for the steps behind it, and a step that finished requests ends
+    the wait at once, its finish markers inside. With a linger far longer than the test, only the finishing steps
+    can end a message: two requests finishing at different steps make exactly two messages, every step's codes
+    land exactly (the real sidecar's stored codes), and both reports are complete without waiting for the linger."""
+    from support.sidecar_harness import codes_in_sidecar
+
+    rng = np.random.default_rng(11)
+    requests = [SyntheticRequest.random(rng, f"linger-{i}") for i in range(2)]
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=100, linger_s=600)
+        try:
+            connected_with_finishes_in_batches(emitter, client, rng)
+            batches_before = running.core.counters["batches"]
+            rows_per_step = 4
+            assert len({len(r.chunks(rows_per_step)) for r in requests}) == 2  # they finish at different steps
+            run_steps(emitter, requests, rows_per_step)
+            for request in requests:
+                report = client.report(request.request_id, wait_ms=10_000)
+                assert report.status == pb.REPORT_STATUS_COMPLETE
+                assert report.coverage.positions_seen == request.num_positions
+            steps = max(len(r.chunks(rows_per_step)) for r in requests)
+            assert running.core.counters["batches"] - batches_before == 2
+            assert emitter.counters["steps_coalesced"] == steps - 2
+            assert emitter.counters["steps_lingered"] == steps - 2  # every step joined by waiting for it
+            assert emitter.counters["finishes_in_batches"] == 2  # and the connecting request's went alone:
+            assert emitter.counters["sent_finish"] == 1
+            stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
+            for request in requests:
+                expected = {
+                    (slot, p): (request.tokens[p], rows[p])
+                    for slot, rows in request.codes.items()
+                    for p in range(request.num_positions)
+                }
+                assert codes_in_sidecar(stub, request.request_id) == expected
+        finally:
+            emitter.close(2)
+
+
+def test_with_a_linger_a_batch_no_later_step_joins_goes_at_its_deadline(tmp_path: Path) -> None:
+    """An engine that makes no further step (idle, or between requests): the lingering batch goes once linger_s
+    has passed since it was submitted, not before, and not never."""
+    rng = np.random.default_rng(12)
+    request = SyntheticRequest.random(rng, "lingering")
+    linger_s = 0.5
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(
+            SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=100, linger_s=linger_s
+        )
+        try:
+            connected_with_finishes_in_batches(emitter, client, rng)
+            batches_before = running.core.counters["batches"]
+            submitted = time.monotonic()
+            submit_slices(emitter, whole(request))
+            emitter.engine_step_done()  # the step finished no request
+            deadline = submitted + 10
+            while running.core.counters["batches"] == batches_before and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert running.core.counters["batches"] == batches_before + 1
+            assert time.monotonic() - submitted >= linger_s
+            assert running.core.is_open("lingering")  # its codes are in; no finish yet
+        finally:
+            emitter.close(2)
+
+
+def test_a_linger_has_no_effect_where_finish_markers_do_not_ride_in_code_batches(tmp_path: Path) -> None:
+    """With vLLM's engine core in another process (no engine_step_done here) the emitter cannot tell a finishing
+    step, so a lingering batch would hold reports back: every batch goes at once, whatever linger_s says."""
+    rng = np.random.default_rng(13)
+    request = SyntheticRequest.random(rng, "not-lingering")
+    with running_sidecar(tmp_path) as (running, client):
+        emitter = Emitter(SidecarTarget(address=f"127.0.0.1:{running.port}"), manifest(), max_batches=100, linger_s=600)
+        try:
+            for a, b in request.chunks(4):
+                before = running.core.counters["batches"]
+                submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
+                deadline = time.monotonic() + 10
+                while running.core.counters["batches"] == before and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                assert running.core.counters["batches"] == before + 1  # one message per batch, none waiting
+            emitter.submit(pb.IngestMessage(finish=request.finish()))
+            assert client.report("not-lingering", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+            assert emitter.counters["steps_lingered"] == 0
+        finally:
+            emitter.close(2)
+
+
+def test_a_run_lingering_when_the_stream_breaks_goes_to_the_next_sidecar(tmp_path: Path) -> None:
+    """The sidecar goes away while a run waits for later steps: the run goes back to the queue, not into the
+    broken stream, and the sidecar that comes up next gets it; the request's report is complete."""
+    from circuitwatch.sidecar import SidecarConfig
+    from circuitwatch.sidecar.server import start
+
+    from support.sidecar_harness import Client
+
+    rng = np.random.default_rng(14)
+    request = SyntheticRequest.random(rng, "outlives-a-sidecar")
+    port = free_port()
+    target = SidecarTarget(address=f"127.0.0.1:{port}", reconnect_min_s=0.05, reconnect_max_s=0.2)
+    emitter = Emitter(target, manifest(), max_batches=100, linger_s=600)
+    running = start(SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "first"))
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=10)
+        connected_with_finishes_in_batches(emitter, Client(channel, pb_grpc.MonitorStub(channel)), rng)
+        steps = request.chunks(4)
+        for a, b in steps[:-1]:  # every step but the last: they linger, waiting for the finishing one
+            submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
+            emitter.engine_step_done()
+        deadline = time.monotonic() + 10
+        while emitter.queue_depth and time.monotonic() < deadline:  # the sending thread holds them
+            time.sleep(0.005)
+        assert emitter.queue_depth == 0 and running.core.counters["batches"] == 1  # only the connecting request's
+        running.stop(grace_s=0.5)
+        deadline = time.monotonic() + 10
+        while emitter.queue_depth != len(steps) - 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert emitter.queue_depth == len(steps) - 1  # back in the queue, in order
+        running = start(SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "second"))
+        a, b = steps[-1]
+        submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
+        emitter.submit(pb.IngestMessage(finish=request.finish()))
+        emitter.engine_step_done()
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=10)
+        report = Client(channel, pb_grpc.MonitorStub(channel)).report("outlives-a-sidecar", wait_ms=10_000)
+        assert report.status == pb.REPORT_STATUS_COMPLETE
+        assert report.coverage.positions_seen == request.num_positions
+        assert emitter.counters["batches_dropped"] == 0
+    finally:
+        emitter.close(2)
+        running.stop(1)
 
 
 def test_a_finish_sent_inside_a_code_batch_is_resent_after_a_reconnect() -> None:
