@@ -66,6 +66,10 @@ def batches_to_join(rows_per_batch: Iterable[int]) -> int:
 ENGINE_STEP_WAIT_S = 0.01
 
 
+# With a linger set, how many code batches go without it (finish markers not in batches) before the log says so.
+LINGER_UNAVAILABLE_LOGGED_AFTER = 100
+
+
 @dataclass
 class BuiltBatch:
     """What a deferred build makes: the batch's slices, and gaps it found while packing (unreadable rows)."""
@@ -121,7 +125,6 @@ class Emitter:
         self.max_batches = max_batches
         # the longest a code batch waits for the steps behind it (_linger); 0: it goes as soon as it is built
         self.linger_s = linger_s
-        self._linger_unavailable_logged = False
         self.counters: Counter[str] = Counter()
         self.connected = False
         self._queue: deque[_Item] = deque()
@@ -273,12 +276,14 @@ class Emitter:
         elsewhere the emitter cannot tell a finishing step, and a report would wait, so the run goes as it is.
         None: the stream ended meanwhile, and the run went back to the head of the queue."""
         if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
-            if not self._linger_unavailable_logged:
-                self._linger_unavailable_logged = True
-                log.info(
-                    "circuitwatch: coalesce_linger_ms has no effect here: finish markers do not ride in code batches "
-                    "(vLLM's engine core runs in another process, or the sidecar is older than contract %d), so "
-                    "a lingering batch would delay reports",
+            # the first batches go before the first engine step ends or the sidecar announces its contract: say so
+            # only once it is clearly lasting
+            self.counters["linger_unavailable"] += 1
+            if self.counters["linger_unavailable"] == LINGER_UNAVAILABLE_LOGGED_AFTER:
+                log.warning(
+                    "circuitwatch: coalesce_linger_ms has no effect: finish markers do not ride in code batches "
+                    "(vLLM's engine core runs in another process, or the sidecar has not announced contract %d), "
+                    "so a lingering batch would delay reports; batches go as soon as they are built",
                     FINISHES_IN_BATCHES_SINCE,
                 )
             return run

@@ -530,6 +530,7 @@ def test_a_linger_has_no_effect_where_finish_markers_do_not_ride_in_code_batches
             emitter.submit(pb.IngestMessage(finish=request.finish()))
             assert client.report("not-lingering", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
             assert emitter.counters["steps_lingered"] == 0
+            assert emitter.counters["linger_unavailable"] == len(request.chunks(4))  # logged once it lasts
         finally:
             emitter.close(2)
 
