@@ -203,8 +203,6 @@ def test_emitter_counts_drops_during_an_outage_and_reports_them(tmp_path: Path) 
     running = start(SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "ev"))
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-
         report = pb_grpc.MonitorStub(channel).GetReport(
             pb.GetReportRequest(request_id="during-outage", wait_ms=10_000), timeout=20, wait_for_ready=True
         )
@@ -232,6 +230,20 @@ def test_emitter_delivers_everything_when_the_sidecar_is_up(tmp_path: Path) -> N
             assert client.report(request.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
         assert emitter.counters["batches_dropped"] == 0
         emitter.close(2)
+
+
+def assert_codes_stored_exactly(port: int, requests: list[SyntheticRequest]) -> None:
+    """The sidecar holds exactly each request's codes, position by position and slot by slot."""
+    from support.sidecar_harness import codes_in_sidecar
+
+    stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    for request in requests:
+        expected = {
+            (slot, p): (request.tokens[p], rows[p])
+            for slot, rows in request.codes.items()
+            for p in range(request.num_positions)
+        }
+        assert codes_in_sidecar(stub, request.request_id) == expected
 
 
 def whole(request: SyntheticRequest) -> list[pb.RequestSlice]:
@@ -306,9 +318,6 @@ def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_th
     inside the batches. With a byte bound below one step's codes, the rest of each run goes back to the queue:
     one message per step, in order, nothing lost."""
     from circuitwatch.plugin import emitter as emitter_module
-    from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
-
-    from support.sidecar_harness import codes_in_sidecar
 
     if max_bytes is not None:
         monkeypatch.setattr(emitter_module, "COALESCE_MAX_BYTES", max_bytes)
@@ -362,14 +371,7 @@ def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_th
             assert running.core.counters["batches"] - batches_before == 1 + messages  # and the held batch
             assert emitter.counters["finishes_in_batches"] == 3 and emitter.counters["sent_finish"] == 1
             assert running.core.counters["duplicate_finishes"] == 0
-            stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
-            for request in requests:
-                expected = {
-                    (slot, p): (request.tokens[p], rows[p])
-                    for slot, rows in request.codes.items()
-                    for p in range(request.num_positions)
-                }
-                assert codes_in_sidecar(stub, request.request_id) == expected
+            assert_codes_stored_exactly(running.port, requests)
         finally:
             emitter.close(2)
 
@@ -378,8 +380,6 @@ def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it
     """A sidecar older than contract 6 would ignore finishes inside batches (the requests would end incomplete at
     request_timeout_s): it announces no contract version, so the emitter keeps sending them on their own."""
     from concurrent import futures
-
-    from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
     received: list[pb.IngestMessage] = []
 
@@ -452,8 +452,6 @@ def test_with_a_linger_code_batches_wait_for_later_steps_until_a_step_finishes_r
     the wait at once, its finish markers inside. With a linger far longer than the test, only the finishing steps
     can end a message: two requests finishing at different steps make exactly two messages, every step's codes
     land exactly (the real sidecar's stored codes), and both reports are complete without waiting for the linger."""
-    from support.sidecar_harness import codes_in_sidecar
-
     rng = np.random.default_rng(11)
     requests = [SyntheticRequest.random(rng, f"linger-{i}") for i in range(2)]
     with running_sidecar(tmp_path) as (running, client):
@@ -474,14 +472,7 @@ def test_with_a_linger_code_batches_wait_for_later_steps_until_a_step_finishes_r
             assert emitter.counters["steps_lingered"] == steps - 2  # every step joined by waiting for it
             assert emitter.counters["finishes_in_batches"] == 2  # and the connecting request's went alone:
             assert emitter.counters["sent_finish"] == 1
-            stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{running.port}"))
-            for request in requests:
-                expected = {
-                    (slot, p): (request.tokens[p], rows[p])
-                    for slot, rows in request.codes.items()
-                    for p in range(request.num_positions)
-                }
-                assert codes_in_sidecar(stub, request.request_id) == expected
+            assert_codes_stored_exactly(running.port, requests)
         finally:
             emitter.close(2)
 
