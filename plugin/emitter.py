@@ -184,6 +184,11 @@ class Emitter:
             self.resend.forgotten(request_id, time.monotonic())
 
     @property
+    def sidecar_contract(self) -> int:
+        """The connected sidecar's contract version, once it announced it (0 until then, or from an old one)."""
+        return self._sidecar_contract
+
+    @property
     def queue_depth(self) -> int:
         return self._batches_queued
 

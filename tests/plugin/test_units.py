@@ -22,6 +22,7 @@ from circuitwatch.plugin.config import (
 from circuitwatch.plugin.emitter import COALESCE_MAX_ROWS, COALESCE_MAX_STEPS, BuiltBatch, Emitter, batches_to_join
 from circuitwatch.plugin.rowmap import rows_from_batch, rows_from_v1_runner, rows_from_v2_batch
 from circuitwatch.plugin.taps import TAPS, install_taps
+from circuitwatch.proto import FINISHES_IN_BATCHES_SINCE
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 
@@ -426,6 +427,10 @@ def connected_with_finishes_in_batches(emitter: Emitter, client, rng: np.random.
     submit_slices(emitter, whole(first))
     emitter.submit(pb.IngestMessage(finish=first.finish()))
     assert client.report(first.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+    deadline = time.monotonic() + 10  # the announcement is read on a thread of its own: wait for it
+    while emitter.sidecar_contract < FINISHES_IN_BATCHES_SINCE and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert emitter.sidecar_contract >= FINISHES_IN_BATCHES_SINCE
     emitter.engine_step_done()
 
 
