@@ -266,6 +266,7 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             assert client.report("alone", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
             assert emitter.counters["sent_finish"] == 1 and emitter.counters["finishes_in_batches"] == 0
 
+            await_finishes_in_batches(emitter)
             emitter.engine_step_done()  # the engine core runs here: from now on batches wait for their step
             step_over = threading.Event()
 
@@ -331,6 +332,7 @@ def test_code_batches_queued_behind_each_other_go_as_one_message_up_to_a_step_th
             submit_slices(emitter, whole(blocker))  # connects, and learns the sidecar reads finishes in batches
             emitter.submit(pb.IngestMessage(finish=blocker.finish()))
             assert client.report("blocker", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
+            await_finishes_in_batches(emitter)
             emitter.engine_step_done()  # the engine core runs in this process
             batches_before = running.core.counters["batches"]
             building, hold = threading.Event(), threading.Event()
@@ -420,6 +422,15 @@ def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it
         server.stop(0)
 
 
+def await_finishes_in_batches(emitter: Emitter) -> None:
+    """Until the connected sidecar's contract announcement is read (on a thread of its own) and says it reads
+    finish markers inside code batches."""
+    deadline = time.monotonic() + 10
+    while emitter.sidecar_contract < FINISHES_IN_BATCHES_SINCE and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert emitter.sidecar_contract >= FINISHES_IN_BATCHES_SINCE
+
+
 def connected_with_finishes_in_batches(emitter: Emitter, client, rng: np.random.Generator) -> None:
     """Send one request the plain way (the emitter connects and learns that the sidecar reads finishes in
     batches), then report the engine core as running in the emitter's process."""
@@ -427,10 +438,7 @@ def connected_with_finishes_in_batches(emitter: Emitter, client, rng: np.random.
     submit_slices(emitter, whole(first))
     emitter.submit(pb.IngestMessage(finish=first.finish()))
     assert client.report(first.request_id, wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
-    deadline = time.monotonic() + 10  # the announcement is read on a thread of its own: wait for it
-    while emitter.sidecar_contract < FINISHES_IN_BATCHES_SINCE and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert emitter.sidecar_contract >= FINISHES_IN_BATCHES_SINCE
+    await_finishes_in_batches(emitter)
     emitter.engine_step_done()
 
 
