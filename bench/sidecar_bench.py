@@ -443,19 +443,20 @@ def _produce(
         yield pb.IngestMessage(manifest=decode_manifest())
         began = time.perf_counter()
         first = 0
+        lingering = bool(linger_s and steps_per_s)
         while first < len(traffic):
             if steps_per_s:
                 time.sleep(max(0.0, began + first / steps_per_s - time.perf_counter()))
                 made = min(len(traffic), int((time.perf_counter() - began) * steps_per_s) + 1)
             else:
                 made = len(traffic)
-            deadline = began + first / steps_per_s + linger_s if steps_per_s else 0.0
-            if linger_s and steps_per_s:  # the steps made within the linger join too
+            if lingering:  # the steps made within the linger join too
+                deadline = began + first / steps_per_s + linger_s
                 made = max(made, min(len(traffic), int((deadline - began) * steps_per_s) + 1))
             # the steps the engine has made by now wait in the emitter's queue: with coalescing, they go together
             run = next_run(traffic, first, made, finishes_in_batch) if coalesce else traffic[first : first + 1]
             first += len(run)
-            if linger_s and steps_per_s:  # sent when its last step is made, or at the deadline if no step ended it
+            if lingering:  # sent when its last step is made, or at the deadline if no step ended it
                 ended_early = first < made or bool(run[-1][1])
                 send_at = began + (first - 1) / steps_per_s if ended_early else deadline
                 time.sleep(max(0.0, send_at - time.perf_counter()))

@@ -153,8 +153,9 @@ class Emitter:
         with self._cv:
             self._step += 1
             engine_steps = self._engine_steps_done or 0
-            item = _Item(None, ranges, build=build, step=self._step, engine_steps_done=engine_steps)
-            item.submitted = time.monotonic()
+            item = _Item(
+                None, ranges, build=build, step=self._step, engine_steps_done=engine_steps, submitted=time.monotonic()
+            )
             self._queue.append(item)
             self._batches_queued += 1
             while self._batches_queued > self.max_batches:
@@ -280,7 +281,7 @@ class Emitter:
         where finish markers ride in code batches (the engine core in this process, a sidecar reading contract 6);
         elsewhere the emitter cannot tell a finishing step, and a report would wait, so the run goes as it is.
         None: the stream ended meanwhile, and the run went back to the head of the queue."""
-        if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
+        if not self._finishes_ride_in_batches():
             # the first batches go before the first engine step ends or the sidecar announces its contract: say so
             # only once it is clearly lasting
             self.counters["linger_unavailable"] += 1
@@ -294,20 +295,16 @@ class Emitter:
             return run
         deadline = run[0].submitted + self.linger_s
         while True:
-            self._await_step_end(run[-1])
+            self._await_step_end(run[-1])  # once per batch: a no-op when the loop comes back after a wait
             if done.is_set():
                 self._requeue(run)
                 return None
             if self._stopping or (self._queue and self._queue[0].is_finish):
                 return run
-            while not self._queue and not self._pending_gaps and not self._stopping and not done.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cv.wait(left)
-            if done.is_set():
-                self._requeue(run)
-                return None
+            left = deadline - time.monotonic()
+            if not self._queue and not self._pending_gaps and left > 0:
+                self._cv.wait(left)  # woken by a submit, a gap, close() or the stream's end (_run)
+                continue
             if self._pending_gaps or not self._queue or self._queue[0].build is None:
                 return run
             if batches_to_join(_rows(item) for item in [*run, self._queue[0]]) <= len(run):
@@ -315,6 +312,11 @@ class Emitter:
             run.append(self._queue.popleft())
             self._batches_queued -= 1
             self.counters["steps_lingered"] += 1
+
+    def _finishes_ride_in_batches(self) -> bool:
+        """The engine core runs in this process and the connected sidecar announced it reads finish markers inside
+        code batches (under the lock)."""
+        return self._engine_steps_done is not None and self._sidecar_contract >= FINISHES_IN_BATCHES_SINCE
 
     def _requeue(self, run: list[_Item]) -> None:
         """Put a run back at the head of the queue, in order (under the lock)."""
@@ -373,7 +375,7 @@ class Emitter:
         """With the engine core in this process: the finish markers queued right behind the batch once the engine
         step that made it is over (waited for up to ENGINE_STEP_WAIT_S); they leave the queue with the batch."""
         with self._cv:
-            if self._engine_steps_done is None or self._sidecar_contract < FINISHES_IN_BATCHES_SINCE:
+            if not self._finishes_ride_in_batches():
                 return []
             self._await_step_end(item)
             finishes = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -182,6 +183,13 @@ def test_tap_runs_every_real_step_and_never_outside_one(compiled: bool) -> None:
 # --- the emitter ------------------------------------------------------------------------------------------------
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll until the condition holds or the timeout passes; the caller asserts what it expects afterwards."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 def submit_slices(emitter: Emitter, slices: list[pb.RequestSlice]) -> None:
     """A code batch already packed, submitted the way the worker submits its deferred batches."""
     ranges = [(s.request_id, s.slot, s.first_position, s.first_position + s.num_rows) for s in slices]
@@ -289,9 +297,7 @@ def test_with_the_engine_core_in_process_a_code_batch_carries_the_finishes_of_it
             # a step whose end is not reported in time: the batch goes without waiting longer
             late = SyntheticRequest.random(rng, "late")
             submit_slices(emitter, whole(late))
-            deadline = time.monotonic() + 10
-            while emitter.counters["engine_step_waits_timed_out"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_until(lambda: emitter.counters["engine_step_waits_timed_out"] != 0)
             emitter.submit(pb.IngestMessage(finish=late.finish()))
             assert client.report("late", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
             assert emitter.counters["engine_step_waits_timed_out"] == 1 and emitter.counters["sent_finish"] == 2
@@ -411,9 +417,7 @@ def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it
         emitter.submit(pb.IngestMessage(finish=request.finish()))
         emitter.engine_step_done()
         step_over.set()
-        deadline = time.monotonic() + 10
-        while not any(m.HasField("finish") for m in received) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: any(m.HasField("finish") for m in received))
         kinds = [m.WhichOneof("kind") for m in received]
         assert kinds == ["manifest", "codes", "finish"]
         assert not received[1].codes.finishes and emitter.counters["finishes_in_batches"] == 0
@@ -425,9 +429,7 @@ def test_finishes_stay_separate_messages_for_a_sidecar_that_does_not_announce_it
 def await_finishes_in_batches(emitter: Emitter) -> None:
     """Until the connected sidecar's contract announcement is read (on a thread of its own) and says it reads
     finish markers inside code batches."""
-    deadline = time.monotonic() + 10
-    while emitter.sidecar_contract < FINISHES_IN_BATCHES_SINCE and time.monotonic() < deadline:
-        time.sleep(0.002)
+    wait_until(lambda: emitter.sidecar_contract >= FINISHES_IN_BATCHES_SINCE)
     assert emitter.sidecar_contract >= FINISHES_IN_BATCHES_SINCE
 
 
@@ -454,9 +456,7 @@ def run_steps(emitter: Emitter, requests: list[SyntheticRequest], rows_per_step:
             if step == len(chunks) - 1:
                 emitter.submit(pb.IngestMessage(finish=request.finish()))
         emitter.engine_step_done()
-        deadline = time.monotonic() + 10
-        while emitter.queue_depth and time.monotonic() < deadline:
-            time.sleep(0.002)
+        wait_until(lambda: not emitter.queue_depth)
         assert emitter.queue_depth == 0
 
 
@@ -506,9 +506,7 @@ def test_with_a_linger_a_batch_no_later_step_joins_goes_at_its_deadline(tmp_path
             submitted = time.monotonic()
             submit_slices(emitter, whole(request))
             emitter.engine_step_done()  # the step finished no request
-            deadline = submitted + 10
-            while running.core.counters["batches"] == batches_before and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_until(lambda: running.core.counters["batches"] != batches_before)
             assert running.core.counters["batches"] == batches_before + 1
             assert time.monotonic() - submitted >= linger_s
             assert running.core.is_open("lingering")  # its codes are in; no finish yet
@@ -527,9 +525,7 @@ def test_a_linger_has_no_effect_where_finish_markers_do_not_ride_in_code_batches
             for a, b in request.chunks(4):
                 before = running.core.counters["batches"]
                 submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
-                deadline = time.monotonic() + 10
-                while running.core.counters["batches"] == before and time.monotonic() < deadline:
-                    time.sleep(0.005)
+                wait_until(lambda before=before: running.core.counters["batches"] != before)
                 assert running.core.counters["batches"] == before + 1  # one message per batch, none waiting
             emitter.submit(pb.IngestMessage(finish=request.finish()))
             assert client.report("not-lingering", wait_ms=10_000).status == pb.REPORT_STATUS_COMPLETE
@@ -561,14 +557,10 @@ def test_a_run_lingering_when_the_stream_breaks_goes_to_the_next_sidecar(tmp_pat
         for a, b in steps[:-1]:  # every step but the last: they linger, waiting for the finishing one
             submit_slices(emitter, [request.slice(0, a, b), request.slice(1, a, b)])
             emitter.engine_step_done()
-        deadline = time.monotonic() + 10
-        while emitter.queue_depth and time.monotonic() < deadline:  # the sending thread holds them
-            time.sleep(0.005)
+        wait_until(lambda: not emitter.queue_depth)  # the sending thread holds them
         assert emitter.queue_depth == 0 and running.core.counters["batches"] == 1  # only the connecting request's
         running.stop(grace_s=0.5)
-        deadline = time.monotonic() + 10
-        while emitter.queue_depth != len(steps) - 1 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        wait_until(lambda: emitter.queue_depth == len(steps) - 1)
         assert emitter.queue_depth == len(steps) - 1  # back in the queue, in order
         running = start(SidecarConfig(listen=f"127.0.0.1:{port}", evidence_dir=tmp_path / "second"))
         a, b = steps[-1]
