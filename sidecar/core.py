@@ -60,6 +60,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class IndexedBatch:
+    """A code batch in the token index, its slices not yet all added to their requests: what adding them needs,
+    built once per batch however many lock sections the adding takes."""
+
+    def __init__(
+        self,
+        arrays: BatchArrays,
+        states: list[RequestState],
+        gslots: np.ndarray,
+        table: np.ndarray,
+        fidelity: np.ndarray | None,
+        now: int,
+    ) -> None:
+        self.arrays = arrays
+        self.states = states  # per slice
+        self.gslots = gslots  # int64 per slice
+        self.table = table  # row_table of every row
+        self.fidelity = fidelity  # float32 [rows, 2] or None
+        self.now = now
+        self.row_start, self.post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
+        self.slice_gslots, self.slice_phases = gslots.tolist(), arrays.phases.tolist()
+        self.candidates: np.ndarray | None = None  # per code: does a term of circuits_version name its feature?
+        self.has_candidates: list[bool] = []  # per slice
+        self.circuits_version = -1
+
+    def match_terms(self, candidates: np.ndarray, circuits_version: int) -> None:
+        """The codes some circuit term (of this circuit set version) names."""
+        counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
+        post_start = self.arrays.post_start
+        self.has_candidates = (counted[post_start[1:]] > counted[post_start[:-1]]).tolist()
+        self.candidates, self.circuits_version = candidates, circuits_version
+
+    def finishing_first(self) -> tuple[list[int], list[int]]:
+        """(slices of requests whose finish came already, the other slices), each in batch order."""
+        first, rest = [], []
+        for i, state in enumerate(self.states):
+            (first if state.pending_finish is not None else rest).append(i)
+        return first, rest
+
+
 class SidecarCore:
     """The monitor behind the `Monitor` service: open requests, the rolling token index, the request-level
     index, circuits, and the evidence store of final reports."""
@@ -135,11 +175,11 @@ class SidecarCore:
         """One code batch (one engine step: many requests, small slices) in whole-batch array operations; per
         slice only the request's bookkeeping runs in Python.
 
-        Requests whose finish came already go first, in a lock section of their own, and are finalised as soon
-        as their own slices are in; then the readers those reports woke get to send them (Watchers.hand_off),
-        and only then the step's other slices go in. A report waits for its request's last codes, not for the
-        rest of the engine step. Finish markers the batch carries (CodeBatch.finishes: the requests the step
-        finished) count as having come first."""
+        The batch is decoded and indexed once. Then the slices of requests whose finish came already are added
+        to their requests first, and those requests finalised as soon as their own slices are in; the readers
+        those reports woke get to send them (Watchers.hand_off) before the step's other slices are added. A
+        report waits for its request's last codes, not for the rest of the engine step. Finish markers the batch
+        carries (CodeBatch.finishes: the requests the step finished) count as having come first."""
         arrays = decode_batch(stream, batch, self.limits)
         for i, finish in enumerate(batch.finishes):
             check_finish(finish, self.limits, f"codes.finishes[{i}]")
@@ -159,32 +199,25 @@ class SidecarCore:
                 for state in finishing:
                     if state is not None and state.request_id not in in_batch:
                         self._finalize_if_finished(state)
-            first, rest = self._finishing_first(arrays)
-            self._add_slices(stream, first)
-        if rest is not None:
-            self.watchers.hand_off()
+            indexed = self._index_slices(stream, arrays)
+            if indexed is not None:
+                first, rest = indexed.finishing_first()
+                self._add_to_requests(indexed, first)
+        if indexed is not None:
+            if rest:
+                self.watchers.hand_off()
             with self.lock:
-                self._add_slices(stream, rest)
+                self._add_to_requests(indexed, rest)
+                self._observe_drift(indexed)
         if finishing:  # as if they had come right after the batch: those still open are judged now
             with self.lock:
                 for state in finishing:
                     if state is not None and self._open.get(state.request_id) is state:
                         self._finalize_if_finished(state)
 
-    def _finishing_first(self, arrays: BatchArrays) -> tuple[BatchArrays, BatchArrays | None]:
-        """(the slices of requests whose finish came already, the others), or (everything, None) when the batch
-        is all one or the other (under the lock)."""
-        open_ = self._open
-        finishing = np.array(
-            [(state := open_.get(rid)) is not None and state.pending_finish is not None for rid in arrays.request_ids],
-            bool,
-        )
-        if finishing.all() or not finishing.any():
-            return arrays, None
-        return keep_slices(arrays, np.flatnonzero(finishing)), keep_slices(arrays, np.flatnonzero(~finishing))
-
-    def _add_slices(self, stream: Stream, arrays: BatchArrays) -> None:
-        """Index the slices, add each to its request, finalise requests they complete (under the lock)."""
+    def _index_slices(self, stream: Stream, arrays: BatchArrays) -> IndexedBatch | None:
+        """Put the batch's slices in the token index and prepare what adding them to their requests needs; slices
+        of requests already final are dropped (late_postings). None if nothing is left (under the lock)."""
         now = self.clock()
         states: dict[str, RequestState | None] = {}
         for request_id in arrays.request_ids:
@@ -196,7 +229,7 @@ class SidecarCore:
             dead = np.flatnonzero(~live)
             self.counters["late_postings"] += int(np.diff(arrays.post_start)[dead].sum())
             if not live.any():
-                return
+                return None
             arrays = keep_slices(arrays, np.flatnonzero(live))
             per_slice = [s for s in per_slice if s is not None]
         gslots = np.array([stream.slots[int(slot)] for slot in arrays.slots], np.int64)
@@ -215,42 +248,64 @@ class SidecarCore:
             arrays.activations,
             fidelity,
         )
-        candidates = self._candidates(gslots, arrays)
-        counted = np.concatenate(([0], np.cumsum(candidates, dtype=np.int64)))
-        has_candidates = counted[arrays.post_start[1:]] > counted[arrays.post_start[:-1]]
+        postings = len(arrays.feature_ids)
+        stream.postings += postings
+        self.counters["postings"] += postings
+        self.counters["rows"] += arrays.num_rows
+        self.instruments.postings.add(postings)
+        return IndexedBatch(
+            arrays,
+            per_slice,
+            gslots,
+            row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets)),
+            fidelity,
+            now,
+        )
+
+    def _add_to_requests(self, batch: IndexedBatch, which: list[int]) -> None:
+        """Add these slices of an indexed batch to their requests, then judge each request they belong to:
+        codes arrived, actions, final if covered (under the lock). A request made final by another thread since
+        the batch was indexed gets nothing more (late_postings); after a circuit reload since then, the codes are
+        matched against the new terms."""
+        if not which:
+            return
+        arrays = batch.arrays
+        if batch.candidates is None or batch.circuits_version != self.circuits.version:
+            batch.match_terms(self._candidates(batch.gslots, arrays), self.circuits.version)
+        row_start, post_start, states, now = batch.row_start, batch.post_start, batch.states, batch.now
+        features, acts, fidelity, table = arrays.feature_ids, arrays.activations, batch.fidelity, batch.table
+        candidates, has_candidates = batch.candidates, batch.has_candidates
+        slice_gslots, slice_phases, open_ = batch.slice_gslots, batch.slice_phases, self._open
+        judged: dict[str, RequestState] = {}
         replaced = []
-        row_start, post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
-        slice_gslots, slice_phases, checks = gslots.tolist(), arrays.phases.tolist(), has_candidates.tolist()
-        table = row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets))
-        features, acts = arrays.feature_ids, arrays.activations
-        for i, state in enumerate(per_slice):
+        for i in which:
+            state = states[i]
             r0, r1, p0, p1 = row_start[i], row_start[i + 1], post_start[i], post_start[i + 1]
+            if state.request_id not in judged:
+                if open_.get(state.request_id) is not state:
+                    self.counters["late_postings"] += p1 - p0
+                    continue
+                judged[state.request_id] = state
+                state.ensure_plan(self._plan_for, self.circuits.version)
             chunk = Chunk(
                 table[r0:r1], features[p0:p1], acts[p0:p1], 0, fidelity[r0:r1] if fidelity is not None else None
             )
-            matching = candidates[p0:p1] if checks[i] else None
+            matching = candidates[p0:p1] if has_candidates[i] else None
             gone = state.add_chunk(slice_gslots[i], chunk, slice_phases[i], now, matching)
             if gone is not None:
                 replaced.append(gone)
-        for state in states.values():
-            if state is None:
-                continue
+        for state in judged.values():
             self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
             self._check_actions(state)
             if state.pending_finish is not None:
                 self._finalize_if_covered(state)
         if replaced:
             self.index.supersede(np.concatenate(replaced))
-        self._observe_drift(gslots, row_slice, arrays)
-        postings = len(arrays.feature_ids)
-        stream.postings += postings
-        self.counters["postings"] += postings
-        self.counters["rows"] += arrays.num_rows
-        self.instruments.postings.add(postings)
 
-    def _observe_drift(self, gslots: np.ndarray, row_slice: np.ndarray, arrays) -> None:
+    def _observe_drift(self, batch: IndexedBatch) -> None:
         """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""
-        row_gslots = gslots[row_slice]
+        arrays, gslots = batch.arrays, batch.gslots
+        row_gslots = gslots[arrays.row_slices()]
         posting_gslots = np.repeat(gslots, np.diff(arrays.post_start))
         present = np.unique(gslots).tolist()
         for gslot in present:

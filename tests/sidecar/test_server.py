@@ -23,6 +23,7 @@ from circuitwatch.sidecar.store import EvidenceStore
 
 from support.sidecar_harness import (
     D_SAE,
+    LAYERS,
     SyntheticRequest,
     brute_force_matches,
     codes_in_sidecar,
@@ -451,7 +452,7 @@ def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path
 
     def listener(report: pb.Report) -> None:
         if report.request_id == "done":
-            state = core.open_state("other")  # not open yet: none of its slices are in
+            state = core.open_state("other")  # its slices are indexed, none added to it yet
             other_postings_at_report.append(state.postings if state is not None else 0)
 
     core.watchers.listeners.append(listener)
@@ -462,6 +463,61 @@ def test_a_finished_request_is_final_before_the_rest_of_its_engine_step(tmp_path
     assert core.finals.get("done").status == pb.REPORT_STATUS_COMPLETE
     assert other_postings_at_report == [0]
     assert core.open_state("other").postings == sum(len(row) for rows in other.codes.values() for row in rows) > 0
+
+
+def test_a_request_made_final_during_the_hand_off_gets_none_of_the_rest_of_the_step(tmp_path: Path) -> None:
+    """The step's other slices are added after the hand-off, in a lock section of their own: a request another
+    thread made final in between (here: ended by the open-requests limit, as the maintenance thread may) gets none
+    of them, and they count as late postings, as codes arriving after a report always have."""
+    done, other, slices = _finishing_step(np.random.default_rng(17))
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    hand_off = core.watchers.hand_off
+
+    def ending_other() -> None:
+        hand_off()
+        with core.lock:
+            core.end_least_active(1, "max_open_requests")  # "done" is final: "other" is the one open
+
+    core.watchers.hand_off = ending_other
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+    core.ingest(control, pb.IngestMessage(finish=done.finish()))
+    core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+    assert core.finals.get("done").status == pb.REPORT_STATUS_COMPLETE
+    ended = core.finals.get("other")
+    assert ended.status == pb.REPORT_STATUS_INCOMPLETE and ended.coverage.positions_seen == 0
+    assert not core.is_open("other")
+    assert core.counters["late_postings"] == sum(len(row) for rows in other.codes.values() for row in rows) > 0
+
+
+def test_a_circuit_reload_during_the_hand_off_matches_the_rest_of_the_step_against_the_new_terms(
+    tmp_path: Path,
+) -> None:
+    """Which codes a circuit term names is worked out for the whole step before the hand-off; a reload in between
+    makes the step's other slices matched against the reloaded circuits, not the old ones."""
+    done, other, slices = _finishing_step(np.random.default_rng(19))
+    position, row = next((p, r) for p, r in enumerate(other.codes[0]) if r)
+    feature = next(iter(row))
+    unused = next(f for f in range(D_SAE) if all(f not in r for rows in other.codes.values() for r in rows))
+    circuits = tmp_path / "circuits.yaml"
+    circuit = "circuits:\n  - {{name: {name}, severity: high, when: {{layer: {layer}, feature: {feature}}}}}\n"
+    circuits.write_text(circuit.format(name="before", layer=LAYERS[0], feature=unused))
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path, circuits=[circuits]), EvidenceStore(tmp_path))
+    hand_off = core.watchers.hand_off
+
+    def reloading() -> None:
+        hand_off()
+        circuits.write_text(circuit.format(name="after", layer=LAYERS[0], feature=feature))
+        assert core.reload_circuits().ok
+
+    core.watchers.hand_off = reloading
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+    core.ingest(control, pb.IngestMessage(finish=done.finish()))
+    core.ingest(codes, pb.IngestMessage(codes=pb.CodeBatch(step=1, slices=slices)))
+    core.ingest(control, pb.IngestMessage(finish=other.finish()))
+    report = core.finals.get("other")
+    assert report.status == pb.REPORT_STATUS_COMPLETE
+    [flag] = report.flags
+    assert flag.circuit == "after" and position in {t.position for t in flag.evidence}
 
 
 def test_finishes_carried_by_a_code_batch_go_first_and_equal_finishes_sent_after_it(tmp_path: Path) -> None:
