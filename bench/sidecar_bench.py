@@ -10,7 +10,10 @@ Two traffic shapes:
   request and slot, finish markers on their own control stream. Measured in process (one core) and through
   gRPC with the producer's two streams, with report latency after the last codes and the reports' status; the
   same traffic to a relay that reports each finish at once, with no monitoring, gives the transport's floor on
-  this host, and the sidecar's CPU seconds give its postings per core.
+  this host, and the sidecar's CPU seconds give its postings per core. The sidecar serves its Prometheus
+  endpoint, as deployments do; the paced lines say from its ingest histograms how many code batches took over
+  10 ms of wall time and how many over 10 ms of the ingesting thread's CPU time (a tail with the first and not
+  the second was the thread kept off the CPU, not the sidecar's own work).
 
 - small steps: one request at a time, one row per engine step (a serving engine with one client), paced at 50
   and 200 steps/s: the CPU a real sidecar process uses per message, against a bare gRPC endpoint that drops
@@ -499,6 +502,55 @@ def _produce(
     )
 
 
+@dataclass(frozen=True)
+class IngestTimes:
+    """The sidecar's code batches as its own ingest histograms count them (circuitwatch_ingest_batch_duration_seconds
+    and _cpu_time_seconds): how many took over SLOW_BATCH_S of wall time, and how many over that of the ingesting
+    thread's CPU time. Many more slow by wall than by CPU: the thread was kept off the CPU (the host, the other
+    threads); as many by CPU: the sidecar's own work was that slow."""
+
+    batches: int
+    slow_by_wall: int
+    slow_by_cpu: int
+
+    def __sub__(self, before: IngestTimes) -> IngestTimes:
+        return IngestTimes(
+            self.batches - before.batches,
+            self.slow_by_wall - before.slow_by_wall,
+            self.slow_by_cpu - before.slow_by_cpu,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"code batches over {SLOW_BATCH_S * 1e3:.0f} ms: {self.slow_by_wall} by wall time, {self.slow_by_cpu} by "
+            f"the ingesting thread's CPU time, of {self.batches}"
+        )
+
+
+SLOW_BATCH_S = 0.01  # a bucket bound of the sidecar's latency histograms (telemetry.LATENCY_BUCKETS_S)
+
+
+def ingest_times(metrics_port: int) -> IngestTimes:
+    """The sidecar's ingest histograms, scraped from its Prometheus endpoint now."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (sample.name, sample.labels.get("le")): sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("circuitwatch_ingest_batch_")
+        for sample in family.samples
+    }
+    wall, cpu = "circuitwatch_ingest_batch_duration_seconds", "circuitwatch_ingest_batch_cpu_time_seconds"
+    batches, bound = int(samples.get((f"{wall}_count", None), 0)), repr(SLOW_BATCH_S)
+    wall_within = int(samples.get((f"{wall}_bucket", bound), 0))
+    cpu_within = int(samples.get((f"{cpu}_bucket", bound), 0))
+    return IngestTimes(batches, batches - wall_within, batches - cpu_within)
+
+
 @dataclass
 class GrpcRun:
     rate: float  # postings/s
@@ -506,6 +558,7 @@ class GrpcRun:
     statuses: Counter
     endpoint_cpu_s: float  # CPU seconds of the endpoint's process while the producer ran
     messages: int  # code messages the producer sent
+    ingest: IngestTimes | None  # the sidecar's code batches while the producer ran (None: the relay)
 
 
 def decode_through_grpc(
@@ -531,7 +584,8 @@ def decode_through_grpc(
     from serving_bench import process_cpu_seconds
 
     endpoint = relay_process if relay else sidecar_process
-    with tempfile.TemporaryDirectory() as tmp, endpoint(Path(tmp)) as (port, endpoint_pid):
+    with tempfile.TemporaryDirectory() as tmp, endpoint(Path(tmp)) as receiver:
+        port = receiver.port
         stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         arrived: dict[str, dict[str, int]] = {"watch": {}, "get": {}}
         statuses: Counter = Counter()
@@ -572,10 +626,12 @@ def decode_through_grpc(
         producer = multiprocessing.get_context("spawn").Process(
             target=_produce, args=(port, steps, steps_per_s, out, finishes_in_batch, coalesce, linger_s)
         )
-        cpu_before = process_cpu_seconds(endpoint_pid)
+        cpu_before = process_cpu_seconds(receiver.pid)
+        ingest_before = ingest_times(receiver.metrics_port) if receiver.metrics_port else None
         producer.start()
         producer.join()
-        endpoint_cpu_s = process_cpu_seconds(endpoint_pid) - cpu_before
+        endpoint_cpu_s = process_cpu_seconds(receiver.pid) - cpu_before
+        ingest = ingest_times(receiver.metrics_port) - ingest_before if ingest_before is not None else None
         result = json.loads(Path(out).read_text())
         deadline = time.monotonic() + 30
         while len(arrived["watch"]) < len(result["sent_last"]) and time.monotonic() < deadline:
@@ -587,7 +643,7 @@ def decode_through_grpc(
             for reader, times in arrived.items()
         }
         rate = result["postings"] / result["seconds"]
-        return GrpcRun(rate, latencies, statuses, endpoint_cpu_s, result["messages"])
+        return GrpcRun(rate, latencies, statuses, endpoint_cpu_s, result["messages"], ingest)
 
 
 def random_circuits(rng: np.random.Generator, count: int, dense: bool) -> list[dict]:
@@ -737,7 +793,7 @@ def decode_section(steps: int) -> None:
     print(
         f"  through gRPC at {step_rate} engine steps/s ({run.rate / 1e6:.2f}M postings/s sustained): report on "
         f"WatchReports after the last codes were sent p50 {p50:.2f} ms, p99 {p99:.2f} ms (target <= 5 ms); "
-        f"reports {dict(run.statuses)} {_pace(pace)}"
+        f"reports {dict(run.statuses)}; {run.ingest.describe()} {_pace(pace)}"
     )
     in_batch: dict[tuple[bool, float], tuple[float, float]] = {}  # (coalesce, linger_s) -> (p50, p99)
     for coalesce, linger_s in ((False, 0.0), (True, 0.0), (True, BENCH_LINGER_S)):
@@ -764,7 +820,7 @@ def decode_section(steps: int) -> None:
             )
         print(
             f"  {what}: WatchReports p50 {p50:.2f} ms, p99 {p99:.2f} ms; the sidecar's process used "
-            f"{run.endpoint_cpu_s:.1f} CPU s; reports {dict(run.statuses)} {_pace(pace)}"
+            f"{run.endpoint_cpu_s:.1f} CPU s; reports {dict(run.statuses)}; {run.ingest.describe()} {_pace(pace)}"
         )
     p50, p99 = in_batch[False, 0.0]
     with host_pace() as pace:
@@ -826,12 +882,15 @@ def small_steps_section(seconds: float = 8.0) -> None:
 
     print("\nsmall steps: one request, one row per engine step, 2 slots, k=64 (CPU ms per message, median of 3)")
     print(f"{'receiver':<28} {'steps/s':>8} {'receiver ms':>12} {'sender ms':>10}")
-    with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as (port, pid):
+    with tempfile.TemporaryDirectory() as tmp, sidecar_process(Path(tmp)) as sidecar:
         sink = subprocess.Popen([sys.executable, __file__, "--sink-child"], stdout=subprocess.PIPE, text=True)
         try:
             sink_port = int(sink.stdout.readline())
             grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{sink_port}")).result(timeout=60)
-            receivers = {"sidecar (real server)": (pid, port), "bare gRPC endpoint": (sink.pid, sink_port)}
+            receivers = {
+                "sidecar (real server)": (sidecar.pid, sidecar.port),
+                "bare gRPC endpoint": (sink.pid, sink_port),
+            }
             me = psutil.Process()
             for steps_per_s in (50, 200):
                 steps = int(seconds * steps_per_s)
@@ -851,31 +910,42 @@ def small_steps_section(seconds: float = 8.0) -> None:
             sink.wait(30)
 
 
+@dataclass(frozen=True)
+class Receiver:
+    """A process the bench sends codes to."""
+
+    port: int
+    pid: int
+    metrics_port: int = 0  # the sidecar's Prometheus endpoint; 0: none (the relay)
+
+
 @contextlib.contextmanager
-def sidecar_process(tmp: Path) -> Iterator[tuple[int, int]]:
+def sidecar_process(tmp: Path) -> Iterator[Receiver]:
     """The real sidecar server, started by its CLI in its own process as deployed (default settings, listening
-    on a free loopback port), stopped with SIGTERM at the end. Yields (port, pid)."""
+    on a free loopback port, its Prometheus endpoint on another), stopped with SIGTERM at the end."""
     import subprocess
     import sys
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     config = tmp / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: {tmp}/evidence\n")
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nevidence_dir: {tmp}/evidence\ntelemetry: {{prometheus_port: {metrics_port}}}\n"
+    )
     cli = str(Path(sys.executable).with_name("circuitwatch"))
     process = subprocess.Popen(
         [cli, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
-        yield port, process.pid
+        yield Receiver(port, process.pid, metrics_port)
     finally:
         process.terminate()
         process.wait(60)
 
 
 @contextlib.contextmanager
-def relay_process(tmp: Path) -> Iterator[tuple[int, int]]:
-    """The relay endpoint (_relay) in a child process, as the sidecar runs in one. Yields (port, pid)."""
+def relay_process(tmp: Path) -> Iterator[Receiver]:
+    """The relay endpoint (_relay) in a child process, as the sidecar runs in one."""
     import subprocess
     import sys
 
@@ -883,7 +953,7 @@ def relay_process(tmp: Path) -> Iterator[tuple[int, int]]:
     try:
         port = int(relay.stdout.readline())
         grpc.channel_ready_future(grpc.insecure_channel(f"127.0.0.1:{port}")).result(timeout=60)
-        yield port, relay.pid
+        yield Receiver(port, relay.pid)
     finally:
         relay.terminate()
         relay.wait(60)
