@@ -69,6 +69,7 @@ class IndexedBatch:
         arrays: BatchArrays,
         states: list[RequestState],
         gslots: np.ndarray,
+        row_slice: np.ndarray,
         table: np.ndarray,
         fidelity: np.ndarray | None,
         now: int,
@@ -76,6 +77,7 @@ class IndexedBatch:
         self.arrays = arrays
         self.states = states  # per slice
         self.gslots = gslots  # int64 per slice
+        self.row_slice = row_slice  # the slice of every row
         self.table = table  # row_table of every row
         self.fidelity = fidelity  # float32 [rows, 2] or None
         self.now = now
@@ -257,6 +259,7 @@ class SidecarCore:
             arrays,
             per_slice,
             gslots,
+            row_slice,
             row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets)),
             fidelity,
             now,
@@ -305,7 +308,7 @@ class SidecarCore:
     def _observe_drift(self, batch: IndexedBatch) -> None:
         """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""
         arrays, gslots = batch.arrays, batch.gslots
-        row_gslots = gslots[arrays.row_slices()]
+        row_gslots = gslots[batch.row_slice]
         posting_gslots = np.repeat(gslots, np.diff(arrays.post_start))
         present = np.unique(gslots).tolist()
         for gslot in present:
