@@ -51,6 +51,23 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(call_time(fn, device) for _ in range(repeats))
 
 
+def device_time(fn, device: torch.device, repeats: int) -> float:
+    """Seconds of GPU time per call, the host's launch work hidden: the calls are queued behind ~30 ms of other
+    GPU work, so they run back to back between the two events. Wall time minus this is what the host adds."""
+    fn()
+    busy = torch.full((8192, 8192), 1 / 8192, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    for _ in range(20):
+        busy = busy @ busy  # only its GPU time matters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
 def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> float:
     """median(time with) / median(time without) - 1, the two alternating call by call so that drift in the
     machine's speed (shared cores, frequency) falls on both alike."""
@@ -62,56 +79,104 @@ def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> f
     return statistics.median(a) / statistics.median(b) - 1
 
 
+GPU_SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages), each with 2x and 1x the SMs' count of programs
+    (16, 128, 64, 4, 3),
+    (64, 128, 64, 4, 3),
+    (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+]
+
+
+def make_sae(directory: Path, d_in: int, d_sae: int, bf16: bool):
+    """A TopK SAE with random weights; `bf16`: stored as bf16 values (what a bf16 deployment loads)."""
+    tensors = {
+        "W_enc": torch.randn(d_in, d_sae) / d_in**0.5,
+        "b_enc": torch.randn(d_sae) * 0.1,
+        "W_dec": torch.randn(d_sae, d_in),
+        "b_dec": torch.zeros(d_in),
+    }
+    if bf16:
+        tensors = {name: t.to(torch.bfloat16).float() for name, t in tensors.items()}
+    return load_sae(write_saelens(directory, "topk", tensors, k=K)), tensors
+
+
+def build(names, sae, selection, device):
+    encoders = {}
+    for name in names:
+        try:
+            encoders[name] = make_encoder(sae, selection, name, device)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            print(f"{name}: not available here ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+    return encoders
+
+
+def sweep(encoder, x: torch.Tensor, device: torch.device, repeats: int) -> None:
+    """The Triton kernel's time per launch configuration at this batch, and which one for_shape picks."""
+    from circuitwatch.kernels.triton_encoder import LaunchConfig
+
+    d_sae = encoder.sae.spec.d_sae
+    picked = LaunchConfig.for_shape(x.shape[0], d_sae, x.dtype == torch.bfloat16, device)
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    results = []
+    for bm, bn, bk, warps, stages in GPU_SWEEP:
+        for split_scale in (1, 2):
+            splits = max(1, min(-(-d_sae // bn), -(-programs // split_scale // -(-x.shape[0] // bm))))
+            config = LaunchConfig(bm, bn, bk, splits, warps, stages)
+            try:
+                t = timed(lambda c=config: encoder.select(x, c), device, repeats)
+            except Exception as exc:  # a configuration that does not compile (resources) is reported, not fatal
+                print(f"    sweep {config}: failed ({type(exc).__name__})")
+                continue
+            results.append((t, config))
+    t_picked = timed(lambda: encoder.select(x, picked), device, repeats)
+    bare = dataclasses.replace(picked, select=False)
+    t_bare = timed(lambda: encoder.select(x, bare), device, repeats)
+    for t, config in sorted(results, key=lambda r: r[0])[:3]:
+        print(f"    sweep batch {x.shape[0]:>5}: {t * 1e6:9.1f} us  {config}")
+    print(f"    picked     {x.shape[0]:>5}: {t_picked * 1e6:9.1f} us  {picked}")
+    print(f"    without the selection passes: {t_bare * 1e6:9.1f} us (selection {t_picked / t_bare - 1:+.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--batches", default="1,16,256,4096")
+    parser.add_argument("--batches", default=None, help="default: 1,16,256,4096 (CPU); 1,16,64,256,1024,4096 (GPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--paired", type=int, default=0, help="alternating with/without-decoder pairs (0: off)")
+    parser.add_argument("--sweep", action="store_true", help="GPU: time the Triton kernel's launch configurations")
+    parser.add_argument("--precisions", default="bf16,fp32", help="GPU: which tables (bf16, fp32)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
-    shapes = GPU_SHAPES if args.gpu else CPU_SHAPES
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = [int(b) for b in (args.batches or ("1,16,64,256,1024,4096" if args.gpu else "1,16,256,4096")).split(",")]
     torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {device_name}; TopK SAE, k={K}")
+    if args.gpu:
+        gpu_tables(device, batches, args)
+        return
+    print(f"device: CPU, {torch.get_num_threads()} threads; TopK SAE, k={K}")
     print(
         f"{'d_in':>5} {'d_sae':>6} {'batch':>6} {'GEMM tok/s':>11} {'backend':>8} {'tok/s':>11} "
         f"{'/GEMM':>6} {'/mm+topk':>9} {'+fidelity':>9}" + (f" {'paired':>8}" if args.paired else "")
     )
-    for d_in, d_sae in shapes:
+    for d_in, d_sae in CPU_SHAPES:
         with tempfile.TemporaryDirectory() as tmp:
-            tensors = {
-                "W_enc": torch.randn(d_in, d_sae) / d_in**0.5,
-                "b_enc": torch.randn(d_sae) * 0.1,
-                "W_dec": torch.randn(d_sae, d_in),
-                "b_dec": torch.zeros(d_in),
-            }
-            sae = load_sae(write_saelens(Path(tmp) / "sae", "topk", tensors, k=K))
+            sae, tensors = make_sae(Path(tmp) / "sae", d_in, d_sae, bf16=False)
             selection = CodeSelection(SelectionMode.TOPK, K)
-            names = ("torch", "onnx", "triton") if args.gpu else ("torch", "onnx")
+            names = ("torch", "onnx")
             encoders = {name: make_encoder(sae, selection, name, device) for name in names}
             blind = dataclasses.replace(sae, decoder=None, decoder_hash="")
             without_fidelity = {name: make_encoder(blind, selection, name, device) for name in names}
             W = tensors["W_enc"].to(device)
             decoder = sae.decoder.to(device)
             for batch in batches:
-                if batch * d_sae > 64 * 2**20 and not args.gpu:
+                if batch * d_sae > 64 * 2**20:
                     continue  # keeps a CPU run to a few minutes
                 x = torch.randn(batch, d_in, device=device)
                 gemm = timed(lambda x=x, W=W: x @ W, device, args.repeats)
                 topk = timed(lambda x=x, W=W: torch.topk(x @ W, K, dim=1), device, args.repeats)
                 for name, encoder in encoders.items():
                     t = timed(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
-                    codes = encoder.encode(x)
-                    valid = codes.valid
-                    fidelity = timed(
-                        lambda x=x, c=codes, v=valid, s=sae, d=decoder: with_fidelity(
-                            s, x, c, c.norms, v, d, s.weights.b_dec.to(device)
-                        ),
-                        device,
-                        max(args.repeats, 15),
-                    )
+                    fidelity = fidelity_time(encoder, sae, x, decoder, device, args.repeats)
                     line = (
                         f"{d_in:>5} {d_sae:>6} {batch:>6} {batch / gemm:>11,.0f} {name:>8} {batch / t:>11,.0f} "
                         f"{t / gemm:>6.2f} {t / topk:>9.2f} {fidelity / t:>+9.1%}"
@@ -124,12 +189,64 @@ def main() -> None:
                             args.paired,
                         )
                         line += f" {paired:>+8.1%}"
-                    if args.gpu:  # achieved rates; bare GEMM's are the practical roofline of this device
-                        flops = 2 * batch * d_in * d_sae
-                        moved = 4 * (batch * d_in + d_in * d_sae + 2 * batch * K)
-                        line += f"  {flops / t / 1e12:6.1f} TFLOP/s {moved / t / 1e9:7.1f} GB/s"
-                        line += f"  (GEMM {flops / gemm / 1e12:6.1f} TFLOP/s)"
                     print(line)
+
+
+def fidelity_time(encoder, sae, x: torch.Tensor, decoder: torch.Tensor, device: torch.device, repeats: int) -> float:
+    codes = encoder.encode(x)
+    return timed(
+        lambda: with_fidelity(sae, x, codes, codes.norms, codes.valid, decoder, sae.weights.b_dec.to(device)),
+        device,
+        max(repeats, 15),
+    )
+
+
+def gpu_tables(device: torch.device, batches: list[int], args) -> None:
+    """Two tables on d_in 4096, d_sae 65536. bf16: the SAE stored in bf16 reading a bf16 model's rows (the
+    Triton kernel's tensor-core path) against a bare bf16 GEMM; fp32: everything in float32 (IEEE dots)
+    against a float32 GEMM. Encoder times are codes only (no decoder); +fidelity is the gather on top. The
+    ratios are of wall time per synchronised call; dev/GEMM is of GPU time alone (`device_time`)."""
+    print(f"device: {torch.cuda.get_device_name()}; TopK SAE, k={K}; codes-only encode time; median of {args.repeats}")
+    selection = CodeSelection(SelectionMode.TOPK, K)
+    for d_in, d_sae in GPU_SHAPES:
+        for precision in args.precisions.split(","):
+            bf16 = precision == "bf16"
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            with tempfile.TemporaryDirectory() as tmp:
+                sae, tensors = make_sae(Path(tmp) / "sae", d_in, d_sae, bf16=bf16)
+                blind = dataclasses.replace(sae, decoder=None, decoder_hash="")
+                encoders = build(("triton", "torch", "onnx") if bf16 else ("triton", "torch"), blind, selection, device)
+                W = tensors["W_enc"].to(device=device, dtype=dtype)
+                decoder = sae.decoder.to(device)
+                print(
+                    f"\n{precision}: {'d_in':>5} {'d_sae':>6} {'batch':>6} {'GEMM tok/s':>11} {'backend':>8} "
+                    f"{'tok/s':>11} {'/GEMM':>6} {'/mm+topk':>9} {'+fidelity':>9} {'dev/GEMM':>9}   GPU rate (GEMM)"
+                )
+                for batch in batches:
+                    x = torch.randn(batch, d_in, device=device).to(dtype)
+                    gemm = timed(lambda x=x, W=W: x @ W, device, args.repeats)
+                    topk = timed(lambda x=x, W=W: torch.topk(x @ W, K, dim=1), device, args.repeats)
+                    gemm_device = device_time(lambda x=x, W=W: x @ W, device, args.repeats)
+                    for name, encoder in encoders.items():
+                        try:
+                            t = timed(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
+                            t_device = device_time(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
+                            fidelity = fidelity_time(encoder, sae, x.float(), decoder, device, args.repeats)
+                        except Exception as exc:  # one backend failing must not end the table
+                            print(f"{precision}: {batch:>6} {name}: failed ({type(exc).__name__}: {exc})"[:300])
+                            continue
+                        flops = 2 * batch * d_in * d_sae
+                        print(
+                            f"{precision}: {d_in:>5} {d_sae:>6} {batch:>6} {batch / gemm:>11,.0f} {name:>8} "
+                            f"{batch / t:>11,.0f} {t / gemm:>6.2f} {t / topk:>9.2f} {fidelity / t:>+9.1%}"
+                            f" {t_device / gemm_device:>9.2f}   {flops / t_device / 1e12:6.1f} TFLOP/s"
+                            f" ({flops / gemm_device / 1e12:6.1f})"
+                        )
+                        if args.sweep and name == "triton" and bf16:
+                            try:
+                                sweep(encoder, x, device, args.repeats)
+                            except Exception as exc:
+                                print(f"    sweep failed ({type(exc).__name__}: {exc})"[:300])
 
 
 if __name__ == "__main__":

@@ -154,6 +154,13 @@ class OnnxEncoder:
             temporary.write_bytes(_graph(sae, self.selection).SerializeToString())
             temporary.replace(path)  # atomic: concurrent workers never read a half-written file
             log.info("exported the %s encoder to %s", sae.name, path)
+        if self.device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            # seen on a GPU machine with the CPU build: the session falls back to the CPU provider and the first
+            # encode fails inside IO binding with "no data transfer registered"
+            raise ImportError(
+                f"encoder {sae.name}: the onnx backend on {self.device} needs onnxruntime-gpu; the installed "
+                f"onnxruntime offers only {', '.join(ort.get_available_providers())}"
+            )
         providers = ["CUDAExecutionProvider"] if self.device.type == "cuda" else []
         providers.append("CPUExecutionProvider")
         options = ort.SessionOptions()

@@ -28,6 +28,7 @@ from circuitwatch.proto.codec import pack_slice
 
 from .admission import Admission
 from .config import PluginConfig
+from .device_copy import codes_to_host, record_ready
 from .emitter import BuiltBatch, Emitter
 from .process import PROCESS
 from .request_ids import client_request_id, request_key
@@ -220,11 +221,11 @@ class WorkerPlugin:
             if rows_in is not None:
                 codes = slot.encoder.encode(rows_in)
                 on_device = on_device or codes.ids.device.type == "cuda"
-                encoded.append((slot, _to_host(codes)))
+                encoded.append((slot, codes_to_host(codes)))
         # On CUDA the copies above are non-blocking into pinned memory; the sending thread waits for this
         # event, then packs. The step path only launches kernels and enqueues. (Asking CUDA on a CPU step,
         # torch.cuda.is_available() and is_pinned(), cost 20-35 us a step: the codes' device says it.)
-        ready = _record_event() if on_device else None
+        ready = record_ready() if on_device else None
         self.emitter.counters["encode_ns"] += time.perf_counter_ns() - started
         self.emitter.counters["steps_encoded"] += 1
         external_ids = [t.external_id for t in tracked]
@@ -284,21 +285,6 @@ class WorkerPlugin:
         self.emitter.submit_deferred(build, ranges)
 
 
-def _to_host(codes: Codes) -> Codes:
-    """CPU codes as they are; CUDA tensors copied without blocking into pinned host buffers."""
-    if codes.ids.device.type != "cuda":
-        return codes
-
-    def copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        if tensor is None:
-            return None
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        return host
-
-    return Codes(copy(codes.ids), copy(codes.values), copy(codes.errors), copy(codes.norms))
-
-
 def _valid_runs(valid: np.ndarray, start: int, end: int) -> list[tuple[int, int, bool]]:
     """[start, end) cut where row validity changes: (a, b, readable) pieces, usually just one."""
     piece = valid[start:end]
@@ -307,12 +293,6 @@ def _valid_runs(valid: np.ndarray, start: int, end: int) -> list[tuple[int, int,
     cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1 + start
     bounds = [start, *cuts.tolist(), end]
     return [(a, b, bool(valid[a])) for a, b in itertools.pairwise(bounds)]
-
-
-def _record_event() -> torch.cuda.Event:
-    event = torch.cuda.Event()
-    event.record()
-    return event
 
 
 def _v2_prompt_len(runner, internal_id: str) -> int:

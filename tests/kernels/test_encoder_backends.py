@@ -21,14 +21,16 @@ from support.triton_child import assert_passes_under_interpreter, in_child
 # The Triton kernel is checked by the same cases in a child process (see test_triton_kernel_...): its
 # interpreter must be on before Triton is first imported, and must not leak into vLLM in this process.
 BACKENDS = [b for b in os.environ.get("CIRCUITWATCH_TEST_BACKENDS", "onnx").split(",") if b]
+# On a GPU machine (bench/gpu_checks.sh) the same cases run with the backends on CUDA, the reference on CPU.
+DEVICE = os.environ.get("CIRCUITWATCH_TEST_DEVICE", "cpu")
 
 
 def same_codes(sae, selection, x, backend: str, tol: float = 1e-5) -> None:
     expected = ReferenceEncoder(sae, selection).encode(x)
-    got = make_encoder(sae, selection, backend).encode(x)
+    got = make_encoder(sae, selection, backend, DEVICE).encode(x.to(DEVICE))
     assert got.ids.shape == expected.ids.shape
-    assert torch.equal(got.ids, expected.ids), (got.ids[:3], expected.ids[:3])
-    assert torch.allclose(got.values, expected.values, atol=tol, rtol=1e-5)
+    assert torch.equal(got.ids.cpu(), expected.ids), (got.ids[:3], expected.ids[:3])
+    assert torch.allclose(got.values.cpu(), expected.values, atol=tol, rtol=1e-5)
 
 
 def inputs(rows: int = 64, d_in: int = 24, seed: int = 0) -> torch.Tensor:
@@ -75,11 +77,13 @@ def test_ties_all_negative_rows_wide_k_and_empty_batches(tmp_path: Path, backend
     # all-negative rows: a large negative bias silences every feature
     tensors["b_enc"] = torch.full_like(tensors["b_enc"], -1000.0)
     silent = load_sae(write_saelens(tmp_path / "silent", "standard", tensors))
-    codes = make_encoder(silent, CodeSelection(SelectionMode.TOPK, 4), backend).encode(x)
+    codes = make_encoder(silent, CodeSelection(SelectionMode.TOPK, 4), backend, DEVICE).encode(x.to(DEVICE))
     assert (codes.ids == -1).all() and (codes.values == 0).all()
     # k larger than the features that fire, and than d_sae itself
     same_codes(sae, CodeSelection(SelectionMode.THRESHOLD, 200), x, backend)
-    empty = make_encoder(sae, CodeSelection(SelectionMode.TOPK, 4), backend).encode(torch.zeros(0, 24))
+    empty = make_encoder(sae, CodeSelection(SelectionMode.TOPK, 4), backend, DEVICE).encode(
+        torch.zeros(0, 24, device=DEVICE)
+    )
     assert empty.ids.shape == (0, 4)
 
 
@@ -117,9 +121,28 @@ def test_a_column_view_reads_like_its_copy(tmp_path: Path, backend: str) -> None
     view = wide[:, 24:48]
     assert not view.is_contiguous()
     same_codes(sae, None, view, backend)
-    got = make_encoder(sae, None, backend).encode(view)
-    copy = make_encoder(sae, None, backend).encode(view.contiguous())
+    view = view.to(DEVICE)
+    got = make_encoder(sae, None, backend, DEVICE).encode(view)
+    copy = make_encoder(sae, None, backend, DEVICE).encode(view.contiguous())
     assert torch.equal(got.ids, copy.ids) and torch.equal(got.errors, copy.errors)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
+def test_a_bf16_sae_reads_bf16_rows(tmp_path: Path, backend: str, architecture: str, normalize: str) -> None:
+    """An SAE stored in bf16 reading a bf16 model's rows: the Triton kernel then multiplies on bf16 tensor cores
+    (b_dec folded into the bias, the rescale after the dot); codes still equal the float32 reference's."""
+    tensors = {name: t.to(torch.bfloat16).float() for name, t in random_tensors(11, architecture).items()}
+    if architecture == "gated":
+        tensors["r_mag"] = torch.zeros_like(tensors["r_mag"])  # W_mag = W_enc * exp(r_mag) stays bf16-exact
+    k = 7 if architecture == "topk" else None
+    sae = load_sae(write_saelens(tmp_path / "sae", architecture, tensors, k=k, normalize_activations=normalize))
+    encoder = make_encoder(sae, None, backend, DEVICE)
+    if backend == "triton":  # layer norm centres the rows in float32 first, so it keeps the float32 path
+        assert (encoder.bf16 is None) == (normalize == "layer_norm")
+    rows = 16 if backend == "triton" else 64
+    same_codes(sae, None, inputs(rows).to(torch.bfloat16), backend, tol=1e-4)
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
@@ -178,3 +201,14 @@ def test_unknown_backend_is_a_clear_error(tmp_path: Path) -> None:
     sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(6, "standard")))
     with pytest.raises(ValueError, match="unknown encoder backend 'cuda-magic'"):
         make_encoder(sae, None, "cuda-magic")
+
+
+def test_onnx_on_cuda_without_onnxruntime_gpu_says_so(tmp_path: Path) -> None:
+    """Seen on a GPU machine with the CPU build of onnxruntime: the session fell back to the CPU provider and the
+    first encode failed inside IO binding. It must refuse at construction instead (auto then skips it)."""
+    import onnxruntime as ort
+
+    assert "CUDAExecutionProvider" not in ort.get_available_providers()  # this machine's CPU build
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(12, "standard")))
+    with pytest.raises(ImportError, match=r"onnx backend on cuda needs onnxruntime-gpu.*CPUExecutionProvider"):
+        make_encoder(sae, None, "onnx", "cuda")
