@@ -47,8 +47,14 @@ def _build(name: str, sae: Sae, selection: CodeSelection | None, device: torch.d
 
 
 def make_encoder(
-    sae: Sae, selection: CodeSelection | None = None, backend: str = "torch", device: torch.device | str = "cpu"
+    sae: Sae,
+    selection: CodeSelection | None = None,
+    backend: str = "torch",
+    device: torch.device | str = "cpu",
+    rows_dtype: torch.dtype = torch.float32,
 ):
+    """`rows_dtype`: what the model's rows will be (`auto` calibrates on such rows: the Triton kernel takes its
+    bf16 tensor-core path only for bf16 rows)."""
     if backend != "auto":
         return _build(backend, sae, selection, device)
     candidates = {}
@@ -58,7 +64,7 @@ def make_encoder(
             candidates[name] = _build(name, sae, selection, device)
         except ImportError as exc:
             log.info("encoder backend %s not available: %s", name, exc)
-    x = torch.randn(CALIBRATION_ROWS, sae.spec.d_in, device=device)
+    x = torch.randn(CALIBRATION_ROWS, sae.spec.d_in, device=device).to(rows_dtype)
     timings = {}
     for name, encoder in candidates.items():
         encoder.encode(x)  # warm-up

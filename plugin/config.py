@@ -119,8 +119,9 @@ class ClientControls(_Strict):
 
 class PluginConfig(_Strict):
     slots: list[SlotConfig] = Field(min_length=1)
-    # torch (reference) | onnx (ONNX Runtime) | auto (measured at start-up, logged)
-    encoder_backend: Literal["torch", "onnx", "auto"] = "torch"
+    # torch (reference) | onnx (ONNX Runtime) | triton (fused kernel, CUDA only) | auto (measured at start-up
+    # on rows of the model's dtype, logged)
+    encoder_backend: Literal["torch", "onnx", "triton", "auto"] = "torch"
     max_codes_per_token: int = Field(64, gt=0)
     sidecar: SidecarTarget = SidecarTarget()
     monitor: Literal["all", "opt-in"] = "all"

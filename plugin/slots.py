@@ -133,6 +133,7 @@ def build_slots(
     fingerprint: str,
     device: torch.device,
     parallel: Parallelism = Parallelism(),
+    rows_dtype: torch.dtype = torch.float32,
 ) -> list[Slot]:
     """Every configured slot checked (on every rank, so a bad one fails start-up everywhere); returns those this
     rank encodes."""
@@ -156,7 +157,11 @@ def build_slots(
             )
         if owner != parallel.rank:
             continue
-        encoder = make_encoder(sae, selection, config.encoder_backend, device)
+        try:
+            encoder = make_encoder(sae, selection, config.encoder_backend, device, rows_dtype)
+        except (ImportError, ValueError) as error:  # e.g. triton without CUDA, onnx on CUDA without onnxruntime-gpu
+            backend = config.encoder_backend
+            raise PluginConfigError(f"encoder_backend {backend!r} for slots[{number}]: {error}") from error
         columns = parallel.local_columns(tap, shape.head_dim)
         built = Slot(number, slot, tap, sae, encoder, columns, baseline)
         if config.wiring_check.enabled and sae.decoder is not None:

@@ -58,7 +58,9 @@ def worker_plugin(
         head_dim=model_config.get_head_size(),
     )
     fingerprint = model_fingerprint(model_config.hf_config.to_dict())
-    slots = build_slots(config, shape, len(decoder_layers(model)), fingerprint, device, parallel)
+    slots = build_slots(
+        config, shape, len(decoder_layers(model)), fingerprint, device, parallel, rows_dtype=model_config.dtype
+    )
     if not slots and parallel.rank != 0:
         return None
     return WorkerPlugin(config, vllm_config, model, slots)

@@ -18,13 +18,15 @@ SHAPE = ModelShape(hidden_size=128, num_heads=4, head_dim=32)
 SINGLE = Parallelism(0, 1, 4)
 
 
-def slots(specs: list[dict], parallel: Parallelism = SINGLE):
+def slots(specs: list[dict], parallel: Parallelism = SINGLE, backend: str = "torch"):
     from transformers import AutoConfig
 
     from circuitwatch.fixtures import fixture_paths
 
     fingerprint = model_fingerprint(AutoConfig.from_pretrained(fixture_paths().model).to_dict())
-    config = PluginConfig.model_validate({"slots": specs, "wiring_check": {"enabled": False}})
+    config = PluginConfig.model_validate(
+        {"slots": specs, "wiring_check": {"enabled": False}, "encoder_backend": backend}
+    )
     return build_slots(config, SHAPE, 4, fingerprint, torch.device("cpu"), parallel)
 
 
@@ -129,3 +131,11 @@ def test_the_compile_cache_key_follows_the_hook_point_the_sae_names(tmp_path) ->
     assert changed != before
     (directory / "circuitwatch-baseline.json").write_text("{}")  # a new baseline changes no tap
     assert config.digest() == changed
+
+
+def test_the_triton_backend_on_a_cpu_engine_is_refused_at_start_up(fixtures: FixturePaths, monkeypatch) -> None:
+    """`encoder_backend: triton` is valid configuration, but the kernel needs CUDA: on this CPU engine start-up
+    stops with the field, the slot and the reason, not at the first step."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PluginConfigError, match=r"encoder_backend 'triton' for slots\[0\]: .*needs a CUDA device"):
+        slots([{"layer": 1, "sae": str(fixtures.topk_sae(1))}], backend="triton")
