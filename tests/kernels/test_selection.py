@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,44 @@ def test_csr_drops_padding() -> None:
 def test_selection_needs_positive_k() -> None:
     with pytest.raises(ValueError, match="topk needs a positive k"):
         CodeSelection(SelectionMode.TOPK, 0)
+
+
+def _lexsort_oracle(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Independent of torch.topk: per row, numpy's lexsort by (score descending, index ascending); NaN as -inf,
+    and infinities as the extreme finite float32 values (as torch.nan_to_num does)."""
+    array = np.nan_to_num(scores.numpy(), nan=-np.inf)
+    order = np.stack([np.lexsort((np.arange(row.size), -row))[:k] for row in array])
+    return order, np.take_along_axis(array, order, axis=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_top_k_equals_a_lexsort_of_every_row(seed: int) -> None:
+    """Random rows heavy with ties (few distinct values), ties across the k-th place and not, saturated rows,
+    NaN and -inf, every k from 1 to the width: the fast path (one topk) and the exact pass for rows whose k-th
+    value ties past the k-th place must together equal a plain sort of every row."""
+    g = torch.Generator().manual_seed(seed)
+    width = 40
+    scores = torch.randint(-3, 4, (64, width), generator=g).float()  # integer-valued: ties everywhere
+    scores[:16] = torch.randn(16, width, generator=g)  # rows without ties: the fast path alone
+    scores[16, :] = 2.0  # one value everywhere
+    scores[17, ::3] = float("nan")
+    scores[18, 5:] = float("-inf")
+    for k in range(1, width + 1):
+        ids, values = top_k_lowest_id(scores, k)
+        expected_ids, expected_values = _lexsort_oracle(scores, k)
+        assert ids.tolist() == expected_ids.tolist(), k
+        assert np.array_equal(values.numpy(), expected_values), k
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_codes_from_sparse_rows_equal_a_lexsort(seed: int) -> None:
+    """select_codes lets ties at or below 0 fall either way (they never become codes): its codes still equal the
+    oracle's positive entries, in order, on sparse integer-valued rows (ties at 0 and above it)."""
+    g = torch.Generator().manual_seed(seed)
+    activations = torch.relu(torch.randint(-6, 4, (64, 50), generator=g).float())
+    for width in (1, 3, 8, 20, 50):
+        codes = select_codes(activations, CodeSelection(SelectionMode.THRESHOLD, width))
+        expected_ids, expected_values = _lexsort_oracle(activations, width)
+        active = expected_values > 0
+        assert codes.ids.tolist() == np.where(active, expected_ids, EMPTY_ID).tolist(), width
+        assert np.array_equal(codes.values.numpy(), np.where(active, expected_values, 0.0)), width
