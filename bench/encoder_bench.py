@@ -2,7 +2,8 @@
 all measured in the same run.
 
     .venv/bin/python bench/encoder_bench.py            # CPU shapes (d_in 512-2048, d_sae 8k-32k)
-    .venv/bin/python bench/encoder_bench.py --gpu      # on a CUDA machine: d_in 4096, d_sae 65536
+    .venv/bin/python bench/encoder_bench.py --gpu      # on a CUDA machine: d_in 4096, d_sae 65536, bf16 and
+                                                       # fp32 tables (gpu_tables); --sweep: Triton launch shapes
 
 A ratio above 1.0 means slower than the baseline (time / baseline time). The DESIGN target on CPU: the chosen
 backend within 1.3x of bare GEMM.

@@ -212,3 +212,34 @@ def test_onnx_on_cuda_without_onnxruntime_gpu_says_so(tmp_path: Path) -> None:
     sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(12, "standard")))
     with pytest.raises(ImportError, match=r"onnx backend on cuda needs onnxruntime-gpu.*CPUExecutionProvider"):
         make_encoder(sae, None, "onnx", "cuda")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton kernel's own launch shapes (child run)")
+@pytest.mark.parametrize("splits", [1, 3, 10])
+def test_triton_long_walks_with_ties_across_tiles(tmp_path: Path, splits: int) -> None:
+    """One split walking all ten tiles, or a few, or one tile each: the running top-k is pruned against its
+    k-th best tile after tile, and integer weights make features in different tiles tie, which the lower id
+    must win wherever the tie falls (inside a split, or between splits in the merge)."""
+    from circuitwatch.kernels.triton_encoder import LaunchConfig, TritonEncoder
+
+    g = torch.Generator().manual_seed(13)
+    d_in, d_sae = 24, 320  # ten 32-wide tiles
+    tensors = {
+        "W_enc": torch.randint(-3, 4, (d_in, d_sae), generator=g).float(),
+        "b_enc": torch.randint(-2, 3, (d_sae,), generator=g).float(),
+        "W_dec": torch.randn(d_sae, d_in, generator=g),
+        "b_dec": torch.zeros(d_in),
+    }
+    for copy, original in ((40, 3), (200, 3), (310, 3), (95, 64), (250, 64)):  # ties in other tiles and splits
+        tensors["W_enc"][:, copy] = tensors["W_enc"][:, original]
+        tensors["b_enc"][copy] = tensors["b_enc"][original]
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
+    x = torch.randint(-2, 3, (16, d_in), generator=g).float()
+    acts = ReferenceEncoder(sae).activations(x)
+    assert ((acts[:, 3] > 0) & (acts[:, 3] == acts[:, 310])).any(), "the data must contain active ties"
+    config = LaunchConfig(16, 32, 16, splits, 4, 1)
+    for selection in (CodeSelection(SelectionMode.TOPK, 5), CodeSelection(SelectionMode.THRESHOLD, 40)):
+        expected = ReferenceEncoder(sae, selection).encode(x)
+        got = TritonEncoder(sae, selection, DEVICE).encode(x.to(DEVICE), config)
+        assert torch.equal(got.ids.cpu(), expected.ids), (splits, selection)
+        assert torch.equal(got.values.cpu(), expected.values)
