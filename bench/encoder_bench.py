@@ -117,7 +117,7 @@ def sweep(encoder, x: torch.Tensor, device: torch.device, repeats: int) -> None:
     from circuitwatch.kernels.triton_encoder import LaunchConfig
 
     d_sae = encoder.sae.spec.d_sae
-    picked = LaunchConfig.for_shape(x.shape[0], d_sae, x.dtype == torch.bfloat16, device)
+    picked = LaunchConfig.for_shape(x.shape[0], d_sae, encoder.k, x.dtype == torch.bfloat16, device)
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     results = []
     for bm, bn, bk, warps, stages in GPU_SWEEP:

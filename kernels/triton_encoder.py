@@ -35,6 +35,9 @@ from .spec import Architecture, Normalization, Sae
 ARCH_CODES = {Architecture.STANDARD: 0, Architecture.JUMPRELU: 1, Architecture.TOPK: 2, Architecture.GATED: 3}
 NO_ID = 2**31 - 1
 MERGE_BLOCK = 4096  # candidates per merge program (rows * padded candidates per row)
+# Splits * k candidates per row at most: the merge holds a row's candidates in one program's registers and makes
+# k passes over them (k = 128 with 264 splits would be 33,792 per row; a bound, not measured on a GPU).
+MAX_MERGE_CANDIDATES = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,7 @@ class LaunchConfig:
     select: bool = True  # False only in the encoder bench: the GEMM and activation alone, to price the selection
 
     @staticmethod
-    def for_shape(rows: int, d_sae: int, bf16: bool, device: torch.device) -> LaunchConfig:
+    def for_shape(rows: int, d_sae: int, k: int, bf16: bool, device: torch.device) -> LaunchConfig:
         if device.type != "cuda":  # the interpreter: small tiles, two tiles a split so both merges are exercised
             tiles = -(-d_sae // 32)
             return LaunchConfig(16, 32, 16, max(1, -(-tiles // 2)), 4, 1)
@@ -64,7 +67,7 @@ class LaunchConfig:
             splits = -(-2 * _multiprocessors(device) // row_blocks)
         else:
             splits = _multiprocessors(device) // row_blocks
-        splits = max(1, min(-(-d_sae // block_n), splits))
+        splits = max(1, min(-(-d_sae // block_n), splits, MAX_MERGE_CANDIDATES // k))
         return LaunchConfig(block_m, block_n, block_k, splits, 8 if block_m == 128 else 4, 3)
 
 
@@ -270,7 +273,7 @@ class TritonEncoder:
         ids = torch.empty((rows, self.k), dtype=torch.int32, device=self.device)  # the merge writes every slot
         values = torch.empty((rows, self.k), dtype=torch.float32, device=self.device)
         if rows:
-            config = config or LaunchConfig.for_shape(rows, spec.d_sae, use_bf16, self.device)
+            config = config or LaunchConfig.for_shape(rows, spec.d_sae, self.k, use_bf16, self.device)
             self._launch(x, w, scale, ids, values, config, use_bf16, gated)
         if self.k < width:
             ids = torch.nn.functional.pad(ids, (0, width - self.k), value=EMPTY_ID)
