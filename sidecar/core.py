@@ -229,7 +229,7 @@ class SidecarCore:
         live = np.array([state is not None for state in per_slice], bool)
         if not live.all():
             dead = np.flatnonzero(~live)
-            self.counters["late_postings"] += int(np.diff(arrays.post_start)[dead].sum())
+            self.counters["late_postings"] += int(arrays.posts_per_slice[dead].sum())
             if not live.any():
                 return None
             arrays = keep_slices(arrays, np.flatnonzero(live))
@@ -260,7 +260,7 @@ class SidecarCore:
             per_slice,
             gslots,
             row_slice,
-            row_table(positions, uids, arrays.token_ids, np.diff(arrays.row_offsets)),
+            row_table(positions, uids, arrays.token_ids, arrays.codes_per_row),
             fidelity,
             now,
         )
@@ -309,7 +309,7 @@ class SidecarCore:
         """Fold the batch's codes, errors and norms into each SAE's drift sums (under the lock)."""
         arrays, gslots = batch.arrays, batch.gslots
         row_gslots = gslots[batch.row_slice]
-        posting_gslots = np.repeat(gslots, np.diff(arrays.post_start))
+        posting_gslots = np.repeat(gslots, arrays.posts_per_slice)
         present = np.unique(gslots).tolist()
         for gslot in present:
             rows = row_gslots == gslot
@@ -345,7 +345,7 @@ class SidecarCore:
     def _candidates(self, gslots: np.ndarray, arrays) -> np.ndarray:
         """bool per code of the batch: does some circuit term name its feature (in its SAE)?"""
         candidates = np.zeros(len(arrays.feature_ids), bool)
-        counts = np.diff(arrays.post_start)
+        counts = arrays.posts_per_slice
         for gslot in np.unique(gslots).tolist():
             wanted = self._plan_for([gslot]).wanted.get(gslot)
             if wanted is None or not wanted.any():

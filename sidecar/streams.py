@@ -215,13 +215,13 @@ def check_gaps(request_id: str, gaps, field: str, limits: LimitsConfig) -> None:
 
 def keep_slices(arrays: BatchArrays, keep: np.ndarray) -> BatchArrays:
     """The batch with only some of its slices (sorted indices), e.g. without requests already final."""
-    rows = np.diff(arrays.row_start)[keep]
-    posts = np.diff(arrays.post_start)[keep]
+    rows = arrays.rows_per_slice[keep]
+    posts = arrays.posts_per_slice[keep]
     row_index = concat_ranges(arrays.row_start[keep], rows)
     post_index = concat_ranges(arrays.post_start[keep], posts)
     row_start = np.concatenate(([0], np.cumsum(rows)))
     post_start = np.concatenate(([0], np.cumsum(posts)))
-    counts = np.diff(arrays.row_offsets)[row_index]
+    counts = arrays.codes_per_row[row_index]
     return BatchArrays(
         [arrays.request_ids[i] for i in keep],
         arrays.slots[keep],
