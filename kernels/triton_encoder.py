@@ -250,13 +250,14 @@ class TritonEncoder:
         x = x.to(device=self.device)
         norms, valid = input_norms(x)
         x = torch.where(valid[:, None], x, 1.0)  # a finite stand-in for unreadable rows, emptied below
-        codes = self.select(x, config)
+        codes = self.select(x, config, norms)
         if self.decoder is not None and x.dtype != torch.float32:
             x = x.float()  # the reconstruction error is computed in float32
         return with_fidelity(self.sae, x, codes, norms, valid, self.decoder, self.weights["b_dec"])
 
-    def select(self, x: torch.Tensor, config: LaunchConfig | None = None) -> Codes:
-        """Codes without fidelity: the two launches (public for the encoder bench's kernel-only timings)."""
+    def select(self, x: torch.Tensor, config: LaunchConfig | None = None, norms: torch.Tensor | None = None) -> Codes:
+        """Codes without fidelity: the two launches (public for the encoder bench's kernel-only timings).
+        `norms`: the rows' L2 norms where the caller has them (`encode` does), so they are not computed twice."""
         spec = self.sae.spec
         rows, width = x.shape[0], self.selection.width
         use_bf16 = self.bf16 is not None and x.dtype == torch.bfloat16
@@ -264,8 +265,10 @@ class TritonEncoder:
         scale = None
         if use_bf16:
             w = {**self.weights, **self.bf16}
-            if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:  # of the stand-in rows: finite
-                scale = (spec.d_in**0.5 / x.float().norm(dim=-1)).contiguous()
+            if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
+                norms = x.float().norm(dim=-1) if norms is None else norms
+                # finite for unreadable rows too (zero, infinite or NaN norms): their codes are emptied after
+                scale = torch.nan_to_num(spec.d_in**0.5 / norms, nan=1.0, posinf=1.0, neginf=1.0).contiguous()
             x = x if x.stride(1) == 1 else x.contiguous()
         else:
             w = self.weights
