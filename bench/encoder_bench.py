@@ -194,9 +194,11 @@ def main() -> None:
 
 
 def fidelity_time(encoder, sae, x: torch.Tensor, decoder: torch.Tensor, device: torch.device, repeats: int) -> float:
-    codes = encoder.encode(x)
+    """The reconstruction-error gather alone, on the codes the encoder gives these rows (in float32, as the
+    backends compute it)."""
+    codes, rows = encoder.encode(x), x.float()
     return timed(
-        lambda: with_fidelity(sae, x, codes, codes.norms, codes.valid, decoder, sae.weights.b_dec.to(device)),
+        lambda: with_fidelity(sae, rows, codes, codes.norms, codes.valid, decoder, sae.weights.b_dec.to(device)),
         device,
         max(repeats, 15),
     )
@@ -232,7 +234,7 @@ def gpu_tables(device: torch.device, batches: list[int], args) -> None:
                         try:
                             t = timed(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
                             t_device = device_time(lambda e=encoder, x=x: e.encode(x), device, args.repeats)
-                            fidelity = fidelity_time(encoder, sae, x.float(), decoder, device, args.repeats)
+                            fidelity = fidelity_time(encoder, sae, x, decoder, device, args.repeats)
                         except Exception as exc:  # one backend failing must not end the table
                             print(f"{precision}: {batch:>6} {name}: failed ({type(exc).__name__}: {exc})"[:300])
                             continue
