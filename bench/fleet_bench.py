@@ -48,7 +48,7 @@ from circuitwatch.sidecar.fleet.queries import fleet_contrast, fleet_registry
 from circuitwatch.sidecar.fleet.schema import migrate
 from circuitwatch.sidecar.identify import Resolved, contrast
 from circuitwatch.sidecar.request_index import RequestIndex, RequestMeta
-from circuitwatch.sidecar.request_sets import FeatureSet
+from circuitwatch.sidecar.request_sets import FeatureSet, Reduction
 from circuitwatch.sidecar.store import EvidenceStore
 
 DB = "circuitwatch"
@@ -176,9 +176,10 @@ def local_index_for(store, instance: str, mode: int):
         sets = {m: FeatureSet.empty() for m in (1, 2, 3)}
         sets[mode] = found
         meta = RequestMeta(request_id, parts[0]["arrival"], now, True, "bench")
-        index.add(meta, lambda sets=sets: sets, (labels[request_id],), [])
+        # the sets are known already: the reduction's "codes" hand them over and the compute step passes them on
+        index.add(meta, Reduction(lambda sets=sets: sets, 0, ()), (labels[request_id],), [])
     lock = threading.RLock()
-    index.seal(lock)
+    index.seal(lock, compute=lambda inputs: [sets for sets, _, _ in inputs])
     return index, registry, lock
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -228,11 +229,18 @@ def start_sink():
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (the sidecar's share of the shared cores)."""
+    """User + system CPU seconds a process and its children (the sidecar's maintenance worker) have used so far:
+    the sidecar's share of the shared cores."""
     import psutil
 
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system  # children: those reaped
+    for child in process.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def run_offline(model: Path, slots: list[dict], variant: str, work: Path, ports: dict[str, int], wiring: bool) -> dict:

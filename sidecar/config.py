@@ -118,6 +118,18 @@ class FidelityConfig(_Strict):
         return value
 
 
+class MaintenanceConfig(_Strict):
+    """Where the maintenance thread's heavy numpy work runs (maintenance_worker.py)."""
+
+    # Sealing token segments and reducing finished requests run in a child process at a lower CPU priority,
+    # so they neither hold the interpreter ingest runs on nor take a core from it when the cores are busy.
+    worker_process: bool = True
+    # Work with fewer postings than this stays in process (crossing the pipe costs more than it saves).
+    worker_min_postings: int = Field(200_000, ge=0)
+    # The worker's niceness (added to the sidecar's): the kernel prefers ingest when they compete for a core.
+    worker_nice: int = Field(10, ge=0, le=19)
+
+
 class DriftConfig(_Strict):
     """The drift alarm (sidecar/drift.py) and its defaults."""
 
@@ -232,6 +244,7 @@ class SidecarConfig(_Strict):
     fidelity: FidelityConfig = FidelityConfig()
     drift: DriftConfig = DriftConfig()
     fleet: FleetConfig = FleetConfig()
+    maintenance: MaintenanceConfig = MaintenanceConfig()
 
     @field_validator("evidence_synchronous")
     @classmethod

@@ -30,11 +30,12 @@ from .final_reports import FinalReports, one_request
 from .index import RollingIndex
 from .keys import token_keys
 from .maintenance import Maintenance
+from .maintenance_worker import MaintenanceWorker
 from .queries import IndexQueries
 from .registry import SaeRegistry
 from .reports import ReportBuilder, error_report, is_covered, merge_gaps
 from .request_index import RequestIndex, RequestMeta, counts_as_complete
-from .request_sets import FeatureSet, request_feature_sets
+from .request_sets import FeatureSet, Reduction, SlotCodes
 from .request_state import Chunk, RequestState, TermPlan, row_table
 from .request_table import RequestRecord, RequestTable
 from .review import Review
@@ -134,6 +135,9 @@ class SidecarCore:
         self.finals = FinalReports(store)
         self._plans: dict[tuple[int, tuple[int, ...]], TermPlan] = {}
         self.maintenance = Maintenance(self)
+        self.maintenance_worker = (
+            MaintenanceWorker(config.maintenance, self.counters) if config.maintenance.worker_process else None
+        )
         self.review = Review(self)
         self.fleet: FleetExporter | None = None  # set by server.start when fleet.enabled
 
@@ -571,18 +575,16 @@ class SidecarCore:
             complete=counts_as_complete(report),
             model=report.model,
         )
-        num_prompt = report.num_prompt_tokens
+        reduced = None
+        if self.fleet is not None:  # the fleet store gets the same reduction as the local index
+            fleet, registry = self.fleet, self.registry
 
-        def reduce() -> dict[int, FeatureSet]:
-            codes = state.latest_codes()
-            sets = request_feature_sets(codes, num_prompt, bases)
-            if self.fleet is not None:  # the fleet store gets the same reduction as the local index
-                self.fleet.request_reduced(report, sets, codes, self.registry)
-            return sets
+            def reduced(sets: dict[int, FeatureSet], codes: dict[int, SlotCodes]) -> None:
+                fleet.request_reduced(report, sets, codes, registry)
 
         record.ridx = self.request_index.add(
             meta,
-            reduce,
+            Reduction(state.latest_codes, report.num_prompt_tokens, bases, reduced),
             tuple(report.labels),
             [f.circuit for f in report.flags],
         )
@@ -602,6 +604,8 @@ class SidecarCore:
                 self.finalize(state, state.pending_finish)  # never raises: a bad one gets an error report
         if self.fleet is not None:
             self.request_index.reduce(self.lock)  # every final request reaches the exporter before it stops
+        if self.maintenance_worker is not None:
+            self.maintenance_worker.close()
 
     # --- reads ----------------------------------------------------------------------------------------
 

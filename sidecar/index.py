@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,53 +110,97 @@ class _ActiveSegment:
         copy.rows, copy.postings = list(self.rows), list(self.postings)
         return copy
 
+    def concatenated(self) -> SegmentParts:
+        """Its rows and postings as contiguous arrays: what sealing reads (here or in the maintenance worker)."""
+        if not self.rows:
+            return SegmentParts.empty(self.base_uid, self.t_start, self.t_end)
+        keys, gslot, phase, tokens, times, fidelity, counts = (
+            np.concatenate(parts) for parts in zip(*self.rows, strict=True)
+        )
+        features, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
+        return SegmentParts(
+            self.base_uid, self.t_start, self.t_end, keys, gslot, phase, tokens, times, fidelity, counts, features, acts
+        )
+
     def seal(self) -> TokenSegment:
-        if self.rows:
-            keys, gslot, phase, tokens, times, fidelity, counts = (
-                np.concatenate(parts) for parts in zip(*self.rows, strict=True)
+        return self.concatenated().seal()
+
+
+@dataclass(frozen=True)
+class SegmentParts:
+    """An active segment's contents in arrival order, contiguous: sealing them is a pure function of these
+    arrays, so it can run in another process (maintenance_worker.py) and give the same segment."""
+
+    base_uid: int
+    t_start: int
+    t_end: int
+    keys: np.ndarray  # uint64 [rows]
+    gslot: np.ndarray  # uint16 [rows]
+    phase: np.ndarray  # uint8 [rows]
+    tokens: np.ndarray  # uint32 [rows]
+    times: np.ndarray  # int64 [rows]
+    fidelity: np.ndarray  # float32 [rows, 2]
+    counts: np.ndarray  # int64 [rows]: codes per row, in row order in features / acts
+    features: np.ndarray  # uint32 [postings]
+    acts: np.ndarray  # float16 [postings]
+
+    ARRAYS = ("keys", "gslot", "phase", "tokens", "times", "fidelity", "counts", "features", "acts")
+
+    @classmethod
+    def empty(cls, base_uid: int, t_start: int, t_end: int) -> SegmentParts:
+        dtypes = (KEY_DTYPE, np.uint16, np.uint8, np.uint32, np.int64)
+        keys, gslot, phase, tokens, times = (np.empty(0, d) for d in dtypes)
+        fidelity = np.empty((0, 2), np.float32)
+        counts, features, acts = np.empty(0, np.int64), np.empty(0, np.uint32), np.empty(0, np.float16)
+        return cls(base_uid, t_start, t_end, keys, gslot, phase, tokens, times, fidelity, counts, features, acts)
+
+    @property
+    def num_postings(self) -> int:
+        return len(self.features)
+
+    def seal(self) -> TokenSegment:
+        """Rows in key order, postings grouped by term."""
+        if not len(self.keys):
+            return TokenSegment(
+                base_uid=self.base_uid,
+                t_start=self.t_start,
+                t_end=self.t_end,
+                row_keys=self.keys,
+                row_gslot=self.gslot,
+                row_phase=self.phase,
+                row_token=self.tokens,
+                row_time=self.times,
+                row_uid=np.empty(0, np.int64),
+                row_fidelity=self.fidelity,
+                term_codes=np.empty(0, np.uint64),
+                term_offsets=np.zeros(1, np.int64),
+                post_rows=np.empty(0, np.uint32),
+                post_acts=np.empty(0, np.float16),
             )
-            features, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
-            # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
-            by_key = np.argsort(keys, kind="stable")
-            keys, gslot, phase, tokens, times, fidelity = (
-                keys[by_key],
-                gslot[by_key],
-                phase[by_key],
-                tokens[by_key],
-                times[by_key],
-                fidelity[by_key],
-            )
-            uids = self.base_uid + by_key.astype(np.int64)
-            # Postings arrived in row order: gather them in the new row order, then a stable sort by term
-            # leaves each term's rows ascending.
-            per_row = counts[by_key]
-            in_row_order = concat_ranges((np.cumsum(counts) - counts)[by_key], per_row)
-            by_term, term_codes, offsets = group_by_term(np.repeat(gslot, per_row), features[in_row_order])
-            post_rows = np.repeat(np.arange(len(by_key), dtype=np.uint32), per_row)[by_term]
-            post_acts = acts[in_row_order][by_term]
-        else:
-            keys, gslot, phase, tokens, times = (
-                np.empty(0, d) for d in (KEY_DTYPE, np.uint16, np.uint8, np.uint32, np.int64)
-            )
-            fidelity = np.empty((0, 2), np.float32)
-            uids = np.empty(0, np.int64)
-            term_codes, offsets = np.empty(0, np.uint64), np.zeros(1, np.int64)
-            post_rows, post_acts = np.empty(0, np.uint32), np.empty(0, np.float16)
+        counts = self.counts
+        # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
+        by_key = np.argsort(self.keys, kind="stable")
+        gslot = self.gslot[by_key]
+        # Postings arrived in row order: gather them in the new row order, then a stable sort by term leaves each
+        # term's rows ascending.
+        per_row = counts[by_key]
+        in_row_order = concat_ranges((np.cumsum(counts) - counts)[by_key], per_row)
+        by_term, term_codes, offsets = group_by_term(np.repeat(gslot, per_row), self.features[in_row_order])
         return TokenSegment(
             base_uid=self.base_uid,
             t_start=self.t_start,
             t_end=self.t_end,
-            row_keys=keys,
+            row_keys=self.keys[by_key],
             row_gslot=gslot,
-            row_phase=phase,
-            row_token=tokens,
-            row_time=times,
-            row_uid=uids,
-            row_fidelity=fidelity,
+            row_phase=self.phase[by_key],
+            row_token=self.tokens[by_key],
+            row_time=self.times[by_key],
+            row_uid=self.base_uid + by_key.astype(np.int64),
+            row_fidelity=self.fidelity[by_key],
             term_codes=term_codes,
             term_offsets=offsets,
-            post_rows=post_rows,
-            post_acts=post_acts,
+            post_rows=np.repeat(np.arange(len(by_key), dtype=np.uint32), per_row)[by_term],
+            post_acts=self.acts[in_row_order][by_term],
         )
 
 
@@ -307,10 +352,11 @@ class RollingIndex:
             self._active_view = None
             self.evict(now)
 
-    def seal_due(self, now: int | None = None) -> bool:
+    def seal_due(self, now: int | None = None, seal: Callable[[SegmentParts], TokenSegment] | None = None) -> bool:
         """Seal the active segment once it is old (segment_s) or large (segment_max_postings); the maintenance
         thread calls this. The segment is swapped out under the lock and sorted outside it, so ingest never
-        waits for the sort; queries meanwhile read it as they read the active segment."""
+        waits for the sort; queries meanwhile read it as they read the active segment. `seal` does the sorting
+        (default: SegmentParts.seal, here; the maintenance worker passes its own)."""
         with self._lock:
             now = self.clock() if now is None else now
             active = self._active
@@ -320,7 +366,8 @@ class RollingIndex:
             self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
             self._active_view = None
             self._sealing = (active, None)
-        segment = active.seal()
+        parts = active.concatenated()
+        segment = parts.seal() if seal is None else seal(parts)
         with self._lock:
             self.sealed.append(segment)
             self._sealing = None

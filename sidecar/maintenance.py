@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .request_sets import feature_sets_here
 from .streams import shown
 
 if TYPE_CHECKING:
@@ -32,8 +33,9 @@ class Maintenance:
     def tick(self) -> None:
         core = self.core
         now = core.clock()
+        worker = core.maintenance_worker
         for name, step in (
-            ("seal", lambda: core.index.seal_due(now)),
+            ("seal", lambda: core.index.seal_due(now, worker.seal if worker is not None else None)),
             ("evict", lambda: core.index.evict(now)),
             ("finish deadlines", lambda: self.finalize_overdue(now)),
             ("open-request limits", self.enforce_open_budget),
@@ -107,7 +109,8 @@ class Maintenance:
     def maintain_request_index(self, now: int | None = None) -> None:
         """Reduce and seal finished requests into the request-level index (outside the lock), then evict."""
         core = self.core
-        core.request_index.seal(core.lock)
+        worker = core.maintenance_worker
+        core.request_index.seal(core.lock, worker.feature_sets if worker is not None else feature_sets_here)
         with core.lock:
             early = core.request_index.evict(core.clock() if now is None else now)
             if early:

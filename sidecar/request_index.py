@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,12 +23,24 @@ from pyroaring import BitMap
 
 from circuitwatch.proto import circuitwatch_pb2 as pb
 
-from .request_sets import BOTH_BIT, BOTH_IS_UNION, GENERATED_BIT, MODES, PROMPT_BIT, FeatureSet, scope_bits
+from .request_sets import (
+    BOTH_BIT,
+    BOTH_IS_UNION,
+    GENERATED_BIT,
+    MODES,
+    PROMPT_BIT,
+    FeatureSet,
+    FeatureSetsOf,
+    Reduction,
+    feature_sets_here,
+    scope_bits,
+)
 
 BLOCK = 64
 SEGMENT_REQUESTS = 256  # requests per sealed segment, a multiple of BLOCK
 WORDS = SEGMENT_REQUESTS // BLOCK
 BUILD_YIELD_EVERY = 16  # requests between the segment build's yields to ingest
+REDUCE_CHUNK = 16  # requests reduced together (one message to the maintenance worker)
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,7 @@ class RequestIndex:
         self._finalized: list[int] = []
         self._complete: list[bool] = []
         self.reduced_until = 0  # every ridx below it has its feature sets
-        self._unreduced: list[tuple[int, Callable[[], dict[int, FeatureSet]]]] = []
+        self._unreduced: list[tuple[int, Reduction]] = []
         self._seal_lock = threading.Lock()
         self._reduce_lock = threading.Lock()
 
@@ -142,11 +153,11 @@ class RequestIndex:
     def add(
         self,
         meta: RequestMeta,
-        reduce: Callable[[], dict[int, FeatureSet]],
+        reduction: Reduction,
         labels: tuple[str, ...],
         flags: list[str],
     ) -> int:
-        """Number a final request; `reduce` computes its feature sets later (reduce()), off the ingest path."""
+        """Number a final request; its feature sets are computed later (reduce()), off the ingest path."""
         ridx = self.next_ridx
         self.next_ridx += 1
         self._ids.append(meta.request_id)
@@ -154,7 +165,7 @@ class RequestIndex:
         self._arrival.append(meta.arrival_ns)
         self._finalized.append(meta.finalized_ns)
         self._complete.append(meta.complete)
-        self._unreduced.append((ridx, reduce))
+        self._unreduced.append((ridx, reduction))
         for label in labels:
             self.labels.setdefault(label, BitMap()).add(ridx)
         for circuit in flags:
@@ -169,18 +180,26 @@ class RequestIndex:
             if label in self.labels:
                 self.labels[label].discard(ridx)
 
-    def reduce(self, lock: threading.Lock | threading.RLock) -> int:
-        """Compute the feature sets of every request numbered so far (outside `lock`, installed under it);
-        returns how many. Queries call it first, so they never miss a request that was final before them."""
+    def reduce(self, lock: threading.Lock | threading.RLock, compute: FeatureSetsOf = feature_sets_here) -> int:
+        """Compute the feature sets of every request numbered so far (outside `lock`, installed under it), by
+        `compute`, REDUCE_CHUNK requests at a time; returns how many. Queries call it first, so they never miss a
+        request that was final before them."""
         with self._reduce_lock:
             with lock:
                 batch = list(self._unreduced)
             if not batch:
                 return 0
             reduced = []
-            for ridx, reduce in batch:
-                reduced.append((ridx, reduce()))
-                time.sleep(0)  # let ingest in between: this runs on the maintenance thread, beside the GIL's owner
+            for start in range(0, len(batch), REDUCE_CHUNK):
+                part = batch[start : start + REDUCE_CHUNK]
+                inputs = []
+                for _, reduction in part:
+                    inputs.append((reduction.codes(), reduction.num_prompt, reduction.bases))
+                    time.sleep(0)  # let ingest in between: this runs beside the GIL's owner
+                for (ridx, reduction), (codes, _, _), sets in zip(part, inputs, compute(inputs), strict=True):
+                    if reduction.reduced is not None:
+                        reduction.reduced(sets, codes)
+                    reduced.append((ridx, sets))
             with lock:
                 for ridx, sets in reduced:
                     for mode, channel in self.channels.items():
@@ -189,12 +208,13 @@ class RequestIndex:
                 self.reduced_until = batch[-1][0] + 1
             return len(batch)
 
-    def seal(self, lock: threading.Lock | threading.RLock) -> int:
-        """Seal full runs of SEGMENT_REQUESTS pending requests into segments; returns how many were sealed.
+    def seal(self, lock: threading.Lock | threading.RLock, compute: FeatureSetsOf = feature_sets_here) -> int:
+        """Reduce (by `compute`), then seal full runs of SEGMENT_REQUESTS pending requests into segments; returns
+        how many were sealed.
 
         Builds outside `lock` (the core's) and swaps the segment in under it. Segments always start at a
         multiple of SEGMENT_REQUESTS, which keeps every request's block and bit fixed."""
-        self.reduce(lock)
+        self.reduce(lock, compute)
         sealed = 0
         with self._seal_lock:
             while True:

@@ -8,7 +8,8 @@ generated tokens and (for mean-pooled argmax, where "both" is its own computatio
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,6 +85,31 @@ def request_feature_sets(codes: dict[int, SlotCodes], num_prompt: int, base: Seq
         else FeatureSet.empty()
         for mode, found in parts.items()
     }
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A final request waiting for its feature sets: how to read its codes (when it is reduced, off the ingest
+    path) and who else wants the result (the fleet exporter: sets and codes)."""
+
+    codes: Callable[[], dict[int, SlotCodes]]
+    num_prompt: int
+    bases: Sequence[int]  # each gslot's term base (the registry's, append-only)
+    reduced: Callable[[dict[int, FeatureSet], dict[int, SlotCodes]], None] | None = None
+
+
+# What reduces requests: (codes, num_prompt, bases) per request -> their feature sets, in order.
+ReductionInput = tuple[dict[int, SlotCodes], int, Sequence[int]]
+FeatureSetsOf = Callable[[list[ReductionInput]], list[dict[int, FeatureSet]]]
+
+
+def feature_sets_here(inputs: list[ReductionInput]) -> list[dict[int, FeatureSet]]:
+    """Reduce in this process, letting other threads in between requests (a request is ~2 ms of numpy)."""
+    out = []
+    for codes, num_prompt, bases in inputs:
+        out.append(request_feature_sets(codes, num_prompt, bases))
+        time.sleep(0)
+    return out
 
 
 def _per_feature(

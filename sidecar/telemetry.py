@@ -92,6 +92,11 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch_report_handoff_timeouts_total",
     ),
     MetricSpec(
+        "circuitwatch.maintenance.worker.failures", "counter", "{failure}", (),
+        "Maintenance worker process failures (died, stalled, failed a piece of work): that work ran in process",
+        "circuitwatch_maintenance_worker_failures_total",
+    ),
+    MetricSpec(
         "circuitwatch.ingest.lag", "histogram", "s", (), "Producer finish time to finish marker received",
         "circuitwatch_ingest_lag_seconds",
     ),
@@ -297,6 +302,10 @@ class Telemetry:
             observable(
                 "circuitwatch.report.handoff.timeouts",
                 [lambda _options: [Observation(counters["handoff_timeouts"])]],
+            )
+            observable(
+                "circuitwatch.maintenance.worker.failures",
+                [lambda _options: [Observation(counters["maintenance_worker_failures"])]],
             )
 
         def health_gauge(field: str):

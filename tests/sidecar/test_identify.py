@@ -16,6 +16,7 @@ import yaml
 from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.sidecar import SidecarConfig
 from circuitwatch.sidecar.circuits import load_circuit_files
+from circuitwatch.sidecar.config import MaintenanceConfig
 from circuitwatch.sidecar.core import SidecarCore
 from circuitwatch.sidecar.identify import roc_auc
 from circuitwatch.sidecar.request_index import SEGMENT_REQUESTS
@@ -94,14 +95,22 @@ def by_label(label: str) -> pb.RequestSelector:
 # --- tests ---------------------------------------------------------------------------------------------------
 
 
-def test_counts_ranks_and_pairs_match_brute_force_in_every_mode_and_scope(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reduced_by", ["query", "worker"])
+def test_counts_ranks_and_pairs_match_brute_force_in_every_mode_and_scope(tmp_path: Path, reduced_by: str) -> None:
+    """`worker`: every request reduced by the maintenance worker process (forced: no minimum size) before the
+    first query; `query`: the first query reduces them in process."""
     rng = np.random.default_rng(7)
     count = 2 * SEGMENT_REQUESTS + 90  # two sealed segments and a pending tail
     requests, labels = traffic(rng, count)
-    with running_sidecar(tmp_path) as (running, client):
+    maintenance = MaintenanceConfig(worker_min_postings=0 if reduced_by == "worker" else 1 << 40)
+    with running_sidecar(tmp_path, maintenance=maintenance) as (running, client):
         client.ingest(with_labels(requests, labels, rng))
         for request in requests:
             assert client.report(request.request_id).status == pb.REPORT_STATUS_COMPLETE
+        if reduced_by == "worker":
+            running.core.maintain_request_index()
+            assert running.core.counters["maintenance_worker_reductions"] == count
+            assert running.core.counters["maintenance_worker_failures"] == 0
         before_seal = contrast(client.stub, positives=by_label("pos"), negatives=by_label("neg"), top=10_000)
         running.core.tick()  # seals full segments
         assert len(running.core.request_index.channels[pb.CODE_MODE_CODES].segments) == 2

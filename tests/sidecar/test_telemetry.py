@@ -168,6 +168,7 @@ def test_prometheus_names_units_and_labels(tmp_path: Path) -> None:
     assert scrape.values("circuitwatch_producer_engine_step_wait_timeouts_total") == [5]
     assert scrape.values("circuitwatch_producer_steps_coalesced_total") == [15]
     assert scrape.values("circuitwatch_report_handoff_timeouts_total") == [0]
+    assert scrape.values("circuitwatch_maintenance_worker_failures_total") == [0]  # the core's counter, exported
 
 
 def test_a_dead_collector_never_blocks_ingest(tmp_path: Path, monkeypatch) -> None:

@@ -1,0 +1,261 @@
+"""The maintenance worker: a child process that seals token segments and reduces finished requests for the
+sidecar, at a lower CPU priority.
+
+Both are pure functions of numpy arrays (SegmentParts.seal: a few hundred ms of numpy per 2M-posting segment;
+request_feature_sets: ~2 ms a request). On the maintenance thread they shared the interpreter with ingest (one
+numpy call holds it for up to ~15 ms) and took a core from it whenever the cores were busy: under decode-shaped
+load at 100 engine steps/s that was most of the report-latency tail (bench/sidecar_bench.py). In a child process at
+nice +`worker_nice` they hold neither: arrays cross a pipe (written straight from their buffers, read into
+preallocated ones, the interpreter free between chunks) and the kernel gives the ingest thread the core first.
+
+The worker is a fresh interpreter (`python -c`, the pipe's other end passed as an inherited descriptor), not a
+multiprocessing child: spawn would import the embedding program's main module again. Work smaller than
+`worker_min_postings` stays in process (crossing costs more than it saves). If the worker cannot
+start, dies, stalls or fails a piece of work, that work is done in process (same function, same result), the
+failure is logged and counted (maintenance_worker_failures), and a new worker is started for later work no sooner
+than RESTART_AFTER_S later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from .config import MaintenanceConfig
+from .index import SegmentParts, TokenSegment
+from .request_sets import MODES, FeatureSet, ReductionInput, SlotCodes, feature_sets_here, request_feature_sets
+
+log = logging.getLogger(__name__)
+
+RESTART_AFTER_S = 30.0  # after a failure, work stays in process at least this long
+REPLY_TIMEOUT_S = 120.0  # a worker silent this long after a piece of work is stopped and replaced
+SEGMENT_ARRAYS = (
+    "row_keys",
+    "row_gslot",
+    "row_phase",
+    "row_token",
+    "row_time",
+    "row_uid",
+    "row_fidelity",
+    "term_codes",
+    "term_offsets",
+    "post_rows",
+    "post_acts",
+)
+SLOT_ARRAYS = ("positions", "row_offsets", "features", "activations")
+
+
+class MaintenanceWorker:
+    """The sidecar's handle on its worker process: `seal` and `feature_sets` give what the in-process functions
+    give, computed there when the work is large enough and the worker is healthy. One piece of work at a time."""
+
+    def __init__(self, config: MaintenanceConfig, counters: Counter[str]) -> None:
+        self.config = config
+        self.counters = counters
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._failed_at: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id while one runs."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
+    def seal(self, parts: SegmentParts) -> TokenSegment:
+        if parts.num_postings < self.config.worker_min_postings:
+            return parts.seal()
+        header = (parts.base_uid, parts.t_start, parts.t_end)
+        reply = self._run("seal", header, [getattr(parts, name) for name in SegmentParts.ARRAYS])
+        if reply is None:
+            return parts.seal()
+        _, arrays = reply
+        self.counters["maintenance_worker_seals"] += 1
+        fields = dict(zip(SEGMENT_ARRAYS, arrays, strict=True))
+        return TokenSegment(parts.base_uid, parts.t_start, parts.t_end, **fields)
+
+    def feature_sets(self, inputs: list[ReductionInput]) -> list[dict[int, FeatureSet]]:
+        postings = sum(len(slot.features) for codes, _, _ in inputs for slot in codes.values())
+        if postings < self.config.worker_min_postings:
+            return feature_sets_here(inputs)
+        header = [(num_prompt, list(bases), sorted(codes)) for codes, num_prompt, bases in inputs]
+        arrays = [
+            getattr(codes[gslot], name) for codes, _, _ in inputs for gslot in sorted(codes) for name in SLOT_ARRAYS
+        ]
+        reply = self._run("reduce", header, arrays)
+        if reply is None:
+            return feature_sets_here(inputs)
+        _, out = reply
+        self.counters["maintenance_worker_reductions"] += len(inputs)
+        per_request = 2 * len(MODES)
+        return [
+            {mode: FeatureSet(out[at + 2 * m], out[at + 2 * m + 1]) for m, mode in enumerate(MODES)}
+            for at in range(0, len(out), per_request)
+        ]
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the worker (waiting up to timeout_s for a piece of work in progress)."""
+        locked = self._lock.acquire(timeout=timeout_s)
+        try:
+            process, conn = self._process, self._conn
+            self._process = self._conn = None
+            if process is None:
+                return
+            if locked and conn is not None:
+                with contextlib.suppress(OSError):
+                    _send(conn, "stop", None, [])
+            try:
+                process.wait(timeout_s if locked else 0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout_s)
+            if conn is not None:
+                conn.close()
+        finally:
+            if locked:
+                self._lock.release()
+
+    # --- the parent's side -----------------------------------------------------------------------------
+
+    def _run(self, kind: str, header: Any, arrays: list[np.ndarray]) -> tuple[Any, list[np.ndarray]] | None:
+        """The worker's (header, arrays) for one piece of work, or None: do it in process."""
+        with self._lock:
+            conn = self._connection()
+            if conn is None:
+                return None
+            try:
+                _send(conn, kind, header, arrays)
+                if not conn.poll(REPLY_TIMEOUT_S):
+                    raise TimeoutError(f"no reply within {REPLY_TIMEOUT_S:g}s")
+                status, reply_header, reply_arrays = _recv(conn)
+            except (OSError, EOFError, TimeoutError) as exc:
+                self._fail(f"{kind}: {type(exc).__name__}: {exc}")
+                return None
+            if status != "ok":
+                self.counters["maintenance_worker_failures"] += 1
+                log.warning("maintenance worker: %s failed there; doing it in process:\n%s", kind, reply_header)
+                return None
+            return reply_header, reply_arrays
+
+    def _connection(self) -> Connection | None:
+        """The running worker's pipe, starting one if none runs and the last failure is old enough."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                return self._conn
+            self._fail(f"exited with code {self._process.returncode}")
+        if self._failed_at is not None and time.monotonic() - self._failed_at < RESTART_AFTER_S:
+            return None
+        parent, child = multiprocessing.Pipe()  # a socket pair: the child's end is inherited by descriptor
+        fd = child.fileno()
+        command = [sys.executable, "-c", _CHILD, str(fd), str(self.config.worker_nice)]
+        try:  # never fork: the sidecar is full of threads
+            process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+        except Exception as exc:  # e.g. out of processes or memory
+            parent.close()
+            self._fail(f"cannot start: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            child.close()
+        self._process, self._conn = process, parent
+        log.info("maintenance worker started (pid %d, nice +%d)", process.pid, self.config.worker_nice)
+        return parent
+
+    def _fail(self, reason: str) -> None:
+        """Drop the worker after a failure; its work goes on in process until RESTART_AFTER_S have passed."""
+        self.counters["maintenance_worker_failures"] += 1
+        log.warning(
+            "maintenance worker: %s; sealing and reductions run in process for at least %gs", reason, RESTART_AFTER_S
+        )
+        process, conn = self._process, self._conn
+        self._process = self._conn = None
+        self._failed_at = time.monotonic()
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
+        if conn is not None:
+            conn.close()
+
+
+# --- the wire: a small header, then each array's bytes straight from its buffer ----------------------------
+
+
+def _send(conn: Connection, kind: str, header: Any, arrays: list[np.ndarray]) -> None:
+    contiguous = [np.ascontiguousarray(a) for a in arrays]
+    conn.send((kind, header, [(a.dtype.str, a.shape) for a in contiguous]))
+    for array in contiguous:
+        conn.send_bytes(array.reshape(-1).view(np.uint8))
+
+
+def _recv(conn: Connection) -> tuple[str, Any, list[np.ndarray]]:
+    kind, header, specs = conn.recv()
+    arrays = []
+    for dtype, shape in specs:
+        array = np.empty(shape, np.dtype(dtype))
+        if array.nbytes:
+            conn.recv_bytes_into(array.reshape(-1).view(np.uint8))
+        else:
+            conn.recv_bytes()
+        arrays.append(array)
+    return kind, header, arrays
+
+
+# --- the worker's side -----------------------------------------------------------------------------------
+
+
+_CHILD = "import sys; from circuitwatch.sidecar.maintenance_worker import serve; serve(*map(int, sys.argv[1:]))"
+
+
+def serve(fd: int, nice: int) -> None:
+    """The worker process: one piece of work at a time until told to stop or the sidecar is gone."""
+    conn = Connection(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the sidecar stops the worker
+    os.nice(nice)
+    while True:
+        try:
+            kind, header, arrays = _recv(conn)
+        except (EOFError, OSError):
+            return
+        if kind == "stop":
+            return
+        try:
+            reply_header, reply_arrays = _WORK[kind](header, arrays)
+        except Exception:
+            _send(conn, "error", traceback.format_exc(), [])
+        else:
+            _send(conn, "ok", reply_header, reply_arrays)
+
+
+def _seal(header: tuple[int, int, int], arrays: list[np.ndarray]) -> tuple[None, list[np.ndarray]]:
+    segment = SegmentParts(*header, *arrays).seal()
+    return None, [getattr(segment, name) for name in SEGMENT_ARRAYS]
+
+
+def _reduce(header: list[tuple[int, list[int], list[int]]], arrays: list[np.ndarray]) -> tuple[None, list[np.ndarray]]:
+    out: list[np.ndarray] = []
+    at = 0
+    for num_prompt, bases, gslots in header:
+        codes = {}
+        for gslot in gslots:
+            codes[gslot] = SlotCodes(*arrays[at : at + len(SLOT_ARRAYS)])
+            at += len(SLOT_ARRAYS)
+        sets = request_feature_sets(codes, num_prompt, bases)
+        for mode in MODES:
+            out += [sets[mode].terms, sets[mode].scopes]
+    return None, out
+
+
+_WORK = {"seal": _seal, "reduce": _reduce}
