@@ -69,6 +69,7 @@ class MaintenanceWorker:
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
         self._failed_at: float | None = None
+        self._closed = False  # after close(), work stays in process (a maintenance tick outliving the stop)
 
     @property
     def pid(self) -> int | None:
@@ -111,6 +112,7 @@ class MaintenanceWorker:
         """Stop the worker (waiting up to timeout_s for a piece of work in progress)."""
         locked = self._lock.acquire(timeout=timeout_s)
         try:
+            self._closed = True
             process, conn = self._process, self._conn
             self._process = self._conn = None
             if process is None:
@@ -153,6 +155,8 @@ class MaintenanceWorker:
 
     def _connection(self) -> Connection | None:
         """The running worker's pipe, starting one if none runs and the last failure is old enough."""
+        if self._closed:
+            return None
         if self._process is not None:
             if self._process.poll() is None:
                 return self._conn

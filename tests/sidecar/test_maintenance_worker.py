@@ -108,6 +108,18 @@ def test_worker_seals_and_reduces_exactly_as_in_process(worker: MaintenanceWorke
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
 
 
+def test_after_close_work_stays_in_process(worker: MaintenanceWorker) -> None:
+    parts = random_parts(np.random.default_rng(9))
+    worker.seal(parts)
+    first = worker.pid
+    worker.close()
+    assert worker.pid is None
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(first, 0)
+    assert_same_segment(worker.seal(parts), parts.seal())  # e.g. a maintenance tick that outlived the stop
+    assert worker.pid is None and worker.counters["maintenance_worker_seals"] == 1
+
+
 def test_small_work_stays_in_process() -> None:
     counters: Counter[str] = Counter()
     worker = MaintenanceWorker(MaintenanceConfig(worker_min_postings=10**9), counters)
