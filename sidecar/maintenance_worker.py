@@ -8,8 +8,9 @@ load at 100 engine steps/s that was most of the report-latency tail (bench/sidec
 nice +`worker_nice` they hold neither: arrays cross a pipe (written straight from their buffers, read into
 preallocated ones, the interpreter free between chunks) and the kernel gives the ingest thread the core first.
 
-The worker is a fresh interpreter (`python -c`, the pipe's other end passed as an inherited descriptor), not a
-multiprocessing child: spawn would import the embedding program's main module again. Work smaller than
+The worker is a fresh interpreter (`python -P -c`, the pipe's other end passed as an inherited descriptor, the
+sidecar's sys.path as an argument), not a multiprocessing child: spawn would import the embedding program's main
+module again. Work smaller than
 `worker_min_postings` stays in process (crossing costs more than it saves). If the worker cannot
 start, dies, stalls or fails a piece of work, that work is done in process (same function, same result), the
 failure is logged and counted (maintenance_worker_failures), and a new worker is started for later work no sooner
@@ -19,6 +20,7 @@ than RESTART_AFTER_S later.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -165,7 +167,7 @@ class MaintenanceWorker:
             return None
         parent, child = multiprocessing.Pipe()  # a socket pair: the child's end is inherited by descriptor
         fd = child.fileno()
-        command = [sys.executable, "-c", _CHILD, str(fd), str(self.config.worker_nice)]
+        command = [sys.executable, "-P", "-c", _CHILD, str(fd), str(self.config.worker_nice), json.dumps(sys.path)]
         try:  # never fork: the sidecar is full of threads
             process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         except Exception as exc:  # e.g. out of processes or memory
@@ -220,7 +222,12 @@ def _recv(conn: Connection) -> tuple[str, Any, list[np.ndarray]]:
 # --- the worker's side -----------------------------------------------------------------------------------
 
 
-_CHILD = "import sys; from circuitwatch.sidecar.maintenance_worker import serve; serve(*map(int, sys.argv[1:]))"
+# The child resolves imports as the sidecar did: the sidecar's sys.path, not the working directory's packages (a
+# source checkout's `circuitwatch/` would shadow the installed package that holds `circuitwatch.sidecar`).
+_CHILD = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[3]); "
+    "from circuitwatch.sidecar.maintenance_worker import serve; serve(int(sys.argv[1]), int(sys.argv[2]))"
+)
 
 
 def serve(fd: int, nice: int) -> None:
