@@ -168,7 +168,7 @@ class MaintenanceWorker:
         parent, child = multiprocessing.Pipe()  # a socket pair: the child's end is inherited by descriptor
         fd = child.fileno()
         command = [sys.executable, "-P", "-c", _CHILD, str(fd), str(self.config.worker_nice), json.dumps(sys.path)]
-        try:  # never fork: the sidecar is full of threads
+        try:  # exec a fresh interpreter: a fork of this threaded process would inherit its locks mid-use
             process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
         except Exception as exc:  # e.g. out of processes or memory
             parent.close()
