@@ -135,9 +135,7 @@ class SidecarCore:
         self.finals = FinalReports(store)
         self._plans: dict[tuple[int, tuple[int, ...]], TermPlan] = {}
         self.maintenance = Maintenance(self)
-        self.maintenance_worker = (
-            MaintenanceWorker(config.maintenance, self.counters) if config.maintenance.worker_process else None
-        )
+        self.maintenance_worker = MaintenanceWorker(config.maintenance, self.counters)
         self.review = Review(self)
         self.fleet: FleetExporter | None = None  # set by server.start when fleet.enabled
 
@@ -604,8 +602,7 @@ class SidecarCore:
                 self.finalize(state, state.pending_finish)  # never raises: a bad one gets an error report
         if self.fleet is not None:
             self.request_index.reduce(self.lock)  # every final request reaches the exporter before it stops
-        if self.maintenance_worker is not None:
-            self.maintenance_worker.close()
+        self.maintenance_worker.close()
 
     # --- reads ----------------------------------------------------------------------------------------
 

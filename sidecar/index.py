@@ -144,8 +144,6 @@ class SegmentParts:
     features: np.ndarray  # uint32 [postings]
     acts: np.ndarray  # float16 [postings]
 
-    ARRAYS = ("keys", "gslot", "phase", "tokens", "times", "fidelity", "counts", "features", "acts")
-
     @classmethod
     def empty(cls, base_uid: int, t_start: int, t_end: int) -> SegmentParts:
         dtypes = (KEY_DTYPE, np.uint16, np.uint8, np.uint32, np.int64)
@@ -159,24 +157,7 @@ class SegmentParts:
         return len(self.features)
 
     def seal(self) -> TokenSegment:
-        """Rows in key order, postings grouped by term."""
-        if not len(self.keys):
-            return TokenSegment(
-                base_uid=self.base_uid,
-                t_start=self.t_start,
-                t_end=self.t_end,
-                row_keys=self.keys,
-                row_gslot=self.gslot,
-                row_phase=self.phase,
-                row_token=self.tokens,
-                row_time=self.times,
-                row_uid=np.empty(0, np.int64),
-                row_fidelity=self.fidelity,
-                term_codes=np.empty(0, np.uint64),
-                term_offsets=np.zeros(1, np.int64),
-                post_rows=np.empty(0, np.uint32),
-                post_acts=np.empty(0, np.float16),
-            )
+        """Rows in key order, postings grouped by term (zero rows give an empty segment)."""
         counts = self.counts
         # Rows in key order, so each term's rows (sorted below) give its keys already sorted.
         by_key = np.argsort(self.keys, kind="stable")
@@ -352,11 +333,13 @@ class RollingIndex:
             self._active_view = None
             self.evict(now)
 
-    def seal_due(self, now: int | None = None, seal: Callable[[SegmentParts], TokenSegment] | None = None) -> bool:
+    def seal_due(
+        self, now: int | None = None, seal: Callable[[SegmentParts], TokenSegment] = SegmentParts.seal
+    ) -> bool:
         """Seal the active segment once it is old (segment_s) or large (segment_max_postings); the maintenance
         thread calls this. The segment is swapped out under the lock and sorted outside it, so ingest never
         waits for the sort; queries meanwhile read it as they read the active segment. `seal` does the sorting
-        (default: SegmentParts.seal, here; the maintenance worker passes its own)."""
+        (here by default; the maintenance worker passes its own)."""
         with self._lock:
             now = self.clock() if now is None else now
             active = self._active
@@ -366,8 +349,7 @@ class RollingIndex:
             self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
             self._active_view = None
             self._sealing = (active, None)
-        parts = active.concatenated()
-        segment = parts.seal() if seal is None else seal(parts)
+        segment = seal(active.concatenated())
         with self._lock:
             self.sealed.append(segment)
             self._sealing = None

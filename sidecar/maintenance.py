@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .request_sets import feature_sets_here
 from .streams import shown
 
 if TYPE_CHECKING:
@@ -33,9 +32,8 @@ class Maintenance:
     def tick(self) -> None:
         core = self.core
         now = core.clock()
-        worker = core.maintenance_worker
         for name, step in (
-            ("seal", lambda: core.index.seal_due(now, worker.seal if worker is not None else None)),
+            ("seal", lambda: core.index.seal_due(now, core.maintenance_worker.seal)),
             ("evict", lambda: core.index.evict(now)),
             ("finish deadlines", lambda: self.finalize_overdue(now)),
             ("open-request limits", self.enforce_open_budget),
@@ -109,8 +107,7 @@ class Maintenance:
     def maintain_request_index(self, now: int | None = None) -> None:
         """Reduce and seal finished requests into the request-level index (outside the lock), then evict."""
         core = self.core
-        worker = core.maintenance_worker
-        core.request_index.seal(core.lock, worker.feature_sets if worker is not None else feature_sets_here)
+        core.request_index.seal(core.lock, core.maintenance_worker.feature_sets)
         with core.lock:
             early = core.request_index.evict(core.clock() if now is None else now)
             if early:

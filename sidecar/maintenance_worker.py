@@ -20,6 +20,7 @@ than RESTART_AFTER_S later.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -44,25 +45,23 @@ log = logging.getLogger(__name__)
 
 RESTART_AFTER_S = 30.0  # after a failure, work stays in process at least this long
 REPLY_TIMEOUT_S = 120.0  # a worker silent this long after a piece of work is stopped and replaced
-SEGMENT_ARRAYS = (
-    "row_keys",
-    "row_gslot",
-    "row_phase",
-    "row_token",
-    "row_time",
-    "row_uid",
-    "row_fidelity",
-    "term_codes",
-    "term_offsets",
-    "post_rows",
-    "post_acts",
-)
-SLOT_ARRAYS = ("positions", "row_offsets", "features", "activations")
+
+
+def _array_fields(cls: type) -> tuple[str, ...]:
+    """A dataclass's numpy array fields, in order: what crosses the pipe for it (its other fields travel in the
+    header; TokenSegment's optional caches stay behind)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type == "np.ndarray")
+
+
+PARTS_ARRAYS = _array_fields(SegmentParts)  # after base_uid, t_start, t_end
+SEGMENT_ARRAYS = _array_fields(TokenSegment)
+SLOT_ARRAYS = _array_fields(SlotCodes)
 
 
 class MaintenanceWorker:
     """The sidecar's handle on its worker process: `seal` and `feature_sets` give what the in-process functions
-    give, computed there when the work is large enough and the worker is healthy. One piece of work at a time."""
+    give, computed there when the worker is enabled (worker_process), the work large enough and the worker healthy.
+    One piece of work at a time."""
 
     def __init__(self, config: MaintenanceConfig, counters: Counter[str]) -> None:
         self.config = config
@@ -83,7 +82,7 @@ class MaintenanceWorker:
         if parts.num_postings < self.config.worker_min_postings:
             return parts.seal()
         header = (parts.base_uid, parts.t_start, parts.t_end)
-        reply = self._run("seal", header, [getattr(parts, name) for name in SegmentParts.ARRAYS])
+        reply = self._run("seal", header, [getattr(parts, name) for name in PARTS_ARRAYS])
         if reply is None:
             return parts.seal()
         _, arrays = reply
@@ -157,7 +156,7 @@ class MaintenanceWorker:
 
     def _connection(self) -> Connection | None:
         """The running worker's pipe, starting one if none runs and the last failure is old enough."""
-        if self._closed:
+        if self._closed or not self.config.worker_process:
             return None
         if self._process is not None:
             if self._process.poll() is None:
@@ -211,10 +210,7 @@ def _recv(conn: Connection) -> tuple[str, Any, list[np.ndarray]]:
     arrays = []
     for dtype, shape in specs:
         array = np.empty(shape, np.dtype(dtype))
-        if array.nbytes:
-            conn.recv_bytes_into(array.reshape(-1).view(np.uint8))
-        else:
-            conn.recv_bytes()
+        conn.recv_bytes_into(array.reshape(-1).view(np.uint8))
         arrays.append(array)
     return kind, header, arrays
 

@@ -8,11 +8,11 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -25,7 +25,7 @@ from circuitwatch.sidecar.keys import token_keys
 from circuitwatch.sidecar.maintenance_worker import SEGMENT_ARRAYS, MaintenanceWorker
 from circuitwatch.sidecar.request_sets import MODES, SlotCodes, feature_sets_here
 
-from support.processes import CLI, free_port, wait_serving
+from support.processes import free_port, start_sidecar
 from support.sidecar_harness import SyntheticRequest, manifest
 
 FORCED = MaintenanceConfig(worker_min_postings=0)  # every piece of work goes to the worker
@@ -120,6 +120,18 @@ def test_after_close_work_stays_in_process(worker: MaintenanceWorker) -> None:
     assert worker.pid is None and worker.counters["maintenance_worker_seals"] == 1
 
 
+def test_worker_process_false_keeps_everything_in_process() -> None:
+    counters: Counter[str] = Counter()
+    worker = MaintenanceWorker(MaintenanceConfig(worker_process=False, worker_min_postings=0), counters)
+    rng = np.random.default_rng(10)
+    parts, inputs = random_parts(rng), random_reductions(rng, 3)
+    assert_same_segment(worker.seal(parts), parts.seal())
+    assert [s[MODES[0]].terms.tolist() for s in worker.feature_sets(inputs)] == [
+        s[MODES[0]].terms.tolist() for s in feature_sets_here(inputs)
+    ]
+    assert worker.pid is None and not counters
+
+
 def test_small_work_stays_in_process() -> None:
     counters: Counter[str] = Counter()
     worker = MaintenanceWorker(MaintenanceConfig(worker_min_postings=10**9), counters)
@@ -172,14 +184,9 @@ def test_the_sidecar_process_stops_its_worker(tmp_path: Path, stop: str) -> None
     """Through the real CLI: the worker starts at the first reduction; SIGTERM stops it, and a sidecar killed
     outright leaves no worker behind either (it ends at its pipe's end of file)."""
     port = free_port()
-    config = tmp_path / "sidecar.yaml"
-    config.write_text(f"listen: 127.0.0.1:{port}\nevidence_dir: evidence\nmaintenance: {{worker_min_postings: 0}}\n")
-    process = subprocess.Popen(
-        [*CLI, "sidecar", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = start_sidecar(tmp_path, port, "maintenance: {worker_min_postings: 0}\n", "sidecar.log")
     try:
-        channel = wait_serving(port, process)
-        stub = pb_grpc.MonitorStub(channel)
+        stub = pb_grpc.MonitorStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         request = SyntheticRequest.random(np.random.default_rng(8), "r")
         chunks = [request.slice(slot, a, b) for a, b in request.chunks(5) for slot in request.codes]
         stub.Ingest(
@@ -198,9 +205,9 @@ def test_the_sidecar_process_stops_its_worker(tmp_path: Path, stop: str) -> None
             time.sleep(0.1)
         if stop == "sigterm":
             process.send_signal(signal.SIGTERM)
-            _, stderr = process.communicate(timeout=30)
-            assert process.returncode == 0, stderr
-            assert "maintenance worker started" in stderr and "sidecar stopped" in stderr
+            assert process.wait(30) == 0
+            log = (tmp_path / "sidecar.log").read_text()
+            assert "maintenance worker started" in log and "sidecar stopped" in log, log
         else:
             process.kill()
             process.wait(30)
