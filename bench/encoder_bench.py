@@ -80,12 +80,17 @@ def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> f
     return statistics.median(a) / statistics.median(b) - 1
 
 
-GPU_SWEEP = [  # (block_m, block_n, block_k, num_warps, num_stages), each with 2x and 1x the SMs' count of programs
-    (16, 128, 64, 4, 3),
-    (64, 128, 64, 4, 3),
-    (128, 128, 64, 8, 3),
-    (128, 256, 64, 8, 3),
-    (128, 256, 64, 8, 4),
+GPU_SWEEP = [  # LaunchConfig fields replaced in the picked configuration
+    {"select_warps": 8, "candidate_block": 32},
+    {"select_warps": 4, "candidate_block": 32},
+    {"select_warps": 4, "candidate_block": 8},
+    {"select_warps": 2, "candidate_block": 32},
+    {"select_warps": 2, "candidate_block": 8},
+    {"select_warps": 1, "candidate_block": 8},
+    {"select_warps": 4, "candidate_block": 32, "group": 32},
+    {"select_warps": 4, "candidate_block": 16, "group": 128, "block_n": 128},
+    {"gemm": "torch", "block_m": 128, "block_n": 256, "num_warps": 8},
+    {"gemm": "triton", "block_m": 128, "block_n": 256, "block_k": 64, "num_warps": 8, "num_stages": 4},
 ]
 
 
@@ -113,30 +118,38 @@ def build(names, sae, selection, device):
 
 
 def sweep(encoder, x: torch.Tensor, device: torch.device, repeats: int) -> None:
-    """The Triton kernel's time per launch configuration at this batch, and which one for_shape picks."""
+    """The Triton encoder's time per launch configuration at this batch (wall and GPU time), each also without
+    its selection launch (pre-activations and group maxima alone), beside the GEMMs it is measured against."""
     from circuitwatch.kernels.triton_encoder import LaunchConfig
 
-    d_sae = encoder.sae.spec.d_sae
-    picked = LaunchConfig.for_shape(x.shape[0], d_sae, encoder.k, x.dtype == torch.bfloat16, device)
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    results = []
-    for bm, bn, bk, warps, stages in GPU_SWEEP:
-        for split_scale in (1, 2):
-            splits = max(1, min(-(-d_sae // bn), -(-programs // split_scale // -(-x.shape[0] // bm))))
-            config = LaunchConfig(bm, bn, bk, splits, warps, stages)
-            try:
-                t = timed(lambda c=config: encoder.select(x, c), device, repeats)
-            except Exception as exc:  # a configuration that does not compile (resources) is reported, not fatal
-                print(f"    sweep {config}: failed ({type(exc).__name__})")
-                continue
-            results.append((t, config))
-    t_picked = timed(lambda: encoder.select(x, picked), device, repeats)
-    bare = dataclasses.replace(picked, select=False)
-    t_bare = timed(lambda: encoder.select(x, bare), device, repeats)
-    for t, config in sorted(results, key=lambda r: r[0])[:3]:
-        print(f"    sweep batch {x.shape[0]:>5}: {t * 1e6:9.1f} us  {config}")
-    print(f"    picked     {x.shape[0]:>5}: {t_picked * 1e6:9.1f} us  {picked}")
-    print(f"    without the selection passes: {t_bare * 1e6:9.1f} us (selection {t_picked / t_bare - 1:+.0%})")
+    d_sae, rows = encoder.sae.spec.d_sae, x.shape[0]
+    W = encoder.bf16["W_enc"]
+    for label, fn in (
+        ("bf16 GEMM", lambda: x @ W),
+        ("GEMM, fp32 out", lambda: torch.mm(x, W, out_dtype=torch.float32)),
+        ("matmul + topk", lambda: torch.topk(x @ W, encoder.k, dim=1)),
+    ):
+        print(f"    {label:>16} {rows:>5}: {timed(fn, device, repeats) * 1e6:9.1f} us wall "
+              f"{device_time(fn, device, repeats) * 1e6:9.1f} us GPU")  # fmt: skip
+    picked = LaunchConfig.for_shape(rows, d_sae, encoder.k, True, device)
+    configs = [("picked", picked)]
+    for fields in GPU_SWEEP:
+        if fields.get("block_m", 0) > 16 and rows <= 16:
+            continue
+        configs.append(("", dataclasses.replace(picked, **fields)))
+    for label, config in configs:
+        try:
+            wall = timed(lambda c=config: encoder.select(x, c), device, repeats)
+            gpu = device_time(lambda c=config: encoder.select(x, c), device, repeats)
+            bare = dataclasses.replace(config, select=False)
+            gpu_bare = device_time(lambda c=bare: encoder.select(x, c), device, repeats)
+        except Exception as exc:  # a configuration that does not compile (resources) is reported, not fatal
+            print(f"    sweep {config}: failed ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        print(f"    {label:>6} {rows:>5}: {wall * 1e6:9.1f} us wall {gpu * 1e6:9.1f} us GPU "
+              f"(without selection {gpu_bare * 1e6:9.1f})  {config.gemm} {config.block_m}x{config.block_n}"
+              f"x{config.block_k} w{config.num_warps} s{config.num_stages} g{config.group} "
+              f"cb{config.candidate_block} sw{config.select_warps}")  # fmt: skip
 
 
 def main() -> None:

@@ -1,12 +1,11 @@
-"""The fused Triton SAE encoder: tiled `x @ W_enc` with b_dec/b_enc, the architecture's activation rule and
-top-k selection in one kernel, so the [rows, d_sae] pre-activation matrix is never written to memory.
+"""The Triton SAE encoder: `x @ W_enc` with b_dec/b_enc and the architecture's activation rule, then exact
+top-k selection through group maxima (kernels/triton_kernels.py explains the selection and its proof).
 
-Two launches. The split kernel gives each program BLOCK_M rows and one contiguous share of d_sae (a *split*),
-walked in BLOCK_N tiles; a running top-K per row (values and ids, unordered) stays in registers. A tile is
-merged into it by threshold-pruned extraction: only as many passes as the row with the most tile values above
-its current K-th best needs, so after the first tiles most tiles cost one comparison per value. Splits let
-small batches fill the GPU; each writes its K candidates per row, and the merge kernel orders the
-splits * K candidates of each row (activation descending, lower id first: the reference's tie rule).
+Per launch: the pre-activations [rows, d_sae] in float32 plus each row's group maxima, from a Triton GEMM with
+the bias and activation in its epilogue (`gemm="triton"`) or from torch's matmul (`gemm="torch"`: cuBLAS on a
+GPU, the raw products; a Triton pass then takes the group maxima); then one selection program per row reads
+only the groups that can hold its k strongest features. Rows are taken in chunks so the float32 scratch stays
+under SCRATCH_BYTES.
 
 Operands. With fp32 operands the dots run in IEEE fp32 (no TF32), so codes match the reference. When W_enc is
 exactly representable in bf16 (an SAE stored in bf16) and the rows arrive in bf16 (a bf16 model's residual
@@ -14,7 +13,8 @@ stream), the dots run on bf16 tensor cores with fp32 accumulation: every product
 result is the reference's float32 computation on the same numbers up to summation order. In that mode b_dec is
 folded into the bias (b_enc - b_dec @ W_enc, computed once) and constant_norm_rescale's row scale is applied
 after the dot, so the kernel reads the model's rows as they are. Layer-norm SAEs and fp32 rows take the fp32
-path. Row-wise normalisation on the fp32 path is done in torch before the kernel.
+path (Triton GEMM only: torch's fp32 matmul may run in TF32 where a process allows it). Row-wise normalisation
+on the fp32 path is done in torch before the kernels.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (how CI tests them); on CUDA they compile normally.
 """
@@ -33,172 +33,73 @@ from .selection import CodeSelection
 from .spec import Architecture, Normalization, Sae
 
 ARCH_CODES = {Architecture.STANDARD: 0, Architecture.JUMPRELU: 1, Architecture.TOPK: 2, Architecture.GATED: 3}
-NO_ID = 2**31 - 1
-MERGE_BLOCK = 4096  # candidates per merge program (rows * padded candidates per row)
-# Splits * k candidates per row at most: the merge holds a row's candidates in one program's registers and makes
-# k passes over them (k = 128 with 264 splits would be 33,792 per row; a bound, not measured on a GPU).
-MAX_MERGE_CANDIDATES = 8192
+SCRATCH_BYTES = 512 * 2**20  # float32 pre-activations of one chunk of rows (4096 rows of d_sae 32768)
+GROUPS_PER_ROW = 1024  # group maxima a row aims for (one selection program holds them all in registers)
+GEMMS = ("triton", "torch")
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and the number of d_sae splits of one launch; `for_shape` picks them, benches override."""
+    """How one encode runs; `for_shape` picks it, the bench and tests override it.
+
+    gemm: where the pre-activations come from ("triton": the Triton GEMM, bias and group maxima in its
+    epilogue; "torch": torch's matmul from bf16 operands, then a group-maxima pass). block_*, num_warps,
+    num_stages, swizzle: the Triton GEMM's tiles (with gemm="torch", block_m x block_n tiles the group-maxima
+    pass). group: features per group maximum (divides block_n). candidate_block: candidate groups the selection
+    gathers at once. keep: slots a row has for the features that reach its k-th largest group maximum (a power
+    of two; default 2k rounded up; a row with more takes the slow path). select_warps: warps per selection
+    program (one row each)."""
 
     block_m: int
     block_n: int
     block_k: int
-    splits: int
     num_warps: int = 4
     num_stages: int = 3
-    select: bool = True  # False only in the encoder bench: the GEMM and activation alone, to price the selection
+    group: int = 64
+    candidate_block: int = 32
+    keep: int | None = None
+    select_warps: int = 4
+    gemm: str = "triton"
+    swizzle: int = 8
+    select: bool = True  # False only in the encoder bench: pre-activations and group maxima alone
+
+    def __post_init__(self) -> None:
+        if self.gemm not in GEMMS:
+            raise ValueError(f"LaunchConfig.gemm must be one of {GEMMS}, got {self.gemm!r}")
+        if self.keep is not None and (self.keep < 1 or self.keep & (self.keep - 1)):
+            raise ValueError(f"LaunchConfig.keep must be a power of two, got {self.keep}")
+        if self.block_n % self.group:
+            raise ValueError(f"LaunchConfig.group ({self.group}) must divide block_n ({self.block_n})")
 
     @staticmethod
     def for_shape(rows: int, d_sae: int, k: int, bf16: bool, device: torch.device) -> LaunchConfig:
-        if device.type != "cuda":  # the interpreter: small tiles, two tiles a split so both merges are exercised
-            tiles = -(-d_sae // 32)
-            return LaunchConfig(16, 32, 16, max(1, -(-tiles // 2)), 4, 1)
-        # From the H200 sweeps (README, encoder bench): small batches want many short splits to fill the GPU;
-        # from 65 rows, at most one program per multiprocessor with wide tiles, so each walks far and prunes
-        # more, and no second wave (4096 rows: 160 programs on 132 multiprocessors took 7.8 ms, 128 took 5.0).
-        block_m = 16 if rows <= 16 else 64 if rows <= 64 else 128
-        block_n, block_k = (256 if block_m == 128 else 128, 64) if bf16 else (64, 32)
-        row_blocks = -(-rows // block_m)
-        if block_m < 128:
-            splits = -(-2 * _multiprocessors(device) // row_blocks)
-        else:
-            splits = _multiprocessors(device) // row_blocks
-        splits = max(1, min(-(-d_sae // block_n), splits, MAX_MERGE_CANDIDATES // k))
-        return LaunchConfig(block_m, block_n, block_k, splits, 8 if block_m == 128 else 4, 3)
+        group = _group_size(d_sae)
+        candidate_block = max(1, min(_pow2(k), 4096 // group))
+        if device.type != "cuda":  # the interpreter: small tiles, several candidate batches where groups tie
+            return LaunchConfig(16, max(32, group), 16, 4, 1, group, min(candidate_block, 16))
+        if bf16:  # H200 sweeps (README): cuBLAS's products and a group-maxima pass beat the Triton GEMM at every
+            # batch; 4-warp selection programs were fastest or within noise of the fastest everywhere
+            block_m, block_n = (16, 256) if rows <= 16 else (64, 128)
+            return LaunchConfig(block_m, max(block_n, group), 64, 4, 1, group, candidate_block, gemm="torch")
+        block_m = 16 if rows <= 16 else 64
+        return LaunchConfig(block_m, max(64, group), 32, 4, 3, group, candidate_block)
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _group_size(d_sae: int) -> int:
+    """16 to 256 features a group: about GROUPS_PER_ROW group maxima a row (64 features a group at d_sae 65,536;
+    at most 4,096 group maxima up to d_sae 2**20)."""
+    return min(256, max(16, _pow2(-(-d_sae // GROUPS_PER_ROW))))
 
 
 @functools.cache
 def _kernels():
-    import triton
-    import triton.language as tl
+    from . import triton_kernels
 
-    @triton.jit
-    def split_kernel(
-        x_ptr, stride_x, w_ptr, w2_ptr, b_ptr, b2_ptr, thr_ptr, bdec_ptr, scale_ptr, part_v_ptr, part_i_ptr,
-        M, D_IN, D_SAE, SPLIT_COLS, SPLITS,
-        K: tl.constexpr, KP: tl.constexpr, ARCH: tl.constexpr, APPLY_BDEC: tl.constexpr,
-        ROW_SCALE: tl.constexpr, IEEE: tl.constexpr, WIDEN: tl.constexpr, NO_ID: tl.constexpr, SELECT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        split = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
-        slot = tl.arange(0, KP)
-        used = slot[None, :] < K
-        run_v = tl.full([BLOCK_M, KP], float("-inf"), tl.float32)
-        run_i = NO_ID - slot[None, :] + tl.zeros([BLOCK_M, KP], tl.int32)  # distinct, so one slot is evicted
-        if ROW_SCALE:
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-        first = split * SPLIT_COLS
-        last = tl.minimum(first + SPLIT_COLS, D_SAE)
-        for n0 in range(first, last, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            col_ok = cols < last
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, D_IN, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < D_IN
-                w_at = ks[:, None].to(tl.int64) * D_SAE + cols[None, :]  # 64-bit: d_in * d_sae may pass 2**31
-                w_ok = k_ok[:, None] & col_ok[None, :]
-                x = tl.load(
-                    x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                )
-                if APPLY_BDEC:
-                    x = x - tl.load(bdec_ptr + ks, mask=k_ok, other=0.0)[None, :]
-                    x = tl.where(k_ok[None, :], x, 0.0)
-                w = tl.load(w_ptr + w_at, mask=w_ok, other=0.0)
-                if WIDEN:
-                    x = x.to(tl.float32)
-                    w = w.to(tl.float32)
-                if IEEE:
-                    acc += tl.dot(x, w, input_precision="ieee")
-                else:
-                    acc += tl.dot(x, w)
-                if ARCH == 3:
-                    w2 = tl.load(w2_ptr + w_at, mask=w_ok, other=0.0)
-                    if WIDEN:
-                        w2 = w2.to(tl.float32)
-                    if IEEE:
-                        acc2 += tl.dot(x, w2, input_precision="ieee")
-                    else:
-                        acc2 += tl.dot(x, w2)
-            if ROW_SCALE:
-                acc = acc * scale[:, None]
-                acc2 = acc2 * scale[:, None]
-            pre = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0)[None, :]
-            if ARCH == 0:
-                act = tl.maximum(pre, 0.0)
-            elif ARCH == 1:
-                threshold = tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :]
-                act = tl.where(pre > threshold, tl.maximum(pre, 0.0), 0.0)
-            elif ARCH == 2:
-                act = pre  # the k largest pre-activations; only positive ones become codes
-            else:
-                magnitude = tl.maximum(acc2 + tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :], 0.0)
-                act = tl.where(pre > 0.0, magnitude, 0.0)
-            tile_v = tl.where(row_ok[:, None] & col_ok[None, :], act, float("-inf"))  # padding rows: no passes
-            # Threshold pruning: a tile value can enter only if it beats its row's current K-th best (and 0); as
-            # many extraction passes as the row with most such values needs. Columns rise within a split, so a
-            # tile value equal to the K-th best has the higher id and stays out (the lower id wins ties).
-            if SELECT:
-                # Only positive values become codes, so the bar starts at 0.
-                bar = tl.maximum(tl.min(tl.where(used, run_v, float("inf")), 1), 0.0)
-                passes = tl.minimum(tl.max(tl.sum((tile_v > bar[:, None]).to(tl.int32), 1), 0), K)
-                for _ in range(passes):
-                    top = tl.max(tile_v, 1)
-                    pick = tl.min(tl.where(tile_v == top[:, None], cols[None, :], NO_ID), 1)
-                    low = tl.min(tl.where(used, run_v, float("inf")), 1)
-                    # the worst of the running set: lowest value, and among equal values the highest id
-                    worst = tl.max(tl.where(used & (run_v == low[:, None]), run_i, -1), 1)
-                    swap = (run_i == worst[:, None]) & (top > tl.maximum(low, 0.0))[:, None]
-                    run_v = tl.where(swap, top[:, None], run_v)
-                    run_i = tl.where(swap, pick[:, None], run_i)
-                    tile_v = tl.where(cols[None, :] == pick[:, None], float("-inf"), tile_v)
-            else:  # the bench's measure of the rest: one reduction a tile keeps the GEMM from being optimised away
-                run_v = tl.maximum(run_v, tl.max(tile_v, 1)[:, None])
-        out = rows[:, None] * (SPLITS * K) + split * K + slot[None, :]
-        store_ok = row_ok[:, None] & used
-        tl.store(part_v_ptr + out, run_v, mask=store_ok)
-        tl.store(part_i_ptr + out, run_i, mask=store_ok)
-
-    @triton.jit
-    def merge_kernel(
-        part_v_ptr, part_i_ptr, ids_ptr, vals_ptr, M, CANDIDATES,
-        K: tl.constexpr, KP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NO_ID: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < M
-        c = tl.arange(0, BLOCK_C)
-        ok = row_ok[:, None] & (c[None, :] < CANDIDATES)
-        at = rows[:, None] * CANDIDATES + c[None, :]
-        cand_v = tl.load(part_v_ptr + at, mask=ok, other=float("-inf"))
-        cand_i = tl.load(part_i_ptr + at, mask=ok, other=NO_ID)
-        slot = tl.arange(0, KP)
-        best_v = tl.full([BLOCK_R, KP], float("-inf"), tl.float32)
-        best_i = tl.full([BLOCK_R, KP], NO_ID, tl.int32)
-        for j in range(K):  # the strongest left, lower id first among equals; candidates' ids are distinct
-            top = tl.max(cand_v, 1)
-            pick = tl.min(tl.where(cand_v == top[:, None], cand_i, NO_ID), 1)
-            best_v = tl.where(slot[None, :] == j, top[:, None], best_v)
-            best_i = tl.where(slot[None, :] == j, pick[:, None], best_i)
-            cand_v = tl.where(cand_i == pick[:, None], float("-inf"), cand_v)
-        active = (best_v > 0.0) & (slot[None, :] < K)
-        out = rows[:, None] * K + slot[None, :]
-        store_ok = row_ok[:, None] & (slot[None, :] < K)
-        tl.store(ids_ptr + out, tl.where(active, best_i, -1), mask=store_ok)
-        tl.store(vals_ptr + out, tl.where(active, best_v, 0.0), mask=store_ok)
-
-    return split_kernel, merge_kernel
+    return triton_kernels
 
 
 def _bf16_exact(t: torch.Tensor) -> bool:
@@ -226,7 +127,8 @@ class TritonEncoder:
         if sae.spec.architecture is Architecture.TOPK and sae.spec.k:
             width = min(width, sae.spec.k)
         self.k = min(width, sae.spec.d_sae)
-        self.split_kernel, self.merge_kernel = _kernels()
+        self.kernels = _kernels()
+        self._torch_matrix: torch.Tensor | None = None  # built at the first gemm='torch' launch
         self.bf16 = self._bf16_operands(gated)
 
     def _bf16_operands(self, gated: bool) -> dict[str, torch.Tensor] | None:
@@ -256,79 +158,89 @@ class TritonEncoder:
         return with_fidelity(self.sae, x, codes, norms, valid, self.decoder, self.weights["b_dec"])
 
     def select(self, x: torch.Tensor, config: LaunchConfig | None = None, norms: torch.Tensor | None = None) -> Codes:
-        """Codes without fidelity: the two launches (public for the encoder bench's kernel-only timings).
-        `norms`: the rows' L2 norms where the caller has them (`encode` does), so they are not computed twice."""
+        """Codes without fidelity (public for the encoder bench's kernel-only timings). `norms`: the rows' L2
+        norms where the caller has them (`encode` does), so they are not computed twice."""
         spec = self.sae.spec
         rows, width = x.shape[0], self.selection.width
         use_bf16 = self.bf16 is not None and x.dtype == torch.bfloat16
-        gated = spec.architecture is Architecture.GATED
         scale = None
         if use_bf16:
-            w = {**self.weights, **self.bf16}
             if spec.normalization is Normalization.CONSTANT_NORM_RESCALE:
                 norms = x.float().norm(dim=-1) if norms is None else norms
                 # finite for unreadable rows too (zero, infinite or NaN norms): their codes are emptied after
                 scale = torch.nan_to_num(spec.d_in**0.5 / norms, nan=1.0, posinf=1.0, neginf=1.0).contiguous()
             x = x if x.stride(1) == 1 else x.contiguous()
         else:
-            w = self.weights
             x = normalize(x.to(torch.float32), spec).contiguous()
-        ids = torch.empty((rows, self.k), dtype=torch.int32, device=self.device)  # the merge writes every slot
+        ids = torch.empty((rows, self.k), dtype=torch.int32, device=self.device)  # the selection writes every slot
         values = torch.empty((rows, self.k), dtype=torch.float32, device=self.device)
-        if rows:
-            config = config or LaunchConfig.for_shape(rows, spec.d_sae, self.k, use_bf16, self.device)
-            self._launch(x, w, scale, ids, values, config, use_bf16, gated)
+        config = config or LaunchConfig.for_shape(rows, spec.d_sae, self.k, use_bf16, self.device)
+        if config.gemm == "torch" and not use_bf16:
+            raise ValueError("gemm='torch' needs bf16 operands (on a GPU an fp32 matmul may run in TF32)")
+        columns = spec.d_sae * (2 if spec.architecture is Architecture.GATED else 1)
+        chunk = max(config.block_m, SCRATCH_BYTES // (4 * columns) // config.block_m * config.block_m)
+        for first in range(0, rows, chunk):
+            last = min(rows, first + chunk)
+            part_scale = scale[first:last] if scale is not None else None
+            self._launch(x[first:last], part_scale, ids[first:last], values[first:last], config, use_bf16)
         if self.k < width:
             ids = torch.nn.functional.pad(ids, (0, width - self.k), value=EMPTY_ID)
             values = torch.nn.functional.pad(values, (0, width - self.k), value=0.0)
         return Codes(ids, values)
 
-    def _launch(self, x, w, scale, ids, values, config: LaunchConfig, use_bf16: bool, gated: bool) -> None:
+    def _launch(self, x, scale, ids, values, config: LaunchConfig, use_bf16: bool) -> None:
         spec, k, rows = self.sae.spec, self.k, x.shape[0]
-        # Triton 3.9's interpreter gets bf16 dots wrong (errors of 1e10 seen on CPU); there the bf16 operands
-        # are widened to fp32 first, which is exact, so CI still checks everything else of the bf16 path.
-        interpreted = self.device.type != "cuda"
-        kp = max(16, 1 << (k - 1).bit_length())
-        split_cols = -(-spec.d_sae // config.splits)
-        split_cols = -(-split_cols // config.block_n) * config.block_n  # whole tiles, so tiles never straddle
-        splits = -(-spec.d_sae // split_cols)
-        part_v = torch.empty((rows, splits * k), dtype=torch.float32, device=self.device)
-        part_i = torch.empty((rows, splits * k), dtype=torch.int32, device=self.device)
-        self.split_kernel[(-(-rows // config.block_m), splits)](
-            x,
-            x.stride(0),
-            w["W_enc"],
-            w["W_mag"] if gated else w["W_enc"],
-            w["b_gate"] if gated else w["b_enc"],
-            w["b_mag"] if gated else w["b_enc"],
-            w.get("threshold", w["b_enc"]),
-            w["b_dec"],
-            scale if scale is not None else w["b_enc"],
-            part_v,
-            part_i,
-            rows,
-            spec.d_in,
-            spec.d_sae,
-            split_cols,
-            splits,
-            K=k,
-            KP=kp,
-            ARCH=ARCH_CODES[spec.architecture],
-            APPLY_BDEC=spec.apply_b_dec_to_input and not use_bf16,
-            ROW_SCALE=scale is not None,
-            IEEE=not use_bf16 or interpreted,
-            WIDEN=use_bf16 and interpreted,
-            NO_ID=NO_ID,  # globals reach a compiled kernel only as constexpr arguments
-            SELECT=config.select,
-            BLOCK_M=config.block_m,
-            BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        candidates = splits * k
-        block_c = 1 << (candidates - 1).bit_length()
-        block_r = max(1, MERGE_BLOCK // block_c)
-        self.merge_kernel[(-(-rows // block_r),)](
-            part_v, part_i, ids, values, rows, candidates, K=k, KP=kp, BLOCK_R=block_r, BLOCK_C=block_c, NO_ID=NO_ID
-        )
+        gated = spec.architecture is Architecture.GATED
+        w = {**self.weights, **self.bf16} if use_bf16 else self.weights
+        bias, bias2 = (w["b_gate"], w["b_mag"]) if gated else (w["b_enc"], w["b_enc"])
+        threshold = w.get("threshold", w["b_enc"])
+        scale_arg = scale if scale is not None else bias  # any float pointer where there is no row scale
+        arch = ARCH_CODES[spec.architecture]
+        group = config.group
+        groups = -(-spec.d_sae // group)
+        group_max = torch.empty((rows, groups), dtype=torch.float32, device=self.device)
+        if config.gemm == "torch":
+            pre = self._torch_products(x)
+            self.kernels.group_max_kernel[(-(-rows // config.block_m), -(-spec.d_sae // config.block_n))](
+                pre, bias, bias2, threshold, scale_arg, group_max, rows, spec.d_sae, pre.stride(0), groups,
+                ARCH=arch, ROW_SCALE=scale is not None, GROUP=group, BLOCK_M=config.block_m,
+                BLOCK_N=config.block_n, num_warps=config.num_warps,
+            )  # fmt: skip
+        else:
+            # Triton 3.9's interpreter gets bf16 dots wrong (errors of 1e10 seen on CPU); there the bf16 operands
+            # are widened to fp32 first, which is exact, so CI still checks everything else of the bf16 path.
+            interpreted = self.device.type != "cuda"
+            pre = torch.empty((rows, spec.d_sae * (2 if gated else 1)), dtype=torch.float32, device=self.device)
+            blocks = -(-rows // config.block_m) * -(-spec.d_sae // config.block_n)
+            self.kernels.gemm_kernel[(blocks,)](
+                x, x.stride(0), w["W_enc"], w["W_mag"] if gated else w["W_enc"], bias, bias2, threshold,
+                w["b_dec"], scale_arg, pre, group_max, rows, spec.d_in, spec.d_sae, pre.stride(0), groups,
+                ARCH=arch, APPLY_BDEC=spec.apply_b_dec_to_input and not use_bf16, ROW_SCALE=scale is not None,
+                IEEE=not use_bf16 or interpreted, WIDEN=use_bf16 and interpreted, GROUP=group,
+                SWIZZLE=config.swizzle, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                num_warps=config.num_warps, num_stages=config.num_stages,
+            )  # fmt: skip
+        if not config.select:
+            return
+        padded = _pow2(groups)
+        order = torch.empty((rows, padded), dtype=torch.int32, device=self.device)
+        keep = config.keep or 2 * _pow2(k)
+        kept = torch.empty((rows, keep), dtype=torch.int64, device=self.device)
+        block_r = 1 if self.device.type == "cuda" else 16
+        self.kernels.select_kernel[(-(-rows // block_r),)](
+            pre, group_max, bias, bias2, threshold, scale_arg, order, kept, ids, values, rows, spec.d_sae,
+            pre.stride(0), groups, K=k, KP=max(16, _pow2(k)), NGP=padded, GROUP=group, CB=config.candidate_block,
+            KEEP=keep, BLOCK_R=block_r, ARCH=arch, RAW=config.gemm == "torch", ROW_SCALE=scale is not None,
+            NO_ID=self.kernels.NO_ID, ABSENT=self.kernels.ABSENT, num_warps=config.select_warps,
+        )  # fmt: skip
+
+    def _torch_products(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ [W_enc | W_mag] in float32 without the bias, from bf16 operands: cuBLAS on a GPU; on CPU (tests)
+        the same products in float32, which is exact for bf16 operands."""
+        if self._torch_matrix is None:
+            gated = self.sae.spec.architecture is Architecture.GATED
+            matrix = torch.cat([self.bf16["W_enc"], self.bf16["W_mag"]], dim=1) if gated else self.bf16["W_enc"]
+            self._torch_matrix = (matrix if self.device.type == "cuda" else matrix.float()).contiguous()
+        if self.device.type == "cuda":
+            return torch.mm(x, self._torch_matrix, out_dtype=torch.float32)
+        return x.float() @ self._torch_matrix

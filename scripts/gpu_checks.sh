@@ -26,7 +26,7 @@ status=0
 checks=" ${GPU_CHECKS:-tests emitter bench} "
 [[ $checks == *" tests "* ]] && { CIRCUITWATCH_TEST_BACKENDS=triton,torch CIRCUITWATCH_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" \
     python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" "$repo/tests/kernels/test_encoder_backends.py" \
-    -k "architectures or ties or k_up_to or column_view or bf16" >"$out/tests.log" 2>&1 || status=1
+    -k "architectures or ties or k_up_to or column_view or bf16 or radix" >"$out/tests.log" 2>&1 || status=1
     tail -n 30 "$out/tests.log"; }
 [[ $checks == *" emitter "* ]] && {
     set -o pipefail; timeout 120 python3 "$repo/scripts/gpu_emitter_check.py" 2>&1 | tee "$out/emitter.log" || status=1; }

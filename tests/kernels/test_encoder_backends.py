@@ -3,6 +3,7 @@ normalisation, exact ties, all-negative rows, k larger than the active features,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -143,6 +144,16 @@ def test_a_bf16_sae_reads_bf16_rows(tmp_path: Path, backend: str, architecture: 
         assert (encoder.bf16 is None) == (normalize == "layer_norm")
     rows = 16 if backend == "triton" else 64
     same_codes(sae, None, inputs(rows).to(torch.bfloat16), backend, tol=1e-4)
+    if backend == "triton" and encoder.bf16 is not None:  # the other source of pre-activations: torch's matmul
+        from circuitwatch.kernels.triton_encoder import LaunchConfig
+
+        x = inputs(rows).to(torch.bfloat16)
+        picked = LaunchConfig.for_shape(rows, sae.spec.d_sae, encoder.k, True, encoder.device)
+        expected = ReferenceEncoder(sae).encode(x)
+        for gemm in ("triton", "torch"):
+            got = encoder.encode(x.to(DEVICE), dataclasses.replace(picked, gemm=gemm))
+            assert torch.equal(got.ids.cpu(), expected.ids), gemm
+            assert torch.allclose(got.values.cpu(), expected.values, atol=1e-4, rtol=1e-5), gemm
 
 
 @pytest.mark.parametrize("architecture", ["standard", "jumprelu", "gated", "topk"])
@@ -214,32 +225,71 @@ def test_onnx_on_cuda_without_onnxruntime_gpu_says_so(tmp_path: Path) -> None:
         make_encoder(sae, None, "onnx", "cuda")
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton kernel's own launch shapes (child run)")
-@pytest.mark.parametrize("splits", [1, 3, 10])
-def test_triton_long_walks_with_ties_across_tiles(tmp_path: Path, splits: int) -> None:
-    """One split walking all ten tiles, or a few, or one tile each: the running top-k is pruned against its
-    k-th best tile after tile, and integer weights make features in different tiles tie, which the lower id
-    must win wherever the tie falls (inside a split, or between splits in the merge)."""
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the Triton kernels' own launch shapes (child run)")
+@pytest.mark.parametrize(
+    ("gemm", "group", "candidate_block", "keep"),
+    [("triton", 16, 1, None), ("triton", 32, 2, 4), ("torch", 16, 2, None), ("torch", 8, 32, 2)],
+)
+def test_triton_selection_with_ties_across_groups(
+    tmp_path: Path, gemm: str, group: int, candidate_block: int, keep: int | None
+) -> None:
+    """Integer weights make features in different groups tie, so group maxima tie at the k-th place and more
+    than k groups are candidates, gathered one, two or 32 groups at a time; with few `keep` slots most rows
+    take the slow path. The lower id must win every tie, with the pre-activations from the Triton GEMM (fp32
+    rows) and from torch's matmul (bf16 rows: integers, so exact) alike."""
     from circuitwatch.kernels.triton_encoder import LaunchConfig, TritonEncoder
 
     g = torch.Generator().manual_seed(13)
-    d_in, d_sae = 24, 320  # ten 32-wide tiles
+    d_in, d_sae = 24, 320
     tensors = {
         "W_enc": torch.randint(-3, 4, (d_in, d_sae), generator=g).float(),
         "b_enc": torch.randint(-2, 3, (d_sae,), generator=g).float(),
         "W_dec": torch.randn(d_sae, d_in, generator=g),
         "b_dec": torch.zeros(d_in),
     }
-    for copy, original in ((40, 3), (200, 3), (310, 3), (95, 64), (250, 64)):  # ties in other tiles and splits
+    for copy, original in ((40, 3), (200, 3), (310, 3), (95, 64), (250, 64)):  # ties in other groups
         tensors["W_enc"][:, copy] = tensors["W_enc"][:, original]
         tensors["b_enc"][copy] = tensors["b_enc"][original]
     sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
     x = torch.randint(-2, 3, (16, d_in), generator=g).float()
     acts = ReferenceEncoder(sae).activations(x)
     assert ((acts[:, 3] > 0) & (acts[:, 3] == acts[:, 310])).any(), "the data must contain active ties"
-    config = LaunchConfig(16, 32, 16, splits, 4, 1)
+    config = LaunchConfig(16, 32, 16, group=group, candidate_block=candidate_block, keep=keep, gemm=gemm)
+    rows = x.to(torch.bfloat16) if gemm == "torch" else x
     for selection in (CodeSelection(SelectionMode.TOPK, 5), CodeSelection(SelectionMode.THRESHOLD, 40)):
         expected = ReferenceEncoder(sae, selection).encode(x)
-        got = TritonEncoder(sae, selection, DEVICE).encode(x.to(DEVICE), config)
-        assert torch.equal(got.ids.cpu(), expected.ids), (splits, selection)
+        encoder = TritonEncoder(sae, selection, DEVICE)
+        got = encoder.encode(rows.to(DEVICE), config)
+        assert torch.equal(got.ids.cpu(), expected.ids), (gemm, group, candidate_block, selection)
         assert torch.equal(got.values.cpu(), expected.values)
+
+
+def test_triton_launch_config_refuses_what_the_kernels_cannot_run() -> None:
+    from circuitwatch.kernels.triton_encoder import LaunchConfig
+
+    with pytest.raises(ValueError, match=r"gemm must be one of \('triton', 'torch'\), got 'cublas'"):
+        LaunchConfig(16, 32, 16, gemm="cublas")
+    with pytest.raises(ValueError, match=r"group \(48\) must divide block_n \(32\)"):
+        LaunchConfig(16, 32, 16, group=48)
+    with pytest.raises(ValueError, match="keep must be a power of two, got 24"):
+        LaunchConfig(16, 32, 16, keep=24)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="a Triton helper (child run)")
+@pytest.mark.parametrize("k", [1, 5, 64, 100])
+def test_triton_radix_select_finds_the_kth_largest_level(k: int) -> None:
+    """The selection's k-th largest group maximum (order-preserving int32 levels, ties counted), against a
+    sort; too few values (k > 64) must give a level below every positive one. A larger result than the
+    k-th would drop codes; a smaller one only costs time, so it is checked here, not by the codes."""
+    from support.triton_probes import kth_largest_level_kernel
+
+    g = torch.Generator().manual_seed(k)
+    full_range = torch.randint(-(2**31), 2**31, (4, 64), generator=g)
+    tied = torch.randint(-3, 4, (4, 64), generator=g) * 1_000_003
+    for level in (full_range, tied, torch.full((4, 64), 7)):
+        out = torch.empty(4, dtype=torch.int64)
+        kth_largest_level_kernel[(1,)](level.contiguous(), out, N=64, K=k, R=4)
+        if k <= 64:
+            assert torch.equal(out, level.sort(dim=1, descending=True).values[:, k - 1])
+        else:
+            assert (out <= 0).all()
