@@ -35,6 +35,7 @@ from .spec import Architecture, Normalization, Sae
 ARCH_CODES = {Architecture.STANDARD: 0, Architecture.JUMPRELU: 1, Architecture.TOPK: 2, Architecture.GATED: 3}
 SCRATCH_BYTES = 512 * 2**20  # float32 pre-activations of one chunk of rows (4096 rows of d_sae 32768)
 GROUPS_PER_ROW = 1024  # group maxima a row aims for (one selection program holds them all in registers)
+MAX_GROUPS = 2**16  # the radix select's counts are 16-bit fields
 GEMMS = ("triton", "torch")
 
 
@@ -68,6 +69,10 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.gemm must be one of {GEMMS}, got {self.gemm!r}")
         if self.keep is not None and (self.keep < 1 or self.keep & (self.keep - 1)):
             raise ValueError(f"LaunchConfig.keep must be a power of two, got {self.keep}")
+        for name in ("group", "candidate_block", "select_warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two, got {value}")
         if self.block_n % self.group:
             raise ValueError(f"LaunchConfig.group ({self.group}) must divide block_n ({self.block_n})")
 
@@ -91,8 +96,9 @@ def _pow2(n: int) -> int:
 
 def _group_size(d_sae: int) -> int:
     """16 to 256 features a group: about GROUPS_PER_ROW group maxima a row (64 features a group at d_sae 65,536;
-    at most 4,096 group maxima up to d_sae 2**20)."""
-    return min(256, max(16, _pow2(-(-d_sae // GROUPS_PER_ROW))))
+    at most 4,096 group maxima up to d_sae 2**20); wider SAEs get wider groups, so a row stays under MAX_GROUPS."""
+    group = min(256, max(16, _pow2(-(-d_sae // GROUPS_PER_ROW))))
+    return max(group, _pow2(-(-d_sae // (MAX_GROUPS // 4))))
 
 
 @functools.cache
@@ -198,6 +204,11 @@ class TritonEncoder:
         arch = ARCH_CODES[spec.architecture]
         group = config.group
         groups = -(-spec.d_sae // group)
+        if groups >= MAX_GROUPS:
+            raise ValueError(
+                f"encoder {self.sae.name}: d_sae {spec.d_sae} in groups of {group} is {groups} groups a row; the "
+                f"selection counts them in 16-bit fields (at most {MAX_GROUPS - 1}): use a larger LaunchConfig.group"
+            )
         group_max = torch.empty((rows, groups), dtype=torch.float32, device=self.device)
         if config.gemm == "torch":
             pre = self._torch_products(x)

@@ -36,7 +36,7 @@ def _activate(pre, mag, threshold, ARCH: tl.constexpr):
     elif ARCH == 1:  # jumprelu
         act = tl.where(pre > threshold, tl.maximum(pre, 0.0), 0.0)
     elif ARCH == 2:  # topk: the k largest pre-activations; only positive ones become codes
-        act = pre
+        act = tl.where(pre == pre, pre, float("-inf"))  # NaN (an overflow inside the GEMM) as -inf, as the reference
     else:  # gated: the gate's sign selects the magnitude path
         act = tl.where(pre > 0.0, tl.maximum(mag, 0.0), 0.0)
     return act
@@ -88,7 +88,8 @@ def gemm_kernel(
         k_ok = ks < D_IN
         w_at = ks[:, None].to(tl.int64) * D_SAE + cols[None, :]  # 64-bit: d_in * d_sae may pass 2**31
         w_ok = k_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_at = rows[:, None].to(tl.int64) * stride_x + ks[None, :]
+        x = tl.load(x_ptr + x_at, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if APPLY_BDEC:
             x = x - tl.load(bdec_ptr + ks, mask=k_ok, other=0.0)[None, :]
             x = tl.where(k_ok[None, :], x, 0.0)

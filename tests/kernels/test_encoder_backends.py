@@ -231,16 +231,19 @@ def test_onnx_on_cuda_without_onnxruntime_gpu_says_so(tmp_path: Path) -> None:
     [("triton", 16, 1, None), ("triton", 32, 2, 4), ("torch", 16, 2, None), ("torch", 8, 32, 2)],
 )
 def test_triton_selection_with_ties_across_groups(
-    tmp_path: Path, gemm: str, group: int, candidate_block: int, keep: int | None
+    tmp_path: Path, monkeypatch, gemm: str, group: int, candidate_block: int, keep: int | None
 ) -> None:
     """Integer weights make features in different groups tie, so group maxima tie at the k-th place and more
     than k groups are candidates, gathered one, two or 32 groups at a time; with few `keep` slots most rows
     take the slow path. The lower id must win every tie, with the pre-activations from the Triton GEMM (fp32
-    rows) and from torch's matmul (bf16 rows: integers, so exact) alike."""
+    rows) and from torch's matmul (bf16 rows: integers, so exact) alike. d_sae is no multiple of the group
+    size (the last group is partial), and the scratch limit cuts the 40 rows into chunks of 16."""
+    from circuitwatch.kernels import triton_encoder
     from circuitwatch.kernels.triton_encoder import LaunchConfig, TritonEncoder
 
     g = torch.Generator().manual_seed(13)
-    d_in, d_sae = 24, 320
+    d_in, d_sae = 24, 330
+    monkeypatch.setattr(triton_encoder, "SCRATCH_BYTES", 4 * d_sae * 16)
     tensors = {
         "W_enc": torch.randint(-3, 4, (d_in, d_sae), generator=g).float(),
         "b_enc": torch.randint(-2, 3, (d_sae,), generator=g).float(),
@@ -251,9 +254,10 @@ def test_triton_selection_with_ties_across_groups(
         tensors["W_enc"][:, copy] = tensors["W_enc"][:, original]
         tensors["b_enc"][copy] = tensors["b_enc"][original]
     sae = load_sae(write_saelens(tmp_path / "sae", "standard", tensors))
-    x = torch.randint(-2, 3, (16, d_in), generator=g).float()
+    x = torch.randint(-2, 3, (40, d_in), generator=g).float()
     acts = ReferenceEncoder(sae).activations(x)
     assert ((acts[:, 3] > 0) & (acts[:, 3] == acts[:, 310])).any(), "the data must contain active ties"
+    assert ((acts[:, 3] > 0) & (acts[:, 3] == acts[:, 40]))[32:].any(), "ties in the last chunk too"
     config = LaunchConfig(16, 32, 16, group=group, candidate_block=candidate_block, keep=keep, gemm=gemm)
     rows = x.to(torch.bfloat16) if gemm == "torch" else x
     for selection in (CodeSelection(SelectionMode.TOPK, 5), CodeSelection(SelectionMode.THRESHOLD, 40)):
@@ -264,13 +268,22 @@ def test_triton_selection_with_ties_across_groups(
         assert torch.equal(got.values.cpu(), expected.values)
 
 
-def test_triton_launch_config_refuses_what_the_kernels_cannot_run() -> None:
-    from circuitwatch.kernels.triton_encoder import LaunchConfig
+def test_triton_launch_config_refuses_what_the_kernels_cannot_run(tmp_path: Path, monkeypatch) -> None:
+    from circuitwatch.kernels import triton_encoder
+    from circuitwatch.kernels.triton_encoder import LaunchConfig, TritonEncoder
 
     with pytest.raises(ValueError, match=r"gemm must be one of \('triton', 'torch'\), got 'cublas'"):
         LaunchConfig(16, 32, 16, gemm="cublas")
-    with pytest.raises(ValueError, match=r"group \(48\) must divide block_n \(32\)"):
-        LaunchConfig(16, 32, 16, group=48)
+    with pytest.raises(ValueError, match=r"group \(64\) must divide block_n \(32\)"):
+        LaunchConfig(16, 32, 16, group=64)
+    for field in ("group", "candidate_block", "select_warps"):
+        with pytest.raises(ValueError, match=f"{field} must be a power of two, got 48"):
+            LaunchConfig(16, 96, 16, **{field: 48})
+    # more groups a row than the selection's 16-bit counts hold (the limit lowered here, so the SAE stays small)
+    monkeypatch.setattr(triton_encoder, "MAX_GROUPS", 16)
+    sae = load_sae(write_saelens(tmp_path / "sae", "standard", random_tensors(3, "standard")))
+    with pytest.raises(ValueError, match=r"encoder sae: d_sae 80 in groups of 4 is 20 groups a row.*at most 15"):
+        TritonEncoder(sae).select(inputs(2), LaunchConfig(16, 32, 16, group=4))
     with pytest.raises(ValueError, match="keep must be a power of two, got 24"):
         LaunchConfig(16, 32, 16, keep=24)
 
@@ -287,8 +300,9 @@ def test_triton_radix_select_finds_the_kth_largest_level(k: int) -> None:
     full_range = torch.randint(-(2**31), 2**31, (4, 64), generator=g)
     tied = torch.randint(-3, 4, (4, 64), generator=g) * 1_000_003
     for level in (full_range, tied, torch.full((4, 64), 7)):
-        out = torch.empty(4, dtype=torch.int64)
-        kth_largest_level_kernel[(1,)](level.contiguous(), out, N=64, K=k, R=4)
+        out = torch.empty(4, dtype=torch.int64, device=DEVICE)
+        kth_largest_level_kernel[(1,)](level.to(DEVICE), out, N=64, K=k, R=4)
+        out = out.cpu()
         if k <= 64:
             assert torch.equal(out, level.sort(dim=1, descending=True).values[:, k - 1])
         else:
