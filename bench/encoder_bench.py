@@ -82,7 +82,7 @@ def paired_overhead(with_it, without_it, device: torch.device, rounds: int) -> f
 
 GPU_SWEEP = [  # LaunchConfig fields replaced in the picked configuration
     {"select_warps": 8, "candidate_block": 32},
-    {"select_warps": 4, "candidate_block": 32},
+    {"select_warps": 4, "candidate_block": 32},  # the picked settings at k = 32 again: a measure of the noise
     {"select_warps": 4, "candidate_block": 8},
     {"select_warps": 2, "candidate_block": 32},
     {"select_warps": 2, "candidate_block": 8},

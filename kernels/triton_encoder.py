@@ -82,12 +82,23 @@ class LaunchConfig:
         candidate_block = max(1, min(_pow2(k), 4096 // group))
         if device.type != "cuda":  # the interpreter: small tiles, several candidate batches where groups tie
             return LaunchConfig(16, max(32, group), 16, 4, 1, group, min(candidate_block, 16))
-        if bf16:  # H200 sweeps (README): cuBLAS's products and a group-maxima pass beat the Triton GEMM at every
-            # batch; 4-warp selection programs were fastest or within noise of the fastest everywhere
+        if bf16 and _matmul_has_float32_output():
+            # H200 sweeps (README): cuBLAS's products and a group-maxima pass beat the Triton GEMM at every batch;
+            # 4-warp selection programs were fastest or within noise of the fastest everywhere
             block_m, block_n = (16, 256) if rows <= 16 else (64, 128)
             return LaunchConfig(block_m, max(block_n, group), 64, 4, 1, group, candidate_block, gemm="torch")
+        if bf16:  # a torch without mm(..., out_dtype): the Triton GEMM (the sweep's 128 x 256 tiles from 65 rows)
+            block_m, block_n = (16, 128) if rows <= 16 else (64, 128) if rows <= 64 else (128, 256)
+            warps, stages = (8, 4) if block_m == 128 else (4, 4)
+            return LaunchConfig(block_m, max(block_n, group), 64, warps, stages, group, candidate_block)
         block_m = 16 if rows <= 16 else 64
         return LaunchConfig(block_m, max(64, group), 32, 4, 3, group, candidate_block)
+
+
+@functools.cache
+def _matmul_has_float32_output() -> bool:
+    """torch.mm(..., out_dtype=torch.float32) from bf16 operands (torch 2.8 and later)."""
+    return hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _pow2(n: int) -> int:

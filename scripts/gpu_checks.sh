@@ -6,6 +6,10 @@
 #     scripts/gpu_checks.sh            # logs under $OUT (default /tmp/gpu_checks)
 #     GPU_CHECKS=bench scripts/gpu_checks.sh   # only some of: tests emitter bench
 #
+# Time (H200, session 25): the tests are mostly Triton compiles, one per kernel variant; with the group-maxima
+# selection's unrolled radix select they ran past 150 s (24 of ~70 cases done), so TEST_TIMEOUT defaults to
+# 420 s. The bench with --sweep takes ~2 min. A device call allows 600 s: give tests and bench a call each.
+#
 # Without the install the repository's folders are assembled into a `circuitwatch` package in a temporary
 # directory (as pyproject's package-dir maps them), and commands run from there so that the repository's own
 # `circuitwatch/` folder does not shadow it.
@@ -24,7 +28,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader |
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
 status=0
 checks=" ${GPU_CHECKS:-tests emitter bench} "
-[[ $checks == *" tests "* ]] && { CIRCUITWATCH_TEST_BACKENDS=triton,torch CIRCUITWATCH_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" \
+[[ $checks == *" tests "* ]] && { CIRCUITWATCH_TEST_BACKENDS=triton,torch CIRCUITWATCH_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-420}" \
     python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" "$repo/tests/kernels/test_encoder_backends.py" \
     -k "architectures or ties or k_up_to or column_view or bf16 or radix" >"$out/tests.log" 2>&1 || status=1
     tail -n 30 "$out/tests.log"; }
