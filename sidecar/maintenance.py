@@ -107,7 +107,7 @@ class Maintenance:
     def maintain_request_index(self, now: int | None = None) -> None:
         """Reduce and seal finished requests into the request-level index (outside the lock), then evict."""
         core = self.core
-        core.request_index.seal(core.lock, core.maintenance_worker.feature_sets)
+        core.request_index.seal(core.lock, core.maintenance_worker.feature_sets, core.maintenance_worker.segment_words)
         with core.lock:
             early = core.request_index.evict(core.clock() if now is None else now)
             if early:

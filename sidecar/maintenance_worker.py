@@ -1,11 +1,12 @@
-"""The maintenance worker: a child process that seals token segments and reduces finished requests for the
-sidecar, at a lower CPU priority.
+"""The maintenance worker: a child process that seals token segments, reduces finished requests and builds
+request segments for the sidecar, at a lower CPU priority.
 
-Both are pure functions of numpy arrays (SegmentParts.seal: a few hundred ms of numpy per 2M-posting segment;
-request_feature_sets: ~2 ms a request). On the maintenance thread they shared the interpreter with ingest (one
-numpy call holds it for up to ~15 ms) and took a core from it whenever the cores were busy: under decode-shaped
-load at 100 engine steps/s that was most of the report-latency tail (bench/sidecar_bench.py). In a child process at
-nice +`worker_nice` they hold neither: arrays cross a pipe (written straight from their buffers, read into
+All three are pure functions of numpy arrays (SegmentParts.seal: a few hundred ms of numpy per 2M-posting
+segment; request_feature_sets: ~2 ms a request; segment_words: a loop over a request segment's 256 requests).
+On the maintenance thread they shared the interpreter with ingest (one numpy call holds it for up to ~15 ms)
+and took a core from it whenever the cores were busy: under decode-shaped load at 100 engine steps/s that was
+most of the report-latency tail (bench/sidecar_bench.py). In a child process at nice +`worker_nice` they hold
+neither: arrays cross a pipe (written straight from their buffers, read into
 preallocated ones, the interpreter free between chunks) and the kernel gives the ingest thread the core first.
 
 The worker is a fresh interpreter (`python -P -c`, the pipe's other end passed as an inherited descriptor, the
@@ -39,6 +40,7 @@ import numpy as np
 
 from .config import MaintenanceConfig
 from .index import SegmentParts, TokenSegment
+from .request_index import segment_words
 from .request_sets import MODES, FeatureSet, ReductionInput, SlotCodes, feature_sets_here, request_feature_sets
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,21 @@ class MaintenanceWorker:
             {mode: FeatureSet(out[at + 2 * m], out[at + 2 * m + 1]) for m, mode in enumerate(MODES)}
             for at in range(0, len(out), per_request)
         ]
+
+    def segment_words(self, sets: list[FeatureSet], both_is_union: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A request segment's terms and words. Its cost is a Python loop over the segment's requests more than
+        its terms, so it goes to the worker from an eighth of worker_min_postings terms."""
+        terms = sum(len(s.terms) for s in sets)
+        if not sets or terms < self.config.worker_min_postings // 8:
+            return segment_words(sets, both_is_union)
+        lengths = np.array([len(s.terms) for s in sets], np.int64)
+        arrays = [np.concatenate([s.terms for s in sets]), np.concatenate([s.scopes for s in sets]), lengths]
+        reply = self._run("build", both_is_union, arrays)
+        if reply is None:
+            return segment_words(sets, both_is_union)
+        _, (unique, words) = reply
+        self.counters["maintenance_worker_segments"] += 1
+        return unique, words
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the worker (waiting up to timeout_s for a piece of work in progress)."""
@@ -182,9 +199,7 @@ class MaintenanceWorker:
     def _fail(self, reason: str) -> None:
         """Drop the worker after a failure; its work goes on in process until RESTART_AFTER_S have passed."""
         self.counters["maintenance_worker_failures"] += 1
-        log.warning(
-            "maintenance worker: %s; sealing and reductions run in process for at least %gs", reason, RESTART_AFTER_S
-        )
+        log.warning("maintenance worker: %s; its work runs in process for at least %gs", reason, RESTART_AFTER_S)
         process, conn = self._process, self._conn
         self._process = self._conn = None
         self._failed_at = time.monotonic()
@@ -265,4 +280,11 @@ def _reduce(header: list[tuple[int, list[int], list[int]]], arrays: list[np.ndar
     return None, out
 
 
-_WORK = {"seal": _seal, "reduce": _reduce}
+def _build(both_is_union: bool, arrays: list[np.ndarray]) -> tuple[None, list[np.ndarray]]:
+    terms, scopes, lengths = arrays
+    bounds = np.cumsum(lengths)[:-1]
+    sets = [FeatureSet(t, s) for t, s in zip(np.split(terms, bounds), np.split(scopes, bounds), strict=True)]
+    return None, list(segment_words(sets, both_is_union))
+
+
+_WORK = {"seal": _seal, "reduce": _reduce, "build": _build}

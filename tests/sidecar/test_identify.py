@@ -97,8 +97,8 @@ def by_label(label: str) -> pb.RequestSelector:
 
 @pytest.mark.parametrize("reduced_by", ["query", "worker"])
 def test_counts_ranks_and_pairs_match_brute_force_in_every_mode_and_scope(tmp_path: Path, reduced_by: str) -> None:
-    """`worker`: every request reduced by the maintenance worker process (forced: no minimum size) before the
-    first query; `query`: the first query reduces them in process."""
+    """`worker`: every request reduced, and every request segment built, by the maintenance worker process
+    (forced: no minimum size) before the first query; `query`: the first query reduces them in process."""
     rng = np.random.default_rng(7)
     count = 2 * SEGMENT_REQUESTS + 90  # two sealed segments and a pending tail
     requests, labels = traffic(rng, count)
@@ -114,6 +114,8 @@ def test_counts_ranks_and_pairs_match_brute_force_in_every_mode_and_scope(tmp_pa
         before_seal = contrast(client.stub, positives=by_label("pos"), negatives=by_label("neg"), top=10_000)
         running.core.tick()  # seals full segments
         assert len(running.core.request_index.channels[pb.CODE_MODE_CODES].segments) == 2
+        if reduced_by == "worker":  # their words built there too: two segments in each code mode
+            assert running.core.counters["maintenance_worker_segments"] == 2 * len(MODES)
         positives = [r for r in requests if labels[r.request_id] == ["pos"]]
         negatives = [r for r in requests if labels[r.request_id] == ["neg"]]
         rest = [r for r in requests if labels[r.request_id] != ["pos"]]

@@ -23,7 +23,8 @@ from circuitwatch.sidecar.config import MaintenanceConfig
 from circuitwatch.sidecar.index import SegmentParts
 from circuitwatch.sidecar.keys import token_keys
 from circuitwatch.sidecar.maintenance_worker import SEGMENT_ARRAYS, MaintenanceWorker
-from circuitwatch.sidecar.request_sets import MODES, SlotCodes, feature_sets_here
+from circuitwatch.sidecar.request_index import segment_words
+from circuitwatch.sidecar.request_sets import MODES, FeatureSet, SlotCodes, feature_sets_here
 
 from support.processes import free_port, start_sidecar
 from support.sidecar_harness import SyntheticRequest, manifest
@@ -103,7 +104,23 @@ def test_worker_seals_and_reduces_exactly_as_in_process(worker: MaintenanceWorke
             np.testing.assert_array_equal(g[mode].terms, e[mode].terms)
             np.testing.assert_array_equal(g[mode].scopes, e[mode].scopes)
             assert g[mode].terms.dtype == e[mode].terms.dtype and g[mode].scopes.dtype == e[mode].scopes.dtype
-    assert worker.counters == Counter({"maintenance_worker_seals": 2, "maintenance_worker_reductions": len(inputs)})
+    # request segments' words, from those sets (and with every request's set empty)
+    for mode in MODES:
+        sets = [per_request[mode] for per_request in expected]
+        for both_is_union in (True, False):
+            for run in (sets, [FeatureSet.empty()] * len(sets)):
+                got_terms, got_words = worker.segment_words(run, both_is_union)
+                terms, words = segment_words(run, both_is_union)
+                assert got_terms.dtype == terms.dtype and got_words.dtype == words.dtype
+                np.testing.assert_array_equal(got_terms, terms)
+                np.testing.assert_array_equal(got_words, words)
+    assert worker.counters == Counter(
+        {
+            "maintenance_worker_seals": 2,
+            "maintenance_worker_reductions": len(inputs),
+            "maintenance_worker_segments": 4 * len(MODES),
+        }
+    )
     # it runs at a lower CPU priority than the sidecar
     assert os.getpriority(os.PRIO_PROCESS, worker.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
 
@@ -153,7 +170,7 @@ def test_a_killed_worker_costs_nothing_and_is_replaced(
     with caplog.at_level(logging.WARNING, logger=maintenance_worker.__name__):
         assert_same_segment(worker.seal(parts), parts.seal())  # done in process
     assert worker.counters["maintenance_worker_failures"] == 1
-    assert f"exited with code {-signal.SIGKILL}" in caplog.text and "run in process" in caplog.text
+    assert f"exited with code {-signal.SIGKILL}" in caplog.text and "runs in process" in caplog.text
     assert worker.pid is None
     inputs = random_reductions(rng, 3)
     worker.feature_sets(inputs)  # within RESTART_AFTER_S: still in process, no new worker
