@@ -144,6 +144,7 @@ class TritonEncoder:
         if sae.spec.architecture is Architecture.TOPK and sae.spec.k:
             width = min(width, sae.spec.k)
         self.k = min(width, sae.spec.d_sae)
+        self.columns = sae.spec.d_sae * (2 if gated else 1)  # of the float32 pre-activations: gated SAEs have two
         self.kernels = _kernels()
         self._torch_matrix: torch.Tensor | None = None  # built at the first gemm='torch' launch
         self.bf16 = self._bf16_operands(gated)
@@ -194,8 +195,14 @@ class TritonEncoder:
         config = config or LaunchConfig.for_shape(rows, spec.d_sae, self.k, use_bf16, self.device)
         if config.gemm == "torch" and not use_bf16:
             raise ValueError("gemm='torch' needs bf16 operands (on a GPU an fp32 matmul may run in TF32)")
-        columns = spec.d_sae * (2 if spec.architecture is Architecture.GATED else 1)
-        chunk = max(config.block_m, SCRATCH_BYTES // (4 * columns) // config.block_m * config.block_m)
+        groups = -(-spec.d_sae // config.group)
+        if groups >= MAX_GROUPS:
+            raise ValueError(
+                f"encoder {self.sae.name}: d_sae {spec.d_sae} in groups of {config.group} is {groups} groups a row; "
+                f"the selection counts them in 16-bit fields (at most {MAX_GROUPS - 1}): use a larger "
+                "LaunchConfig.group"
+            )
+        chunk = max(config.block_m, SCRATCH_BYTES // (4 * self.columns) // config.block_m * config.block_m)
         for first in range(0, rows, chunk):
             last = min(rows, first + chunk)
             part_scale = scale[first:last] if scale is not None else None
@@ -215,11 +222,6 @@ class TritonEncoder:
         arch = ARCH_CODES[spec.architecture]
         group = config.group
         groups = -(-spec.d_sae // group)
-        if groups >= MAX_GROUPS:
-            raise ValueError(
-                f"encoder {self.sae.name}: d_sae {spec.d_sae} in groups of {group} is {groups} groups a row; the "
-                f"selection counts them in 16-bit fields (at most {MAX_GROUPS - 1}): use a larger LaunchConfig.group"
-            )
         group_max = torch.empty((rows, groups), dtype=torch.float32, device=self.device)
         if config.gemm == "torch":
             pre = self._torch_products(x)
@@ -232,7 +234,7 @@ class TritonEncoder:
             # Triton 3.9's interpreter gets bf16 dots wrong (errors of 1e10 seen on CPU); there the bf16 operands
             # are widened to fp32 first, which is exact, so CI still checks everything else of the bf16 path.
             interpreted = self.device.type != "cuda"
-            pre = torch.empty((rows, spec.d_sae * (2 if gated else 1)), dtype=torch.float32, device=self.device)
+            pre = torch.empty((rows, self.columns), dtype=torch.float32, device=self.device)
             blocks = -(-rows // config.block_m) * -(-spec.d_sae // config.block_n)
             self.kernels.gemm_kernel[(blocks,)](
                 x, x.stride(0), w["W_enc"], w["W_mag"] if gated else w["W_enc"], bias, bias2, threshold,

@@ -59,6 +59,24 @@ def _biased(raw, scale, bias, ROW_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _store_group_maxima(
+    pre, mag, thr_ptr, gmax_ptr, rows, cols, col_block, M, D_SAE, NG,
+    ARCH: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """A [BLOCK_M, BLOCK_N] tile's group maxima of the activations (padding as -inf), from biased pre-activations;
+    both sources of pre-activations end with it."""
+    row_ok = rows < M
+    col_ok = cols < D_SAE
+    threshold = 0.0
+    if ARCH == 1:
+        threshold = tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    act = tl.where(row_ok[:, None] & col_ok[None, :], _activate(pre, mag, threshold, ARCH), float("-inf"))
+    group_max = tl.max(tl.reshape(act, (BLOCK_M, BLOCK_N // GROUP, GROUP)), 2)
+    groups = col_block * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+    tl.store(gmax_ptr + rows[:, None] * NG + groups[None, :], group_max, mask=row_ok[:, None] & (groups < NG)[None, :])
+
+
+@triton.jit
 def gemm_kernel(
     x_ptr, stride_x, w_ptr, w2_ptr, b_ptr, b2_ptr, thr_ptr, bdec_ptr, scale_ptr, pre_ptr, gmax_ptr,
     M, D_IN, D_SAE, PRE_STRIDE, NG,
@@ -120,13 +138,7 @@ def gemm_kernel(
     if ARCH == 3:
         mag = _biased(acc2, scale, tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :], ROW_SCALE)
         tl.store(pre_ptr + at + D_SAE, mag, mask=ok)
-    threshold = 0.0
-    if ARCH == 1:
-        threshold = tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    act = tl.where(ok, _activate(pre, mag, threshold, ARCH), float("-inf"))
-    group_max = tl.max(tl.reshape(act, (BLOCK_M, BLOCK_N // GROUP, GROUP)), 2)
-    groups = col_block * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
-    tl.store(gmax_ptr + rows[:, None] * NG + groups[None, :], group_max, mask=row_ok[:, None] & (groups < NG)[None, :])
+    _store_group_maxima(pre, mag, thr_ptr, gmax_ptr, rows, cols, col_block, M, D_SAE, NG, ARCH, GROUP, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -151,13 +163,9 @@ def group_max_kernel(
     if ARCH == 3:
         raw2 = tl.load(pre_ptr + at + D_SAE, mask=ok, other=0.0)
         mag = _biased(raw2, scale, tl.load(b2_ptr + cols, mask=col_ok, other=0.0)[None, :], ROW_SCALE)
-    threshold = 0.0
-    if ARCH == 1:
-        threshold = tl.load(thr_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    act = tl.where(ok, _activate(pre, mag, threshold, ARCH), float("-inf"))
-    group_max = tl.max(tl.reshape(act, (BLOCK_M, BLOCK_N // GROUP, GROUP)), 2)
-    groups = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
-    tl.store(gmax_ptr + rows[:, None] * NG + groups[None, :], group_max, mask=row_ok[:, None] & (groups < NG)[None, :])
+    _store_group_maxima(
+        pre, mag, thr_ptr, gmax_ptr, rows, cols, tl.program_id(1), M, D_SAE, NG, ARCH, GROUP, BLOCK_M, BLOCK_N
+    )
 
 
 @triton.jit

@@ -121,8 +121,9 @@ class FidelityConfig(_Strict):
 class MaintenanceConfig(_Strict):
     """Where the maintenance thread's heavy numpy work runs (maintenance_worker.py)."""
 
-    # Sealing token segments and reducing finished requests run in a child process at a lower CPU priority,
-    # so they neither hold the interpreter ingest runs on nor take a core from it when the cores are busy.
+    # Sealing token segments, reducing finished requests and building request segments run in a child process at
+    # a lower CPU priority, so they neither hold the interpreter ingest runs on nor take a core from it when the
+    # cores are busy.
     worker_process: bool = True
     # Work with fewer postings than this stays in process (crossing the pipe costs more than it saves).
     worker_min_postings: int = Field(200_000, ge=0)

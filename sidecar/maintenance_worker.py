@@ -61,9 +61,9 @@ SLOT_ARRAYS = _array_fields(SlotCodes)
 
 
 class MaintenanceWorker:
-    """The sidecar's handle on its worker process: `seal` and `feature_sets` give what the in-process functions
-    give, computed there when the worker is enabled (worker_process), the work large enough and the worker healthy.
-    One piece of work at a time."""
+    """The sidecar's handle on its worker process: `seal`, `feature_sets` and `segment_words` give what the
+    in-process functions give, computed there when the worker is enabled (worker_process), the work large enough
+    and the worker healthy. One piece of work at a time."""
 
     def __init__(self, config: MaintenanceConfig, counters: Counter[str]) -> None:
         self.config = config
@@ -114,10 +114,9 @@ class MaintenanceWorker:
     def segment_words(self, sets: list[FeatureSet], both_is_union: bool) -> tuple[np.ndarray, np.ndarray]:
         """A request segment's terms and words. Its cost is a Python loop over the segment's requests more than
         its terms, so it goes to the worker from an eighth of worker_min_postings terms."""
-        terms = sum(len(s.terms) for s in sets)
-        if not sets or terms < self.config.worker_min_postings // 8:
-            return segment_words(sets, both_is_union)
         lengths = np.array([len(s.terms) for s in sets], np.int64)
+        if not sets or lengths.sum() < self.config.worker_min_postings // 8:
+            return segment_words(sets, both_is_union)
         arrays = [np.concatenate([s.terms for s in sets]), np.concatenate([s.scopes for s in sets]), lengths]
         reply = self._run("build", both_is_union, arrays)
         if reply is None:

@@ -44,6 +44,36 @@ BUILD_YIELD_EVERY = 16  # requests between the segment build's yields to ingest
 REDUCE_CHUNK = 16  # requests reduced together (one message to the maintenance worker)
 
 
+def segment_words(sets: list[FeatureSet], both_is_union: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A run of requests' unique terms (int64, sorted) and their words [columns, WORDS, terms]: a pure function of
+    the sets, so the maintenance worker can compute it.
+
+    In process it runs on the maintenance thread beside ingest: request by request, each step a short numpy call,
+    with a yield every BUILD_YIELD_EVERY requests (without the yields a Python loop holds the interpreter for whole
+    switch intervals). One dense [terms x requests] matrix and its packbits took 1.5-1.7x as long, and a thread
+    beside it was late by p99 1.5-1.9 ms against 0.3 ms now."""
+    columns = (PROMPT_BIT, GENERATED_BIT) if both_is_union else (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)
+    terms = np.concatenate([s.terms for s in sets] or [np.empty(0, np.uint32)])
+    seen = np.zeros(int(terms.max()) + 1 if len(terms) else 0, dtype=bool)
+    seen[terms] = True
+    unique = np.flatnonzero(seen)
+    rank = np.cumsum(seen, dtype=np.int64) - 1  # a term id's column among the unique ones
+    words = np.zeros((len(columns), WORDS, len(unique)), dtype=np.uint64)
+    for local, feature_set in enumerate(sets):
+        if len(feature_set.terms):
+            at = rank[feature_set.terms]
+            bit = np.uint64(1 << (local % BLOCK))
+            block = words[:, local // BLOCK]
+            for c, scope_bit in enumerate(columns):  # a request's terms are unique: |= sets distinct bits
+                block[c, at[(feature_set.scopes & scope_bit) != 0]] |= bit
+        if local % BUILD_YIELD_EVERY == BUILD_YIELD_EVERY - 1:
+            time.sleep(0)
+    return unique.astype(np.int64), words
+
+
+SegmentWordsOf = Callable[[list[FeatureSet], bool], tuple[np.ndarray, np.ndarray]]
+
+
 @dataclass(frozen=True)
 class RequestSegment:
     """Sealed and immutable: SEGMENT_REQUESTS consecutive requests of one code mode, feature-major.
@@ -78,42 +108,12 @@ class RequestSegment:
         sets: list[FeatureSet],
         newest_ns: int,
         both_is_union: bool,
-        words_of: SegmentWordsOf | None = None,
+        words_of: SegmentWordsOf = segment_words,
     ) -> RequestSegment:
-        """`words_of`: where the words are computed (segment_words, in process by default; the maintenance worker
-        passes its own)."""
-        terms, words = (words_of or segment_words)(sets, both_is_union)
+        """`words_of`: where the words are computed (in process by default; the maintenance worker passes its
+        own)."""
+        terms, words = words_of(sets, both_is_union)
         return cls(first_ridx, len(sets), newest_ns, terms, words)
-
-
-def segment_words(sets: list[FeatureSet], both_is_union: bool) -> tuple[np.ndarray, np.ndarray]:
-    """A run of requests' unique terms (int64, sorted) and their words [columns, WORDS, terms]: a pure function of
-    the sets, so the maintenance worker can compute it.
-
-    In process it runs on the maintenance thread beside ingest: request by request, each step a short numpy call,
-    with a yield every BUILD_YIELD_EVERY requests (without the yields a Python loop holds the interpreter for whole
-    switch intervals). One dense [terms x requests] matrix and its packbits took 1.5-1.7x as long, and a thread
-    beside it was late by p99 1.5-1.9 ms against 0.3 ms now."""
-    columns = (PROMPT_BIT, GENERATED_BIT) if both_is_union else (PROMPT_BIT, GENERATED_BIT, BOTH_BIT)
-    terms = np.concatenate([s.terms for s in sets] or [np.empty(0, np.uint32)])
-    seen = np.zeros(int(terms.max()) + 1 if len(terms) else 0, dtype=bool)
-    seen[terms] = True
-    unique = np.flatnonzero(seen)
-    rank = np.cumsum(seen, dtype=np.int64) - 1  # a term id's column among the unique ones
-    words = np.zeros((len(columns), WORDS, len(unique)), dtype=np.uint64)
-    for local, feature_set in enumerate(sets):
-        if len(feature_set.terms):
-            at = rank[feature_set.terms]
-            bit = np.uint64(1 << (local % BLOCK))
-            block = words[:, local // BLOCK]
-            for c, scope_bit in enumerate(columns):  # a request's terms are unique: |= sets distinct bits
-                block[c, at[(feature_set.scopes & scope_bit) != 0]] |= bit
-        if local % BUILD_YIELD_EVERY == BUILD_YIELD_EVERY - 1:
-            time.sleep(0)
-    return unique.astype(np.int64), words
-
-
-SegmentWordsOf = Callable[[list[FeatureSet], bool], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
