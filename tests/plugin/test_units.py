@@ -506,10 +506,10 @@ def test_with_a_linger_a_batch_no_later_step_joins_goes_at_its_deadline(tmp_path
             submitted = time.monotonic()
             submit_slices(emitter, whole(request))
             emitter.engine_step_done()  # the step finished no request
-            wait_until(lambda: running.core.counters["batches"] != batches_before)
-            assert running.core.counters["batches"] == batches_before + 1
+            # the batch counter moves before the batch's requests are opened (same lock), so wait for the request
+            wait_until(lambda: running.core.is_open("lingering"))  # its codes are in; no finish yet
             assert time.monotonic() - submitted >= linger_s
-            assert running.core.is_open("lingering")  # its codes are in; no finish yet
+            assert running.core.counters["batches"] == batches_before + 1
         finally:
             emitter.close(2)
 
