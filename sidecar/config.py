@@ -125,7 +125,7 @@ class MaintenanceConfig(_Strict):
     # a lower CPU priority, so they neither hold the interpreter ingest runs on nor take a core from it when the
     # cores are busy.
     worker_process: bool = True
-    # Work with fewer postings than this stays in process (crossing the pipe costs more than it saves).
+    # Work with fewer postings than this stays in process (crossing the socket costs more than it saves).
     worker_min_postings: int = Field(200_000, ge=0)
     # The worker's niceness (added to the sidecar's): the kernel prefers ingest when they compete for a core.
     worker_nice: int = Field(10, ge=0, le=19)

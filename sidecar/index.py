@@ -93,7 +93,10 @@ class TokenSegment:
         return self._posting_terms
 
 
-class _ActiveSegment:
+class ActiveSegment:
+    """The segment codes are appended to: each batch's arrays kept as they came (a piece per batch), joined only
+    when it is sealed or read."""
+
     def __init__(self, base_uid: int, now: int) -> None:
         self.base_uid = base_uid
         self.t_start = now
@@ -103,24 +106,24 @@ class _ActiveSegment:
         self.num_rows = 0
         self.num_postings = 0
 
-    def snapshot(self) -> _ActiveSegment:
+    def snapshot(self) -> ActiveSegment:
         """What it holds now, as a copy that later appends do not change (taken under the index lock)."""
-        copy = _ActiveSegment(self.base_uid, self.t_start)
+        copy = ActiveSegment(self.base_uid, self.t_start)
         copy.t_end, copy.num_rows, copy.num_postings = self.t_end, self.num_rows, self.num_postings
         copy.rows, copy.postings = list(self.rows), list(self.postings)
         return copy
 
+    def pieces(self) -> list[list[np.ndarray]]:
+        """Per array of SegmentParts (in its field order), the pieces the batches appended, in arrival order."""
+        return [list(parts) for parts in zip(*self.rows, strict=True)] + [
+            list(parts) for parts in zip(*self.postings, strict=True)
+        ]
+
     def concatenated(self) -> SegmentParts:
-        """Its rows and postings as contiguous arrays: what sealing reads (here or in the maintenance worker)."""
+        """Its rows and postings as contiguous arrays: what sealing reads."""
         if not self.rows:
             return SegmentParts.empty(self.base_uid, self.t_start, self.t_end)
-        keys, gslot, phase, tokens, times, fidelity, counts = (
-            np.concatenate(parts) for parts in zip(*self.rows, strict=True)
-        )
-        features, acts = (np.concatenate(parts) for parts in zip(*self.postings, strict=True))
-        return SegmentParts(
-            self.base_uid, self.t_start, self.t_end, keys, gslot, phase, tokens, times, fidelity, counts, features, acts
-        )
+        return SegmentParts(self.base_uid, self.t_start, self.t_end, *(np.concatenate(p) for p in self.pieces()))
 
     def seal(self) -> TokenSegment:
         return self.concatenated().seal()
@@ -259,9 +262,9 @@ class RollingIndex:
         self._lock = threading.RLock()
         self._next_uid = 0
         self.sealed: list[TokenSegment] = []
-        self._active = _ActiveSegment(0, clock())
+        self._active = ActiveSegment(0, clock())
         self._active_view: TokenSegment | None = None
-        self._sealing: tuple[_ActiveSegment, TokenSegment | None] | None = None  # swapped out, being sorted
+        self._sealing: tuple[ActiveSegment, TokenSegment | None] | None = None  # swapped out, being sorted
         self.superseded = BitMap64()
         self._superseded_array = np.empty(0, np.int64)
         self.evicted_segments = 0
@@ -329,12 +332,12 @@ class RollingIndex:
         )
         if hard and active.num_rows:
             self.sealed.append(active.seal())
-            self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
+            self._active = ActiveSegment(active.base_uid + active.num_rows, now)
             self._active_view = None
             self.evict(now)
 
     def seal_due(
-        self, now: int | None = None, seal: Callable[[SegmentParts], TokenSegment] = SegmentParts.seal
+        self, now: int | None = None, seal: Callable[[ActiveSegment], TokenSegment] = ActiveSegment.seal
     ) -> bool:
         """Seal the active segment once it is old (segment_s) or large (segment_max_postings); the maintenance
         thread calls this. The segment is swapped out under the lock and sorted outside it, so ingest never
@@ -346,10 +349,10 @@ class RollingIndex:
             due = active.num_postings >= self.segment_max_postings or now - active.t_start >= self.segment_ns
             if not active.num_rows or not due or self._sealing is not None:
                 return False
-            self._active = _ActiveSegment(active.base_uid + active.num_rows, now)
+            self._active = ActiveSegment(active.base_uid + active.num_rows, now)
             self._active_view = None
             self._sealing = (active, None)
-        segment = seal(active.concatenated())
+        segment = seal(active)
         with self._lock:
             self.sealed.append(segment)
             self._sealing = None

@@ -6,10 +6,11 @@ segment; request_feature_sets: ~2 ms a request; segment_words: a loop over a req
 On the maintenance thread they shared the interpreter with ingest (one numpy call holds it for up to ~15 ms)
 and took a core from it whenever the cores were busy: under decode-shaped load at 100 engine steps/s that was
 most of the report-latency tail (bench/sidecar_bench.py). In a child process at nice +`worker_nice` they hold
-neither: arrays cross a pipe (written straight from their buffers, read into
-preallocated ones, the interpreter free between chunks) and the kernel gives the ingest thread the core first.
+neither: arrays cross a socket pair (sent straight from their buffers, an active segment's per-batch pieces one
+after another without joining them first; received straight into preallocated arrays), the interpreter free
+during every send and receive, and the kernel gives the ingest thread the core first.
 
-The worker is a fresh interpreter (`python -P -c`, the pipe's other end passed as an inherited descriptor, the
+The worker is a fresh interpreter (`python -P -c`, the socket's other end passed as an inherited descriptor, the
 sidecar's sys.path as an argument), not a multiprocessing child: spawn would import the embedding program's main
 module again. Work smaller than
 `worker_min_postings` stays in process (crossing costs more than it saves). If the worker cannot
@@ -24,38 +25,38 @@ import contextlib
 import dataclasses
 import json
 import logging
-import multiprocessing
 import os
+import pickle
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections import Counter
-from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
 from .config import MaintenanceConfig
-from .index import SegmentParts, TokenSegment
+from .index import ActiveSegment, SegmentParts, TokenSegment
 from .request_index import segment_words
 from .request_sets import MODES, FeatureSet, ReductionInput, SlotCodes, feature_sets_here, request_feature_sets
 
 log = logging.getLogger(__name__)
 
 RESTART_AFTER_S = 30.0  # after a failure, work stays in process at least this long
-REPLY_TIMEOUT_S = 120.0  # a worker silent this long after a piece of work is stopped and replaced
+REPLY_TIMEOUT_S = 120.0  # a worker that takes or gives nothing this long (a send or a receive) is replaced
 
 
 def _array_fields(cls: type) -> tuple[str, ...]:
-    """A dataclass's numpy array fields, in order: what crosses the pipe for it (its other fields travel in the
+    """A dataclass's numpy array fields, in order: what crosses the socket for it (its other fields travel in the
     header; TokenSegment's optional caches stay behind)."""
     return tuple(f.name for f in dataclasses.fields(cls) if f.type == "np.ndarray")
 
 
-PARTS_ARRAYS = _array_fields(SegmentParts)  # after base_uid, t_start, t_end
 SEGMENT_ARRAYS = _array_fields(TokenSegment)
 SLOT_ARRAYS = _array_fields(SlotCodes)
 
@@ -70,7 +71,7 @@ class MaintenanceWorker:
         self.counters = counters
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
-        self._conn: Connection | None = None
+        self._conn: socket.socket | None = None
         self._failed_at: float | None = None
         self._closed = False  # after close(), work stays in process (a maintenance tick outliving the stop)
 
@@ -80,17 +81,19 @@ class MaintenanceWorker:
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
-    def seal(self, parts: SegmentParts) -> TokenSegment:
-        if parts.num_postings < self.config.worker_min_postings:
-            return parts.seal()
-        header = (parts.base_uid, parts.t_start, parts.t_end)
-        reply = self._run("seal", header, [getattr(parts, name) for name in PARTS_ARRAYS])
+    def seal(self, active: ActiveSegment) -> TokenSegment:
+        """The sealed segment. Its per-batch pieces go to the worker as they are: joining them here would hold
+        the interpreter for one long copy (tens of ms at 2M postings) that ingest would wait behind."""
+        if not active.rows or active.num_postings < self.config.worker_min_postings:
+            return active.seal()
+        header = (active.base_uid, active.t_start, active.t_end)
+        reply = self._run("seal", header, active.pieces())
         if reply is None:
-            return parts.seal()
+            return active.seal()
         _, arrays = reply
         self.counters["maintenance_worker_seals"] += 1
         fields = dict(zip(SEGMENT_ARRAYS, arrays, strict=True))
-        return TokenSegment(parts.base_uid, parts.t_start, parts.t_end, **fields)
+        return TokenSegment(*header, **fields)
 
     def feature_sets(self, inputs: list[ReductionInput]) -> list[dict[int, FeatureSet]]:
         postings = sum(len(slot.features) for codes, _, _ in inputs for slot in codes.values())
@@ -117,8 +120,7 @@ class MaintenanceWorker:
         lengths = np.array([len(s.terms) for s in sets], np.int64)
         if not sets or lengths.sum() < self.config.worker_min_postings // 8:
             return segment_words(sets, both_is_union)
-        arrays = [np.concatenate([s.terms for s in sets]), np.concatenate([s.scopes for s in sets]), lengths]
-        reply = self._run("build", both_is_union, arrays)
+        reply = self._run("build", both_is_union, [[s.terms for s in sets], [s.scopes for s in sets], lengths])
         if reply is None:
             return segment_words(sets, both_is_union)
         _, (unique, words) = reply
@@ -150,18 +152,20 @@ class MaintenanceWorker:
 
     # --- the parent's side -----------------------------------------------------------------------------
 
-    def _run(self, kind: str, header: Any, arrays: list[np.ndarray]) -> tuple[Any, list[np.ndarray]] | None:
+    def _run(self, kind: str, header: Any, arrays: list[Arrays]) -> tuple[Any, list[np.ndarray]] | None:
         """The worker's (header, arrays) for one piece of work, or None: do it in process."""
         with self._lock:
             conn = self._connection()
             if conn is None:
                 return None
             try:
+                conn.settimeout(REPLY_TIMEOUT_S)  # each send or receive: a stalled worker cannot hold maintenance
                 _send(conn, kind, header, arrays)
-                if not conn.poll(REPLY_TIMEOUT_S):
-                    raise TimeoutError(f"no reply within {REPLY_TIMEOUT_S:g}s")
                 status, reply_header, reply_arrays = _recv(conn)
-            except (OSError, EOFError, TimeoutError) as exc:
+            except TimeoutError:
+                self._fail(f"{kind}: no progress within {REPLY_TIMEOUT_S:g}s")
+                return None
+            except (OSError, EOFError, pickle.UnpicklingError) as exc:
                 self._fail(f"{kind}: {type(exc).__name__}: {exc}")
                 return None
             if status != "ok":
@@ -170,8 +174,8 @@ class MaintenanceWorker:
                 return None
             return reply_header, reply_arrays
 
-    def _connection(self) -> Connection | None:
-        """The running worker's pipe, starting one if none runs and the last failure is old enough."""
+    def _connection(self) -> socket.socket | None:
+        """The running worker's socket, starting one if none runs and the last failure is old enough."""
         if self._closed or not self.config.worker_process:
             return None
         if self._process is not None:
@@ -180,7 +184,7 @@ class MaintenanceWorker:
             self._fail(f"exited with code {self._process.returncode}")
         if self._failed_at is not None and time.monotonic() - self._failed_at < RESTART_AFTER_S:
             return None
-        parent, child = multiprocessing.Pipe()  # a socket pair: the child's end is inherited by descriptor
+        parent, child = socket.socketpair()  # the child's end is inherited by descriptor
         fd = child.fileno()
         command = [sys.executable, "-P", "-c", _CHILD, str(fd), str(self.config.worker_nice), json.dumps(sys.path)]
         try:  # exec a fresh interpreter: a fork of this threaded process would inherit its locks mid-use
@@ -209,24 +213,84 @@ class MaintenanceWorker:
             conn.close()
 
 
-# --- the wire: a small header, then each array's bytes straight from its buffer ----------------------------
+# --- the wire: a pickled header, then each array's bytes straight from and into numpy buffers -----------------
+
+Arrays = np.ndarray | list[np.ndarray]  # one array, or its pieces along the first axis (sent back to back)
+_LENGTH = struct.Struct("<Q")
+_IOV_MAX = 1024  # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 
 
-def _send(conn: Connection, kind: str, header: Any, arrays: list[np.ndarray]) -> None:
-    contiguous = [np.ascontiguousarray(a) for a in arrays]
-    conn.send((kind, header, [(a.dtype.str, a.shape) for a in contiguous]))
-    for array in contiguous:
-        conn.send_bytes(array.reshape(-1).view(np.uint8))
+def _send(conn: socket.socket, kind: str, header: Any, arrays: list[Arrays]) -> None:
+    """Send (kind, header), then each array: its (dtype, shape) and its bytes. An array given as pieces arrives
+    as one (the pieces are never joined here). The interpreter is free while the kernel copies, and the Python
+    work between copies is short: an active segment has a piece per code batch and field, thousands a seal."""
+    _send_buffers(conn, [_framed((kind, header, len(arrays)))])
+    for array in arrays:
+        pieces = array if isinstance(array, list) else [array]
+        data = [p if p.flags.c_contiguous else np.ascontiguousarray(p) for p in pieces if p.size]
+        _send_buffers(conn, [_framed(_spec(pieces)), *data])
 
 
-def _recv(conn: Connection) -> tuple[str, Any, list[np.ndarray]]:
-    kind, header, specs = conn.recv()
+def _framed(value: Any) -> bytes:
+    meta = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(meta)) + meta
+
+
+def _spec(pieces: list[np.ndarray]) -> tuple[str, tuple[int, ...]]:
+    """(dtype, shape) of the array the pieces make: they share a dtype and all but the first dimension."""
+    first = pieces[0]
+    if len({(p.dtype, p.shape[1:]) for p in pieces}) > 1:
+        shapes = [(p.dtype.str, p.shape) for p in pieces]
+        raise ValueError(f"pieces of one array differ in dtype or trailing shape: {shapes}")
+    return first.dtype.str, (sum(map(len, pieces)), *first.shape[1:])
+
+
+def _send_buffers(conn: socket.socket, buffers: list) -> None:
+    """Every buffer, in order, with as few system calls as the kernel allows (sendmsg gathers up to _IOV_MAX a
+    call; each call leaves the interpreter to ingest and wakes this thread back into it)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    first = 0
+    while first < len(views):
+        sent = conn.sendmsg(views[first : first + _IOV_MAX])
+        while sent:
+            size = len(views[first])
+            if sent < size:
+                views[first] = views[first][sent:]
+                break
+            sent -= size
+            first += 1
+
+
+def _recv(conn: socket.socket) -> tuple[str, Any, list[np.ndarray]]:
+    kind, header, count = _unframed(conn)
     arrays = []
-    for dtype, shape in specs:
+    for _ in range(count):
+        dtype, shape = _unframed(conn)
         array = np.empty(shape, np.dtype(dtype))
-        conn.recv_bytes_into(array.reshape(-1).view(np.uint8))
+        _recv_into(conn, memoryview(array.reshape(-1).view(np.uint8)))
         arrays.append(array)
     return kind, header, arrays
+
+
+def _unframed(conn: socket.socket) -> Any:
+    (size,) = _LENGTH.unpack(_recv_exactly(conn, _LENGTH.size))
+    return pickle.loads(_recv_exactly(conn, size))
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    _recv_into(conn, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _recv_into(conn: socket.socket, view: memoryview) -> None:
+    """Fill the buffer from the socket (the kernel copies straight into it, the interpreter free meanwhile)."""
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            raise EOFError("the other end closed the socket")
+        got += n
 
 
 # --- the worker's side -----------------------------------------------------------------------------------
@@ -242,13 +306,13 @@ _CHILD = (
 
 def serve(fd: int, nice: int) -> None:
     """The worker process: one piece of work at a time until told to stop or the sidecar is gone."""
-    conn = Connection(fd)
+    conn = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the sidecar stops the worker
     os.nice(nice)
     while True:
         try:
             kind, header, arrays = _recv(conn)
-        except (EOFError, OSError):
+        except (EOFError, OSError, pickle.UnpicklingError):
             return
         if kind == "stop":
             return

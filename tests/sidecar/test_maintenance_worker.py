@@ -20,7 +20,7 @@ from circuitwatch.proto import circuitwatch_pb2 as pb
 from circuitwatch.proto import circuitwatch_pb2_grpc as pb_grpc
 from circuitwatch.sidecar import maintenance_worker
 from circuitwatch.sidecar.config import MaintenanceConfig
-from circuitwatch.sidecar.index import SegmentParts
+from circuitwatch.sidecar.index import ActiveSegment, SegmentParts
 from circuitwatch.sidecar.keys import token_keys
 from circuitwatch.sidecar.maintenance_worker import SEGMENT_ARRAYS, MaintenanceWorker
 from circuitwatch.sidecar.request_index import segment_words
@@ -57,6 +57,21 @@ def random_parts(rng: np.random.Generator, rows: int = 3000, d_sae: int = 4096) 
     )
 
 
+def active_segment(parts: SegmentParts, batches: int = 7) -> ActiveSegment:
+    """The parts as the index's active segment holds them: a piece per code batch, of uneven sizes, one empty."""
+    active = ActiveSegment(parts.base_uid, parts.t_start)
+    active.t_end = parts.t_end
+    rows = len(parts.keys)
+    bounds = np.concatenate(([0], np.sort(np.random.default_rng(rows).integers(0, rows, batches - 2)), [rows, rows]))
+    post_bounds = np.concatenate(([0], np.cumsum(parts.counts)))[bounds]
+    row_fields = (parts.keys, parts.gslot, parts.phase, parts.tokens, parts.times, parts.fidelity, parts.counts)
+    for r0, r1, p0, p1 in zip(bounds[:-1], bounds[1:], post_bounds[:-1], post_bounds[1:], strict=True):
+        active.rows.append(tuple(field[r0:r1] for field in row_fields))
+        active.postings.append((parts.features[p0:p1], parts.acts[p0:p1]))
+    active.num_rows, active.num_postings = rows, len(parts.features)
+    return active
+
+
 def random_reductions(rng: np.random.Generator, requests: int = 20) -> list:
     out = []
     for _ in range(requests):
@@ -91,12 +106,21 @@ def assert_same_segment(got, expected) -> None:
         np.testing.assert_array_equal(a, b, err_msg=name)  # NaN fidelity compares equal to NaN
 
 
-def test_worker_seals_and_reduces_exactly_as_in_process(worker: MaintenanceWorker) -> None:
+def test_worker_seals_and_reduces_exactly_as_in_process(
+    worker: MaintenanceWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rng = np.random.default_rng(3)
     parts = random_parts(rng)
-    assert_same_segment(worker.seal(parts), parts.seal())
-    empty = SegmentParts.empty(7, 1, 2)
-    assert_same_segment(worker.seal(empty), empty.seal())
+    active = active_segment(parts)
+    with monkeypatch.context() as patched:  # the pieces cross as they are: nothing is joined in the sidecar
+        patched.setattr(ActiveSegment, "concatenated", lambda self: pytest.fail("joined in the sidecar's process"))
+        assert_same_segment(worker.seal(active), parts.seal())
+        # more pieces than one sendmsg gathers, and more bytes than a socket buffer holds
+        many = random_parts(rng, rows=40_000)
+        assert_same_segment(worker.seal(active_segment(many, batches=2500)), many.seal())
+    empty = ActiveSegment(7, 1)
+    empty.t_end = 2
+    assert_same_segment(worker.seal(empty), SegmentParts.empty(7, 1, 2).seal())  # nothing to send: in process
     inputs = random_reductions(rng)
     got, expected = worker.feature_sets(inputs), feature_sets_here(inputs)
     for g, e in zip(got, expected, strict=True):
@@ -127,13 +151,15 @@ def test_worker_seals_and_reduces_exactly_as_in_process(worker: MaintenanceWorke
 
 def test_after_close_work_stays_in_process(worker: MaintenanceWorker) -> None:
     parts = random_parts(np.random.default_rng(9))
-    worker.seal(parts)
+    worker.seal(active_segment(parts))
     first = worker.pid
     worker.close()
     assert worker.pid is None
     with pytest.raises(ProcessLookupError):  # stopped and reaped
         os.kill(first, 0)
-    assert_same_segment(worker.seal(parts), parts.seal())  # e.g. a maintenance tick that outlived the stop
+    assert_same_segment(
+        worker.seal(active_segment(parts)), parts.seal()
+    )  # e.g. a maintenance tick that outlived the stop
     assert worker.pid is None and worker.counters["maintenance_worker_seals"] == 1
 
 
@@ -142,7 +168,7 @@ def test_worker_process_false_keeps_everything_in_process() -> None:
     worker = MaintenanceWorker(MaintenanceConfig(worker_process=False, worker_min_postings=0), counters)
     rng = np.random.default_rng(10)
     parts, inputs = random_parts(rng), random_reductions(rng, 3)
-    assert_same_segment(worker.seal(parts), parts.seal())
+    assert_same_segment(worker.seal(active_segment(parts)), parts.seal())
     assert [s[MODES[0]].terms.tolist() for s in worker.feature_sets(inputs)] == [
         s[MODES[0]].terms.tolist() for s in feature_sets_here(inputs)
     ]
@@ -153,7 +179,7 @@ def test_small_work_stays_in_process() -> None:
     counters: Counter[str] = Counter()
     worker = MaintenanceWorker(MaintenanceConfig(worker_min_postings=10**9), counters)
     parts = random_parts(np.random.default_rng(4), rows=50)
-    assert_same_segment(worker.seal(parts), parts.seal())
+    assert_same_segment(worker.seal(active_segment(parts)), parts.seal())
     assert worker.pid is None and not counters
 
 
@@ -162,13 +188,13 @@ def test_a_killed_worker_costs_nothing_and_is_replaced(
 ) -> None:
     rng = np.random.default_rng(5)
     parts = random_parts(rng)
-    worker.seal(parts)
+    worker.seal(active_segment(parts))
     first = worker.pid
     os.kill(first, signal.SIGKILL)
     while worker._process.poll() is None:
         time.sleep(0.01)
     with caplog.at_level(logging.WARNING, logger=maintenance_worker.__name__):
-        assert_same_segment(worker.seal(parts), parts.seal())  # done in process
+        assert_same_segment(worker.seal(active_segment(parts)), parts.seal())  # done in process
     assert worker.counters["maintenance_worker_failures"] == 1
     assert f"exited with code {-signal.SIGKILL}" in caplog.text and "runs in process" in caplog.text
     assert worker.pid is None
@@ -182,12 +208,12 @@ def test_a_killed_worker_costs_nothing_and_is_replaced(
 
 def test_a_worker_that_stalls_is_replaced(worker: MaintenanceWorker, monkeypatch: pytest.MonkeyPatch) -> None:
     parts = random_parts(np.random.default_rng(6))
-    worker.seal(parts)
+    worker.seal(active_segment(parts))
     stalled = worker.pid
     os.kill(stalled, signal.SIGSTOP)  # alive, never answers
     monkeypatch.setattr(maintenance_worker, "REPLY_TIMEOUT_S", 0.5)
     try:
-        assert_same_segment(worker.seal(parts), parts.seal())
+        assert_same_segment(worker.seal(active_segment(parts)), parts.seal())
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stalled, signal.SIGCONT)
