@@ -213,7 +213,7 @@ class MaintenanceWorker:
             conn.close()
 
 
-# --- the wire: a pickled header, then each array's bytes straight from and into numpy buffers -----------------
+# --- the wire: a frame (kind, header, count), then per array a frame (dtype, shape) and its raw bytes -------
 
 Arrays = np.ndarray | list[np.ndarray]  # one array, or its pieces along the first axis (sent back to back)
 _LENGTH = struct.Struct("<Q")
