@@ -155,10 +155,6 @@ class SegmentParts:
         counts, features, acts = np.empty(0, np.int64), np.empty(0, np.uint32), np.empty(0, np.float16)
         return cls(base_uid, t_start, t_end, keys, gslot, phase, tokens, times, fidelity, counts, features, acts)
 
-    @property
-    def num_postings(self) -> int:
-        return len(self.features)
-
     def seal(self) -> TokenSegment:
         """Rows in key order, postings grouped by term (zero rows give an empty segment)."""
         counts = self.counts

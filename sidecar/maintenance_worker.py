@@ -277,10 +277,10 @@ def _unframed(conn: socket.socket) -> Any:
     return pickle.loads(_recv_exactly(conn, size))
 
 
-def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+def _recv_exactly(conn: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     _recv_into(conn, memoryview(buffer))
-    return bytes(buffer)
+    return buffer
 
 
 def _recv_into(conn: socket.socket, view: memoryview) -> None:

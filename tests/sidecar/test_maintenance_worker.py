@@ -157,9 +157,8 @@ def test_after_close_work_stays_in_process(worker: MaintenanceWorker) -> None:
     assert worker.pid is None
     with pytest.raises(ProcessLookupError):  # stopped and reaped
         os.kill(first, 0)
-    assert_same_segment(
-        worker.seal(active_segment(parts)), parts.seal()
-    )  # e.g. a maintenance tick that outlived the stop
+    # e.g. a maintenance tick that outlived the stop
+    assert_same_segment(worker.seal(active_segment(parts)), parts.seal())
     assert worker.pid is None and worker.counters["maintenance_worker_seals"] == 1
 
 
