@@ -74,6 +74,7 @@ class IndexedBatch:
         table: np.ndarray,
         fidelity: np.ndarray | None,
         now: int,
+        received_ns: int,
     ) -> None:
         self.arrays = arrays
         self.states = states  # per slice
@@ -82,6 +83,7 @@ class IndexedBatch:
         self.table = table  # row_table of every row
         self.fidelity = fidelity  # float32 [rows, 2] or None
         self.now = now
+        self.received_ns = received_ns  # when the batch came off its stream
         self.row_start, self.post_start = arrays.row_start.tolist(), arrays.post_start.tolist()
         self.slice_gslots, self.slice_phases = gslots.tolist(), arrays.phases.tolist()
         self.candidates: np.ndarray | None = None  # per code: does a term of circuits_version name its feature?
@@ -153,7 +155,10 @@ class SidecarCore:
         log.info("producer %r (%r) opened %s", manifest.instance_id, manifest.producer, kind)
         return stream
 
-    def ingest(self, stream: Stream, message: pb.IngestMessage) -> None:
+    def ingest(self, stream: Stream, message: pb.IngestMessage, received_ns: int | None = None) -> None:
+        """`received_ns`: when the message came off its stream (default: now); a report's latency counts from the
+        last input it waited for."""
+        received_ns = received_ns or self.clock()
         kind = message.WhichOneof("kind")
         if not stream.active and kind != "manifest":
             stream.active = True
@@ -161,21 +166,21 @@ class SidecarCore:
         if kind == "codes":
             wall_start = time.perf_counter_ns()
             cpu_start = time.thread_time_ns()  # read inside the wall interval, so the CPU time is within it
-            self._ingest_codes(stream, message.codes)
+            self._ingest_codes(stream, message.codes, received_ns)
             cpu_ns = time.thread_time_ns() - cpu_start
             self.instruments.code_batch(time.perf_counter_ns() - wall_start, cpu_ns)
         elif kind == "start":
             self._start(stream, message.start)
         elif kind == "finish":
-            self._finish(stream, message.finish)
+            self._finish(stream, message.finish, received_ns)
         elif kind == "gaps":
-            self._gaps(stream, message.gaps)
+            self._gaps(stream, message.gaps, received_ns)
         elif kind == "manifest":
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "a stream carries one manifest, as its first message")
         else:
             raise MonitorError(grpc.StatusCode.INVALID_ARGUMENT, "empty ingest message")
 
-    def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch) -> None:
+    def _ingest_codes(self, stream: Stream, batch: pb.CodeBatch, received_ns: int) -> None:
         """One code batch (one engine step: many requests, small slices) in whole-batch array operations; per
         slice only the request's bookkeeping runs in Python.
 
@@ -197,13 +202,13 @@ class SidecarCore:
             self.counters["batches"] += 1
             # finishes carried by the batch are pending before its slices go in, so theirs go first; a request with
             # no slices in the batch is final already if its codes are all in (e.g. the batch of the next step)
-            finishing = [self._register_finish(stream, finish) for finish in batch.finishes]
+            finishing = [self._register_finish(stream, finish, received_ns) for finish in batch.finishes]
             if finishing:
                 in_batch = set(arrays.request_ids)
                 for state in finishing:
                     if state is not None and state.request_id not in in_batch:
                         self._finalize_if_finished(state)
-            indexed = self._index_slices(stream, arrays)
+            indexed = self._index_slices(stream, arrays, received_ns)
             if indexed is not None:
                 first, rest = indexed.finishing_first()
                 self._add_to_requests(indexed, first)
@@ -219,7 +224,7 @@ class SidecarCore:
                     if state is not None and self._open.get(state.request_id) is state:
                         self._finalize_if_finished(state)
 
-    def _index_slices(self, stream: Stream, arrays: BatchArrays) -> IndexedBatch | None:
+    def _index_slices(self, stream: Stream, arrays: BatchArrays, received_ns: int) -> IndexedBatch | None:
         """Put the batch's slices in the token index and prepare what adding them to their requests needs; slices
         of requests already final are dropped (late_postings). None if nothing is left (under the lock)."""
         now = self.clock()
@@ -265,6 +270,7 @@ class SidecarCore:
             row_table(positions, uids, arrays.token_ids, arrays.codes_per_row),
             fidelity,
             now,
+            received_ns,
         )
 
     def _add_to_requests(self, batch: IndexedBatch, which: list[int]) -> None:
@@ -300,6 +306,7 @@ class SidecarCore:
             if gone is not None:
                 replaced.append(gone)
         for state in judged.values():
+            state.inputs_received_ns = max(state.inputs_received_ns, batch.received_ns)
             self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
             self._check_actions(state)
             if state.pending_finish is not None:
@@ -439,21 +446,22 @@ class SidecarCore:
                 state.arrival_ns = start.arrival_unix_nanos
             self._finalize_if_covered(state)  # a finish (resent after an outage) may already wait for it
 
-    def _finish(self, stream: Stream, finish: pb.RequestFinish) -> None:
+    def _finish(self, stream: Stream, finish: pb.RequestFinish, received_ns: int) -> None:
         check_finish(finish, self.limits)
         with self.lock:
-            state = self._register_finish(stream, finish)
+            state = self._register_finish(stream, finish, received_ns)
             if state is not None:
                 self._finalize_if_finished(state)
 
-    def _register_finish(self, stream: Stream, finish: pb.RequestFinish) -> RequestState | None:
+    def _register_finish(self, stream: Stream, finish: pb.RequestFinish, received_ns: int) -> RequestState | None:
         """The request's finish is pending from now on; None if the request is already final (under the lock)."""
         state = self._state(finish.request_id, stream, self.clock())
         if state is None:
             self.counters["duplicate_finishes"] += 1
             return None
         stream.finished += 1
-        state.finish_received_ns = self.clock()
+        state.finish_received_ns = received_ns
+        state.inputs_received_ns = max(state.inputs_received_ns, received_ns)
         state.pending_finish = finish
         state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
         return state
@@ -465,7 +473,7 @@ class SidecarCore:
         else:
             self._finalize_if_covered(state)
 
-    def _gaps(self, stream: Stream, message: pb.RequestGaps) -> None:
+    def _gaps(self, stream: Stream, message: pb.RequestGaps, received_ns: int) -> None:
         request_id_ok(message.request_id, "gaps.request_id", self.limits)
         check_gaps(message.request_id, message.gaps, "gaps.gaps", self.limits)
         with self.lock:
@@ -473,6 +481,7 @@ class SidecarCore:
             if state is None:
                 return
             self._add_gaps(state, message.gaps)
+            state.inputs_received_ns = max(state.inputs_received_ns, received_ns)
             self._finalize_if_covered(state)
 
     def _add_gaps(self, state: RequestState, gaps) -> None:

@@ -180,6 +180,7 @@ class ReportBuilder:
             ),
             finish_unix_nanos=finish.finish_unix_nanos if finish is not None else 0,
             finalized_unix_nanos=now,
+            inputs_received_unix_nanos=state.inputs_received_ns,
             num_prompt_tokens=coverage.num_prompt,
             num_generated_tokens=(
                 finish.num_generated_tokens if finish is not None else max(0, total - coverage.num_prompt)
@@ -258,5 +259,6 @@ def error_report(state: RequestState, finish: pb.RequestFinish | None, error: st
         trace=state.trace,
         arrival_unix_nanos=state.arrival_ns,
         finalized_unix_nanos=now,
+        inputs_received_unix_nanos=state.inputs_received_ns,
         notes=[*state.notes, f"the sidecar could not build this report: {error}"[:500]],
     )

@@ -260,6 +260,8 @@ class RequestState:
         self.pending_finish: pb.RequestFinish | None = None
         self.finish_deadline_ns = 0
         self.finish_received_ns = 0
+        # when the last input it waited for came off its stream (codes, finish or gaps): Report.inputs_received
+        self.inputs_received_ns = 0
         self.num_prompt_tokens = 0
         self.actions_sent: set[str] = set()
 

@@ -64,6 +64,7 @@ class MonitorServicer(pb_grpc.MonitorServicer):
             context.send_initial_metadata(((CONTRACT_VERSION_METADATA, str(CONTRACT_VERSION)),))
             try:
                 for message in request_iterator:
+                    received_ns = self.core.clock()  # before this thread may wait for the interpreter
                     if stream is None:
                         if message.WhichOneof("kind") != "manifest":
                             raise MonitorError(
@@ -71,7 +72,7 @@ class MonitorServicer(pb_grpc.MonitorServicer):
                             )
                         stream = self.core.open_stream(message.manifest)
                         continue
-                    self.core.ingest(stream, message)
+                    self.core.ingest(stream, message, received_ns)
             except MonitorError as exc:
                 error = str(exc)
                 self.core.counters["ingest_rejected"] += 1

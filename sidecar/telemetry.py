@@ -83,7 +83,8 @@ METRICS: tuple[MetricSpec, ...] = (
         "circuitwatch_codes_ingested_total",
     ),
     MetricSpec(
-        "circuitwatch.report.latency", "histogram", "s", (), "Finish marker received to report final",
+        "circuitwatch.report.latency", "histogram", "s", (),
+        "Last input a report waited for (its last codes or its finish marker) received to report final",
         "circuitwatch_report_latency_seconds",
     ),
     MetricSpec(
@@ -533,7 +534,8 @@ class SidecarInstruments:
             if slot.tokens:
                 attributes = {"sae": names.get(slot.slot, str(slot.slot)), "low_fidelity": slot.low_fidelity}
                 self.fidelity_error.record(slot.error_mean, attributes)
-        if finish_received_ns:  # seconds: the Prometheus base unit
-            self.report_latency.record(max(0.0, (report.finalized_unix_nanos - finish_received_ns) / 1e9))
+        if finish_received_ns:  # made by its finish (not a timeout or a shutdown); seconds: the Prometheus unit
+            latency_ns = report.finalized_unix_nanos - report.inputs_received_unix_nanos
+            self.report_latency.record(max(0.0, latency_ns / 1e9))
             if report.finish_unix_nanos:
                 self.ingest_lag.record(max(0.0, (finish_received_ns - report.finish_unix_nanos) / 1e9))

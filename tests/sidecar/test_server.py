@@ -557,7 +557,7 @@ def test_finishes_carried_by_a_code_batch_go_first_and_equal_finishes_sent_after
     for request_id in finished:
         first, second = reports["in the batch"][request_id], reports["after the batch"][request_id]
         for report in (first, second):
-            for when in ("arrival_unix_nanos", "finalized_unix_nanos"):  # the clock's, not the traffic's
+            for when in ("arrival_unix_nanos", "finalized_unix_nanos", "inputs_received_unix_nanos"):  # the clock's
                 report.ClearField(when)
         assert first == second
     assert reports["in the batch"]["done"].status == pb.REPORT_STATUS_COMPLETE
@@ -850,3 +850,60 @@ def test_a_head_needs_attn_z(tmp_path: Path) -> None:
             client.ingest([pb.IngestMessage(manifest=bad)])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "head 0 needs hook_point attn_z" in info.value.details()
+
+
+def test_a_report_says_when_its_last_input_came_the_later_of_its_last_codes_and_its_finish(tmp_path: Path) -> None:
+    """Report.inputs_received_unix_nanos is when the message with the request's last codes, or its finish, came
+    off its stream, whichever was later: a later code batch of other requests does not move it."""
+    rng = np.random.default_rng(17)
+    finish_first = SyntheticRequest.random(rng, "finish-first")
+    codes_first = SyntheticRequest.random(rng, "codes-first")
+    core = SidecarCore(SidecarConfig(evidence_dir=tmp_path), EvidenceStore(tmp_path))
+    codes, control = core.open_stream(manifest()), core.open_stream(CONTROL)
+
+    def batch(step: int, request: SyntheticRequest) -> pb.IngestMessage:
+        slices = [request.slice(s, a, b) for a, b in request.chunks(1000) for s in (0, 1)]
+        return pb.IngestMessage(codes=pb.CodeBatch(step=step, slices=slices))
+
+    core.ingest(control, pb.IngestMessage(finish=finish_first.finish()), received_ns=1_000)
+    core.ingest(codes, batch(1, codes_first), received_ns=2_000)
+    core.ingest(codes, batch(2, finish_first), received_ns=3_000)  # its last codes: final now
+    core.ingest(control, pb.IngestMessage(finish=codes_first.finish()), received_ns=4_000)  # final now
+    assert core.finals.get("finish-first").inputs_received_unix_nanos == 3_000
+    assert core.finals.get("codes-first").inputs_received_unix_nanos == 4_000
+    for request_id in ("finish-first", "codes-first"):
+        assert core.finals.get(request_id).status == pb.REPORT_STATUS_COMPLETE
+
+
+def test_report_latency_counts_the_wait_for_the_sidecar_from_when_the_codes_came_off_the_stream(
+    tmp_path: Path,
+) -> None:
+    """Through the real server: the arrival is taken as the message comes off its ingest stream, before the
+    ingesting thread waits for the core, so a sidecar busy elsewhere (here: its lock held for 0.3 s) shows in
+    the report's latency instead of hiding in it."""
+    request = SyntheticRequest.random(np.random.default_rng(19), "waited")
+    slices = [request.slice(s, a, b) for a, b in request.chunks(1000) for s in (0, 1)]
+    batch = pb.CodeBatch(step=1, slices=slices, finishes=[request.finish()])
+    locked = threading.Event()
+
+    def stream():
+        yield pb.IngestMessage(manifest=manifest())
+        locked.wait(30)  # the stream is open; the core is busy from now on
+        yield pb.IngestMessage(codes=batch)
+
+    with running_sidecar(tmp_path) as (running, client):
+        streams = running.core.counters["streams"]
+        sending = threading.Thread(target=client.stub.Ingest, args=(stream(),), kwargs={"timeout": 60})
+        sending.start()
+        while running.core.counters["streams"] == streams:
+            time.sleep(0.01)
+        with running.core.lock:
+            locked.set()
+            sent = time.time_ns()
+            time.sleep(0.3)
+            released = time.time_ns()
+        sending.join(30)
+        report = client.report("waited")
+    assert report.status == pb.REPORT_STATUS_COMPLETE
+    assert sent <= report.inputs_received_unix_nanos < released
+    assert report.finalized_unix_nanos >= released > report.inputs_received_unix_nanos

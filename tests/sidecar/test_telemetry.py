@@ -52,6 +52,7 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
     try:
         with running_sidecar(tmp_path, circuits=[tmp_path / "c.yaml"]) as (_, client):
             client.ingest(messages)
+            reports = [client.report(r.request_id) for r in requests]
             collected.wait_for(lambda: len(collected.spans()) >= len(requests))
             collected.wait_for(lambda: collected.metric_points("circuitwatch.requests.monitored"))
         spans = {attributes(s)["circuitwatch.request.id"]: s for s in collected.spans()}
@@ -98,7 +99,11 @@ def test_spans_and_metrics_reach_the_collector(tmp_path: Path, monkeypatch, prot
         }
         assert producer == {"producer_host": "test-producer"}  # the host, never the pid
         latency = collected.metric_points("circuitwatch.report.latency")[-1]  # seconds
-        assert latency.count == len(requests) and 0 <= latency.sum / latency.count < 1
+        # from the last input each report waited for (here its finish, after its codes) to the report, as the
+        # reports themselves say
+        waited = [(r.finalized_unix_nanos - r.inputs_received_unix_nanos) / 1e9 for r in reports]
+        assert all(r.inputs_received_unix_nanos for r in reports)
+        assert latency.count == len(requests) and latency.sum == pytest.approx(sum(waited), rel=1e-6)
     finally:
         server.stop(0) if protocol == "grpc" else server.shutdown()
 
