@@ -865,8 +865,9 @@ def decode_section(steps: int) -> None:
 
 
 def _in_sidecar(run: GrpcRun) -> str:
-    """DESIGN's report target as the reports themselves measure it: from the sidecar receiving a report's last input
-    to the report final, in the sidecar's process (the transport to and from it is the WatchReports figure)."""
+    """DESIGN's report target as the reports themselves measure it (from the sidecar receiving a report's last input
+    to the report final), then from the producer sending the last codes to the report final, and its first leg
+    (sent -> read by the sidecar). The way back to a reader is in the WatchReports figure."""
     p50, _, p99 = percentiles(run.in_sidecar)
     t50, _, t99 = percentiles(run.to_sidecar)
     s50, _, s99 = percentiles(run.sent_to_final)

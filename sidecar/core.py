@@ -306,7 +306,7 @@ class SidecarCore:
             if gone is not None:
                 replaced.append(gone)
         for state in judged.values():
-            state.inputs_received_ns = max(state.inputs_received_ns, batch.received_ns)
+            state.input_received(batch.received_ns)
             self.requests.codes_arrived(state.request_id, state.seq, now, state.model, state.arrival_ns)
             self._check_actions(state)
             if state.pending_finish is not None:
@@ -461,7 +461,7 @@ class SidecarCore:
             return None
         stream.finished += 1
         state.finish_received_ns = received_ns
-        state.inputs_received_ns = max(state.inputs_received_ns, received_ns)
+        state.input_received(received_ns)
         state.pending_finish = finish
         state.finish_deadline_ns = self.clock() + int(self.config.finish_grace_ms * 1e6)
         return state
@@ -481,7 +481,7 @@ class SidecarCore:
             if state is None:
                 return
             self._add_gaps(state, message.gaps)
-            state.inputs_received_ns = max(state.inputs_received_ns, received_ns)
+            state.input_received(received_ns)
             self._finalize_if_covered(state)
 
     def _add_gaps(self, state: RequestState, gaps) -> None:

@@ -260,10 +260,14 @@ class RequestState:
         self.pending_finish: pb.RequestFinish | None = None
         self.finish_deadline_ns = 0
         self.finish_received_ns = 0
-        # when the last input it waited for came off its stream (codes, finish or gaps): Report.inputs_received
-        self.inputs_received_ns = 0
+        self.inputs_received_ns = 0  # see input_received
         self.num_prompt_tokens = 0
         self.actions_sent: set[str] = set()
+
+    def input_received(self, received_ns: int) -> None:
+        """An input its report waits for (codes, its finish, declared gaps) came off its stream at received_ns: the
+        report's inputs_received_unix_nanos is the latest such time, whichever input came last."""
+        self.inputs_received_ns = max(self.inputs_received_ns, received_ns)
 
     def bind(self, slots: dict[int, int]) -> None:
         """Attach a producer stream's slot map. Several producers may serve one request (under tensor
