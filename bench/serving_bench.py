@@ -22,8 +22,17 @@ said `pending` at the plugin's response deadline, and where the wait between the
 the response reaching the client goes (engine finish -> report final, from the sidecar's report; report final ->
 response at the client). The sidecar's CPU seconds per offline variant show what it takes from these cores.
 
+One request at a time (`--step-split`): where a monitored decode step's cost above the floor goes in the worker's
+process. One in-process engine (ONNX backend, `monitor: opt-in`), requests taking turns between four treatments:
+not monitored; encoded in the step but not handed to the emitter; also packed on the sending thread but not sent;
+sent (to the endpoint that drops the bytes, as to a sidecar on other cores: the sidecar's own CPU per message is
+`bench/sidecar_bench.py --only small-steps`). Per treatment: ms per output token (median over its requests) and
+the step hook's wall time on decode steps, against the unmonitored requests of the same run, and the encoders'
+floor for a one-row step replayed in the same process. Between the rungs is work on the process's other threads
+(packing, gRPC's), which take the interpreter and the cores from the step.
+
     .venv/bin/python bench/serving_bench.py [--model llama7b-ratio|fixture] [--rounds 2] [--server]
-        [--variants off,onnx,onnx-sink] [--server-variants off,onnx]
+        [--variants off,onnx,onnx-sink] [--server-variants off,onnx] [--step-split]
 """
 
 from __future__ import annotations
@@ -196,6 +205,115 @@ def encoder_floor(plugin, steps: list[int]) -> float:
                     slot.encoder.encode(inputs[n])
         replays.append(time.perf_counter() - started)
     return statistics.median(replays)
+
+
+# --- one request at a time: the per-step cost above the floor, taken apart -------------------------------------
+
+SPLIT_TREATMENTS = ("unmonitored", "encoded", "packed", "sent")
+SPLIT_REQUESTS, SPLIT_OUTPUT_TOKENS = 72, 48
+SPLIT_SETTLE_S = 0.2  # between requests: the last one's sending is over before the next one starts
+
+
+def step_split_child(model: str, config: str) -> dict:
+    """Requests one at a time in an in-process engine, taking turns between SPLIT_TREATMENTS. The bench removes the
+    later parts of the plugin's work for some requests: it drops their code batches at the emitter's door
+    (`encoded`), or lets the sending thread build and serialise them but not send them (`packed`)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["CIRCUITWATCH_CONFIG"] = config
+    from vllm import LLM, SamplingParams
+
+    from circuitwatch.plugin.admission import XARG_MONITOR
+    from circuitwatch.plugin.emitter import Emitter
+    from circuitwatch.plugin.worker import WorkerPlugin
+
+    treatment = {"now": "sent"}
+    hook_ms: dict[str, list[float]] = {t: [] for t in SPLIT_TREATMENTS}
+    plugins: list[WorkerPlugin] = []
+    submit_deferred, messages, after_step = Emitter.submit_deferred, Emitter._messages, WorkerPlugin.after_step
+
+    def dropping_submit(self, build, ranges) -> None:
+        if treatment["now"] != "encoded":
+            submit_deferred(self, build, ranges)
+
+    def unsent_messages(self, done):
+        for message in messages(self, done):
+            if treatment["now"] == "packed" and message.WhichOneof("kind") == "codes":
+                message.SerializeToString()  # what gRPC would do with it before sending
+                continue
+            yield message
+
+    def timed_after_step(self, runner, scheduler_output) -> None:
+        started = time.perf_counter_ns()
+        after_step(self, runner, scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 1:
+            hook_ms[treatment["now"]].append((time.perf_counter_ns() - started) / 1e6)
+        if not plugins:
+            plugins.append(self)
+
+    Emitter.submit_deferred, Emitter._messages, WorkerPlugin.after_step = (
+        dropping_submit,
+        unsent_messages,
+        timed_after_step,
+    )
+    # without the prefix cache, as the servers below: monitored requests bypass it, so with it on unmonitored
+    # repeats of a prompt would run other code paths than monitored ones
+    llm = LLM(
+        model=model, dtype="float32", max_model_len=512, max_num_batched_tokens=256, max_num_seqs=64, seed=0,
+        enable_prefix_caching=False,
+    )  # fmt: skip
+    per_token: dict[str, list[float]] = {t: [] for t in SPLIT_TREATMENTS}
+    try:
+        token_prompts = prompts(Path(model))
+
+        def params(monitored: bool) -> SamplingParams:
+            # under `monitor: opt-in` every request says whether it opts in, so all carry the same extra_args
+            return SamplingParams(
+                temperature=0, max_tokens=SPLIT_OUTPUT_TOKENS, min_tokens=SPLIT_OUTPUT_TOKENS, ignore_eos=True,
+                extra_args={XARG_MONITOR: monitored},
+            )  # fmt: skip
+
+        for prompt in token_prompts[:3]:  # warm-up
+            llm.generate([{"prompt_token_ids": prompt}], params(True), use_tqdm=False)
+        for t in SPLIT_TREATMENTS:
+            hook_ms[t].clear()
+        for i in range(SPLIT_REQUESTS):
+            treatment["now"] = now = SPLIT_TREATMENTS[i % len(SPLIT_TREATMENTS)]
+            prompt = token_prompts[3 + i % (len(token_prompts) - 3)]
+            encoded_before = plugins[0].counters["rows_encoded"] if plugins else 0
+            started = time.perf_counter()
+            llm.generate([{"prompt_token_ids": prompt}], params(now != "unmonitored"), use_tqdm=False)
+            per_token[now].append(1e3 * (time.perf_counter() - started) / SPLIT_OUTPUT_TOKENS)
+            encoded = plugins[0].counters["rows_encoded"] - encoded_before
+            if (encoded > 0) != (now != "unmonitored"):
+                raise RuntimeError(f"step split: a request treated as {now!r} had {encoded} rows encoded")
+            time.sleep(SPLIT_SETTLE_S)
+        treatment["now"] = "sent"
+        floor_ms = 1e3 * encoder_floor(plugins[0], [1] * 200) / 200
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return {"per_token_ms": per_token, "hook_ms": hook_ms, "floor_ms": floor_ms}
+
+
+def run_step_split(model: Path, slots: list[dict], work: Path, ports: dict[str, int], wiring: bool) -> None:
+    config = plugin_config(work / "split.json", slots, "onnx", ports["sink"], wiring, monitor="opt-in")
+    command = [sys.executable, __file__, "--split-child", str(model), str(config)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"step split: child failed\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    per_token = {t: statistics.median(v) for t, v in result["per_token_ms"].items()}
+    hooks = {t: statistics.median(v) if v else 0.0 for t, v in result["hook_ms"].items()}
+    base = per_token["unmonitored"]
+    print(
+        f"\none request at a time, {SPLIT_REQUESTS} requests of {SPLIT_OUTPUT_TOKENS} tokens taking turns (ONNX, "
+        f"codes sent to an endpoint that drops them); encoders' floor for a one-row step {result['floor_ms']:.2f} ms"
+    )
+    print(f"{'treatment':12} {'ms/token':>9} {'added':>7} {'x floor':>8} {'hook p50':>9}")
+    for t in SPLIT_TREATMENTS:
+        added = per_token[t] - base
+        ratio = f"{added / result['floor_ms']:8.2f}" if t != "unmonitored" else f"{'':8}"
+        hook = f"{hooks[t]:8.2f}ms"
+        print(f"{t:12} {per_token[t]:9.2f} {added:+7.2f} {ratio} {hook}")
 
 
 def target_port(variant: str, ports: dict[str, int]) -> tuple[str, int]:
@@ -379,10 +497,15 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     parser.add_argument("--skip-offline", action="store_true", help="only the server part")
     parser.add_argument("--server-variants", help="the variants run through the server (default: --variants)")
+    parser.add_argument("--step-split", action="store_true", help="one request at a time: the cost above the floor")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--split-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(offline_child(args.child[0], args.child[1] if len(args.child) > 1 else None)))
+        return
+    if args.split_child:
+        print(json.dumps(step_split_child(*args.split_child)))
         return
 
     from support.processes import free_port, start_sidecar, stop
@@ -410,6 +533,8 @@ def main() -> None:
             server = {}
             for variant in (args.server_variants or args.variants).split(",") if args.server else ():
                 server |= run_server(model, slots, variant, work, ports, wiring)
+            if args.step_split:
+                run_step_split(model, slots, work, ports, wiring)
         finally:
             stop(sidecar)
             sink.stop(0)

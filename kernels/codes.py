@@ -39,14 +39,44 @@ class Codes:
 
     def to_csr(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(row_offsets uint32 [rows+1], feature_ids uint32 [nnz], activations float32 [nnz])."""
-        ids = self.ids.cpu().numpy()
-        values = self.values.cpu().numpy()
-        valid = ids != EMPTY_ID
-        offsets = np.zeros(ids.shape[0] + 1, dtype=np.uint32)
-        np.cumsum(valid.sum(axis=1), out=offsets[1:])
-        return offsets, ids[valid].astype(np.uint32), values[valid].astype(np.float32)
+        return csr_of(self.ids.cpu().numpy(), self.values.cpu().numpy())
+
+    def on_host(self) -> HostCodes:
+        """The codes of host tensors as numpy arrays, derived in numpy alone. For the plugin's sending thread:
+        every torch call lets go of the interpreter and must take it back, and on a decode step the model's
+        thread held it in between, so a handful of them cost more than the packing itself."""
+        ids, values = self.ids.numpy(), self.values.numpy()
+        offsets, feature_ids, activations = csr_of(ids, values)
+        norms = self.norms.numpy() if self.norms is not None else None
+        if norms is None:
+            valid = np.ones(ids.shape[0], dtype=bool)
+        else:
+            with np.errstate(invalid="ignore"):
+                valid = np.isfinite(norms) & (norms > 0)
+        errors = self.errors.numpy() if self.errors is not None else None
+        return HostCodes(offsets, feature_ids, activations, errors, norms, valid)
 
     def rows(self) -> list[dict[int, float]]:
         """Per row, {feature id: activation}: convenient for comparisons in tests and tools."""
         offsets, ids, values = self.to_csr()
         return [dict(zip(ids[a:b].tolist(), values[a:b].tolist(), strict=True)) for a, b in itertools.pairwise(offsets)]
+
+
+@dataclass(frozen=True)
+class HostCodes:
+    """Codes as the wire carries them (CSR, padding dropped), with the rows' fidelity and validity, in numpy."""
+
+    row_offsets: np.ndarray  # uint32 [rows+1]
+    feature_ids: np.ndarray  # uint32 [nnz]
+    activations: np.ndarray  # float32 [nnz]
+    errors: np.ndarray | None  # float32 [rows]
+    norms: np.ndarray | None  # float32 [rows]
+    valid: np.ndarray  # bool [rows]: as Codes.valid
+
+
+def csr_of(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Padded fixed-width codes as (row_offsets uint32 [rows+1], feature_ids uint32 [nnz], activations float32)."""
+    present = ids != EMPTY_ID
+    offsets = np.zeros(ids.shape[0] + 1, dtype=np.uint32)
+    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    return offsets, ids[present].astype(np.uint32), values[present].astype(np.float32)

@@ -245,10 +245,9 @@ class WorkerPlugin:
                 ready.synchronize()
             batch = BuiltBatch([])
             for slot, codes in encoded:
-                offsets, feature_ids, activations = codes.to_csr()
-                errors = codes.errors.numpy() if codes.errors is not None else None
-                norms = codes.norms.numpy() if codes.norms is not None else None
-                valid = codes.valid.numpy()
+                host = codes.on_host()  # numpy only: no torch call lets the model's thread in mid-build
+                offsets, feature_ids, activations = host.row_offsets, host.feature_ids, host.activations
+                errors, norms, valid = host.errors, host.norms, host.valid
                 if slot.wiring is not None and errors is not None:
                     verdict = slot.wiring.add(errors[valid], norms[valid])
                     if verdict is not None:

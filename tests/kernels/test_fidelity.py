@@ -151,6 +151,13 @@ def test_unreadable_rows_get_no_codes_on_every_backend(tmp_path: Path, backend: 
     bad = [1, 2, 3, 4]
     assert codes.valid.tolist() == [i not in bad for i in range(8)]
     assert (codes.ids[bad] == -1).all() and (codes.values[bad] == 0).all()
+    # the plugin's sending thread reads them in numpy alone (Codes.on_host): the same rows, codes and fidelity
+    host = codes.on_host()
+    assert host.valid.tolist() == codes.valid.tolist()
+    for got, want in zip((host.row_offsets, host.feature_ids, host.activations), codes.to_csr(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(host.errors, codes.errors.numpy())
+    np.testing.assert_array_equal(host.norms, codes.norms.numpy())
     assert (codes.errors[bad] == 0).all()
     good = [0, 5, 6, 7]
     assert torch.equal(codes.ids[good], clean.ids[good])

@@ -81,6 +81,15 @@ def test_csr_drops_padding() -> None:
     assert values.tolist() == pytest.approx([0.5, 0.6, 0.3])
 
 
+def test_on_host_without_fidelity_counts_every_row_valid() -> None:
+    acts = torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    codes = select_codes(acts, CodeSelection(SelectionMode.TOPK, 2))
+    assert codes.norms is None
+    host = codes.on_host()
+    assert host.valid.tolist() == [True, True] and host.errors is None and host.norms is None
+    assert host.row_offsets.tolist() == [0, 1, 1] and host.feature_ids.tolist() == [1]
+
+
 def test_selection_needs_positive_k() -> None:
     with pytest.raises(ValueError, match="topk needs a positive k"):
         CodeSelection(SelectionMode.TOPK, 0)
