@@ -171,8 +171,16 @@ class Spool:
             oldest = files[0].seq
             while files and files[0].seq == oldest:
                 gone = files.pop(0)
+                try:
+                    gone.path.unlink()
+                except FileNotFoundError:
+                    # gone since the listing, and not dropped here: the delivery claimed the queued batch (outside
+                    # this lock; its bytes still count, and its table files are counted if they are dropped later)
+                    # or removed a table file the store had taken
+                    if not (gone.table == QUEUED and claimed_path(gone).exists()):
+                        total -= sizes[gone.path]
+                    continue
                 total -= sizes[gone.path]
-                gone.path.unlink(missing_ok=True)
                 dropped.update(gone.dropped_rows)
         return dropped, total + incoming <= self.max_bytes
 
