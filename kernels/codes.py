@@ -48,11 +48,7 @@ class Codes:
         ids, values = self.ids.numpy(), self.values.numpy()
         offsets, feature_ids, activations = csr_of(ids, values)
         norms = self.norms.numpy() if self.norms is not None else None
-        if norms is None:
-            valid = np.ones(ids.shape[0], dtype=bool)
-        else:
-            with np.errstate(invalid="ignore"):
-                valid = np.isfinite(norms) & (norms > 0)
+        valid = np.ones(ids.shape[0], dtype=bool) if norms is None else readable_rows(norms)
         errors = self.errors.numpy() if self.errors is not None else None
         return HostCodes(offsets, feature_ids, activations, errors, norms, valid)
 
@@ -80,3 +76,8 @@ def csr_of(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     offsets = np.zeros(ids.shape[0] + 1, dtype=np.uint32)
     np.cumsum(present.sum(axis=1), out=offsets[1:])
     return offsets, ids[present].astype(np.uint32), values[present].astype(np.float32)
+
+
+def readable_rows(norms: np.ndarray) -> np.ndarray:
+    """bool per row, in numpy: an SAE can read the row (its input norm finite and not 0, as Codes.valid)."""
+    return np.isfinite(norms) & (norms > 0)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .codes import EMPTY_ID, Codes
+from .codes import EMPTY_ID, Codes, readable_rows
 from .fidelity import normalize, reconstruction_errors_host
 from .reference import LAYER_NORM_EPS, default_selection, with_fidelity
 from .selection import CodeSelection
@@ -203,7 +203,7 @@ class OnnxEncoder:
         """Masking, padding and fidelity in numpy, in as few calls as possible: on a decode step (one row, the
         caches cold from the model's step) each torch op cost 10-20 us and the two dozen of them more than the
         session's run; numpy's calls cost a few (bench/serving_bench.py; README, serving overhead)."""
-        valid = np.isfinite(norms) & (norms > 0)
+        valid = readable_rows(norms)
         with np.errstate(invalid="ignore"):  # NaN activations of unreadable rows compare false: emptied
             active = values > 0
         all_valid = bool(valid.all())
