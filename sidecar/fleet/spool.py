@@ -9,17 +9,21 @@ the counts let the spool count what it drops without reading it.
 The spool is bounded: before a batch goes in, the oldest batches are deleted until it fits (a batch larger than
 the whole bound is not spooled), and the exporter counts and logs what went. A queued batch the delivery is
 turning into table files is claimed first (renamed to *.converting): from then on it is the delivery's; it still
-counts in the bound, but only the delivery removes it, once its table files are in.
+counts in the bound, but only the delivery removes it, once its table files are in. Admitting and claiming happen
+under one file lock, shared by the writer and the delivery (another process for the embedded store), so a batch is
+either dropped or claimed, never both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import re
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +109,11 @@ class Spool:
         """Take a queued batch out of the writer's reach before turning it into table files; None if the writer
         dropped it first (to make room: counted there)."""
         claimed = claimed_path(queued)
-        try:
-            queued.path.rename(claimed)
-        except FileNotFoundError:
-            return None
+        with self._locked():  # not between the writer's listing of the spool and its dropping the oldest batch
+            try:
+                queued.path.rename(claimed)
+            except FileNotFoundError:
+                return None
         return claimed
 
     def claimed(self) -> list[tuple[SpooledFile, Path]]:
@@ -142,22 +147,28 @@ class Spool:
         embedded store) both admit under one lock, so neither drops what the other is counting."""
         claimed = claimed_path(replacing) if replacing is not None else None
         incoming = sum(partial.stat().st_size for partial, _ in staged) - (file_size(claimed) if claimed else 0)
+        with self._locked():
+            dropped, fits = self.make_room(incoming)
+            for partial, final in staged:
+                if fits:
+                    partial.rename(final)
+                else:
+                    partial.unlink(missing_ok=True)
+            if replacing is not None and claimed is not None:
+                if not fits:
+                    dropped.update(replacing.dropped_rows)
+                claimed.unlink(missing_ok=True)
+        return dropped, fits
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The spool's lock, across processes (flock: another open of the file in this process waits too)."""
         with open(self.directory / ".lock", "a+") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                dropped, fits = self.make_room(incoming)
-                for partial, final in staged:
-                    if fits:
-                        partial.rename(final)
-                    else:
-                        partial.unlink(missing_ok=True)
-                if replacing is not None and claimed is not None:
-                    if not fits:
-                        dropped.update(replacing.dropped_rows)
-                    claimed.unlink(missing_ok=True)
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
-        return dropped, fits
 
     def make_room(self, incoming: int) -> tuple[Counter, bool]:
         """Delete the oldest batches until `incoming` more bytes fit; returns the rows dropped per table and
@@ -171,16 +182,11 @@ class Spool:
             oldest = files[0].seq
             while files and files[0].seq == oldest:
                 gone = files.pop(0)
+                total -= sizes[gone.path]
                 try:
                     gone.path.unlink()
-                except FileNotFoundError:
-                    # gone since the listing, and not dropped here: the delivery claimed the queued batch (outside
-                    # this lock; its bytes still count, and its table files are counted if they are dropped later)
-                    # or removed a table file the store had taken
-                    if not (gone.table == QUEUED and claimed_path(gone).exists()):
-                        total -= sizes[gone.path]
+                except FileNotFoundError:  # removed by the delivery since the listing, the store took it: not dropped
                     continue
-                total -= sizes[gone.path]
                 dropped.update(gone.dropped_rows)
         return dropped, total + incoming <= self.max_bytes
 

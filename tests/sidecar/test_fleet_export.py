@@ -397,10 +397,12 @@ def test_a_converted_batch_stays_within_the_bound(tmp_path: Path) -> None:
 
 
 def test_a_batch_claimed_while_room_is_made_is_not_counted_as_dropped(tmp_path: Path, monkeypatch) -> None:
-    """The delivery claims a queued batch without the spool's lock, so it can happen between the writer listing the
-    spool and deleting the oldest batch. That batch was not dropped (its table files go in, or are counted when
-    they are dropped): counting it too made the export's books show more reports than were sent (seen in CI as
-    65 of 60)."""
+    """A batch is either dropped by the writer or claimed by the delivery, never both: counting it dropped and its
+    table files again later made the export's books show more reports than were sent (seen in CI as 65 of 60).
+    The claim waits for the spool's lock, which the writer holds from listing the spool to dropping its oldest
+    batch; and a file gone from a listing (here a stale one) is not counted."""
+    import threading
+
     from circuitwatch.sidecar.fleet.queued import stage_queued
     from circuitwatch.sidecar.fleet.spool import Spool
 
@@ -409,8 +411,14 @@ def test_a_batch_claimed_while_room_is_made_is_not_counted_as_dropped(tmp_path: 
     for _ in range(2):
         assert spool.admit(stage_queued([("report", report)], spool.directory, spool.stem()))[1]
     listing = spool.pending()
-    claimed = spool.claim(listing[0])  # the delivery, in another process, right after the writer listed the spool
-    monkeypatch.setattr(spool, "pending", lambda: list(listing))
+    with spool._locked():  # the writer between its listing and its deletes
+        claiming = threading.Thread(target=spool.claim, args=(listing[0],))
+        claiming.start()
+        claiming.join(0.3)
+        assert claiming.is_alive() and listing[0].path.exists()  # the claim waits
+    claiming.join(10)
+    claimed = next(path for _, path in spool.claimed())
+    monkeypatch.setattr(spool, "pending", lambda: list(listing))  # a listing from before the claim
     claimed_size = claimed.stat().st_size if claimed is not None else 0
     dropped, fits = spool.make_room(spool.max_bytes - claimed_size + 1)
     assert claimed is not None and claimed.exists()
